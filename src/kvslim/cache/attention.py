@@ -1,0 +1,123 @@
+"""Route a Hugging Face model's attention through kvslim while a kvslim cache serves it.
+
+Eviction leaves each layer, head and sequence with its own length, which the model's one shared
+attention mask cannot express, and scoring methods need the queries, which ``Cache.update`` never
+sees. So a :class:`kvslim.Cache` switches the model config's attention implementation to a kvslim
+twin of it (``kvslim_sdpa`` / ``kvslim_eager``): the twin runs the original function unchanged
+unless the layer it serves has just been updated by a kvslim cache, in which case the cache attends
+over its own storage with an exact per-(sequence, head) mask and then lets the method act.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+PREFIX = "kvslim_"
+_pending = threading.local()
+
+
+def eager_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                    scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """Hugging Face's eager attention (matmul, additive mask, float32 softmax), for models that use it."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def set_pending(cache: Any, layer_idx: int) -> None:
+    """Called by the cache's ``update``: the next attention call serves this layer of this cache."""
+    if getattr(_pending, "value", None) is not None:
+        stale = _pending.value
+        _pending.value = None
+        raise RuntimeError(
+            f"layer {stale[1]}'s attention did not run through kvslim: build the cache with the model's own config "
+            "object, kvslim.Cache(policy, model.config), before the forward pass (the model's attention "
+            f"implementation must be kvslim's; it is {getattr(stale[0].config, '_attn_implementation', None)!r})"
+        )
+    _pending.value = (cache, layer_idx)
+
+
+def take_pending() -> tuple[Any, int] | None:
+    value = getattr(_pending, "value", None)
+    _pending.value = None
+    return value
+
+
+def clear_pending() -> None:
+    _pending.value = None
+
+
+def _twin(base_name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        base = eager_attention if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
+        pending = take_pending()
+        if pending is None:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        cache, layer_idx = pending
+        return cache.attend(layer_idx, module, query, attention_mask, base, base_name, kwargs)
+
+    attention.__name__ = f"{PREFIX}{base_name}"
+    return attention
+
+
+def route(config: Any) -> None:
+    """Switch ``config``'s attention to its kvslim twin (idempotent); sdpa and eager are supported."""
+    current = getattr(config, "_attn_implementation", None) or "eager"
+    if current.startswith(PREFIX):
+        return
+    if current not in ("sdpa", "eager"):
+        raise ValueError(
+            f"kvslim.Cache supports attn_implementation 'sdpa' or 'eager', not {current!r}: load the model with "
+            "attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))"
+        )
+    name = PREFIX + current
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _twin(current))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    config._attn_implementation = name
+
+
+def base_impl(config: Any) -> str:
+    """'sdpa' or 'eager': the implementation a routed config stands for."""
+    return (getattr(config, "_attn_implementation", None) or "eager").removeprefix(PREFIX)
+
+
+def masked_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scaling: float,
+                     impl: str) -> Tensor:
+    """Attention of (B,Hq,q,D) queries over (B,H,T,D) keys with a per-head boolean mask (B,H,q,T).
+
+    Returns (B, q, Hq, D) like Hugging Face's attention functions.
+    """
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    allowed = allowed.repeat_interleave(group, 1)
+    if impl == "eager":
+        weights = torch.matmul(query, keys.transpose(2, 3)) * scaling
+        weights = weights.masked_fill(~allowed, torch.finfo(weights.dtype).min)
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(weights, values)
+    else:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def key_padding(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """(B, T) True for real prompt tokens, read off the mask the model built for a first prefill."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    last_row = attention_mask[:, 0, -1, :length]
+    if last_row.dtype == torch.bool:
+        return last_row
+    return last_row > torch.finfo(last_row.dtype).min / 2

@@ -1,0 +1,158 @@
+"""``kvslim.Cache``: a transformers ``Cache`` whose layers hold only what the policy keeps.
+
+Works in ``model.generate(..., past_key_values=cache)`` and in hand-written forward loops, with
+sdpa and eager attention. The prompt is attended in full (the model's own attention), then the
+policy compresses; decoding attends over the compressed storage. RoPE positions stay true because
+keys are cached after rotation and ``get_seq_length`` counts tokens *seen*, not tokens kept.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache as HFCache
+from transformers.cache_utils import CacheLayerMixin
+
+from ..shape import KVShape
+from . import attention as routing
+from .layer import LayerKV
+
+
+class _Layer(LayerKV, CacheLayerMixin):
+    """A kvslim layer that transformers' generic cache code recognises."""
+
+    is_sliding = False
+
+    def __init__(self, layer_idx: int):
+        CacheLayerMixin.__init__(self)
+        LayerKV.__init__(self, layer_idx)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Nothing to preallocate: storage is created by the first update."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        raise RuntimeError("update kvslim layers through kvslim.Cache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        LayerKV.__init__(self, self.layer_idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError("kvslim.Cache supports greedy decoding and sampling, not beam search: use num_beams=1")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("kvslim.Cache cannot be cropped (evicted tokens are gone): disable assisted decoding")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.empty:
+            raise ValueError("kvslim.Cache cannot be expanded after prefill: pass num_return_sequences=1")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise ValueError("kvslim.Cache does not support selecting batch rows (contrastive search)")
+
+
+class Cache(HFCache):
+    """A compressed KV cache for a Hugging Face model, driven by a kvslim method.
+
+    ``kvslim.Cache(kvslim.policy("snapkv", keep=0.25), model.config)``. Building it routes the
+    config's attention through kvslim (same math when no kvslim cache is in use).
+    """
+
+    def __init__(self, policy: Any, config: Any):
+        from ..methods import Method, policy as build
+
+        self.policy: Method = policy if isinstance(policy, Method) else build(policy)
+        self.config = getattr(config, "config", config)  # a model is accepted too
+        self.shape = KVShape.from_config(self.config)
+        routing.route(self.config)
+        routing.clear_pending()
+        self.element_bytes = self.shape.element_bytes  # replaced by the real cache dtype at the first update
+        super().__init__(layers=[_Layer(i) for i in range(self.shape.num_layers)])
+
+    # -- the transformers Cache protocol ----------------------------------------------------------
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        """Store the new tokens; the routed attention that follows attends over the whole layer."""
+        layer = self.layers[layer_idx]
+        self.element_bytes = key_states.element_size()
+        layer.append(key_states, value_states)
+        routing.set_pending(self, layer_idx)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:  # type: ignore[override]
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # -- attention, then compression ----------------------------------------------------------------
+    def attend(self, layer_idx: int, module: torch.nn.Module, query: Tensor, attention_mask: Tensor | None,
+               base: Callable[..., Any], impl: str, kwargs: dict[str, Any]) -> tuple[Tensor, None]:
+        """Attention for one layer over what it holds, then let the policy act on it."""
+        from ..methods import Observation
+
+        layer: LayerKV = self.layers[layer_idx]
+        q_len = query.shape[2]
+        scaling = kwargs.pop("scaling", None) or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
+        if first:
+            keys, values, _ = layer.dense(query.dtype)
+            out = base(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
+            real = routing.key_padding(attention_mask, keys.shape[0], q_len, keys.device)
+            layer.state["prompt"] = layer.state["real"] = real.sum(-1)
+            if not bool(real.all()):  # batch padding is never stored
+                layer.select(real[:, None, :].expand(keys.shape[:3]))
+        else:
+            keys, values, valid = layer.dense(query.dtype)
+            obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
+            # the new tokens are the last q columns of the layout (see LayerKV.select)
+            allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
+            out = routing.masked_attention(query, keys, values, allowed, scaling, impl)
+            layer.state["real"] = layer.state["real"] + q_len
+            if q_len > 1:
+                layer.state["prompt"] = layer.state["prompt"] + q_len
+        phase = "prefill" if q_len > 1 or first else "decode"
+        obs = Observation(layer, self.shape.num_layers, query, scaling, phase)
+        (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
+        return out, None
+
+    # -- accounting ---------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes actually held by every layer's storage (codes, scales, indices included)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def stats(self) -> dict[str, Any]:
+        """Tokens kept per layer and KV head (per sequence), bytes held and the ratio to a full cache."""
+        per_layer = [layer.lengths.tolist() if layer.segments else [] for layer in self.layers]
+        kept = sum(int(layer.lengths.sum()) for layer in self.layers if layer.segments)
+        seen = self.tokens_seen()
+        full_tokens = sum(seen) * self.shape.num_kv_heads * self.shape.num_layers
+        full_bytes = full_tokens * 2 * self.shape.head_dim * self.element_bytes
+        return {
+            "policy": self.policy.spec,
+            "tokens_seen": seen,
+            "tokens_kept_per_layer_head": per_layer,
+            "kept_ratio": kept / full_tokens if full_tokens else 1.0,
+            "nbytes": self.nbytes(),
+            "full_nbytes": full_bytes,
+            "bytes_ratio": self.nbytes() / full_bytes if full_bytes else 1.0,
+        }
+
+    def tokens_seen(self) -> list[int]:
+        """Real (unpadded) tokens each sequence has passed through the cache."""
+        real = self.layers[0].state.get("real")
+        return [] if real is None else [int(n) for n in real]

@@ -1,0 +1,108 @@
+"""One layer's compressed KV cache: an ordered list of segments plus per-layer method state."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .segments import DenseSegment, Segment, ragged_to_padded
+
+
+def compact(x: Tensor, keep: Tensor) -> Tensor:
+    """Left-align the entries of ``x`` (B,H,T,...) where ``keep`` (B,H,T) is True, as eviction lays tokens out."""
+    return ragged_to_padded(x[keep], keep.sum(-1))[0]
+
+
+class LayerKV:
+    """The cache of one attention layer.
+
+    Segments are kept oldest first; the last one is always a :class:`DenseSegment` that receives
+    new tokens. The *dense layout* of the layer is the concatenation of each segment's padded
+    layout along the token axis; methods score and select tokens in that layout.
+    """
+
+    def __init__(self, layer_idx: int):
+        self.layer_idx = layer_idx
+        self.segments: list[Segment] = []
+        self.seen = 0  # tokens that went through this layer (incl. padding): positions stay true
+        self.state: dict[str, Any] = {}  # per-layer method state (budgets, accumulated scores)
+        self._tail_open = False  # whether new tokens may be appended to the last segment
+
+    # -- contents ---------------------------------------------------------------------------------
+    @property
+    def empty(self) -> bool:
+        return not self.segments or all(s.tokens == 0 for s in self.segments)
+
+    @property
+    def lengths(self) -> Tensor:
+        """Tokens held per (sequence, KV head)."""
+        return sum(s.lengths for s in self.segments)  # type: ignore[return-value]
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.segments)
+
+    def widths(self) -> list[int]:
+        return [s.longest for s in self.segments]
+
+    def append(self, keys: Tensor, values: Tensor) -> None:
+        """Add new tokens (B,H,q,D) for every sequence and head."""
+        if not self._tail_open:
+            self.segments.append(DenseSegment.empty_like(keys, values))
+            self._tail_open = True
+        self.segments[-1] = self.segments[-1].append(keys, values)  # type: ignore[union-attr]
+        self.seen += keys.shape[2]
+
+    def dense(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded."""
+        parts = [s.dense() for s in self.segments]
+        keys = torch.cat([p[0].to(dtype) for p in parts], 2)
+        values = torch.cat([p[1].to(dtype) for p in parts], 2)
+        return keys, values, torch.cat([p[2] for p in parts], 2)
+
+    # -- eviction ---------------------------------------------------------------------------------
+    def _groups(self) -> list[tuple[int, int]]:
+        """Runs [start, end) of segment indices: consecutive dense segments merge into one run on eviction."""
+        runs: list[tuple[int, int]] = []
+        for i, seg in enumerate(self.segments):
+            if runs and isinstance(seg, DenseSegment) and isinstance(self.segments[runs[-1][0]], DenseSegment):
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        return runs
+
+    def _run_slices(self, x: Tensor) -> list[Tensor]:
+        widths = self.widths()
+        bounds = [sum(widths[:a]) for a, _ in self._groups()] + [sum(widths)]
+        return [x[:, :, lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the tokens where ``keep`` (B,H,T over the dense layout) is True; storage shrinks.
+
+        Consecutive dense segments are merged, so repeated eviction never piles up segments; a
+        ragged result is closed and new tokens start a fresh uniform segment at the end of the
+        layout (so the newest tokens are always the last columns of the dense layout).
+        """
+        kept: list[Segment] = []
+        for (a, b), part in zip(self._groups(), self._run_slices(keep)):
+            if isinstance(self.segments[a], DenseSegment):
+                keys, values, valid = _dense_run(self.segments[a:b])
+                kept.append(DenseSegment.from_padded(keys, values, part & valid))
+            else:
+                kept.append(self.segments[a].select(part))
+        self.segments = [s for s in kept if s.tokens] or kept[-1:]
+        self._tail_open = isinstance(self.segments[-1], DenseSegment) and self.segments[-1].uniform  # type: ignore[union-attr]
+
+    def compact_like(self, x: Tensor, keep: Tensor) -> Tensor:
+        """Apply to a per-token tensor (B,H,T,...) the same re-layout that :meth:`select` applies to the cache."""
+        return torch.cat([compact(xp, kp) for xp, kp in zip(self._run_slices(x), self._run_slices(keep))], 2)
+
+    def replace(self, segments: list[Segment]) -> None:
+        """Swap the storage (e.g. for quantized or channel-pruned segments) holding the same tokens."""
+        self.segments = segments
+        self._tail_open = False
+
+
+def _dense_run(segments: list[Segment]) -> tuple[Tensor, Tensor, Tensor]:
+    parts = [s.dense() for s in segments]
+    return tuple(torch.cat([p[i] for p in parts], 2) for i in range(3))  # type: ignore[return-value]

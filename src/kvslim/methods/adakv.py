@@ -1,0 +1,47 @@
+"""AdaKV: one budget per layer, shared out among the KV heads by how concentrated their attention is.
+
+Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient
+LLM Inference" (arXiv:2407.11550). Heads whose attention is spread out get more tokens, focused heads
+fewer; heads really store different lengths (the cache is ragged per head), and the layer's mean per
+head equals the requested budget. Token scores are SnapKV's window votes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Observation, keep_top
+from .registry import register
+from .snapkv import SnapKV
+
+
+@register
+@dataclass
+class AdaKV(SnapKV):
+    """Top-(budget x heads) tokens across the layer's heads; each head keeps at least ``floor`` x budget."""
+
+    floor: float = 0.2
+    name = "adakv"
+    summary = "adaptive per-head budgets under a layer budget (heads keep different lengths)"
+    paper = "Feng et al. 2024, Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation, arXiv:2407.11550"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"{self.name}: floor={self.floor} must be in [0, 1]: the share of the budget every head keeps")
+
+    def evict(self, obs: Observation, k: Tensor) -> None:
+        if bool((obs.valid.sum(-1) <= k).all()):
+            return
+        scores = self.score(obs).float()
+        scores = scores.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
+        floor = torch.ceil(k.float() * self.floor).long()
+        scores = scores.masked_fill(keep_top(scores, floor) & obs.valid, float("inf"))
+        batch, heads, length = scores.shape
+        layer_total = k.sum(-1, keepdim=True)  # (B, 1): the layer's budget, shared by its heads
+        keep = keep_top(scores.view(batch, 1, heads * length), layer_total).view(batch, heads, length)
+        obs.layer.select(keep & obs.valid)
+
+

@@ -1,0 +1,223 @@
+"""The method API: what a method sees (an :class:`Observation`) and what it may do to a layer.
+
+A method is a small dataclass. Most only say how to *score* tokens (kvpress's shape): the shared
+:class:`ScoredEviction` turns scores into a budget-sized selection and physically drops the rest.
+Methods that change *how* tokens are stored (channel pruning, quantization) replace the layer's
+segments. Storage backends (the Hugging Face cache, the paged engine) build observations and call
+:meth:`Method.on_prefill` / :meth:`Method.on_decode`; they never know which method runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..cache.layer import LayerKV
+from ..shape import KVShape
+
+
+@dataclass
+class Observation:
+    """What a method may look at for one layer after the newest tokens were appended."""
+
+    layer: LayerKV
+    num_layers: int
+    queries: Tensor  # (B, Hq, q, D) queries of this forward, after RoPE
+    scaling: float
+    phase: str  # "prefill" (a prompt chunk) or "decode" (one new token)
+
+    @property
+    def layer_idx(self) -> int:
+        return self.layer.layer_idx
+
+    @property
+    def q_len(self) -> int:
+        return self.queries.shape[2]
+
+    @cached_property
+    def _dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.layer.dense(self.queries.dtype)
+
+    @property
+    def keys(self) -> Tensor:
+        """(B, H, T, D) keys of the layer in the dense layout (padding where ``valid`` is False)."""
+        return self._dense[0]
+
+    @property
+    def values(self) -> Tensor:
+        return self._dense[1]
+
+    @property
+    def valid(self) -> Tensor:
+        """(B, H, T) True where a real token is held."""
+        return self._dense[2]
+
+    @property
+    def group(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    def attention(self, window: int) -> Tensor:
+        """Softmax attention (B, H, w, T) of the last ``window`` queries, averaged over each KV head's query group.
+
+        Computed for the window only, in float32, so scoring never needs eager attention on the model.
+        """
+        w = min(window, self.q_len)
+        queries = self.queries[:, :, -w:].float()
+        batch, q_heads = queries.shape[:2]
+        keys = self.keys.float().repeat_interleave(self.group, dim=1)
+        logits = queries @ keys.transpose(-1, -2) * self.scaling
+        logits = logits.masked_fill(~self.visible(w).repeat_interleave(self.group, dim=1), float("-inf"))
+        probs = logits.softmax(-1)
+        return probs.view(batch, q_heads // self.group, self.group, w, -1).mean(2)
+
+    def visible(self, w: int) -> Tensor:
+        """(B, H, w, T) which keys each of the last ``w`` queries may attend to (held and not in its future).
+
+        Works on time ranks, not columns: the newest tokens are the latest ranks whatever the layout
+        (batch padding removed, ragged heads), so query j of the window sees ranks <= count - w + j.
+        """
+        rank, count = self.time_rank()
+        offset = torch.arange(w, device=rank.device) - w  # (w,)
+        limit = count[:, :, None] + offset  # (B, H, w)
+        return self.valid[:, :, None, :] & (rank[:, :, None, :] <= limit[..., None])
+
+    def time_rank(self) -> tuple[Tensor, Tensor]:
+        """Each held token's rank in time order (B,H,T) and the count held (B,H): for sinks and windows."""
+        rank = self.valid.long().cumsum(-1) - 1
+        return rank, self.valid.sum(-1)
+
+
+def keep_top(scores: Tensor, k: Tensor) -> Tensor:
+    """Boolean mask (B,H,T) keeping the ``k`` (B,H) highest scores of each row; ties go to the older token."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks < k.unsqueeze(-1)
+
+
+@dataclass
+class Method:
+    """Base of every registered method. Subclasses are dataclasses whose fields are the parameters."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming any invalid parameter and its valid range."""
+
+    def on_prefill(self, obs: Observation) -> None:
+        """Called after each prompt chunk's attention; may evict or re-store the layer's tokens."""
+
+    def on_decode(self, obs: Observation) -> None:
+        """Called after each decoding step's attention."""
+
+    def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
+        """Tokens per KV head this method holds in ``layer_idx`` right after a prefill of ``n_tokens``."""
+        return float(n_tokens)
+
+    def storage_bytes(self, shape: KVShape, tokens: list[float]) -> int:
+        """Bytes held for ``tokens[l]`` tokens per KV head in each layer ``l``; storage formats override."""
+        per_token = 2 * shape.num_kv_heads * shape.head_dim * shape.element_bytes
+        return int(round(sum(tokens) * per_token))
+
+    def expected_bytes(self, shape: KVShape, n_tokens: int) -> int:
+        """Bytes one sequence holds after a prefill of ``n_tokens`` (what ``kvslim calc`` prints)."""
+        tokens = [self.planned_tokens(n_tokens, i, shape.num_layers) for i in range(shape.num_layers)]
+        return self.storage_bytes(shape, tokens)
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string that rebuilds this method with :func:`kvslim.policy`."""
+        params = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.repr)
+        return f"{self.name}({params})" if params else self.name
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass
+class ScoredEviction(Method):
+    """Keep the highest-scoring tokens per KV head within a budget; subclasses define :meth:`score`.
+
+    Budget: ``keep`` (fraction of prompt tokens, in (0, 1]) or ``budget`` (tokens per KV head).
+    The first ``sinks`` and the last ``window`` tokens are always kept.
+    """
+
+    keep: float | None = None
+    budget: int | None = None
+    window: int = 0
+    sinks: int = 0
+    #: evict on every decoding step too (StreamingLLM, H2O, TOVA), holding the budget constant.
+    decode_time: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        if (self.keep is None) == (self.budget is None):
+            raise ValueError(f"{self.name}: give exactly one of keep (fraction in (0, 1]) or budget (tokens per KV head)")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise ValueError(f"{self.name}: keep={self.keep} must be in (0, 1]; e.g. keep=0.25 keeps a quarter")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"{self.name}: budget={self.budget} must be a positive number of tokens per KV head")
+        for name in ("window", "sinks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{self.name}: {name}={getattr(self, name)} must be >= 0")
+
+    def score(self, obs: Observation) -> Tensor:
+        """(B, H, T) importance of each held token; higher is kept."""
+        raise NotImplementedError
+
+    def tokens_for(self, n_tokens: Tensor | int) -> Tensor | int:
+        """Tokens per KV head kept out of ``n_tokens`` prompt tokens (per sequence)."""
+        if self.keep is not None:
+            if isinstance(n_tokens, Tensor):
+                return torch.clamp(torch.ceil(n_tokens * self.keep).long(), min=1)
+            return max(1, math.ceil(n_tokens * self.keep))
+        if isinstance(n_tokens, Tensor):
+            return torch.clamp(n_tokens, max=self.budget)
+        return min(n_tokens, self.budget)  # type: ignore[type-var]
+
+    def layer_budget(self, obs: Observation, held: Tensor) -> Tensor:
+        """Tokens per (sequence, KV head) to keep in this layer; ``held`` (B,H) is what it holds now.
+
+        The budget is a share of the whole prompt seen so far (``state["prompt"]``, per sequence), so a
+        prompt fed in chunks ends with the same budget as one fed at once.
+        """
+        prompt = obs.layer.state["prompt"].unsqueeze(-1).expand_as(held)
+        return torch.minimum(self.tokens_for(prompt), held)  # type: ignore[arg-type]
+
+    def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
+        return float(min(n_tokens, self.tokens_for(n_tokens)))
+
+    def protected(self, obs: Observation) -> Tensor:
+        """(B,H,T) tokens that are never evicted: the attention sinks and the recent window."""
+        rank, count = obs.time_rank()
+        return obs.valid & ((rank < self.sinks) | (rank >= count.unsqueeze(-1) - self.window))
+
+    def evict(self, obs: Observation, k: Tensor) -> None:
+        """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest."""
+        if bool((obs.valid.sum(-1) <= k).all()):
+            return
+        scores = self.score(obs).float()
+        scores = scores.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
+        keep = keep_top(scores, k) & obs.valid
+        self.reflow(obs, keep)
+        obs.layer.select(keep)
+
+    def reflow(self, obs: Observation, keep: Tensor) -> None:
+        """Re-lay per-token method state the way the layer's ``select(keep)`` is about to re-lay the cache."""
+
+    def on_prefill(self, obs: Observation) -> None:
+        k = self.layer_budget(obs, obs.valid.sum(-1))
+        obs.layer.state["budget"] = k
+        self.evict(obs, k)
+
+    def on_decode(self, obs: Observation) -> None:
+        if self.decode_time and "budget" in obs.layer.state:
+            self.evict(obs, obs.layer.state["budget"])

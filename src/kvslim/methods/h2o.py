@@ -1,0 +1,59 @@
+"""H2O: heavy hitters by accumulated attention plus the most recent tokens, held constant while decoding.
+
+Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
+(arXiv:2306.14048). Prompt scores accumulate the attention of the last ``window`` prompt queries (not
+all of them: that would need the full attention matrix); each decoding step adds the new query's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Observation, ScoredEviction
+from .registry import register
+
+
+@register
+@dataclass
+class H2O(ScoredEviction):
+    """``recent`` is the share of the budget reserved for the newest tokens; the rest go to heavy hitters."""
+
+    window: int = 64
+    recent: float = 0.5
+    name = "h2o"
+    summary = "heavy hitters (accumulated attention) + recent tokens, while decoding"
+    paper = "Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs, arXiv:2306.14048"
+    decode_time = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.recent < 1:
+            raise ValueError(f"{self.name}: recent={self.recent} must be in [0, 1): the budget share for recent tokens")
+
+    def protected(self, obs: Observation) -> Tensor:
+        rank, count = obs.time_rank()
+        recent = torch.ceil(obs.layer.state["budget"] * self.recent).long()
+        return obs.valid & ((rank < self.sinks) | (rank >= (count - recent).unsqueeze(-1)))
+
+    def score(self, obs: Observation) -> Tensor:
+        return obs.layer.state["h2o"]
+
+    def _accumulate(self, obs: Observation, window: int) -> None:
+        fresh = obs.attention(window).sum(2)
+        acc = obs.layer.state.get("h2o")
+        if acc is not None:  # the new tokens are the last columns of the layout
+            fresh[..., : acc.shape[-1]] += acc
+        obs.layer.state["h2o"] = fresh
+
+    def on_prefill(self, obs: Observation) -> None:
+        self._accumulate(obs, self.window)
+        super().on_prefill(obs)
+
+    def on_decode(self, obs: Observation) -> None:
+        self._accumulate(obs, 1)
+        super().on_decode(obs)
+
+    def reflow(self, obs: Observation, keep: Tensor) -> None:
+        obs.layer.state["h2o"] = obs.layer.compact_like(obs.layer.state["h2o"], keep)
