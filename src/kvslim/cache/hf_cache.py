@@ -152,6 +152,31 @@ class Cache(HFCache):
             "bytes_ratio": self.nbytes() / full_bytes if full_bytes else 1.0,
         }
 
+    def bytes_per_sequence(self) -> list[int]:
+        """Bytes held for each sequence of the batch."""
+        totals = [0] * self.batch_size_seen
+        for layer in self.layers:
+            for seg in layer.segments:
+                totals = [a + b for a, b in zip(totals, seg.nbytes_per_sequence())]
+        return totals
+
+    def tokens_per_sequence(self) -> list[int]:
+        """Tokens held for each sequence, summed over layers and KV heads."""
+        totals = [0] * self.batch_size_seen
+        for layer in self.layers:
+            if layer.segments:
+                totals = [a + b for a, b in zip(totals, layer.lengths.sum(-1).tolist())]
+        return totals
+
+    def full_bytes_per_sequence(self) -> list[int]:
+        """Bytes a full cache would hold for each sequence's real tokens."""
+        per_token = 2 * self.shape.num_layers * self.shape.num_kv_heads * self.shape.head_dim * self.element_bytes
+        return [n * per_token for n in self.tokens_seen()]
+
+    @property
+    def batch_size_seen(self) -> int:
+        return len(self.tokens_seen())
+
     def tokens_seen(self) -> list[int]:
         """Real (unpadded) tokens each sequence has passed through the cache."""
         real = self.layers[0].state.get("real")

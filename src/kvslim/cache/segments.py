@@ -45,6 +45,12 @@ class Segment(ABC):
     def nbytes(self) -> int:
         """Bytes this segment actually holds in memory (codes, scales, indices: everything)."""
 
+    def nbytes_per_sequence(self) -> list[int]:
+        """Bytes per sequence of the batch, shared out by tokens held (exact for per-token storage)."""
+        per_seq = self.lengths.sum(-1).tolist()
+        total = sum(per_seq)
+        return [self.nbytes() * n // total if total else 0 for n in per_seq]
+
     @property
     def longest(self) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
