@@ -113,6 +113,9 @@ class Method:
     def validate(self) -> None:
         """Raise ``ValueError`` naming any invalid parameter and its valid range."""
 
+    def check_hybrid(self, parts: list["Method"], position: int) -> None:
+        """Raise ``ValueError`` (naming a working spec) if this method cannot be part ``position`` of a hybrid."""
+
     def on_prefill(self, obs: Observation) -> None:
         """Called after each prompt chunk's attention; may evict or re-store the layer's tokens."""
 
@@ -219,5 +222,6 @@ class ScoredEviction(Method):
         self.evict(obs, k)
 
     def on_decode(self, obs: Observation) -> None:
-        if self.decode_time and "budget" in obs.layer.state:
+        """Decode-time methods hold the prefill budget constant; ``keep=1`` means keep everything, always."""
+        if self.decode_time and self.keep != 1.0 and "budget" in obs.layer.state:
             self.evict(obs, obs.layer.state["budget"])

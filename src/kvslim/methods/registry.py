@@ -140,6 +140,8 @@ class Chain(Method):
     def validate(self) -> None:
         if len(self.parts) < 2:
             raise ValueError("a hybrid needs at least two parts, e.g. 'snapkv+kivi2'")
+        for position, part in enumerate(self.parts):
+            part.check_hybrid(self.parts, position)
 
     def _fresh(self, obs: Observation) -> Observation:
         return Observation(obs.layer, obs.num_layers, obs.queries, obs.scaling, obs.phase)

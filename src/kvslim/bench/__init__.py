@@ -1,0 +1,1 @@
+"""Benchmark harness: long-context tasks, runners and honest measurements of KV-cache methods."""
