@@ -96,66 +96,6 @@ class DenseSegment(Segment):
         old_k, old_v, _ = self.dense()
         return DenseSegment.from_padded(torch.cat([old_k, keys], 2), torch.cat([old_v, values], 2))
 
-    def select(self, keep: Tensor) -> "Segment":
-        """A segment holding only the tokens where ``keep`` (B,H,T over the dense layout) is True."""
-
-    @abstractmethod
-    def nbytes(self) -> int:
-        """Bytes this segment actually holds in memory (codes, scales, indices: everything)."""
-
-    @property
-    def longest(self) -> int:
-        return int(self.lengths.max()) if self.lengths.numel() else 0
-
-    @property
-    def tokens(self) -> int:
-        """Tokens held, summed over sequences and heads."""
-        return int(self.lengths.sum())
-
-
-class DenseSegment(Segment):
-    """Keys and values in the model's dtype, stored as exactly the kept rows."""
-
-    def __init__(self, keys: Tensor, values: Tensor, lengths: Tensor):
-        self.keys, self.values, self.lengths = keys, values, lengths
-
-    @classmethod
-    def from_padded(cls, keys: Tensor, values: Tensor, keep: Tensor | None = None) -> "DenseSegment":
-        """Store (B,H,T,D) keys/values, keeping only rows where ``keep`` is True (all rows when None)."""
-        batch, heads, length = keys.shape[:3]
-        if keep is None:
-            lengths = torch.full((batch, heads), length, dtype=torch.long, device=keys.device)
-            return cls(keys.reshape(-1, keys.shape[-1]), values.reshape(-1, values.shape[-1]), lengths)
-        return cls(keys[keep], values[keep], keep.sum(-1))
-
-    @classmethod
-    def empty_like(cls, keys: Tensor, values: Tensor) -> "DenseSegment":
-        batch, heads = keys.shape[:2]
-        lengths = torch.zeros(batch, heads, dtype=torch.long, device=keys.device)
-        return cls(keys.new_empty(0, keys.shape[-1]), values.new_empty(0, values.shape[-1]), lengths)
-
-    @property
-    def uniform(self) -> bool:
-        return bool((self.lengths == self.lengths.flatten()[0]).all()) if self.lengths.numel() else True
-
-    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
-        keys, valid = ragged_to_padded(self.keys, self.lengths)
-        values, _ = ragged_to_padded(self.values, self.lengths)
-        return keys, values, valid
-
-    def append(self, keys: Tensor, values: Tensor) -> "DenseSegment":
-        """Add the same number of new tokens (B,H,q,D) to every (sequence, head)."""
-        if self.tokens and not self.uniform:
-            old_k, old_v, valid = self.dense()
-            pad = torch.ones(*keys.shape[:3], dtype=torch.bool, device=keys.device)
-            return DenseSegment.from_padded(
-                torch.cat([old_k, keys], 2), torch.cat([old_v, values], 2), torch.cat([valid, pad], 2)
-            )
-        old_k, old_v, _ = self.dense()
-        old_k = old_k.to(keys.dtype) if self.tokens else keys[:, :, :0]
-        old_v = old_v.to(values.dtype) if self.tokens else values[:, :, :0]
-        return DenseSegment.from_padded(torch.cat([old_k, keys], 2), torch.cat([old_v, values], 2))
-
     def select(self, keep: Tensor) -> "DenseSegment":
         keys, values, valid = self.dense()
         return DenseSegment.from_padded(keys, values, keep & valid)
