@@ -1,0 +1,169 @@
+"""Fixed-size KV blocks: a free list, reference counts, prefix sharing by hash and copy-on-write.
+
+The pool is preallocated once (see :func:`num_blocks_for`), so running out of memory is a
+scheduling decision (wait or preempt), never a crash. A block can be in several block tables:
+
+* **prefix sharing**: a full block of prompt tokens is known by the hash of its tokens and of
+  everything before it; a later prompt with the same prefix takes the same block instead of a new
+  one (and the runner skips recomputing it). A freed block keeps its hash until it is reused, so a
+  prefix survives its first owner as long as the memory is not needed;
+* **fork**: ``n`` completions of one prompt start from the same blocks.
+
+A shared block that must change (the next token's slot lies in it) is first copied
+(copy-on-write); the caller performs the copies the manager returns.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .sequence import Sequence
+
+
+def num_blocks_for(block_bytes: int, kv_memory_gib: float | None, device: torch.device, fraction: float = 0.9) -> int:
+    """Blocks that fit in ``kv_memory_gib`` GiB, or in ``fraction`` of the device's free memory when None."""
+    if kv_memory_gib is not None:
+        budget = int(kv_memory_gib * 2**30)
+    elif device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * fraction)
+    else:
+        import os
+
+        budget = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
+    blocks = budget // block_bytes
+    if blocks < 1:
+        raise ValueError(f"KV memory of {budget} bytes holds no block of {block_bytes} bytes: raise kv_memory")
+    return blocks
+
+
+def chain_hash(previous: int, tokens: list[int]) -> int:
+    """Hash of a full block's tokens and of the whole prefix before it."""
+    return hash((previous, tuple(tokens)))
+
+
+class BlockManager:
+    """Hands out blocks of ``block_size`` slots to sequences and takes them back."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.ref_counts = [0] * num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+
+    # -- accounting ---------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_for(self, slots: int) -> int:
+        return -(-slots // self.block_size)
+
+    # -- allocation ---------------------------------------------------------------------------------
+    def _take(self) -> int:
+        """A free block for new contents: whatever prefix it cached is forgotten."""
+        block = self.free.popleft()
+        stale = self.block_hash[block]
+        if stale is not None and self.hash_to_block.get(stale) == block:
+            del self.hash_to_block[stale]
+        self.block_hash[block] = self.block_tokens[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] < 0:
+            raise RuntimeError(f"block {block} freed twice")
+        if self.ref_counts[block] == 0:
+            self.free.append(block)
+
+    def can_allocate(self, slots: int) -> bool:
+        return self.blocks_for(slots) <= self.num_free
+
+    def allocate(self, seq: Sequence, slots: int, prefix_cache: bool) -> None:
+        """Give ``seq`` blocks for ``slots`` slots; with ``prefix_cache``, reuse and register full prompt blocks.
+
+        Sets ``seq.num_cached_tokens``: leading tokens whose keys/values are already in the shared blocks.
+        """
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        previous, hits, table = 0, 0, []
+        for i in range(self.blocks_for(slots)):
+            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            full = prefix_cache and len(tokens) == self.block_size
+            key = chain_hash(previous, tokens) if full else None
+            block = self.hash_to_block.get(key) if key is not None and hits == i else None
+            if block is not None and self.block_tokens[block] == tuple(tokens):
+                if self.ref_counts[block] == 0:
+                    self.free.remove(block)
+                self.ref_counts[block] += 1
+                hits += 1
+            else:
+                block = self._take()
+                if key is not None:
+                    self.block_hash[block], self.block_tokens[block] = key, tuple(tokens)
+                    self.hash_to_block[key] = block
+            table.append(block)
+            previous = key or 0
+        seq.block_table = table
+        seq.num_cached_tokens = hits * self.block_size
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Give back every block the sequence holds (shared ones only lose a reference)."""
+        for block in reversed(seq.block_table):
+            if block >= 0:
+                self._release(block)
+        seq.block_table = []
+
+    def trim(self, seq: Sequence, slots: int) -> None:
+        """Give back the blocks beyond the first ``slots`` slots (after compression shrank the prefill)."""
+        keep = self.blocks_for(slots)
+        for block in reversed(seq.block_table[keep:]):
+            if block >= 0:
+                self._release(block)
+        del seq.block_table[keep:]
+        seq.peak_blocks = max(seq.peak_blocks, seq.num_blocks_held)
+
+    def drop(self, seq: Sequence, index: int) -> None:
+        """Give back one block whose slots are all evicted (a sliding window passed it)."""
+        block = seq.block_table[index]
+        if block >= 0:
+            self._release(block)
+            seq.block_table[index] = -1
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` shares all of ``parent``'s blocks."""
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            if block >= 0:
+                self.ref_counts[block] += 1
+        child.peak_blocks = parent.peak_blocks
+
+    # -- decoding -----------------------------------------------------------------------------------
+    def _needs_block(self, seq: Sequence) -> bool:
+        index = seq.kv_slots // self.block_size
+        return index >= len(seq.block_table) or self.ref_counts[seq.block_table[index]] > 1
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether the next token's slot can be made writable (a new or a copied block, if needed)."""
+        return not self._needs_block(seq) or self.num_free > 0
+
+    def append_slot(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Make slot ``seq.kv_slots`` writable; returns the (source, destination) block copies to perform."""
+        index = seq.kv_slots // self.block_size
+        copies = []
+        if index >= len(seq.block_table):
+            seq.block_table.append(self._take())
+        elif self.ref_counts[seq.block_table[index]] > 1:
+            old = seq.block_table[index]
+            seq.block_table[index] = self._take()
+            self._release(old)
+            copies.append((old, seq.block_table[index]))
+        seq.peak_blocks = max(seq.peak_blocks, seq.num_blocks_held)
+        return copies

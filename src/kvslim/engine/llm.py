@@ -1,0 +1,40 @@
+"""``kvslim.engine.LLM``: offline batch generation through the paged engine."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..methods import Method
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM(LLMEngine):
+    """``LLM("smollm2-135m", policy="snapkv(keep=0.25)", kv_memory=1).generate(prompts, SamplingParams(max_tokens=64))``.
+
+    ``model_or_name`` is a Hugging Face Llama/Qwen2/Mistral model object (give its ``tokenizer``) or a
+    name :func:`kvslim.models.load_model` knows (the tokenizer then comes with it, if it has one).
+    """
+
+    def __init__(self, model_or_name: Any, policy: "str | Method" = "full", kv_memory: float | None = None,
+                 block_size: int = 16, tokenizer: Any = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", **engine_args: Any):
+        if isinstance(model_or_name, str):
+            from ..models import load_model
+
+            model_or_name, loaded = load_model(model_or_name, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded
+        super().__init__(model_or_name, tokenizer, policy, kv_memory, block_size, **engine_args)
+
+    def generate(self, prompts: "Sequence[str | list[int]] | str", params: SamplingParams | None = None
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = params or SamplingParams()
+        ids = [self.add_request(p, params) for p in prompts]
+        while self.has_unfinished:
+            self.step()
+        return [self.finished.pop(i) for i in ids]

@@ -1,0 +1,206 @@
+"""The engine loop: add requests, step (prefill or batched decode), hand back tokens and finished requests."""
+from __future__ import annotations
+
+import time
+from itertools import count
+from typing import Any
+
+import torch
+
+from ..methods import Method, policy as build_policy
+from .block_manager import BlockManager, num_blocks_for
+from .compression import Compression
+from .model_runner import ModelRunner
+from .outputs import Completion, RequestOutput
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Metrics, Scheduler
+from .sequence import Sequence
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV pool, with a kvslim method compressing each prompt.
+
+    ``kv_memory`` (GiB) fixes the pool; when None the pool takes ``kv_fraction`` of the device's
+    free memory. A ``tokenizer`` (``encode``/``decode``/``eos_token_id``) is needed for text prompts,
+    stop strings and output text; without one, prompts are token id lists.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_prefill_tokens: int = 32768, kv_fraction: float = 0.9):
+        self.runner = ModelRunner.from_hf(model)
+        self.tokenizer = tokenizer
+        self.policy = build_policy(policy)
+        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.num_kv_heads,
+                                       self.runner.head_dim, self.runner.scaling)
+        self.block_bytes = self.runner.block_bytes(block_size)
+        num_blocks = num_blocks_for(self.block_bytes, kv_memory, self.runner.device, kv_fraction)
+        self.runner.allocate(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, self.compression, max_num_seqs, max_prefill_tokens, self.runner.max_model_len)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.finished: dict[str, RequestOutput] = {}
+        self.eos = self._eos_ids(model, tokenizer)
+        self._ids = count()
+
+    @staticmethod
+    def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    # -- requests -----------------------------------------------------------------------------------
+    def encode(self, prompt: "str | list[int]") -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: pass tokenizer=..., or give token id lists")
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
+
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises RequestTooLarge (a ValueError) if it could never fit."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        request_id = request_id or f"req-{next(self._ids)}"
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(ids, params, request_id, generator=generator)
+        self.scheduler.add(seq)
+        self.requests[request_id] = [seq]
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (a client went away)."""
+        for seq in self.requests.get(request_id, []):
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+        self._collect(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return not self.scheduler.idle
+
+    def metrics(self) -> Metrics:
+        return self.scheduler.metrics()
+
+    # -- one step -----------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Run one prefill or decode step; returns (sequence, new token) for every token produced."""
+        seqs, is_prefill, copies = self.scheduler.schedule()
+        if not seqs:
+            return []
+        if is_prefill:
+            rows = [self._prefill(seq) for seq in seqs]
+            logits = torch.stack(rows)
+            seqs, logits = self._fork(seqs, logits)
+        else:
+            self.runner.copy_blocks(copies)
+            logits = self.runner.decode(self.runner.prepare_decode(seqs))
+            for seq in seqs:
+                seq.kv_slots += 1
+                self._slide(seq)
+        tokens = sample(logits, seqs)
+        for seq, token in zip(seqs, tokens):
+            self._append(seq, token)
+        return list(zip(seqs, tokens))
+
+    def _prefill(self, seq: Sequence) -> torch.Tensor:
+        logits, held = self.runner.prefill(seq, None if self.compression.full else self.compression)
+        seq.kv_slots = int(held.max())
+        seq.pad = None if bool((held == seq.kv_slots).all()) else seq.kv_slots - held
+        self.blocks.trim(seq, seq.kv_slots)
+        window = self.compression.start_window(len(seq))
+        if window is not None:
+            seq.sinks, seq.window_budget = window
+            seq.window_start = seq.sinks
+        return logits
+
+    def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Add the other n-1 completions of freshly prefilled requests; they share the prompt's blocks."""
+        out, rows = [], []
+        for seq, row in zip(seqs, logits):
+            siblings = self.requests[seq.request_id]
+            extra = seq.params.n - len(siblings) if not seq.output_token_ids else 0
+            for k in range(extra):
+                child = seq.fork()
+                if seq.params.seed is not None:
+                    child.generator = torch.Generator().manual_seed(seq.params.seed + k + 1)
+                self.blocks.fork(seq, child)
+                self.scheduler.running.append(child)
+                siblings.append(child)
+                out.append(child)
+                rows.append(row)
+            out.append(seq)
+            rows.append(row)
+        return out, torch.stack(rows)
+
+    def _slide(self, seq: Sequence) -> None:
+        """StreamingLLM: keep sinks + the newest ``window_budget - sinks`` slots; hand back passed blocks."""
+        if seq.window_budget is None:
+            return
+        if seq.sinks + seq.kv_slots - seq.window_start > seq.window_budget:
+            seq.window_start += 1
+            passed = seq.window_start // self.blocks.block_size - 1
+            if passed >= 0 and passed * self.blocks.block_size >= seq.sinks:
+                self.blocks.drop(seq, passed)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        now = time.perf_counter()
+        seq.first_token_time = seq.first_token_time or now
+        params, produced = seq.params, len(seq.output_token_ids)
+        reason = None
+        if params.stop and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_token_ids)
+            cut = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text, reason = seq.text[:cut], "stop"
+        if reason is None and token in self.eos and not params.ignore_eos:
+            reason = "stop"
+        if reason is None and produced >= params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            seq.finish_time = now
+            self.scheduler.finish(seq, reason)
+            self._collect(seq.request_id)
+
+    def _collect(self, request_id: str) -> None:
+        """Move a request whose completions are all done into ``finished``."""
+        seqs = self.requests.get(request_id)
+        if not seqs or not all(s.finished for s in seqs):
+            return
+        del self.requests[request_id]
+        self.finished[request_id] = self._output(request_id, seqs)
+
+    def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        completions = []
+        for seq in seqs:
+            ids = seq.output_token_ids
+            if seq.finish_reason == "stop" and ids and ids[-1] in self.eos:
+                ids = ids[:-1]
+            text = seq.text if seq.params.stop and seq.finish_reason == "stop" else self.detokenize(ids)
+            completions.append(Completion(text, ids, seq.finish_reason or "abort"))
+        first = seqs[0]
+        end = max((s.finish_time or time.perf_counter()) for s in seqs)
+        produced = sum(len(s.output_token_ids) for s in seqs)
+        ttft = (first.first_token_time - first.arrival) if first.first_token_time else None
+        per_token = [(s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1)
+                     for s in seqs if s.finish_time and s.first_token_time and len(s.output_token_ids) > 1]
+        full_blocks = self.blocks.blocks_for(len(first))
+        return RequestOutput(request_id, first.prompt_token_ids, completions, {
+            "policy": self.policy.spec,
+            "prompt_tokens": first.num_prompt_tokens,
+            "cached_prompt_tokens": first.num_cached_tokens,
+            "completion_tokens": produced,
+            "ttft_s": ttft,
+            "latency_s": end - first.arrival,
+            "tpot_s": sum(per_token) / len(per_token) if per_token else None,
+            "preemptions": sum(s.preemptions for s in seqs),
+            "peak_kv_blocks": max(s.peak_blocks for s in seqs),
+            "peak_kv_bytes": max(s.peak_blocks for s in seqs) * self.block_bytes,
+            "full_kv_bytes": full_blocks * self.block_bytes,
+        })
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -1,0 +1,106 @@
+"""One sequence being generated: its tokens, its blocks, and how many slots each layer and head holds."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from itertools import count
+
+import torch
+from torch import Tensor
+
+from .sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_ids = count()
+
+
+@dataclass
+class Sequence:
+    """Tokens (prompt then output) and the KV storage they occupy.
+
+    Slots: a sequence's blocks, read in table order, are its slots. After a compressed prefill each
+    (layer, KV head) holds its own number of slots, ``kv_slots - pad[layer, head]``; ``kv_slots``
+    (the most any head holds) decides how many blocks are needed. Every decoded token adds one slot
+    to every head. A sliding window (StreamingLLM) hides slots ``[sinks, window_start)``; blocks
+    wholly inside that range are handed back and their table entry becomes -1.
+    """
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    kv_slots: int = 0
+    pad: Tensor | None = None  # (L, H) slots each head holds fewer than kv_slots; None: all equal
+    sinks: int = 0
+    window_start: int = 0
+    window_budget: int | None = None  # slots per head a sliding window keeps; None: no window
+    finish_reason: str | None = None
+    text: str = ""
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    preemptions: int = 0
+    peak_blocks: int = 0
+    generator: torch.Generator | None = None  # seeded sampling (SamplingParams.seed)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def num_blocks_held(self) -> int:
+        return sum(b >= 0 for b in self.block_table)
+
+    def slot_lens(self, num_layers: int, num_heads: int) -> Tensor:
+        """(L, H) slots held per layer and KV head."""
+        lens = torch.full((num_layers, num_heads), self.kv_slots, dtype=torch.long)
+        return lens if self.pad is None else lens - self.pad
+
+    def held_tokens(self, num_layers: int, num_heads: int) -> int:
+        """Tokens whose keys/values are held, summed over layers and KV heads (window-hidden ones excluded)."""
+        hidden = max(0, self.window_start - self.sinks) * num_layers * num_heads
+        return int(self.slot_lens(num_layers, num_heads).sum()) - hidden
+
+    def reset_kv(self) -> None:
+        """Forget all storage (preemption by recompute): the next prefill runs prompt and output so far."""
+        self.block_table = []
+        self.num_cached_tokens = self.kv_slots = self.sinks = self.window_start = 0
+        self.pad = self.window_budget = None
+
+    def fork(self) -> "Sequence":
+        """A copy that continues separately; the block manager shares its blocks."""
+        child = Sequence(self.prompt_token_ids, self.params, self.request_id, token_ids=list(self.token_ids))
+        child.status, child.num_cached_tokens, child.kv_slots = self.status, self.num_cached_tokens, self.kv_slots
+        child.pad, child.sinks, child.window_start = self.pad, self.sinks, self.window_start
+        child.window_budget, child.arrival, child.first_token_time = self.window_budget, self.arrival, self.first_token_time
+        return child

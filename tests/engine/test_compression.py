@@ -1,0 +1,54 @@
+"""Methods run in the engine with the same objects as in kvslim.Cache, give the same tokens, and hold fewer blocks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvslim
+from kvslim.engine import LLM, SamplingParams
+
+PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 71)]
+
+
+@torch.inference_mode()
+def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens through kvslim.Cache (the Hugging Face path), EOS ignored."""
+    cache = kvslim.Cache(kvslim.policy(spec), model.config)
+    ids, out = torch.tensor([prompt]), []
+    for _ in range(n):
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        out.append(int(logits.argmax()))
+        ids = torch.tensor([[out[-1]]])
+    return out
+
+
+@pytest.mark.parametrize("spec", [
+    "snapkv(keep=0.25,window=4)",
+    "streaming(keep=0.25,sinks=2)",  # decode-time: the window slides while decoding
+    "pyramidkv(keep=0.3,window=4)",  # ragged across layers
+    "adakv(keep=0.3,window=4)",  # ragged across heads
+])
+def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
+    llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == _hf(llama, spec, prompt, 24)
+        assert out.stats["peak_kv_blocks"] < out.stats["full_kv_bytes"] // llm.block_bytes  # fewer than a full cache
+
+
+def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
+    llm = LLM(llama, policy="streaming(budget=8,sinks=4)", kv_memory=0.01, block_size=4)
+    rid = llm.add_request(PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    held = []
+    while llm.has_unfinished:
+        llm.step()
+        held.append(llm.blocks.num_used)
+    assert max(held) <= 4  # sinks' block + at most 3 window blocks, however long it decodes
+    assert llm.finished[rid].stats["completion_tokens"] == 40
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+@pytest.mark.parametrize(("spec", "reason"), [("h2o(keep=0.5)", "every decoding step"), ("think", "ChannelPrunedSegment")])
+def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        LLM(llama, policy=spec, kv_memory=0.01)
