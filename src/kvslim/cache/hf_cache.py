@@ -17,6 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ..shape import KVShape
 from . import attention as routing
 from .layer import LayerKV
+from .segments import Segment, merge_partials
 
 
 class _Layer(LayerKV, CacheLayerMixin):
@@ -117,11 +118,14 @@ class Cache(HFCache):
             if not bool(real.all()):  # batch padding is never stored
                 layer.select(real[:, None, :].expand(keys.shape[:3]))
         else:
-            keys, values, valid = layer.dense(query.dtype)
-            obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
-            # the new tokens are the last q columns of the layout (see LayerKV.select)
-            allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
-            out = routing.masked_attention(query, keys, values, allowed, scaling, impl)
+            if any(type(seg).attend is not Segment.attend for seg in layer.segments):
+                out = _attend_by_segment(layer, query, scaling)
+            else:  # one attention call over the layer's dense copy: the fast path
+                keys, values, valid = layer.dense(query.dtype)
+                obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
+                # the new tokens are the last q columns of the layout (see LayerKV.select)
+                allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
+                out = routing.masked_attention(query, keys, values, allowed, scaling, impl)
             layer.state["real"] = layer.state["real"] + q_len
             if q_len > 1:
                 layer.state["prompt"] = layer.state["prompt"] + q_len
@@ -148,6 +152,8 @@ class Cache(HFCache):
             "tokens_kept_per_layer_head": per_layer,
             "kept_ratio": kept / full_tokens if full_tokens else 1.0,
             "nbytes": self.nbytes(),
+            "device_nbytes": sum(seg.device_nbytes() for layer in self.layers for seg in layer.segments),
+            "host_nbytes": sum(seg.host_nbytes() for layer in self.layers for seg in layer.segments),
             "full_nbytes": full_bytes,
             "bytes_ratio": self.nbytes() / full_bytes if full_bytes else 1.0,
         }
@@ -181,3 +187,20 @@ class Cache(HFCache):
         """Real (unpadded) tokens each sequence has passed through the cache."""
         real = self.layers[0].state.get("real")
         return [] if real is None else [int(n) for n in real]
+
+
+def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float) -> Tensor:
+    """Attention as the log-sum-exp merge of each segment's partial attention, (B, q, Hq, Dv) like ``base``.
+
+    Used when a segment attends by itself (e.g. reads only some rows from the host), so no dense copy of
+    the layer is made. The mask comes from the segments' lengths: each query sees the held tokens up to
+    its own time rank (the rule of ``Observation.visible``), split along tokens by segment widths.
+    """
+    q_len = query.shape[2]
+    valid = torch.cat([seg.valid_mask() for seg in layer.segments], 2)
+    rank = valid.long().cumsum(-1) - 1
+    limit = valid.sum(-1, keepdim=True) + torch.arange(q_len, device=valid.device) - q_len  # (B, H, q)
+    allowed = valid[:, :, None, :] & (rank[:, :, None, :] <= limit[..., None])
+    parts = [seg.attend(query, part, scaling) for seg, part in zip(layer.segments, allowed.split(layer.widths(), -1))]
+    out, _ = merge_partials(parts)
+    return out.to(query.dtype).transpose(1, 2).contiguous()

@@ -6,6 +6,11 @@ different lengths, and a segment stores exactly the kept rows (ragged, no paddin
 held shrink with what is dropped. Attention reads a segment through ``dense()``, a padded working
 copy that lives only while one layer attends.
 
+A segment may instead attend by itself (:meth:`Segment.attend`): it returns its *partial* attention,
+the softmax-weighted values over its own tokens and their log-sum-exp, and the cache merges the
+partials of a layer's segments exactly (:func:`merge_partials`). Segments that keep part of their
+data off the device use this to read only the rows a query needs instead of a whole dense copy.
+
 Other storage formats (quantized codes, pruned key channels) subclass :class:`Segment`.
 """
 from __future__ import annotations
@@ -28,6 +33,60 @@ def ragged_to_padded(rows: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return padded, valid
 
 
+def grouped_logits(query: Tensor, keys: Tensor, scaling: float) -> Tensor:
+    """Scaled float32 logits (B,H,G*q,T) of (B,Hq,q,D) queries against (B,H,T,D) keys, grouped per KV head.
+
+    Query head ``h * G + g`` reads KV head ``h`` (the layout ``repeat_interleave`` gives), so the G query
+    heads of a group become G*q rows of their KV head and no key is ever repeated.
+    """
+    batch, q_heads, q_len, dim = query.shape
+    heads = keys.shape[1]
+    rows = query.float().reshape(batch, heads, q_heads // heads * q_len, dim)
+    return rows @ keys.float().transpose(-1, -2) * scaling
+
+
+def group_rows(allowed: Tensor, group: int) -> Tensor:
+    """A (B,H,q,T) per-KV-head mask repeated for the G query heads of each group: (B,H,G*q,T)."""
+    batch, heads, q_len, length = allowed.shape
+    return allowed[:, :, None].expand(batch, heads, group, q_len, length).reshape(batch, heads, group * q_len, length)
+
+
+def softmax_partial(logits: Tensor, allowed: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention restricted to ``allowed`` keys: (out (B,H,R,Dv), lse (B,H,R)), both float32.
+
+    ``logits`` and ``allowed`` are (B,H,R,T), ``values`` (B,H,T,Dv). A row with no allowed key has
+    ``lse = -inf`` and ``out = 0``, so it weighs nothing when partials are merged.
+    """
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(logits - shift.unsqueeze(-1)) @ values.float(), lse
+
+
+def partial_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor,
+                      scaling: float) -> tuple[Tensor, Tensor]:
+    """Partial attention of (B,Hq,q,D) queries over (B,H,T,D) keys and (B,H,T,Dv) values, mask (B,H,q,T).
+
+    Returns out (B,Hq,q,Dv) and lse (B,Hq,q) in float32 (the :meth:`Segment.attend` contract).
+    """
+    batch, q_heads, q_len, _ = query.shape
+    group = q_heads // keys.shape[1]
+    out, lse = softmax_partial(grouped_logits(query, keys, scaling), group_rows(allowed, group), values)
+    return out.reshape(batch, q_heads, q_len, -1), lse.reshape(batch, q_heads, q_len)
+
+
+def merge_partials(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Combine partial attentions over disjoint key sets into the attention over their union.
+
+    Each part's output is weighted by ``exp(lse_i - lse)`` where ``lse`` is the log-sum-exp of all
+    parts: exactly the softmax over the union, whatever order the parts come in.
+    """
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), 0)
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = sum(torch.exp(p[1] - shift).unsqueeze(-1) * p[0] for p in parts)
+    return out, lse  # type: ignore[return-value]
+
+
 class Segment(ABC):
     """A run of cached tokens for one layer, ragged per (sequence, KV head)."""
 
@@ -44,6 +103,31 @@ class Segment(ABC):
     @abstractmethod
     def nbytes(self) -> int:
         """Bytes this segment actually holds in memory (codes, scales, indices: everything)."""
+
+    def device_nbytes(self) -> int:
+        """Bytes held on the compute device; all of them unless the segment offloads part to the host."""
+        return self.nbytes()
+
+    def host_nbytes(self) -> int:
+        """Bytes held in host memory (offloading segments); ``nbytes() == device_nbytes() + host_nbytes()``."""
+        return 0
+
+    def valid_mask(self) -> Tensor:
+        """(B,H,T) True where a token is held: rows are left-aligned, as :func:`ragged_to_padded` lays them out.
+
+        Derived from ``lengths`` alone, so a layer's mask is known without any dense copy.
+        """
+        return torch.arange(self.longest, device=self.lengths.device) < self.lengths.unsqueeze(-1)
+
+    def attend(self, query: Tensor, allowed: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        """Partial attention of (B,Hq,q,D) queries over this segment's tokens where ``allowed`` (B,H,q,T).
+
+        Returns out (B,Hq,q,Dv) and lse (B,Hq,q) in float32, to be merged with :func:`merge_partials`.
+        This default reads the dense copy; segments that can avoid materialising it override this,
+        and a layer holding such a segment attends segment by segment (see ``Cache.attend``).
+        """
+        keys, values, _ = self.dense()
+        return partial_attention(query, keys, values, allowed, scaling)
 
     def nbytes_per_sequence(self) -> list[int]:
         """Bytes per sequence of the batch, shared out by tokens held (exact for per-token storage)."""
