@@ -1,11 +1,17 @@
-"""Engine throughput at a fixed KV memory: full cache vs StreamingLLM and SnapKV (keep 0.25), and HF generate.
+"""Engine throughput at a fixed KV memory that cannot hold every request at once: full cache vs compressed.
 
 Builds a **random-weight** Llama-3.1-8B-shaped model in bf16 on the GPU (no download; the numbers
-measure speed and memory, not quality), serves requests of 8k-32k prompt tokens x 256 output tokens
-(EOS ignored) through the engine for each policy, and runs the same requests one at a time through
-Hugging Face ``generate`` with a DynamicCache. Writes one JSON file.
+measure speed and memory, not quality) and submits every request at once: by default 48 requests of
+8k-32k prompt tokens x 256 output tokens (EOS ignored), far more than a 12 GiB full-precision pool
+holds, so the scheduler queues, admits as blocks free up and preempts. For each policy it reports
+tokens/s, the most sequences running at once, preemptions, and how prefill and decode split the time.
+Every decode step is also set against its roofline: the bytes it must read (the weights once, plus
+every running sequence's KV blocks and ring rows) over the device-to-device copy bandwidth measured
+in the same run. Hugging Face ``generate`` with its default DynamicCache runs a few of the same
+requests one at a time, for its per-request throughput.
 
-    python benchmarks/engine_throughput.py --kv-memory 12 --requests 12 --out benchmarks/results/engine_throughput.json
+    python benchmarks/engine_throughput.py --out benchmarks/results/engine_throughput_h100_saturated.json
+    python benchmarks/engine_throughput.py --policies kivi4 kivi2 --append --out ...   # a second call adds results
 """
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ import argparse
 import json
 import platform
 import random
+import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +32,7 @@ from transformers import DynamicCache
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.models import load_model
 
-POLICIES = ["full", "streaming(keep=0.25)", "snapkv(keep=0.25)"]
+POLICIES = ["full", "streaming(keep=0.25)", "snapkv(keep=0.25)", "kivi4", "kivi2"]
 
 
 def workload(n: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
@@ -32,32 +40,93 @@ def workload(n: int, low: int, high: int, vocab: int, seed: int) -> list[list[in
     return [[rng.randrange(1, vocab) for _ in range(rng.randint(low, high))] for _ in range(n)]
 
 
-def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
-    engine = LLMEngine(model, policy=policy, kv_memory=args.kv_memory, block_size=args.block_size)
+def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median of ``reps``)."""
+    src = torch.randn(int(gib * 2**30) // 4, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * gib * 2**30 / statistics.median(times)
+
+
+def decode_weight_bytes(model: Any) -> int:
+    """Parameter bytes one decode step reads: all of them but the input embedding (a gather of B rows)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    tied = embed.data_ptr() == model.lm_head.weight.data_ptr()
+    return total if tied else total - embed.numel() * embed.element_size()
+
+
+def kv_bytes_read(engine: LLMEngine, seqs: list[Any]) -> int:
+    """KV bytes a decode step over ``seqs`` reads: each one's blocks (whole) and the ring tokens it holds."""
+    kv = engine.runner.kv
+    ring_token = kv.row_bytes // kv.capacity if kv.quantized else 0
+    return sum(s.num_blocks_held * engine.block_bytes + (int(s.tail.max()) * ring_token if s.tail is not None else 0)
+               for s in seqs)
+
+
+def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
+               weights: int) -> dict[str, Any]:
+    engine = LLMEngine(model, policy=policy, kv_memory=args.kv_memory, block_size=args.block_size,
+                       max_num_seqs=args.max_num_seqs)
     params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
-    max_running, steps = 0, 0
+    max_running, prefill_s, steps, shown = 0, 0.0, [], start
     while engine.has_unfinished:
-        engine.step()
-        steps += 1
+        if time.perf_counter() - shown > 30:
+            shown, m = time.perf_counter(), engine.metrics()
+            print(f"  {policy} {shown - start:.0f}s: {len(engine.finished)} finished, {m.running} running, {m.waiting} waiting, "
+                  f"{m.preemptions} preemptions", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        done = engine.step()  # sampling reads the tokens back, so the step has finished on the device
+        elapsed = time.perf_counter() - t0
         max_running = max(max_running, len(engine.scheduler.running))
+        if engine.last_step_prefill:
+            prefill_s += elapsed
+        elif done:
+            seqs = [seq for seq, _ in done]
+            steps.append((elapsed, len(seqs), weights + kv_bytes_read(engine, seqs)))
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
     outputs = [engine.finished.pop(i) for i in ids]
     produced = sum(o.stats["completion_tokens"] for o in outputs)
+    decode_s = sum(t for t, _, _ in steps)
+    roofline_s = sum(b for _, _, b in steps) / bandwidth
+    median_step = sorted(steps)[len(steps) // 2]
     result = {
         "policy": engine.policy.spec,
+        "block_size": engine.blocks.block_size,
         "kv_blocks": engine.blocks.num_blocks,
-        "kv_tokens_capacity": engine.blocks.num_blocks * args.block_size,
+        "kv_block_bytes": engine.block_bytes,
+        "kv_tokens_capacity": engine.blocks.num_blocks * engine.blocks.block_size,
+        "ring_rows": engine.blocks.rows,
+        "ring_bytes": engine.blocks.rows * engine.runner.kv.row_bytes,
         "wall_s": wall,
         "output_tokens": produced,
         "output_tokens_per_s": produced / wall,
         "total_tokens_per_s": (produced + sum(map(len, prompts))) / wall,
         "max_running": max_running,
-        "steps": steps,
         "preemptions": engine.scheduler.preemptions,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "decode_steps": len(steps),
+        "mean_decode_batch": sum(n for _, n, _ in steps) / len(steps),
+        "decode_output_tokens_per_s": sum(n for _, n, _ in steps) / decode_s,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "decode_roofline_s": roofline_s,
+        "decode_roofline_fraction": roofline_s / decode_s,
+        "median_decode_step": {"batch": median_step[1], "ms": median_step[0] * 1e3,
+                               "roofline_ms": median_step[2] / bandwidth * 1e3, "bytes": median_step[2]},
         "mean_ttft_s": sum(o.stats["ttft_s"] for o in outputs) / len(outputs),
         "mean_peak_kv_bytes_per_request": sum(o.stats["peak_kv_bytes"] for o in outputs) / len(outputs),
         "mean_full_kv_bytes_per_request": sum(o.stats["full_kv_bytes"] for o in outputs) / len(outputs),
@@ -72,63 +141,93 @@ def run_hf(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> di
     """Hugging Face generate, DynamicCache, one request at a time (its batching pads to the longest prompt)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    produced = 0
+    produced, per_request = 0, []
     for prompt in prompts:
         ids = torch.tensor([prompt], device="cuda")
+        t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.output_tokens, min_new_tokens=args.output_tokens,
                              do_sample=False, past_key_values=DynamicCache(config=model.config))
-        produced += out.shape[1] - ids.shape[1]
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        new = out.shape[1] - ids.shape[1]
+        per_request.append({"prompt_tokens": len(prompt), "output_tokens": new, "s": time.perf_counter() - t0,
+                            "output_tokens_per_s": new / (time.perf_counter() - t0)})
+        produced += new
     wall = time.perf_counter() - start
-    return {"policy": "hf-generate-dynamiccache", "wall_s": wall, "output_tokens": produced,
-            "output_tokens_per_s": produced / wall,
-            "total_tokens_per_s": (produced + sum(map(len, prompts))) / wall, "max_running": 1}
+    return {"policy": "hf-generate-dynamiccache", "requests": len(prompts), "wall_s": wall, "output_tokens": produced,
+            "output_tokens_per_s": produced / wall, "total_tokens_per_s": (produced + sum(map(len, prompts))) / wall,
+            "max_running": 1, "per_request": per_request}
+
+
+def warm_up(model: Any, policy: str, args: argparse.Namespace) -> None:
+    """Compile the policy's kernels outside the timings: a prompt long enough for KIVI to pack, at prefill and decoding."""
+    engine = LLMEngine(model, policy=policy, kv_memory=0.5, block_size=args.block_size, max_num_seqs=4)
+    prompt = list(range(1, 513))
+    for p in (prompt, prompt[:300]):
+        engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True))
+    while engine.has_unfinished:
+        engine.step()
+    del engine
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.1-8b")
-    parser.add_argument("--kv-memory", type=float, default=12.0, help="GiB of KV pool for every policy")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--kv-memory", type=float, default=12.0, help="GiB of KV memory for every policy (ring rows included)")
+    parser.add_argument("--block-size", type=int, default=None, help="default: the engine's (16; KIVI 32)")
+    parser.add_argument("--max-num-seqs", type=int, default=48)
+    parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--min-prompt", type=int, default=8192)
     parser.add_argument("--max-prompt", type=int, default=32768)
     parser.add_argument("--output-tokens", type=int, default=256)
-    parser.add_argument("--policies", nargs="+", default=POLICIES)
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--commit", default=None, help="git commit of the code (recorded in the JSON)")
+    parser.add_argument("--policies", nargs="*", default=POLICIES)
+    parser.add_argument("--hf-requests", type=int, default=3, help="requests (the first ones) run through HF generate; 0: none")
+    parser.add_argument("--append", action="store_true", help="add the results to an existing --out of the same workload")
+    parser.add_argument("--commit", default=None, help="git commit of the code (default: git rev-parse HEAD)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_throughput.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("engine_throughput needs a CUDA GPU")
     model, _ = load_model(args.model, dtype=torch.bfloat16, device="cuda")
     prompts = workload(args.requests, args.min_prompt, args.max_prompt, model.config.vocab_size, seed=0)
-    # warm-up: compile the Triton kernel and CUDA kernels outside the timings
-    run_engine(model, "full", [prompts[0][:512]], argparse.Namespace(**{**vars(args), "output_tokens": 4}))
+    bandwidth = copy_bandwidth()
+    weights = decode_weight_bytes(model)
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {
-        "benchmark": "engine_throughput",
+        "benchmark": "engine_throughput (saturated)",
         "model": f"{args.model} architecture, RANDOM weights, bfloat16",
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "commit": commit,
         "kv_memory_gib": args.kv_memory,
-        "block_size": args.block_size,
+        "max_num_seqs": args.max_num_seqs,
         "requests": args.requests,
         "prompt_tokens": [len(p) for p in prompts],
         "output_tokens_per_request": args.output_tokens,
         "eos_ignored": True,
+        "decode_weight_bytes": weights,
         "results": [],
     }
+    if args.append:
+        previous = json.loads(args.out.read_text())
+        same = ("commit", "model", "kv_memory_gib", "max_num_seqs", "prompt_tokens", "output_tokens_per_request")
+        if any(previous[k] != report[k] for k in same):
+            raise SystemExit(f"--append: {args.out} holds another workload or commit; compare {', '.join(same)}")
+        report = previous
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; decode reads {weights / 1e9:.2f} GB of weights per step", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    runs = [lambda p=p: run_engine(model, p, prompts, args) for p in args.policies]
-    if not args.skip_hf:
-        runs.append(lambda: run_hf(model, prompts, args))
-    for run in runs:  # the file is rewritten after each run, so a later failure keeps what was measured
-        report["results"].append(run())
-        print(json.dumps(report["results"][-1]), flush=True)
+
+    def record(result: dict[str, Any]) -> None:  # rewritten after each run: a later failure keeps what was measured
+        report["results"].append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "per_request"}), flush=True)
         args.out.write_text(json.dumps(report, indent=2))
+
+    for policy in args.policies:
+        warm_up(model, policy, args)
+        record(run_engine(model, policy, prompts, args, bandwidth, weights))
+    if args.hf_requests:
+        record(run_hf(model, prompts[: args.hf_requests], args))
     print(f"wrote {args.out}")
 
 

@@ -35,15 +35,17 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def passkeys(smollm2):
-    """Ten pass-key prompts of 2k tokens with the real tokenizer."""
+    """Ten 2k-token pass-key prompts that the full cache answers, drawn in order from a seeded pool of 30.
+
+    The acceptance is "retrieves the pass key where full does": SmolLM2-135M itself finds about half
+    of the keys at 2k tokens (it misses keys hidden near the very start or end), so methods are judged
+    on the prompts the uncompressed model can answer. The pool's full-cache rate is asserted too.
+    """
     from kvslim.bench.tasks import get_task
-
-    return get_task("passkey").generate(10, 2048, smollm2[1], seed=0)
-
-
-@pytest.fixture(scope="session")
-def full_passkey_hits(smollm2, passkeys):
-    """Which pass keys the full cache retrieves: the reference every method is compared with."""
     from passkey_helpers import retrieved
 
-    return retrieved(smollm2, passkeys, "full")
+    pool = get_task("passkey").generate(30, 2048, smollm2[1], seed=0)
+    hits = retrieved(smollm2, pool, "full")
+    solved = [s for s, hit in zip(pool, hits) if hit]
+    assert len(solved) >= 10, f"the full cache answered only {len(solved)}/30 pass-key prompts"
+    return solved[:10]

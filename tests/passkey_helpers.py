@@ -18,7 +18,6 @@ def retrieved(smollm2: tuple[Any, Any], samples: list, policy: str, **params: An
     return hits
 
 
-def assert_keeps_pass_keys(full: list[bool], hits: list[bool], label: str, need: int = 9) -> None:
-    both = sum(f and h for f, h in zip(full, hits))
-    assert sum(full) >= need, f"the full cache itself found only {sum(full)}/10 pass keys"
-    assert both >= need, f"{label} found {both} of the {sum(full)} pass keys the full cache found"
+def assert_keeps_pass_keys(hits: list[bool], label: str, need: int = 9) -> None:
+    """``hits`` are over prompts the full cache answers (the ``passkeys`` fixture)."""
+    assert sum(hits) >= need, f"{label} found {sum(hits)}/{len(hits)} pass keys that the full cache finds"

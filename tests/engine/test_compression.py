@@ -48,7 +48,7 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 
-@pytest.mark.parametrize(("spec", "reason"), [("h2o(keep=0.5)", "every decoding step"), ("think", "ChannelPrunedSegment")])
+@pytest.mark.parametrize(("spec", "reason"), [("h2o(keep=0.5)", "every decoding step"), ("think", "think re-stores tokens")])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         LLM(llama, policy=spec, kv_memory=0.01)

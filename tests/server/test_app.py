@@ -27,6 +27,7 @@ class ByteTokenizer:
 
 
 PROMPTS = ["hello world", "the quick brown fox", "kv", "paged attention is"]
+MANY = [f"{PROMPTS[i % 4]} #{i}" for i in range(64)]  # 64 concurrent clients, different prompts
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,9 @@ def test_concurrent_completions_all_finish_with_the_right_text(client, model) ->
         assert reply.status_code == 200, reply.text
         return reply.json()["choices"][0]["text"]
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        texts = list(pool.map(ask, PROMPTS))
-    assert texts == _expected(model, PROMPTS, 12)
+    with ThreadPoolExecutor(len(MANY)) as pool:
+        texts = list(pool.map(ask, MANY))
+    assert texts == _expected(model, MANY, 12)
 
 
 def test_streamed_chat_concatenates_to_the_full_text(client, model) -> None:

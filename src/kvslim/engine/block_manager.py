@@ -11,6 +11,9 @@ scheduling decision (wait or preempt), never a crash. A block can be in several 
 
 A shared block that must change (the next token's slot lies in it) is first copied
 (copy-on-write); the caller performs the copies the manager returns.
+
+With quantized pages each running sequence also holds one row of the full-precision residual ring
+(see :mod:`kvslim.engine.kv_store`); rows are handed out and taken back with the blocks.
 """
 from __future__ import annotations
 
@@ -21,16 +24,19 @@ import torch
 from .sequence import Sequence
 
 
-def num_blocks_for(block_bytes: int, kv_memory_gib: float | None, device: torch.device, fraction: float = 0.9) -> int:
-    """Blocks that fit in ``kv_memory_gib`` GiB, or in ``fraction`` of the device's free memory when None."""
+def kv_budget(kv_memory_gib: float | None, device: torch.device, fraction: float = 0.9) -> int:
+    """Bytes for the KV pool: ``kv_memory_gib`` GiB, or ``fraction`` of the device's free memory when None."""
     if kv_memory_gib is not None:
-        budget = int(kv_memory_gib * 2**30)
-    elif device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(device)[0] * fraction)
-    else:
-        import os
+        return int(kv_memory_gib * 2**30)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * fraction)
+    import os
 
-        budget = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
+
+
+def num_blocks_for(block_bytes: int, budget: int) -> int:
+    """Blocks of ``block_bytes`` that fit in ``budget`` bytes (at least one, or a clear error)."""
     blocks = budget // block_bytes
     if blocks < 1:
         raise ValueError(f"KV memory of {budget} bytes holds no block of {block_bytes} bytes: raise kv_memory")
@@ -45,8 +51,10 @@ def chain_hash(previous: int, tokens: list[int]) -> int:
 class BlockManager:
     """Hands out blocks of ``block_size`` slots to sequences and takes them back."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, rows: int = 0):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.rows = rows
+        self.free_rows: deque[int] = deque(range(rows))
         self.ref_counts = [0] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -83,8 +91,9 @@ class BlockManager:
         if self.ref_counts[block] == 0:
             self.free.append(block)
 
-    def can_allocate(self, slots: int) -> bool:
-        return self.blocks_for(slots) <= self.num_free
+    def can_allocate(self, slots: int, rows: int = 1) -> bool:
+        """Whether ``slots`` slots (and, with a ring, ``rows`` ring rows) are free."""
+        return self.blocks_for(slots) <= self.num_free and (not self.rows or rows <= len(self.free_rows))
 
     def allocate(self, seq: Sequence, slots: int, prefix_cache: bool) -> None:
         """Give ``seq`` blocks for ``slots`` slots; with ``prefix_cache``, reuse and register full prompt blocks.
@@ -113,6 +122,8 @@ class BlockManager:
             previous = key or 0
         seq.block_table = table
         seq.num_cached_tokens = hits * self.block_size
+        if self.rows:
+            seq.ring_row = self.free_rows.popleft()
 
     def free_seq(self, seq: Sequence) -> None:
         """Give back every block the sequence holds (shared ones only lose a reference)."""
@@ -120,6 +131,9 @@ class BlockManager:
             if block >= 0:
                 self._release(block)
         seq.block_table = []
+        if seq.ring_row >= 0:
+            self.free_rows.append(seq.ring_row)
+            seq.ring_row = -1
 
     def trim(self, seq: Sequence, slots: int) -> None:
         """Give back the blocks beyond the first ``slots`` slots (after compression shrank the prefill)."""
@@ -137,13 +151,17 @@ class BlockManager:
             self._release(block)
             seq.block_table[index] = -1
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """``child`` shares all of ``parent``'s blocks."""
+    def fork(self, parent: Sequence, child: Sequence) -> int | None:
+        """``child`` shares all of ``parent``'s blocks; with a ring it gets its own row, returned for copying."""
         child.block_table = list(parent.block_table)
         for block in child.block_table:
             if block >= 0:
                 self.ref_counts[block] += 1
         child.peak_blocks = parent.peak_blocks
+        if not self.rows:
+            return None
+        child.ring_row = self.free_rows.popleft()
+        return child.ring_row
 
     # -- decoding -----------------------------------------------------------------------------------
     def _needs_block(self, seq: Sequence) -> bool:

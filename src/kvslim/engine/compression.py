@@ -15,10 +15,13 @@ What the engine supports, and why:
   tokens), so the window slides by moving a start slot, exactly as its ``on_decode`` would, and
   blocks the window has passed are handed back. Methods that rescore on every step (H2O, TOVA)
   would need each step's attention weights over the pages; they are refused with a clear error.
-* **storage formats** (ThinK's pruned channels, quantized segments): pages hold keys and values in
-  the model's dtype, so methods that change how tokens are stored are refused.
-* **prefix sharing** is for the full cache only: what a method keeps of a block depends on the
-  whole prompt, so compressed blocks are never shared between prompts.
+* **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
+  hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
+  :mod:`kvslim.engine.kv_store`); the evictors run here, the packing in the store. Methods with
+  their own storage (ThinK's pruned channels, KCache's and PQCache's offloading) are refused, and so
+  is a sliding window over quantized pages (``streaming+kivi4``).
+* **prefix sharing** is for the full model-dtype cache only: what a method keeps of a block depends
+  on the whole prompt, so compressed blocks are never shared between prompts.
 """
 from __future__ import annotations
 
@@ -26,10 +29,10 @@ import torch
 from torch import Tensor
 
 from ..cache.layer import LayerKV
-from ..cache.segments import DenseSegment
 from ..methods import Chain, Method, Observation, ScoredEviction
 from ..methods.adakv import AdaKV
 from ..methods.full import Full
+from ..methods.quantizers import Quantizer
 from ..methods.streaming import Streaming
 
 
@@ -40,31 +43,30 @@ def _parts(policy: Method) -> list[Method]:
 class Compression:
     """One policy, checked once for what the engine can do, then applied per sequence and layer."""
 
-    def __init__(self, policy: Method, num_layers: int, num_kv_heads: int, head_dim: int, scaling: float):
+    def __init__(self, policy: Method, num_layers: int, scaling: float):
         self.policy, self.num_layers, self.scaling = policy, num_layers, scaling
-        self.full = isinstance(policy, Full)
-        self.window = policy if isinstance(policy, Streaming) else None
-        rescoring = [p.name for p in _parts(policy) if isinstance(p, ScoredEviction) and p.decode_time]
+        parts = [p for p in _parts(policy) if not isinstance(p, Full)]
+        #: the storage format, packed by the KV store; the evictors before it run here
+        self.quantizer = parts.pop() if parts and isinstance(parts[-1], Quantizer) else None
+        self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
+        self.full = self.evict is None and self.quantizer is None
+        self.window = self.evict if isinstance(self.evict, Streaming) else None
+        if self.window is not None and self.quantizer is not None:
+            raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
+                             f"use streaming or {self.quantizer.name} alone here, or the hybrid through kvslim.Cache")
+        rescoring = [p.name for p in parts if isinstance(p, ScoredEviction) and p.decode_time]
         if rescoring and self.window is None:
             raise ValueError(
                 f"policy {policy.spec}: {', '.join(rescoring)} evicts on every decoding step from attention scores, "
                 "which the paged engine does not compute; use it through kvslim.Cache, or use streaming/snapkv here"
             )
-        self.ragged_heads = any(isinstance(p, AdaKV) for p in _parts(policy))
-        self._probe(num_kv_heads, head_dim)
-
-    def _probe(self, heads: int, dim: int) -> None:
-        """Run the policy once on random data: refuse methods that re-store tokens in another format."""
-        gen = torch.Generator().manual_seed(0)
-        keys, values = (torch.randn(1, heads, 64, dim, generator=gen) for _ in range(2))
-        layer = self._layer(0, keys, values)
-        self.policy.on_prefill(Observation(layer, self.num_layers, torch.randn(1, heads, 64, dim, generator=gen),
-                                           self.scaling, "prefill"))
-        formats = sorted({type(s).__name__ for s in layer.segments if not isinstance(s, DenseSegment)})
-        if formats:
+        self.ragged_heads = any(isinstance(p, AdaKV) for p in parts)
+        other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
+        if other:
             raise ValueError(
-                f"policy {self.policy.spec} stores tokens as {', '.join(formats)}; the engine's pages hold keys and "
-                "values in the model dtype, so only eviction methods run here (use kvslim.Cache for this one)"
+                f"policy {policy.spec}: {', '.join(other)} re-stores tokens in its own format; the engine's pages hold "
+                "keys and values in the model dtype or as kivi/int/fp8 codes, so only eviction methods and a last "
+                f"quantizer run here (use kvslim.Cache for {', '.join(other)})"
             )
 
     @staticmethod
@@ -76,16 +78,22 @@ class Compression:
         return layer
 
     def reserve(self, n_tokens: int) -> int:
-        """Slots a sequence of ``n_tokens`` needs right after its prefill (the blocks admission must find)."""
-        if self.full or self.ragged_heads:
-            return n_tokens
-        planned = max(self.policy.planned_tokens(n_tokens, i, self.num_layers) for i in range(self.num_layers))
-        return min(n_tokens, int(planned))
+        """Page slots a sequence of ``n_tokens`` needs right after its prefill (the blocks admission must find)."""
+        kept = n_tokens
+        if self.evict is not None and not self.ragged_heads:
+            planned = max(self.evict.planned_tokens(n_tokens, i, self.num_layers) for i in range(self.num_layers))
+            kept = min(n_tokens, int(planned))
+        if self.quantizer is None:
+            return kept
+        unit = self.quantizer.block()  # only whole units older than the residual are in pages
+        return max(0, kept - self.quantizer.residual) // unit * unit
 
     def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,)."""
+        if self.evict is None:
+            return keys, values, torch.full((keys.shape[0],), keys.shape[1], device=keys.device)
         layer = self._layer(layer_idx, keys[None], values[None])
-        self.policy.on_prefill(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill"))
+        self.evict.on_prefill(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill"))
         kept_k, kept_v, valid = layer.dense(keys.dtype)
         return kept_k[0], kept_v[0], valid[0].sum(-1)
 

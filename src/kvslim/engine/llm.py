@@ -19,7 +19,7 @@ class LLM(LLMEngine):
     """
 
     def __init__(self, model_or_name: Any, policy: "str | Method" = "full", kv_memory: float | None = None,
-                 block_size: int = 16, tokenizer: Any = None, dtype: torch.dtype | None = None,
+                 block_size: int | None = None, tokenizer: Any = None, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu", **engine_args: Any):
         if isinstance(model_or_name, str):
             from ..models import load_model

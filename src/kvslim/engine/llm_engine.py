@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from ..methods import Method, policy as build_policy
-from .block_manager import BlockManager, num_blocks_for
+from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
+from .kv_store import dense_block_bytes
 from .model_runner import ModelRunner
 from .outputs import Completion, RequestOutput
 from .sampler import sample
@@ -22,26 +23,39 @@ class LLMEngine:
     """Continuous batching over a paged KV pool, with a kvslim method compressing each prompt.
 
     ``kv_memory`` (GiB) fixes the pool; when None the pool takes ``kv_fraction`` of the device's
-    free memory. A ``tokenizer`` (``encode``/``decode``/``eos_token_id``) is needed for text prompts,
-    stop strings and output text; without one, prompts are token id lists.
+    free memory. With a quantizer in the policy (``kivi4``, ``snapkv+int8``...) blocks hold codes, so the
+    same memory holds more tokens; the residual ring's rows (see :mod:`kvslim.engine.kv_store`) come out of
+    the same memory and cap ``max_num_seqs``. ``block_size`` defaults to 16 slots (KIVI: its key run, 32).
+    A ``tokenizer`` (``encode``/``decode``/``eos_token_id``) is needed for text prompts, stop strings and
+    output text; without one, prompts are token id lists.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
-                 block_size: int = 16, max_num_seqs: int = 256, max_prefill_tokens: int = 32768, kv_fraction: float = 0.9):
+                 block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
+                 kv_fraction: float = 0.9):
         self.runner = ModelRunner.from_hf(model)
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
-        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.num_kv_heads,
-                                       self.runner.head_dim, self.runner.scaling)
-        self.block_bytes = self.runner.block_bytes(block_size)
-        num_blocks = num_blocks_for(self.block_bytes, kv_memory, self.runner.device, kv_fraction)
-        self.runner.allocate(num_blocks, block_size)
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, self.compression, max_num_seqs, max_prefill_tokens, self.runner.max_model_len)
+        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling)
+        self.runner.set_format(self.compression.quantizer)
+        kv = self.runner.kv
+        block_size = block_size or kv.default_block_size()
+        self.block_bytes = kv.block_bytes(block_size)
+        #: what the same block would take in the model dtype (a full cache's bytes, for the stats)
+        self.dense_block_bytes = dense_block_bytes(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
+                                                   self.runner.dtype, block_size)
+        budget = kv_budget(kv_memory, self.runner.device, kv_fraction)
+        rows = kv.rows_for(budget, max_num_seqs)
+        num_blocks = num_blocks_for(self.block_bytes, budget - rows * kv.row_bytes)
+        self.runner.allocate(num_blocks, block_size, rows)
+        self.blocks = BlockManager(num_blocks, block_size, rows)
+        self.scheduler = Scheduler(self.blocks, self.compression, min(max_num_seqs, rows or max_num_seqs),
+                                   max_prefill_tokens, self.runner.max_model_len, kv.grows)
         self.requests: dict[str, list[Sequence]] = {}
         self.finished: dict[str, RequestOutput] = {}
         self.eos = self._eos_ids(model, tokenizer)
         self._ids = count()
+        self.last_step_prefill = False  # what the last step ran (benchmarks time prefill and decode apart)
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -90,6 +104,7 @@ class LLMEngine:
         seqs, is_prefill, copies = self.scheduler.schedule()
         if not seqs:
             return []
+        self.last_step_prefill = is_prefill
         if is_prefill:
             rows = [self._prefill(seq) for seq in seqs]
             logits = torch.stack(rows)
@@ -98,7 +113,7 @@ class LLMEngine:
             self.runner.copy_blocks(copies)
             logits = self.runner.decode(self.runner.prepare_decode(seqs))
             for seq in seqs:
-                seq.kv_slots += 1
+                self.runner.kv.advance(seq)
                 self._slide(seq)
         tokens = sample(logits, seqs)
         for seq, token in zip(seqs, tokens):
@@ -106,9 +121,8 @@ class LLMEngine:
         return list(zip(seqs, tokens))
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
-        logits, held = self.runner.prefill(seq, None if self.compression.full else self.compression)
-        seq.kv_slots = int(held.max())
-        seq.pad = None if bool((held == seq.kv_slots).all()) else seq.kv_slots - held
+        logits, held, seq.tail = self.runner.prefill(seq, None if self.compression.full else self.compression)
+        seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
         window = self.compression.start_window(len(seq))
         if window is not None:
@@ -126,7 +140,9 @@ class LLMEngine:
                 child = seq.fork()
                 if seq.params.seed is not None:
                     child.generator = torch.Generator().manual_seed(seq.params.seed + k + 1)
-                self.blocks.fork(seq, child)
+                ring_row = self.blocks.fork(seq, child)
+                if ring_row is not None:
+                    self.runner.kv.copy_row(seq.ring_row, ring_row)  # type: ignore[union-attr]
                 self.scheduler.running.append(child)
                 siblings.append(child)
                 out.append(child)
@@ -188,6 +204,7 @@ class LLMEngine:
         per_token = [(s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1)
                      for s in seqs if s.finish_time and s.first_token_time and len(s.output_token_ids) > 1]
         full_blocks = self.blocks.blocks_for(len(first))
+        peak_bytes = max(s.peak_blocks for s in seqs) * self.block_bytes + self.runner.kv.row_bytes
         return RequestOutput(request_id, first.prompt_token_ids, completions, {
             "policy": self.policy.spec,
             "prompt_tokens": first.num_prompt_tokens,
@@ -198,8 +215,8 @@ class LLMEngine:
             "tpot_s": sum(per_token) / len(per_token) if per_token else None,
             "preemptions": sum(s.preemptions for s in seqs),
             "peak_kv_blocks": max(s.peak_blocks for s in seqs),
-            "peak_kv_bytes": max(s.peak_blocks for s in seqs) * self.block_bytes,
-            "full_kv_bytes": full_blocks * self.block_bytes,
+            "peak_kv_bytes": peak_bytes,
+            "full_kv_bytes": full_blocks * self.dense_block_bytes,
         })
 
     def detokenize(self, ids: list[int]) -> str:

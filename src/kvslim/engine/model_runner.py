@@ -6,10 +6,10 @@ run the same numbers. Prefill runs one sequence at a time with torch SDPA over i
 compression hook straight into the sequence's blocks, so a long prompt never sits in the pool in
 full. Decode runs every running sequence in one batch over the pool with paged attention.
 
-Pool layout: ``k_cache[layer]`` is ``(num_blocks, block_size, kv_heads, head_dim)``; a slot is
-``block * block_size + offset``. Heads of one sequence may hold different numbers of slots
-(ragged methods); a slot's position in the table, not its RoPE position, orders it: keys are stored
-after rotation, so positions stay true whatever was evicted.
+The pool is a :mod:`kvslim.engine.kv_store` store: model-dtype pages, or quantized pages plus a
+full-precision residual ring. A slot is ``block * block_size + offset``. Heads of one sequence may
+hold different numbers of slots (ragged methods); a slot's position in the table, not its RoPE
+position, orders it: keys are stored after rotation, so positions stay true whatever was evicted.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.paged_attention_ref import paged_decode_ref
+from ..methods.quantizers import Quantizer
+from .kv_store import make_store
 from .sequence import Sequence
 
 SUPPORTED_MODELS = ("llama", "qwen2", "mistral")
@@ -51,10 +52,10 @@ class DecodeBatch:
     tokens: Tensor  # (B,)
     positions: Tensor  # (B,) RoPE positions (tokens seen so far)
     block_tables: Tensor  # (B, M) int32, -1 where no block
-    lens: Tensor  # (B, L, H) slots held per layer and KV head, the new token included
-    write_slots: Tensor  # (B, L, H) flat pool slot the new token's key/value goes to
+    lens: Tensor  # (B, L, H) page slots held per layer and KV head before this step
     starts: Tensor  # (B,) sliding-window start slot (0 when none)
     sinks: Tensor  # (B,) slots always visible before the window
+    kv: Any  # what the store reads this step (its ``prepare``)
 
 
 class ModelRunner:
@@ -87,48 +88,36 @@ class ModelRunner:
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         # Mistral-style sliding-window attention is not implemented: refuse contexts where it would act.
         self.max_model_len = min(int(config.max_position_embeddings), int(window or 1 << 62))
-        self.k_cache = self.v_cache = torch.empty(0)
+        self.kv = make_store(None, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         self.block_size = 0
         self._cos = self._sin = torch.empty(0, device=self.device)
-        self._attend = _paged_backend(self.device)
 
     @classmethod
     def from_hf(cls, model: Any) -> "ModelRunner":
         return cls(model.eval())
 
     # -- the pool ---------------------------------------------------------------------------------
-    def block_bytes(self, block_size: int) -> int:
-        """Bytes one block costs across all layers, keys and values."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element
+    def set_format(self, quantizer: Quantizer | None) -> None:
+        """Pages in the model dtype (None) or as ``quantizer`` packs them; before :meth:`allocate`."""
+        self.kv = make_store(quantizer, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
-    def allocate(self, num_blocks: int, block_size: int) -> None:
-        shape = (self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+    def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
+        self.kv.allocate(num_blocks, block_size, rows)
         self.block_size = block_size
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate block ``src`` into ``dst`` in every layer."""
         if copies:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
-            self.k_cache[:, dst] = self.k_cache[:, src]
-            self.v_cache[:, dst] = self.v_cache[:, src]
+            self.kv.copy_blocks(src, dst)
 
     def _slots(self, table: list[int], first: int, count: int) -> Tensor:
-        """Flat pool slots of a sequence's logical slots [first, first + count)."""
+        """Flat pool slots of a sequence's logical slots [first, first + count); -1 past its blocks (quantized
+        pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
         logical = torch.arange(first, first + count, device=self.device)
-        blocks = torch.tensor(table, device=self.device)[logical // self.block_size]
-        return blocks * self.block_size + logical % self.block_size
-
-    def _write(self, layer: int, table: list[int], first: int, keys: Tensor, values: Tensor, lens: Tensor) -> None:
-        """Store (H, T, D) keys/values at logical slots first.. per head, only the first ``lens[h]`` of each."""
-        heads, length = keys.shape[:2]
-        valid = torch.arange(length, device=self.device) < lens[:, None]
-        slots = self._slots(table, first, length).expand(heads, length)[valid]
-        head = torch.arange(heads, device=self.device)[:, None].expand(heads, length)[valid]
-        self.k_cache[layer].view(-1, heads, self.head_dim)[slots, head] = keys[valid]
-        self.v_cache[layer].view(-1, heads, self.head_dim)[slots, head] = values[valid]
+        index = (logical // self.block_size).clamp(max=len(table))
+        blocks = torch.tensor(table + [-1], device=self.device)[index]
+        return torch.where(blocks >= 0, blocks * self.block_size + logical % self.block_size, -1)
 
     # -- model pieces -------------------------------------------------------------------------------
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,12 +147,13 @@ class ModelRunner:
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, compress: CompressHook | None) -> tuple[Tensor, Tensor]:
-        """Run a sequence's tokens, store their keys/values in its blocks; last-token logits and slots per (layer, head).
+    def prefill(self, seq: Sequence, compress: CompressHook | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Run a sequence's tokens, store their keys/values; last-token logits, page slots per (layer, head)
+        and, for quantized pages, the tokens per (layer, head) left in the sequence's ring row.
 
         Without ``compress``, tokens the prefix cache already holds (``seq.num_cached_tokens``) are
         read from the pool, not recomputed (the last token always runs, for its logits). With it,
-        every layer's keys/values go through the hook and only what it keeps is written.
+        every layer's keys/values go through the hook and only what it keeps is stored.
         """
         tokens = seq.token_ids
         cached = seq.num_cached_tokens if compress is None else 0
@@ -173,26 +163,28 @@ class ModelRunner:
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
         held = torch.empty(self.num_layers, self.num_kv_heads, dtype=torch.long)
+        tail = torch.empty_like(held) if self.kv.quantized else None
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(layer, h, cos, sin)
             if first:
-                slots = self._slots(seq.block_table, 0, first)
-                k = torch.cat([self.k_cache[i].view(-1, self.num_kv_heads, self.head_dim)[slots], k])
-                v = torch.cat([self.v_cache[i].view(-1, self.num_kv_heads, self.head_dim)[slots], v])
+                past_k, past_v = self.kv.read(i, self._slots(seq.block_table, 0, first))  # type: ignore[union-attr]
+                k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
             out = self._attention(q, k, v, first)
             if compress is None:
                 fresh = torch.full((self.num_kv_heads,), len(tokens) - cached, device=self.device)
-                self._write(i, seq.block_table, cached, k[:, cached:], v[:, cached:], fresh)
-                held[i] = len(tokens)
+                kept_k, kept_v, lens = k[:, cached:], v[:, cached:], fresh
             else:
                 kept_k, kept_v, lens = compress(i, q, k, v)
-                self._write(i, seq.block_table, 0, kept_k, kept_v, lens)
-                held[i] = lens.cpu()
+            slots = self._slots(seq.block_table, cached, kept_k.shape[1])
+            paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
+            held[i] = paged.cpu() + cached
+            if tail is not None:
+                tail[i] = ring.cpu()
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
-        return self._logits(x[-1:])[0], held
+        return self._logits(x[-1:])[0], held, tail
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """Causal SDPA of (Hq,T,D) queries over (H,offset+T,D) keys; query t sits at position offset + t.
@@ -211,21 +203,19 @@ class ModelRunner:
 
     # -- decode -------------------------------------------------------------------------------------
     def prepare_decode(self, seqs: list[Sequence]) -> DecodeBatch:
-        """Tensors for one decode step; each sequence's blocks already have room for the new token."""
+        """Tensors for one decode step; each sequence's blocks already have room for what it writes."""
         widest = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [-1] * (widest - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        before = torch.stack([s.slot_lens(self.num_layers, self.num_kv_heads) for s in seqs])  # (B, L, H)
-        block = tables.long().gather(1, before.flatten(1) // self.block_size).view_as(before)
-        write = block * self.block_size + before % self.block_size
+        held = torch.stack([s.slot_lens(self.num_layers, self.num_kv_heads) for s in seqs])  # (B, L, H)
         put = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
         return DecodeBatch(
             tokens=put(torch.tensor([s.last_token for s in seqs])),
             positions=put(torch.tensor([len(s) - 1 for s in seqs])),
             block_tables=put(tables),
-            lens=put(before + 1),
-            write_slots=put(write),
+            lens=put(held),
             starts=put(torch.tensor([s.window_start for s in seqs], dtype=torch.int32)),
             sinks=put(torch.tensor([s.sinks for s in seqs], dtype=torch.int32)),
+            kv=self.kv.prepare(seqs, tables, held),
         )
 
     @torch.inference_mode()
@@ -233,26 +223,11 @@ class ModelRunner:
         """One token for every sequence of the batch: logits (B, vocab) in float32."""
         cos, sin = self._rope(batch.positions)
         x = self.model.model.embed_tokens(batch.tokens)
-        heads = torch.arange(self.num_kv_heads, device=self.device).expand(len(x), -1)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(layer, h, cos, sin)
-            slots = batch.write_slots[:, i]
-            self.k_cache[i].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = k
-            self.v_cache[i].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = v
-            out = self._attend(q, self.k_cache[i], self.v_cache[i], batch.block_tables, batch.lens[:, i],
-                               batch.starts, batch.sinks, self.scaling)
+            out = self.kv.attend(i, q, k, v, batch, self.scaling)
             x = x + layer.self_attn.o_proj(out.reshape(len(x), -1))
             x = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        self.kv.finish(batch)
         return self._logits(x)
-
-
-def _paged_backend(device: torch.device) -> Callable[..., Tensor]:
-    """The Triton kernel on CUDA when Triton is installed, else the PyTorch reference."""
-    if device.type == "cuda":
-        try:
-            from ..kernels.paged_attention import paged_decode
-        except ImportError:
-            return paged_decode_ref
-        return paged_decode
-    return paged_decode_ref

@@ -2,7 +2,10 @@
 
 Each engine step is either a prefill of newly admitted sequences or one decode step of every
 running sequence, so requests join between decode steps. Admission asks the block manager for
-the slots a sequence holds right after its (possibly compressed) prefill. When a decode step finds
+the slots a sequence holds right after its (possibly compressed) prefill, plus one block of headroom
+for every sequence already running: without it, admission fills the pool to the last block, the next
+decode step that needs a block preempts the newest sequence, whose freed blocks admit it again at
+once, and the engine spends its time re-prefilling the same prompt. When a decode step finds
 no free block for some sequence, the most recently admitted sequence is preempted *by recompute*:
 its blocks are freed and it goes back to the front of the queue, to be prefilled again (prompt
 and output so far) when memory frees up. A request that could not run even alone is refused when
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from .block_manager import BlockManager
 from .compression import Compression
@@ -33,8 +37,10 @@ class Metrics:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, compression: Compression, max_num_seqs: int, max_prefill_tokens: int,
-                 max_model_len: int):
-        self.blocks, self.compression = blocks, compression
+                 max_model_len: int, grows: Callable[[Sequence], bool] = lambda seq: True):
+        """``grows(seq)``: whether the sequence's next decode step writes a new page slot (quantized pages
+        write one only when a residual unit is packed)."""
+        self.blocks, self.compression, self.grows = blocks, compression, grows
         self.max_num_seqs, self.max_prefill_tokens, self.max_model_len = max_num_seqs, max_prefill_tokens, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -80,7 +86,9 @@ class Scheduler:
             slots = self.compression.reserve(len(seq))
             if admitted and tokens + len(seq) > self.max_prefill_tokens:
                 break
-            if not self.blocks.can_allocate(slots):
+            rows = 1 if seq.output_token_ids else seq.params.n  # forks of a fresh prompt take ring rows too
+            headroom = len(self.running) * self.blocks.block_size  # a block of growth per running sequence
+            if not self.blocks.can_allocate(slots + headroom, rows):
                 break
             self.blocks.allocate(seq, slots, prefix_cache=self.compression.full)
             seq.status = Status.RUNNING
@@ -94,6 +102,9 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted while making room for an earlier one
+                continue
+            if not self.grows(seq):
+                batch.append(seq)
                 continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]

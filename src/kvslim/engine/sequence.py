@@ -30,6 +30,9 @@ class Sequence:
     (the most any head holds) decides how many blocks are needed. Every decoded token adds one slot
     to every head. A sliding window (StreamingLLM) hides slots ``[sinks, window_start)``; blocks
     wholly inside that range are handed back and their table entry becomes -1.
+
+    Quantized pages (see :mod:`kvslim.engine.kv_store`) count only packed tokens in slots; the newest
+    tokens, still in full precision, sit in the sequence's ``ring_row``, ``tail[layer, head]`` of them.
     """
 
     prompt_token_ids: list[int]
@@ -53,6 +56,8 @@ class Sequence:
     preemptions: int = 0
     peak_blocks: int = 0
     generator: torch.Generator | None = None  # seeded sampling (SamplingParams.seed)
+    ring_row: int = -1  # row of the full-precision residual ring (quantized pages only)
+    tail: Tensor | None = None  # (L, H) tokens each head holds in its ring row
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -86,16 +91,16 @@ class Sequence:
         lens = torch.full((num_layers, num_heads), self.kv_slots, dtype=torch.long)
         return lens if self.pad is None else lens - self.pad
 
-    def held_tokens(self, num_layers: int, num_heads: int) -> int:
-        """Tokens whose keys/values are held, summed over layers and KV heads (window-hidden ones excluded)."""
-        hidden = max(0, self.window_start - self.sinks) * num_layers * num_heads
-        return int(self.slot_lens(num_layers, num_heads).sum()) - hidden
+    def set_held(self, held: Tensor) -> None:
+        """Record the slots (L, H) each head holds in pages."""
+        self.kv_slots = int(held.max())
+        self.pad = None if bool((held == self.kv_slots).all()) else self.kv_slots - held
 
     def reset_kv(self) -> None:
         """Forget all storage (preemption by recompute): the next prefill runs prompt and output so far."""
         self.block_table = []
         self.num_cached_tokens = self.kv_slots = self.sinks = self.window_start = 0
-        self.pad = self.window_budget = None
+        self.pad = self.window_budget = self.tail = None
 
     def fork(self) -> "Sequence":
         """A copy that continues separately; the block manager shares its blocks."""
@@ -103,4 +108,5 @@ class Sequence:
         child.status, child.num_cached_tokens, child.kv_slots = self.status, self.num_cached_tokens, self.kv_slots
         child.pad, child.sinks, child.window_start = self.pad, self.sinks, self.window_start
         child.window_budget, child.arrival, child.first_token_time = self.window_budget, self.arrival, self.first_token_time
+        child.tail = None if self.tail is None else self.tail.clone()
         return child

@@ -1,9 +1,11 @@
 """Triton paged decode attention: one new query per sequence over its blocks, online softmax.
 
 Same contract as :func:`kvslim.kernels.paged_attention_ref.paged_decode_ref` (the tested reference).
-One program per (sequence, KV head) serves the whole query group of that head (GQA), so each key
-and value page is read once per group. Blocks a sliding window has passed are never touched: the
-loop runs over the sink blocks, then from the window's first block to the last written one.
+One program per (sequence, KV head, split) serves the whole query group of that head (GQA), so each
+key and value page is read once per group; a sequence's blocks are split over several programs when
+there are few sequences (flash-decoding, see :mod:`kvslim.kernels.paged_split`). Blocks a sliding
+window has passed are never touched: the walk covers the sink blocks, then the window's first block
+to the last written one, and each split takes a contiguous chunk of that walk.
 Pages are typically bf16; they are widened to float32 on load, so scores, softmax and both products
 are float32 (decode reads each page once: it is bound by memory, not by the multiplies).
 """
@@ -13,16 +15,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .paged_split import combine, partials, plan_splits, store_partial
+
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, scale,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
+    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, scale, chunk, splits,
+    stride_qb, stride_qh, stride_tb,
     stride_kn, stride_ks, stride_kh, stride_lb,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HEAD_DIM)
     q_rows = h * GROUP + g
@@ -38,7 +43,7 @@ def _paged_decode_kernel(
     sink_blocks = tl.minimum(tl.cdiv(sinks, BLOCK_SIZE), tl.cdiv(length, BLOCK_SIZE))
     first_window = tl.maximum(start // BLOCK_SIZE, sink_blocks)
     steps = sink_blocks + tl.cdiv(length, BLOCK_SIZE) - first_window
-    for i in range(0, steps):  # the sink blocks, then the window's blocks
+    for i in range(split * chunk, tl.minimum(steps, (split + 1) * chunk)):  # the sink blocks, then the window's
         j = tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
         block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
         slot = j * BLOCK_SIZE + s
@@ -53,14 +58,15 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p, v)
         m_i = m_new
-    out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
-    tl.store(out_ptr + b * stride_ob + q_rows[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(g < GROUP)[:, None])
+    store_partial(m_ptr, l_ptr, acc_ptr, m_i, l_i, acc, b, h, split, splits, H, BLOCK_G, HEAD_DIM)
 
 
 def paged_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: Tensor, lens: Tensor,
-                 starts: Tensor, sinks: Tensor, scale: float) -> Tensor:
-    """query (B, Hq, D); pages (N, bs, H, D); block_tables (B, M); lens (B, H); starts, sinks (B,) -> (B, Hq, D)."""
+                 starts: Tensor, sinks: Tensor, scale: float, splits: int | None = None) -> Tensor:
+    """query (B, Hq, D); pages (N, bs, H, D); block_tables (B, M); lens (B, H); starts, sinks (B,) -> (B, Hq, D).
+
+    ``splits``: programs sharing each (sequence, KV head)'s blocks (None: enough to fill the GPU).
+    """
     batch, q_heads, dim = query.shape
     block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
     group = q_heads // kv_heads
@@ -69,11 +75,13 @@ def paged_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: 
             raise ValueError(f"the Triton paged kernel needs a power-of-two {name}, got {value}")
     query = query.contiguous()
     tables = block_tables.contiguous()
-    out = query.new_empty(batch, q_heads, dim)
-    _paged_decode_kernel[(batch, kv_heads)](
-        query, k_pages, v_pages, out, tables, lens, starts.contiguous(), sinks.contiguous(), scale,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+    splits, chunk = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
+    block_g = max(16, triton.next_power_of_2(group))
+    scratch = partials(batch, kv_heads, splits, block_g, dim, query.device)
+    _paged_decode_kernel[(batch, kv_heads, splits)](
+        query, k_pages, v_pages, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), scale, chunk, splits,
+        query.stride(0), query.stride(1), tables.stride(0),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), lens.stride(0),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=dim,
+        H=kv_heads, GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim,
     )
-    return out
+    return combine(scratch, query.new_empty(batch, q_heads, dim), kv_heads, splits, block_g)

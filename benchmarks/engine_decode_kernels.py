@@ -1,0 +1,96 @@
+"""Paged decode attention kernels against their bytes: model-dtype pages vs quantized pages.
+
+One layer of a Llama-3.1-8B-shaped model (8 KV heads, 32 query heads, head_dim 128, bf16): ``--batch``
+sequences of ``--context`` tokens each in shuffled blocks. Each kernel is timed with CUDA events
+(``triton.testing.do_bench``, median) and set against the bytes it must read (every page once, plus
+the queries and outputs) over the device-to-device copy bandwidth measured here, and checked against
+the PyTorch reference on the same inputs.
+
+    python benchmarks/engine_decode_kernels.py --batch 4 16 --context 16384
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import triton
+
+import kvslim
+from kvslim.kernels.paged_attention import paged_decode
+from kvslim.kernels.paged_attention_ref import paged_decode_ref
+from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
+from kvslim.kernels.paged_quant_attention import paged_quant_decode
+from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
+
+KV_HEADS, Q_HEADS, DIM = 8, 32, 128
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+def quant_pages(spec: str, num_blocks: int, block_size: int) -> QuantPages:
+    """Pages whose every slot holds a random token coded by ``spec``'s encoders (one layer)."""
+    quantizer = kvslim.policy(spec)
+    pages = []
+    slots = num_blocks * block_size
+    for encode in quantizer.encoders(DIM, DIM):
+        codec = encode(torch.randn(KV_HEADS * slots, DIM, device="cuda", dtype=torch.bfloat16))
+        code_pages = CodePages.allocate(Codes.of(codec, DIM), 1, num_blocks, block_size, KV_HEADS, DIM, torch.device("cuda"))
+        heads = torch.arange(KV_HEADS, device="cuda").repeat_interleave(slots)
+        code_pages.write(0, torch.arange(slots, device="cuda").repeat(KV_HEADS), heads, codec)
+        pages.append(code_pages)
+    return QuantPages(*pages).layer(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--context", type=int, default=16384)
+    parser.add_argument("--formats", nargs="+", default=["kivi4", "kivi2", "int8", "fp8"])
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    rows = []
+    for batch in args.batch:
+        for spec in ["bf16", *args.formats]:
+            block_size = 32 if spec.startswith("kivi") else 16
+            per_seq = args.context // block_size
+            tables = torch.randperm(batch * per_seq, device="cuda").view(batch, per_seq).int()
+            lens = torch.full((batch, KV_HEADS), args.context, device="cuda")
+            zeros = torch.zeros(batch, dtype=torch.int32, device="cuda")
+            query = torch.randn(batch, Q_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+            if spec == "bf16":
+                shape = (batch * per_seq, block_size, KV_HEADS, DIM)
+                k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                call = (query, k, v, tables, lens, zeros, zeros, DIM**-0.5)
+                kernel, reference, page_bytes = paged_decode, paged_decode_ref, 2 * k.numel() * 2
+            else:
+                pages = quant_pages(spec, batch * per_seq, block_size)
+                ring = torch.randn(1, 1, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+                rows_, ring_lens = torch.zeros(batch, dtype=torch.long, device="cuda"), torch.ones_like(lens)
+                call = (query, pages, tables, lens, zeros, zeros, ring, ring, rows_, ring_lens, DIM**-0.5)
+                kernel, reference = paged_quant_decode, paged_quant_decode_ref
+                page_bytes = sum(t.numel() * t.element_size() for t in pages.tensors())
+            out, want = kernel(*call).float(), reference(*call).float()
+            error = float((out - want).norm() / want.norm())
+            ms = triton.testing.do_bench(lambda: kernel(*call), return_mode="median")
+            floor_ms = page_bytes / bandwidth * 1e3
+            rows.append({"batch": batch, "context": args.context, "format": spec, "block_size": block_size, "ms": ms,
+                         "bytes": page_bytes, "floor_ms": floor_ms, "floor_fraction": floor_ms / ms, "rel_error": error})
+            print(json.dumps(rows[-1]), flush=True)
+            del call
+            torch.cuda.empty_cache()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    print(f"{'batch':>5} {'format':>6} {'ms':>8} {'floor ms':>9} {'of floor':>8} {'rel err':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['format']:>6} {r['ms']:8.3f} {r['floor_ms']:9.3f} {r['floor_fraction']:8.2f} {r['rel_error']:8.1e}")
+    print("median fraction of floor:", statistics.median(r["floor_fraction"] for r in rows))
+
+
+if __name__ == "__main__":
+    main()

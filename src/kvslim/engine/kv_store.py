@@ -1,0 +1,291 @@
+"""Where the engine keeps keys and values: model-dtype pages, or quantized pages plus a residual ring.
+
+:class:`DenseKV` is the plain pool: every token's key and value in the model dtype, one slot per token.
+
+:class:`QuantKV` stores tokens as a kvslim quantizer packs them (``kivi2``, ``kivi4``, ``int8``, ``int4``,
+``fp8``, and hybrids such as ``snapkv+kivi4``), so a block holds the same tokens in fewer bytes and the
+same ``kv_memory`` holds more of them. It keeps the Hugging Face path's rule (``Quantizer.store``): a
+head's tokens are packed in whole units of ``pack`` tokens (KIVI's key run, else one token) once more than
+``residual`` newer ones follow; until then they wait in full precision. Those newest tokens live
+outside the pool, in the sequence's row of a *ring* ``(layers, rows, residual + pack, H, D)``; the rows'
+bytes are taken out of ``kv_memory`` before the blocks are counted, and each sequence is charged for its
+row. Per-token formats keep ``residual = 0``, so their row holds just the token being decoded: like
+``kvslim.Cache``, a new token attends to its own key in full precision, and is packed right after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..kernels.paged_attention_ref import paged_decode_ref
+from ..kernels.paged_quant import CodePages, Codes, QuantPages
+from ..kernels.paged_quant_attention_ref import paged_quant_decode_ref
+from ..methods.quantizers import Quantizer
+from .sequence import Sequence
+
+#: the residual rows take at most this share of ``kv_memory`` (it caps running sequences on small pools)
+MAX_RING_SHARE = 0.25
+
+
+def dense_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int) -> int:
+    """Bytes a block of model-dtype keys and values costs across all layers."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """(H, T) slot and head index grids for T slots."""
+    grid = slots.expand(heads, -1)
+    return grid, torch.arange(heads, device=slots.device)[:, None].expand_as(grid)
+
+
+class DenseKV:
+    """Pages in the model dtype: ``k_cache[layer]`` is ``(num_blocks, block_size, H, D)``."""
+
+    quantized = False
+    row_bytes = 0
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.k_cache = self.v_cache = torch.empty(0)
+        self.block_size = 0
+        self._attend = _backend(device, "paged_attention", "paged_decode", paged_decode_ref)
+
+    def block_bytes(self, block_size: int) -> int:
+        return dense_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, block_size)
+
+    def default_block_size(self) -> int:
+        return 16
+
+    def rows_for(self, budget: int, max_num_seqs: int) -> int:
+        return 0
+
+    def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
+        shape = (self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.block_size = block_size
+
+    def copy_blocks(self, src: Tensor, dst: Tensor) -> None:
+        self.k_cache[:, dst] = self.k_cache[:, src]
+        self.v_cache[:, dst] = self.v_cache[:, src]
+
+    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, H, D) keys and values at flat slots (a cached prefix)."""
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        return self.k_cache[layer].view(flat)[slots], self.v_cache[layer].view(flat)[slots]
+
+    def store_prefill(self, layer: int, seq: Sequence, slots: Tensor, keys: Tensor, values: Tensor, lens: Tensor
+                      ) -> tuple[Tensor, Tensor | None]:
+        """Store (H, T, D) keys/values at flat ``slots`` (T,), only the first ``lens[h]`` of each head.
+
+        Returns the slots each head now holds in pages (counted from ``slots[0]``) and its ring tokens (None: no ring).
+        """
+        heads, length = keys.shape[:2]
+        valid = torch.arange(length, device=self.device) < lens[:, None]
+        grid, head = _heads_expand(slots, heads)
+        flat = (-1, heads, self.head_dim)
+        self.k_cache[layer].view(flat)[grid[valid], head[valid]] = keys[valid]
+        self.v_cache[layer].view(flat)[grid[valid], head[valid]] = values[valid]
+        return lens, None
+
+    # -- decoding -----------------------------------------------------------------------------------
+    def grows(self, seq: Sequence) -> bool:
+        """Whether the next decode step writes page slot ``seq.kv_slots`` (which must then be writable)."""
+        return True
+
+    def prepare(self, seqs: list[Sequence], tables: Tensor, held: Tensor) -> Tensor:
+        """Per step: the flat slot (B, L, H) each head's new token is written to."""
+        block = tables.long().gather(1, held.flatten(1) // self.block_size).view_as(held)
+        return (block * self.block_size + held % self.block_size).to(self.device, non_blocking=True)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, batch: Any, scale: float) -> Tensor:
+        """Write the step's keys/values (B, H, D), then attend (B, Hq, D) over each sequence's pages."""
+        slots = batch.kv[:, layer]
+        heads = torch.arange(self.num_kv_heads, device=self.device).expand(len(q), -1)
+        self.k_cache[layer].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = k
+        self.v_cache[layer].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = v
+        return self._attend(q, self.k_cache[layer], self.v_cache[layer], batch.block_tables, batch.lens[:, layer] + 1,
+                            batch.starts, batch.sinks, scale)
+
+    def finish(self, batch: Any) -> None:
+        """Nothing to move after a step: every token went to its page."""
+
+    def advance(self, seq: Sequence) -> None:
+        seq.kv_slots += 1
+
+
+@dataclass
+class QuantStep:
+    """What one decode step of :class:`QuantKV` reads: ring rows and lengths, and the packs to run after it."""
+
+    rows: Tensor  # (B,) ring row of each sequence
+    ring_write: Tensor  # (B, L, H) ring position of the new token
+    ring_lens: Tensor  # (B, L, H) ring tokens attended (the new one included)
+    packs: tuple[Tensor, Tensor, Tensor, Tensor] | None  # (layer, row, head, first flat slot) per head that packs
+
+
+class QuantKV:
+    """Quantized pages plus the per-sequence residual ring (see the module docstring)."""
+
+    quantized = True
+
+    def __init__(self, quantizer: Quantizer, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.quantizer = quantizer
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.residual, self.pack = quantizer.residual, quantizer.block()
+        self.capacity = self.residual + self.pack
+        self.encode_keys, self.encode_values = quantizer.encoders(head_dim, head_dim)
+        probe = torch.randn(self.pack, head_dim)
+        self.key_codes = Codes.of(self.encode_keys(probe), head_dim)
+        self.value_codes = Codes.of(self.encode_values(probe), head_dim)
+        element = torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = 2 * num_layers * self.capacity * num_kv_heads * head_dim * element
+        self.block_size = 0
+        self.pages: QuantPages | None = None
+        self.ring_k = self.ring_v = torch.empty(0)
+        self._attend = _backend(device, "paged_quant_attention", "paged_quant_decode", paged_quant_decode_ref,
+                                lambda module: module.triton_supports(self.key_codes, self.value_codes))
+
+    def block_bytes(self, block_size: int) -> int:
+        self.check_block_size(block_size)
+        codes = (self.key_codes, self.value_codes)
+        return self.num_layers * sum(c.block_bytes(block_size, self.num_kv_heads, self.head_dim) for c in codes)
+
+    def default_block_size(self) -> int:
+        return max(16, self.pack)
+
+    def check_block_size(self, block_size: int) -> None:
+        if block_size % self.pack:
+            raise ValueError(f"{self.quantizer.spec} packs keys in runs of {self.pack} tokens, which must not straddle "
+                             f"blocks: use a block_size that is a multiple of {self.pack}, not {block_size}")
+
+    def rows_for(self, budget: int, max_num_seqs: int) -> int:
+        """Ring rows: one per sequence that may run, within ``MAX_RING_SHARE`` of the budget."""
+        rows = min(max_num_seqs, int(budget * MAX_RING_SHARE) // self.row_bytes)
+        if rows < 1:
+            raise ValueError(f"{self.quantizer.spec} keeps up to {self.capacity} newest tokens per sequence in full "
+                             f"precision ({self.row_bytes} bytes), more than a quarter of the KV memory ({budget} bytes): "
+                             "raise kv_memory")
+        return rows
+
+    def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
+        args = (self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.device)
+        self.pages = QuantPages(CodePages.allocate(self.key_codes, *args), CodePages.allocate(self.value_codes, *args))
+        ring = (self.num_layers, rows, self.capacity, self.num_kv_heads, self.head_dim)
+        self.ring_k = torch.zeros(ring, dtype=self.dtype, device=self.device)
+        self.ring_v = torch.zeros(ring, dtype=self.dtype, device=self.device)
+        self.block_size = block_size
+
+    def copy_blocks(self, src: Tensor, dst: Tensor) -> None:
+        for t in self.pages.tensors():  # type: ignore[union-attr]
+            t[:, dst] = t[:, src]
+
+    def copy_row(self, src: int, dst: int) -> None:
+        self.ring_k[:, dst] = self.ring_k[:, src]
+        self.ring_v[:, dst] = self.ring_v[:, src]
+
+    def _write(self, layers: Tensor | int, slots: Tensor, heads: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Quantize rows (N, D) (KIVI: whole runs, one head's consecutive slots each) into the pages."""
+        self.pages.keys.write(layers, slots, heads, self.encode_keys(keys))  # type: ignore[union-attr]
+        self.pages.values.write(layers, slots, heads, self.encode_values(values))  # type: ignore[union-attr]
+
+    def store_prefill(self, layer: int, seq: Sequence, slots: Tensor, keys: Tensor, values: Tensor, lens: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """Pack each head's oldest whole units beyond the newest ``residual`` tokens; the rest go to its ring row."""
+        heads, length = keys.shape[:2]
+        packed = (lens - self.residual).clamp(min=0) // self.pack * self.pack
+        t = torch.arange(length, device=self.device)
+        grid, head = _heads_expand(slots, heads)
+        pack = t < packed[:, None]
+        if bool(pack.any()):
+            self._write(layer, grid[pack], head[pack], keys[pack], values[pack])
+        ring = (t >= packed[:, None]) & (t < lens[:, None])
+        position = (t - packed[:, None]).expand(heads, -1)
+        self.ring_k[layer, seq.ring_row, position[ring], head[ring]] = keys[ring]
+        self.ring_v[layer, seq.ring_row, position[ring], head[ring]] = values[ring]
+        return packed, lens - packed
+
+    # -- decoding -----------------------------------------------------------------------------------
+    def _packs(self, seq: Sequence) -> Tensor:
+        """(L, H) heads whose ring is full once this step's token is in: they pack ``pack`` tokens after it."""
+        return seq.tail + 1 >= self.capacity  # type: ignore[operator]
+
+    def grows(self, seq: Sequence) -> bool:
+        held = seq.slot_lens(self.num_layers, self.num_kv_heads)
+        return bool((self._packs(seq) & (held == seq.kv_slots)).any())
+
+    def prepare(self, seqs: list[Sequence], tables: Tensor, held: Tensor) -> QuantStep:
+        tail = torch.stack([s.tail for s in seqs])  # type: ignore[misc]
+        rows = torch.tensor([s.ring_row for s in seqs])
+        packs = tail + 1 >= self.capacity
+        plan = None
+        if bool(packs.any()):
+            b, layer, head = packs.nonzero(as_tuple=True)
+            first = held[b, layer, head]
+            block = tables.long()[b, first // self.block_size]
+            plan = tuple(x.to(self.device, non_blocking=True)
+                         for x in (layer, rows[b], head, block * self.block_size + first % self.block_size))
+        put = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        return QuantStep(put(rows), put(tail), put(tail + 1), plan)  # type: ignore[arg-type]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, batch: Any, scale: float) -> Tensor:
+        """Put the step's keys/values (B, H, D) in the ring, then attend over pages and ring."""
+        step: QuantStep = batch.kv
+        heads = torch.arange(self.num_kv_heads, device=self.device).expand(len(q), -1)
+        rows = step.rows[:, None].expand_as(heads)
+        self.ring_k[layer][rows, step.ring_write[:, layer], heads] = k
+        self.ring_v[layer][rows, step.ring_write[:, layer], heads] = v
+        return self._attend(q, self.pages.layer(layer), batch.block_tables, batch.lens[:, layer],  # type: ignore[union-attr]
+                            batch.starts, batch.sinks, self.ring_k[layer], self.ring_v[layer], step.rows,
+                            step.ring_lens[:, layer], scale)
+
+    def finish(self, batch: Any) -> None:
+        """After every layer attended: pack the oldest ``pack`` ring tokens of full rings, shift the rest down."""
+        step: QuantStep = batch.kv
+        if step.packs is None:
+            return
+        layer, row, head, first = step.packs
+        units = torch.arange(self.pack, device=self.device)
+        at = (layer[:, None], row[:, None], units[None, :], head[:, None])
+        keys, values = self.ring_k[at].flatten(0, 1), self.ring_v[at].flatten(0, 1)
+        spread = lambda x: x.repeat_interleave(self.pack)  # noqa: E731
+        self._write(spread(layer), (first[:, None] + units).flatten(), spread(head), keys, values)
+        if self.residual:
+            kept = torch.arange(self.residual, device=self.device)
+            src = (layer[:, None], row[:, None], kept[None, :] + self.pack, head[:, None])
+            dst = (layer[:, None], row[:, None], kept[None, :], head[:, None])
+            self.ring_k[dst] = self.ring_k[src]
+            self.ring_v[dst] = self.ring_v[src]
+
+    def advance(self, seq: Sequence) -> None:
+        packs = self._packs(seq)
+        held = seq.slot_lens(self.num_layers, self.num_kv_heads) + self.pack * packs
+        seq.tail = seq.tail + 1 - self.pack * packs  # type: ignore[operator]
+        seq.set_held(held)
+
+
+def _backend(device: torch.device, module: str, name: str, reference: Callable[..., Tensor],
+             supports: Callable[[Any], bool] = lambda module: True) -> Callable[..., Tensor]:
+    """The Triton kernel on CUDA when Triton is installed and the kernel ``supports`` the format, else the reference."""
+    if device.type != "cuda":
+        return reference
+    import importlib
+
+    try:
+        kernels = importlib.import_module(f"kvslim.kernels.{module}")
+    except ImportError:
+        return reference
+    return getattr(kernels, name) if supports(kernels) else reference
+
+
+def make_store(quantizer: Quantizer | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+               device: torch.device) -> "DenseKV | QuantKV":
+    if quantizer is None:
+        return DenseKV(num_layers, num_kv_heads, head_dim, dtype, device)
+    return QuantKV(quantizer, num_layers, num_kv_heads, head_dim, dtype, device)

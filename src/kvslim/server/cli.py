@@ -1,0 +1,112 @@
+"""``kvslim serve``: the OpenAI-compatible server over the paged engine, from the command line.
+
+Arguments are checked before a model is loaded (a bad policy or size fails in a second, not after a
+download); every user error is a ``ValueError`` with one clear line, which ``kvslim`` prints without a
+traceback. :func:`build_app` makes the app without binding a port, so tests run it in process.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fastapi import FastAPI
+
+from ..methods import Method, policy as build_policy
+
+POLICY_PARAMS = ("keep", "budget", "window", "sinks")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a kvslim.models name (smollm2-135m, llama-3.1-8b, tiny-llama, ...)")
+    parser.add_argument("--policy", default="full", help="method spec, e.g. snapkv, streaming(sinks=4), kivi4, snapkv+kivi4")
+    parser.add_argument("--keep", type=float, help="fraction of prompt tokens kept, in (0, 1]")
+    parser.add_argument("--budget", type=int, help="tokens kept per KV head (instead of --keep)")
+    parser.add_argument("--window", type=int, help="observation / recent window in tokens")
+    parser.add_argument("--sinks", type=int, help="attention-sink tokens always kept")
+    parser.add_argument("--kv-memory", type=float, help="GiB for the KV pool (default: 90%% of the device's free memory)")
+    parser.add_argument("--block-size", type=int, help="token slots per KV block (default 16; kivi: its key run, 32)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once, at most")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", help="model dtype: float32, bfloat16 or float16 (default: the model's own)")
+
+
+def _policy(args: argparse.Namespace) -> Method:
+    params = {k: getattr(args, k) for k in POLICY_PARAMS if getattr(args, k, None) is not None}
+    return build_policy(args.policy, **params)
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"--dtype {name!r} is not a floating-point torch dtype: use float32, bfloat16 or float16")
+    return dtype
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device ({err}): use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    return device
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked without loading a model's weights; raises ValueError."""
+    from ..engine.compression import Compression
+    from ..models import load_config, model_names
+
+    if args.model not in model_names():
+        raise ValueError(f"unknown model {args.model!r}: use one of {', '.join(model_names())}")
+    config = load_config(args.model)
+    compression = Compression(_policy(args), config.num_hidden_layers, scaling=1.0)  # refuses what the engine cannot run
+    if args.kv_memory is not None and args.kv_memory <= 0:
+        raise ValueError(f"--kv-memory {args.kv_memory}: give a positive number of GiB, e.g. --kv-memory 4")
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block-size {args.block_size}: give a positive number of tokens, e.g. 16")
+    quantizer = compression.quantizer
+    if quantizer is not None and args.block_size is not None and args.block_size % quantizer.block():
+        unit = quantizer.block()
+        raise ValueError(f"--block-size {args.block_size}: {quantizer.name} packs keys in runs of {unit} tokens; "
+                         f"give a multiple of {unit}")
+    if args.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs {args.max_num_seqs}: give a positive number of sequences")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port}: give a TCP port in 0..65535")
+    _dtype(args.dtype)
+    _device(args.device)
+
+
+def build_app(args: argparse.Namespace) -> FastAPI:
+    """Load the model, build the engine and the app (nothing is bound yet)."""
+    from ..engine import LLM
+    from .app import create_app
+
+    check_args(args)
+    llm = LLM(args.model, policy=_policy(args), kv_memory=args.kv_memory, block_size=args.block_size,
+              dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs)
+    return create_app(llm, args.model)
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = build_app(args)
+    engine = app.state.engine.engine
+    print(f"kvslim serve: {args.model} on {engine.runner.device}, policy {engine.policy.spec}, "
+          f"{engine.blocks.num_blocks} KV blocks of {engine.blocks.block_size} tokens; http://{args.host}:{args.port}/v1",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
