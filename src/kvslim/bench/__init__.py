@@ -1,1 +1,9 @@
-"""Benchmark harness: long-context tasks, runners and honest measurements of KV-cache methods."""
+"""Benchmark harness: long-context tasks, runners and honest measurements of KV-cache methods.
+
+``run_benchmark(BenchConfig(...))`` runs every task x length x sample through every policy run and
+writes samples, summaries, figures and a report; ``kvslim bench`` is its command line (:mod:`.cli`).
+"""
+from .config import BenchConfig, Run, parse_lengths
+from .harness import run_benchmark
+
+__all__ = ["BenchConfig", "Run", "parse_lengths", "run_benchmark"]

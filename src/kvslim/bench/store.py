@@ -1,0 +1,78 @@
+"""The run directory's files, written so that an interrupted run leaves only valid files behind.
+
+``samples.jsonl`` is appended one flushed line per finished sample: it is both the raw result and the
+resume log (a rerun skips every key already in it). Summaries are written to a temporary file and
+renamed into place, so a reader never sees half a ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SAMPLES = "samples.jsonl"
+CONFIG = "config.json"
+
+Key = tuple[str, int, str, str, float | None]
+
+
+def key_of(record: dict[str, Any]) -> Key:
+    """What identifies a finished measurement: task, target length, sample id, policy spec and keep."""
+    return (record["task"], record["length"], record["sample_id"], record["policy"], record["keep"])
+
+
+class SampleLog:
+    """Append-only per-sample results; loads what an earlier (possibly killed) run finished. ``records`` maps
+    each key to its latest line, so a redone sample supersedes the earlier one."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / SAMPLES
+        self.records: dict[Key, dict[str, Any]] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        # A kill during a write can leave a last line without its newline: drop it, it gets redone.
+        complete = raw[: raw.rfind(b"\n") + 1]
+        if len(complete) != len(raw):
+            self.path.write_bytes(complete)
+        for line in complete.decode().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                self.records[key_of(record)] = record
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[key_of(record)] = record
+
+
+def check_config(out: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume into a directory whose results were measured under other settings."""
+    path = out / CONFIG
+    if not path.exists():
+        return
+    earlier = json.loads(path.read_text()).get("identity", {})
+    changed = {k: (earlier.get(k), v) for k, v in identity.items() if earlier.get(k) != v}
+    if changed:
+        details = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise ValueError(f"{out} holds results measured with other settings ({details}); use another --out")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a sibling temporary file, then rename it over ``path`` (atomic within one file system)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
