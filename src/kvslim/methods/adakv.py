@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Observation, keep_top
+from .base import keep_top
 from .registry import register
 from .snapkv import SnapKV
 
@@ -32,16 +32,10 @@ class AdaKV(SnapKV):
         if not 0 <= self.floor <= 1:
             raise ValueError(f"{self.name}: floor={self.floor} must be in [0, 1]: the share of the budget every head keeps")
 
-    def evict(self, obs: Observation, k: Tensor) -> None:
-        if bool((obs.valid.sum(-1) <= k).all()):
-            return
-        scores = self.score(obs).float()
-        scores = scores.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
+    def choose(self, scores: Tensor, k: Tensor) -> Tensor:
+        """Every head keeps its own top ``floor`` x budget; the rest of the layer budget goes to the best anywhere."""
         floor = torch.ceil(k.float() * self.floor).long()
-        scores = scores.masked_fill(keep_top(scores, floor) & obs.valid, float("inf"))
+        scores = scores.masked_fill(keep_top(scores, floor) & (scores > float("-inf")), float("inf"))
         batch, heads, length = scores.shape
         layer_total = k.sum(-1, keepdim=True)  # (B, 1): the layer's budget, shared by its heads
-        keep = keep_top(scores.view(batch, 1, heads * length), layer_total).view(batch, heads, length)
-        obs.layer.select(keep & obs.valid)
-
-
+        return keep_top(scores.view(batch, 1, heads * length), layer_total).view(batch, heads, length)

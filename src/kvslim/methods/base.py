@@ -209,9 +209,13 @@ class ScoredEviction(Method):
             return
         scores = self.score(obs).float()
         scores = scores.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
-        keep = keep_top(scores, k) & obs.valid
+        keep = self.choose(scores, k) & obs.valid
         self.reflow(obs, keep)
         obs.layer.select(keep)
+
+    def choose(self, scores: Tensor, k: Tensor) -> Tensor:
+        """Which tokens to keep given masked scores (B,H,T) and the budget ``k`` (B,H): the top ``k`` per row."""
+        return keep_top(scores, k)
 
     def reflow(self, obs: Observation, keep: Tensor) -> None:
         """Re-lay per-token method state the way the layer's ``select(keep)`` is about to re-lay the cache."""

@@ -20,8 +20,9 @@ from ..engine import LLMEngine, RequestOutput, SamplingParams
 from .async_engine import AsyncEngine, Delta
 
 
-class CompletionRequest(BaseModel):
-    prompt: str | list[int]
+class _Sampling(BaseModel):
+    """Sampling fields shared by both OpenAI endpoints."""
+
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -31,6 +32,10 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     seed: int | None = None
     model: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
 
 
 class ChatMessage(BaseModel):
@@ -38,17 +43,8 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    ignore_eos: bool = False
-    seed: int | None = None
-    model: str | None = None
 
 
 def _params(body: CompletionRequest | ChatRequest) -> SamplingParams:
