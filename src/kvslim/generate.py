@@ -87,7 +87,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
 
     start = time.perf_counter()
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True).logits[:, -1]
+                   use_cache=True, logits_to_keep=1).logits[:, -1]  # only the last position's logits
     token = _sample(logits, temperature, generator)
     _sync(device)
     ttft = time.perf_counter() - start

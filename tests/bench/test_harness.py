@@ -116,6 +116,7 @@ def test_rerun_resumes_without_model_work(finished: tuple[Path, dict[str, Any]])
     forwards: list[int] = []
     summary = harness.run_benchmark(config(out), progress=False, loader=loader(forwards))
     assert forwards == [] and summary["settings"]["ran_now"] == 0
+    assert summary["settings"]["measured_s"] == finished[1]["settings"]["measured_s"] > 0
     assert (out / "samples.jsonl").read_text() == before
 
 

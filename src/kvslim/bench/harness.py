@@ -96,7 +96,10 @@ def run_benchmark(config: BenchConfig, progress: bool = True, loader: Loader | N
     finally:
         bar.close()
         records = [log.records[k] for k in planned if done(k)]
+        # measured_s: generation time of every recorded sample (a batch once), the same after any resume;
+        # elapsed_s and model_load_s are this invocation's own.
         state = {"planned": len(planned), "done": len(records), "ran_now": ran,
+                 "measured_s": sum(r["gen_s"] / r["batch_size"] for r in records),
                  "elapsed_s": time.perf_counter() - started, "model_load_s": load_s}
         summary = write_outputs(out, config, runs, records, memory.kind, state)
     return summary
