@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_snapkv_quarter_cache_still_finds_the_pass_key(smollm2, passkeys):
-    """Issue #2 asks for 9 of 10; SnapKV (window 64, max pooling) measured 7 of 10 on 2026-11-23.
+    """Issue #2's acceptance: >= 9 of 10 prompts that the full cache answers (window 32, max pooling).
 
-    Held at the measured level so a regression fails; the issue stays open until the target is met.
+    With a 64-token window SnapKV found only 7 of 10: filler tokens in the window outvote the question.
     """
     hits = retrieved(smollm2, passkeys, "snapkv", keep=0.25)
-    assert_keeps_pass_keys(hits, "snapkv keep=0.25", need=7)
+    assert_keeps_pass_keys(hits, "snapkv keep=0.25")
 
 
 def test_kivi4_finds_the_pass_key(smollm2, passkeys):
