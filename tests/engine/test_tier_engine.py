@@ -1,6 +1,8 @@
 """Engines over a shared KV tier: prefixes computed by one are loaded by another, never across models or policies."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,11 +52,16 @@ def test_quantized_blocks_are_shared_packed(llama, tier: KVTier) -> None:
     assert warm.token_ids == cold.token_ids  # the suffix attended to dequantized prefix keys: same tokens here
 
 
-@pytest.mark.parametrize("change", ["model", "policy"])
-def test_other_model_or_policy_never_reads_the_blocks(llama, tier: KVTier, change: str) -> None:
+@pytest.mark.parametrize("change", ["model", "dtype", "policy"])
+def test_other_model_dtype_or_policy_never_reads_the_blocks(llama, tier: KVTier, change: str) -> None:
     _engine(llama, tier).generate([PREFIX], GREEDY)
     tier.flush()
-    other = _engine(tiny_model("llama", seed=1), tier) if change == "model" else _engine(llama, tier, "int8")
+    if change == "model":
+        other = _engine(tiny_model("llama", seed=1), tier)  # same config, other weights
+    elif change == "dtype":
+        other = _engine(copy.deepcopy(llama).to(torch.bfloat16), tier)
+    else:
+        other = LLM(llama, policy="int8", kv_memory=0.01, block_size=8, kv_tier=tier)
     out = other.generate([PREFIX], GREEDY)[0]
     assert out.stats["tier_prompt_tokens"] == 0 and tier.stats.hits == 0
 
