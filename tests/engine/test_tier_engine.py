@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from kvslim.cache.tier import KVTier, MemoryBackend
+from kvslim.cache.tier import KVTier, MemoryBackend, TierUnavailable
 from kvslim.engine import LLM, SamplingParams
 from kvslim.models import tiny_model
 
@@ -76,3 +76,29 @@ def test_engine_metrics_report_the_tier(llama, tier: KVTier) -> None:
     engine.generate([PREFIX], GREEDY)
     tier.flush()
     assert engine.metrics().tier["writes"] == 5 and engine.metrics().tier["up"]
+
+
+def test_evicted_prefix_block_spills_when_its_first_write_was_lost(llama) -> None:
+    class Refusing(MemoryBackend):
+        """Fails every write while ``refuse`` is set, as a store that went away would."""
+
+        refuse = True
+
+        def put(self, key, value):
+            if self.refuse:
+                raise TierUnavailable("refusing")
+            super().put(key, value)
+
+    backend = Refusing()
+    tier = KVTier(backend, retry_s=0.0)
+    engine = LLM(llama, kv_memory=6 * LLM(llama, kv_memory=0.001, block_size=8).block_bytes / 2**30, block_size=8,
+                 kv_tier=tier)
+    engine.generate([PREFIX], GREEDY)  # 5 prefix blocks cached on the device; their writes are lost
+    tier.flush()
+    assert not backend.entries
+    backend.refuse = False
+    engine.generate([PREFIX[::-1]], GREEDY)  # needs the blocks: the cached ones spill before reuse
+    tier.flush()
+    warm = _engine(llama, tier).generate([PREFIX], GREEDY)[0]
+    assert warm.stats["tier_prompt_tokens"] == 40
+    tier.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import deque
+from typing import Callable
 
 import torch
 
@@ -58,6 +59,8 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, rows: int = 0):
         self.num_blocks, self.block_size = num_blocks, block_size
+        #: called with (block, prefix hash) just before a cached prefix block is reused for new contents
+        self.on_forget: Callable[[int, int], None] | None = None
         self.rows = rows
         self.free_rows: deque[int] = deque(range(rows))
         self.ref_counts = [0] * num_blocks
@@ -84,6 +87,8 @@ class BlockManager:
         block = self.free.popleft()
         stale = self.block_hash[block]
         if stale is not None and self.hash_to_block.get(stale) == block:
+            if self.on_forget is not None:
+                self.on_forget(block, stale)
             del self.hash_to_block[stale]
         self.block_hash[block] = self.block_tokens[block] = None
         self.ref_counts[block] = 1

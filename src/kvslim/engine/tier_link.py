@@ -6,6 +6,8 @@ them) and copies the longest run it holds into the blocks just allocated; the pr
 after them, exactly as it does after a device prefix hit. Blocks the prefill computed are copied off
 the pool at once and written by the tier's background thread, so the engine's step never waits for
 the network and another engine (or this one, after the block left device memory) can reuse them.
+A cached block about to be reused for other tokens is written first if the tier does not hold it yet
+(its first write was dropped), so device evictions spill to the tier.
 
 Keys are ``kvslim:<fingerprint>:<prefix hash>``. The fingerprint covers the model (its config and a
 sample of its weights: two random models of one config differ), the dtype, the policy and the page
@@ -54,6 +56,7 @@ class TierLink:
         self.prefix = f"kvslim:{self.fingerprint.hex()}:"
         self.known: OrderedDict[str, None] = OrderedDict()
         self._errors_seen = 0
+        blocks.on_forget = self.spill
 
     def _key(self, block_hash: int) -> str:
         return f"{self.prefix}{block_hash:032x}"
@@ -84,17 +87,22 @@ class TierLink:
 
     def save(self, seq: Sequence) -> int:
         """Queue ``seq``'s shareable blocks the tier does not hold yet; returns the blocks queued."""
+        return sum(self._write(seq.block_table[i], h) for i, h in enumerate(self.blocks.prefix_hashes(seq)))
+
+    def spill(self, block: int, block_hash: int) -> None:
+        """A cached prefix block is about to be overwritten: write it first unless the tier holds it (its write at
+        prefill may have been dropped while the store was away or busy)."""
+        self._write(block, block_hash)
+
+    def _write(self, block: int, block_hash: int) -> bool:
         if self.tier.stats.errors != self._errors_seen:  # writes may have been lost while the store was away
             self._errors_seen = self.tier.stats.errors
             self.known.clear()
-        queued = 0
-        for index, block_hash in enumerate(self.blocks.prefix_hashes(seq)):
-            key = self._key(block_hash)
-            if key in self.known:
-                continue
-            block = seq.block_table[index]
-            tensors = [t.to("cpu", copy=True) for t in self.store.block_tensors(block)]
-            if self.tier.store(self.fingerprint, key, tensors):
-                self._remember(key)
-                queued += 1
-        return queued
+        key = self._key(block_hash)
+        if key in self.known:
+            return False
+        tensors = [t.to("cpu", copy=True) for t in self.store.block_tensors(block)]
+        if not self.tier.store(self.fingerprint, key, tensors):
+            return False
+        self._remember(key)
+        return True
