@@ -25,7 +25,7 @@ class BlockMachine(RuleBasedStateMachine):
     def allocate(self, length: int, vocab: int, cache: bool) -> None:
         seq = Sequence([i % vocab for i in range(length)], SamplingParams())  # small vocab: prefixes repeat
         if self.manager.can_allocate(length):
-            self.manager.allocate(seq, length, prefix_cache=cache)
+            self.manager.allocate(seq, length, length if cache else 0)
             seq.kv_slots = length
             assert seq.num_cached_tokens <= length
             self.live.append(seq)
@@ -100,8 +100,8 @@ TestBlockManager.settings = settings(max_examples=60, stateful_step_count=40, de
 def test_prefix_hit_and_copy_on_write() -> None:
     manager = BlockManager(num_blocks=8, block_size=BLOCK)
     a, b = Sequence(list(range(10)), SamplingParams()), Sequence(list(range(9)) + [99], SamplingParams())
-    manager.allocate(a, 10, prefix_cache=True)
-    manager.allocate(b, 10, prefix_cache=True)
+    manager.allocate(a, 10, 10)
+    manager.allocate(b, 10, 10)
     assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
     child = a.fork()
     manager.fork(a, child)
@@ -114,7 +114,7 @@ def test_prefix_hit_and_copy_on_write() -> None:
 def test_double_free_is_detected() -> None:
     manager = BlockManager(num_blocks=2, block_size=BLOCK)
     seq = Sequence([1, 2, 3], SamplingParams())
-    manager.allocate(seq, 3, prefix_cache=False)
+    manager.allocate(seq, 3)
     table = list(seq.block_table)
     manager.free_seq(seq)
     seq.block_table = table

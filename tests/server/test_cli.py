@@ -43,8 +43,30 @@ def test_arguments_build_a_serving_app() -> None:
     (["--kv-memory", "-1"], "positive number of GiB"),
     (["--model", "gpt-5"], "unknown model 'gpt-5'"),
     (["--dtype", "int8"], "not a floating-point torch dtype"),
+    (["--kv-tier", "s3://bucket"], "use memory, disk:PATH or redis://HOST:PORT"),
+    (["--kv-tier", "memory", "--policy", "snapkv", "--keep", "0.5"], "never shared"),
 ])
 def test_bad_input_is_one_clear_error_before_loading_a_model(argv: list[str], message: str, capsys) -> None:
     assert main(["serve", "--model", "tiny-llama", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_kv_tier_counts_show_in_metrics(tmp_path) -> None:
+    args = _args("--model", "tiny-llama", "--kv-memory", "0.01", "--block-size", "8", "--device", "cpu",
+                 "--kv-tier", f"disk:{tmp_path}")
+    app = build_app(args)
+    engine = app.state.engine.engine
+    prompt = list(range(1, 42))  # 5 full blocks
+    with TestClient(app) as client:
+        assert client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}).status_code == 200
+        engine.tier.flush()
+        metrics = client.get("/metrics").text
+    assert "kvslim_tier_writes_total 5\n" in metrics and "kvslim_tier_up 1\n" in metrics
+    assert "kvslim_tier_misses_total 5\n" in metrics and "kvslim_tier_bytes_out_total" in metrics
+    assert len(list(tmp_path.glob("*.kv"))) == 5
+    engine.close()
+
+
+def test_kv_tier_flag_without_value_means_memory() -> None:
+    assert _args("--kv-tier").kv_tier == "memory" and _args().kv_tier is None

@@ -6,7 +6,8 @@ scheduling decision (wait or preempt), never a crash. A block can be in several 
 * **prefix sharing**: a full block of prompt tokens is known by the hash of its tokens and of
   everything before it; a later prompt with the same prefix takes the same block instead of a new
   one (and the runner skips recomputing it). A freed block keeps its hash until it is reused, so a
-  prefix survives its first owner as long as the memory is not needed;
+  prefix survives its first owner as long as the memory is not needed. The hash is a BLAKE2b chain,
+  the same in every process, so it also names the block in a shared KV tier (:mod:`kvslim.cache.tier`);
 * **fork**: ``n`` completions of one prompt start from the same blocks.
 
 A shared block that must change (the next token's slot lies in it) is first copied
@@ -17,7 +18,10 @@ With quantized pages each running sequence also holds one row of the full-precis
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import deque
+from typing import Callable
 
 import torch
 
@@ -44,8 +48,10 @@ def num_blocks_for(block_bytes: int, budget: int) -> int:
 
 
 def chain_hash(previous: int, tokens: list[int]) -> int:
-    """Hash of a full block's tokens and of the whole prefix before it."""
-    return hash((previous, tuple(tokens)))
+    """128-bit hash of a full block's tokens and of the whole prefix before it, stable across processes."""
+    digest = hashlib.blake2b(previous.to_bytes(16, "little"), digest_size=16)
+    digest.update(array("q", tokens).tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 class BlockManager:
@@ -53,6 +59,8 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, rows: int = 0):
         self.num_blocks, self.block_size = num_blocks, block_size
+        #: called with (block, prefix hash) just before a cached prefix block is reused for new contents
+        self.on_forget: Callable[[int, int], None] | None = None
         self.rows = rows
         self.free_rows: deque[int] = deque(range(rows))
         self.ref_counts = [0] * num_blocks
@@ -79,6 +87,8 @@ class BlockManager:
         block = self.free.popleft()
         stale = self.block_hash[block]
         if stale is not None and self.hash_to_block.get(stale) == block:
+            if self.on_forget is not None:
+                self.on_forget(block, stale)
             del self.hash_to_block[stale]
         self.block_hash[block] = self.block_tokens[block] = None
         self.ref_counts[block] = 1
@@ -95,8 +105,9 @@ class BlockManager:
         """Whether ``slots`` slots (and, with a ring, ``rows`` ring rows) are free."""
         return self.blocks_for(slots) <= self.num_free and (not self.rows or rows <= len(self.free_rows))
 
-    def allocate(self, seq: Sequence, slots: int, prefix_cache: bool) -> None:
-        """Give ``seq`` blocks for ``slots`` slots; with ``prefix_cache``, reuse and register full prompt blocks.
+    def allocate(self, seq: Sequence, slots: int, shareable: int = 0) -> None:
+        """Give ``seq`` blocks for ``slots`` slots; the full blocks within its first ``shareable`` tokens are
+        looked up by prefix hash (reused when present) and registered (0: no prefix sharing).
 
         Sets ``seq.num_cached_tokens``: leading tokens whose keys/values are already in the shared blocks.
         """
@@ -105,7 +116,7 @@ class BlockManager:
         previous, hits, table = 0, 0, []
         for i in range(self.blocks_for(slots)):
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
-            full = prefix_cache and len(tokens) == self.block_size
+            full = (i + 1) * self.block_size <= shareable
             key = chain_hash(previous, tokens) if full else None
             block = self.hash_to_block.get(key) if key is not None and hits == i else None
             if block is not None and self.block_tokens[block] == tuple(tokens):
@@ -124,6 +135,16 @@ class BlockManager:
         seq.num_cached_tokens = hits * self.block_size
         if self.rows:
             seq.ring_row = self.free_rows.popleft()
+
+    def prefix_hashes(self, seq: Sequence) -> list[int]:
+        """Hashes of the leading run of ``seq``'s blocks that are registered for prefix sharing."""
+        hashes = []
+        for block in seq.block_table:
+            key = self.block_hash[block] if block >= 0 else None
+            if key is None:
+                break
+            hashes.append(key)
+        return hashes
 
     def free_seq(self, seq: Sequence) -> None:
         """Give back every block the sequence holds (shared ones only lose a reference)."""

@@ -20,8 +20,9 @@ What the engine supports, and why:
   :mod:`kvslim.engine.kv_store`); the evictors run here, the packing in the store. Methods with
   their own storage (ThinK's pruned channels, KCache's and PQCache's offloading) are refused, and so
   is a sliding window over quantized pages (``streaming+kivi4``).
-* **prefix sharing** is for the full model-dtype cache only: what a method keeps of a block depends
-  on the whole prompt, so compressed blocks are never shared between prompts.
+* **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
+  blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
+  whole prompt, so evicted blocks are never shared between prompts.
 """
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ class Compression:
         #: the storage format, packed by the KV store; the evictors before it run here
         self.quantizer = parts.pop() if parts and isinstance(parts[-1], Quantizer) else None
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
-        self.full = self.evict is None and self.quantizer is None
         self.window = self.evict if isinstance(self.evict, Streaming) else None
         if self.window is not None and self.quantizer is not None:
             raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
@@ -87,6 +87,12 @@ class Compression:
             return kept
         unit = self.quantizer.block()  # only whole units older than the residual are in pages
         return max(0, kept - self.quantizer.residual) // unit * unit
+
+    def shareable(self, n_tokens: int) -> int:
+        """Leading tokens of an ``n_tokens`` sequence whose stored blocks depend on those tokens alone, so they may
+        be shared between prompts (and written to a KV tier): all of them for the model-dtype cache, the packed
+        ones for a quantizer (the newest wait in the residual ring), none once an evictor chose by the whole prompt."""
+        return 0 if self.evict is not None else self.reserve(n_tokens)
 
     def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,)."""

@@ -73,6 +73,14 @@ class DenseKV:
         self.k_cache[:, dst] = self.k_cache[:, src]
         self.v_cache[:, dst] = self.v_cache[:, src]
 
+    def layout(self) -> str:
+        """What a block's bytes mean (part of a KV tier's fingerprint)."""
+        return f"dense:{self.dtype}:{self.block_size}x{self.num_kv_heads}x{self.head_dim}"
+
+    def block_tensors(self, block: int) -> list[Tensor]:
+        """Views of one block across every layer, as a KV tier stores it."""
+        return [self.k_cache[:, block], self.v_cache[:, block]]
+
     def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         """(T, H, D) keys and values at flat slots (a cached prefix)."""
         flat = (-1, self.num_kv_heads, self.head_dim)
@@ -185,6 +193,20 @@ class QuantKV:
     def copy_blocks(self, src: Tensor, dst: Tensor) -> None:
         for t in self.pages.tensors():  # type: ignore[union-attr]
             t[:, dst] = t[:, src]
+
+    def layout(self) -> str:
+        return f"{self.quantizer.spec}:{self.key_codes}:{self.value_codes}:{self.block_size}x{self.num_kv_heads}x{self.head_dim}"
+
+    def block_tensors(self, block: int) -> list[Tensor]:
+        """Views of one block's codes, scales and zero points across every layer: a tier stores them packed."""
+        return [t[:, block] for t in self.pages.tensors()]  # type: ignore[union-attr]
+
+    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, H, D) keys and values at flat slots (a cached prefix), dequantized to the model dtype."""
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        unique, inverse = torch.unique_consecutive(blocks, return_inverse=True)
+        pages = self.pages.layer(layer)  # type: ignore[union-attr]
+        return tuple(p.dequantize(unique)[inverse, offsets].to(self.dtype) for p in (pages.keys, pages.values))  # type: ignore[return-value]
 
     def copy_row(self, src: int, dst: int) -> None:
         self.ring_k[:, dst] = self.ring_k[:, src]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
@@ -17,6 +18,7 @@ from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Metrics, Scheduler
 from .sequence import Sequence
+from .tier_link import TierLink, check_policy
 
 
 class LLMEngine:
@@ -28,11 +30,17 @@ class LLMEngine:
     the same memory and cap ``max_num_seqs``. ``block_size`` defaults to 16 slots (KIVI: its key run, 32).
     A ``tokenizer`` (``encode``/``decode``/``eos_token_id``) is needed for text prompts, stop strings and
     output text; without one, prompts are token id lists.
+
+    ``kv_tier`` (``"memory"``, ``"disk:PATH"``, ``"redis://HOST:PORT"`` or a :class:`~kvslim.cache.tier.KVTier`)
+    puts a block tier below the pool (see :mod:`kvslim.engine.tier_link`): prompt blocks missing from device
+    memory are loaded from it instead of recomputed, and computed ones are written to it in the background,
+    so engines sharing a tier reuse each other's prefixes. It applies where prefix sharing does (no evictor).
+    Call :meth:`close` to finish the tier's pending writes.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
-                 kv_fraction: float = 0.9):
+                 kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None):
         self.runner = ModelRunner.from_hf(model)
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
@@ -55,6 +63,10 @@ class LLMEngine:
         self.finished: dict[str, RequestOutput] = {}
         self.eos = self._eos_ids(model, tokenizer)
         self._ids = count()
+        if kv_tier is not None:
+            check_policy(self.compression)
+        self.tier = open_tier(kv_tier) if isinstance(kv_tier, str) else kv_tier
+        self.tier_link = None if self.tier is None else TierLink(self.tier, self.blocks, kv, model, self.policy.spec)
         self.last_step_prefill = False  # what the last step ran (benchmarks time prefill and decode apart)
 
     @staticmethod
@@ -96,7 +108,14 @@ class LLMEngine:
         return not self.scheduler.idle
 
     def metrics(self) -> Metrics:
-        return self.scheduler.metrics()
+        metrics = self.scheduler.metrics()
+        metrics.tier = None if self.tier is None else self.tier.stats.as_dict()
+        return metrics
+
+    def close(self) -> None:
+        """Finish the KV tier's queued writes and release it (no-op without a tier)."""
+        if self.tier is not None:
+            self.tier.close()
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int]]:
@@ -121,7 +140,11 @@ class LLMEngine:
         return list(zip(seqs, tokens))
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
-        logits, held, seq.tail = self.runner.prefill(seq, None if self.compression.full else self.compression)
+        if self.tier_link is not None:
+            seq.num_tier_tokens = self.tier_link.load(seq)
+        logits, held, seq.tail = self.runner.prefill(seq, None if self.compression.evict is None else self.compression)
+        if self.tier_link is not None:
+            self.tier_link.save(seq)
         seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
         window = self.compression.start_window(len(seq))
@@ -209,6 +232,7 @@ class LLMEngine:
             "policy": self.policy.spec,
             "prompt_tokens": first.num_prompt_tokens,
             "cached_prompt_tokens": first.num_cached_tokens,
+            "tier_prompt_tokens": first.num_tier_tokens,
             "completion_tokens": produced,
             "ttft_s": ttft,
             "latency_s": end - first.arrival,

@@ -164,9 +164,10 @@ class ModelRunner:
         """Run a sequence's tokens, store their keys/values; last-token logits, page slots per (layer, head)
         and, for quantized pages, the tokens per (layer, head) left in the sequence's ring row.
 
-        Without ``compress``, tokens the prefix cache already holds (``seq.num_cached_tokens``) are
-        read from the pool, not recomputed (the last token always runs, for its logits). With it,
-        every layer's keys/values go through the hook and only what it keeps is stored.
+        Without ``compress`` (no evictor), tokens the prefix cache already holds (``seq.num_cached_tokens``)
+        are read from the pool, not recomputed (the last token always runs, for its logits); quantized pages
+        give them back dequantized. With it, every layer's keys/values go through the hook and only what it
+        keeps is stored.
         """
         tokens = seq.token_ids
         cached = seq.num_cached_tokens if compress is None else 0

@@ -33,6 +33,7 @@ class Metrics:
     blocks_used: int
     blocks_free: int
     preemptions: int
+    tier: dict | None = None  # the KV tier's counters (see kvslim.cache.tier.TierStats), when there is one
 
 
 class Scheduler:
@@ -90,7 +91,7 @@ class Scheduler:
             headroom = len(self.running) * self.blocks.block_size  # a block of growth per running sequence
             if not self.blocks.can_allocate(slots + headroom, rows):
                 break
-            self.blocks.allocate(seq, slots, prefix_cache=self.compression.full)
+            self.blocks.allocate(seq, slots, self.compression.shareable(len(seq)))
             seq.status = Status.RUNNING
             self.waiting.popleft()
             self.running.append(seq)

@@ -43,6 +43,7 @@ class Sequence:
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    num_tier_tokens: int = 0  # of those, tokens loaded from the KV tier (not found in device memory)
     kv_slots: int = 0
     pad: Tensor | None = None  # (L, H) slots each head holds fewer than kv_slots; None: all equal
     sinks: int = 0
@@ -99,7 +100,7 @@ class Sequence:
     def reset_kv(self) -> None:
         """Forget all storage (preemption by recompute): the next prefill runs prompt and output so far."""
         self.block_table = []
-        self.num_cached_tokens = self.kv_slots = self.sinks = self.window_start = 0
+        self.num_cached_tokens = self.num_tier_tokens = self.kv_slots = self.sinks = self.window_start = 0
         self.pad = self.window_budget = self.tail = None
 
     def fork(self) -> "Sequence":

@@ -107,6 +107,21 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim") -> FastAPI:
             ("kvslim_generated_tokens_total", "counter", "tokens generated", m["generated_tokens"]),
             ("kvslim_requests_finished_total", "counter", "requests finished", m["finished_requests"]),
         ]
+        tier = m["tier"]
+        if tier is not None:
+            lines += [
+                ("kvslim_tier_up", "gauge", "whether the KV tier's store answers (1) or is being retried (0)", int(tier["up"])),
+                ("kvslim_tier_hits_total", "counter", "prompt blocks loaded from the KV tier", tier["hits"]),
+                ("kvslim_tier_misses_total", "counter", "prompt blocks looked up and not found (recomputed)", tier["misses"]),
+                ("kvslim_tier_bytes_in_total", "counter", "bytes loaded from the KV tier", tier["bytes_in"]),
+                ("kvslim_tier_bytes_out_total", "counter", "bytes written to the KV tier", tier["bytes_out"]),
+                ("kvslim_tier_writes_total", "counter", "blocks written to the KV tier", tier["writes"]),
+                ("kvslim_tier_dropped_writes_total", "counter", "block writes dropped (store away or too slow)",
+                 tier["dropped_writes"]),
+                ("kvslim_tier_corrupt_total", "counter", "tier entries rejected by their checksum or fingerprint",
+                 tier["corrupt"]),
+                ("kvslim_tier_errors_total", "counter", "failed calls to the tier's store", tier["errors"]),
+            ]
         return "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
 
     return app

@@ -54,7 +54,7 @@ class AsyncEngine:
             m = self.engine.metrics()
         return {"waiting": m.waiting, "running": m.running, "blocks_used": m.blocks_used, "blocks_free": m.blocks_free,
                 "preemptions": m.preemptions, "generated_tokens": self.generated_tokens,
-                "finished_requests": self.finished_requests}
+                "finished_requests": self.finished_requests, "tier": m.tier}
 
     def _run(self) -> None:
         while True:

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", help="model dtype: float32, bfloat16 or float16 (default: the model's own)")
+    parser.add_argument("--kv-tier", nargs="?", const="memory",
+                        help="KV block tier below the pool, shared with other engines: memory (the default when the "
+                             "flag has no value), disk:PATH or redis://HOST:PORT")
 
 
 def _policy(args: argparse.Namespace) -> Method:
@@ -65,7 +68,9 @@ def _device(name: str | None) -> Any:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without loading a model's weights; raises ValueError."""
+    from ..cache.tier import parse_spec
     from ..engine.compression import Compression
+    from ..engine.tier_link import check_policy
     from ..models import load_config, model_names
 
     if args.model not in model_names():
@@ -87,6 +92,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port {args.port}: give a TCP port in 0..65535")
     _dtype(args.dtype)
     _device(args.device)
+    if args.kv_tier is not None:
+        parse_spec(args.kv_tier)
+        check_policy(compression)
 
 
 def build_app(args: argparse.Namespace) -> FastAPI:
@@ -96,7 +104,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     check_args(args)
     llm = LLM(args.model, policy=_policy(args), kv_memory=args.kv_memory, block_size=args.block_size,
-              dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs)
+              dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs,
+              kv_tier=args.kv_tier)
     return create_app(llm, args.model)
 
 
@@ -105,8 +114,12 @@ def main_from_args(args: argparse.Namespace) -> int:
 
     app = build_app(args)
     engine = app.state.engine.engine
+    tier = f", KV tier {engine.tier.name}" if engine.tier is not None else ""
     print(f"kvslim serve: {args.model} on {engine.runner.device}, policy {engine.policy.spec}, "
-          f"{engine.blocks.num_blocks} KV blocks of {engine.blocks.block_size} tokens; http://{args.host}:{args.port}/v1",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+          f"{engine.blocks.num_blocks} KV blocks of {engine.blocks.block_size} tokens{tier}; "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.close()
     return 0
