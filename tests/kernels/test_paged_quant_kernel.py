@@ -23,8 +23,9 @@ FORMATS = ["kivi2", "kivi4", "kivi2(group=16)", "kivi4(group=16)", "int8", "int8
            "int4(group=16)", "int4(group=64)", "fp8"]
 INTERPRETED = ["kivi2(group=16)", "int4(group=16)", "int8(group=16)"]
 BATCH, MAX_BLOCKS = 4, 5
-#: (head_dim, block_size, KV heads, query heads per KV head): SmolLM2's heads, Llama-3's, a 32-slot block
-GPU_SHAPES = ((64, 16, 3, 3), (128, 16, 2, 4), (128, 32, 2, 4))
+#: (head_dim, block_size, KV heads, query heads per KV head): SmolLM2's heads, Llama-3's, a 32-slot block, and
+#: tiny heads whose sub-byte planes are narrower than 16 channels (products without tensor cores)
+GPU_SHAPES = ((64, 16, 3, 3), (128, 16, 2, 4), (128, 32, 2, 4), (32, 16, 2, 4), (16, 32, 1, 4))
 
 
 def _pages(spec: str, num_blocks: int, block_size: int, kv_heads: int, dim: int, device: str,
