@@ -35,13 +35,14 @@ class LLMEngine:
     puts a block tier below the pool (see :mod:`kvslim.engine.tier_link`): prompt blocks missing from device
     memory are loaded from it instead of recomputed, and computed ones are written to it in the background,
     so engines sharing a tier reuse each other's prefixes. It applies where prefix sharing does (no evictor).
-    Call :meth:`close` to finish the tier's pending writes.
+    Call :meth:`close` to finish the tier's pending writes. On CUDA, decode steps replay CUDA graphs
+    unless ``enforce_eager`` (see :class:`~kvslim.engine.model_runner.DecodeGraphs`).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
-                 kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None):
-        self.runner = ModelRunner.from_hf(model)
+                 kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False):
+        self.runner = ModelRunner.from_hf(model, enforce_eager)
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling)

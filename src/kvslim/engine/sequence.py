@@ -21,9 +21,12 @@ class Status(Enum):
 _ids = count()
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """Tokens (prompt then output) and the KV storage they occupy.
+
+    Compared by identity (``eq=False``): the scheduler's ``seq in running`` must not compare token lists
+    field by field, which made a step's host time grow with the square of the batch.
 
     Slots: a sequence's blocks, read in table order, are its slots. After a compressed prefill each
     (layer, KV head) holds its own number of slots, ``kv_slots - pad[layer, head]``; ``kv_slots``

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", help="model dtype: float32, bfloat16 or float16 (default: the model's own)")
+    parser.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (GPU only)")
     parser.add_argument("--kv-tier", nargs="?", const="memory",
                         help="KV block tier below the pool, shared with other engines: memory (the default when the "
                              "flag has no value), disk:PATH or redis://HOST:PORT")
@@ -105,7 +106,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     check_args(args)
     llm = LLM(args.model, policy=_policy(args), kv_memory=args.kv_memory, block_size=args.block_size,
               dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs,
-              kv_tier=args.kv_tier)
+              kv_tier=args.kv_tier, enforce_eager=args.enforce_eager)
     return create_app(llm, args.model)
 
 
