@@ -68,6 +68,7 @@ def ring_rows(budget: int, max_num_seqs: int, row_bytes: int, what: str) -> int:
 class DenseKV:
     """Pages in the model dtype: ``k_cache[layer]`` is ``(num_blocks, block_size, H, D)``."""
 
+    quantized = False
     ring = False  # whether sequences hold a ring row (``seq.tail`` counts the tokens in it)
     row_bytes = 0
 
@@ -156,6 +157,7 @@ class QuantStep:
 class QuantKV:
     """Quantized pages plus the per-sequence residual ring (see the module docstring)."""
 
+    quantized = True
     ring = True
 
     def __init__(self, quantizer: Quantizer, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
