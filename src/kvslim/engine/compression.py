@@ -18,9 +18,10 @@ What the engine supports, and why:
 * **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
   hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
   :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
-  values in host pages (:mod:`kvslim.engine.offload_kv`). The evictors run here, the storage in the
-  store. Other methods with their own storage (ThinK's pruned channels, PQCache's codes) are refused,
-  and so is a sliding window over a storage format (``streaming+kivi4``).
+  values in host pages (:mod:`kvslim.engine.offload_kv`), PQCache key codes in device pages and exact
+  keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
+  the store. ThinK's pruned channels are refused, and so is a sliding window over a storage format
+  (``streaming+kivi4``).
 * **prefix sharing** is for the full model-dtype cache only: what a method keeps of a block depends
   on the whole prompt, so compressed blocks are never shared between prompts.
 """
@@ -34,6 +35,7 @@ from ..methods import Chain, Method, Observation, ScoredEviction
 from ..methods.adakv import AdaKV
 from ..methods.full import Full
 from ..methods.kcache import KCache
+from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.streaming import Streaming
 
@@ -49,7 +51,7 @@ class Compression:
         self.policy, self.num_layers, self.scaling = policy, num_layers, scaling
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
-        self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache)) else None
+        self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
         self.quantizer = self.storage if isinstance(self.storage, Quantizer) else None
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
         self.full = self.evict is None and self.storage is None

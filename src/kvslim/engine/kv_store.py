@@ -1,5 +1,5 @@
 """Where the engine keeps keys and values: model-dtype pages, or quantized pages plus a residual ring
-(KCache's keys-on-device, values-on-host store is :mod:`kvslim.engine.offload_kv`).
+(the offloading stores: KCache's in :mod:`kvslim.engine.offload_kv`, PQCache's in :mod:`kvslim.engine.pq_kv`).
 
 :class:`DenseKV` is the plain pool: every token's key and value in the model dtype, one slot per token.
 
@@ -26,6 +26,7 @@ from ..kernels.paged_quant import CodePages, Codes, QuantPages
 from ..kernels.paged_quant_attention_ref import paged_quant_decode_ref
 from ..methods import Method
 from ..methods.kcache import KCache
+from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from .sequence import Sequence
 
@@ -38,7 +39,7 @@ def dense_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: 
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def _heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+def heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """(H, T) slot and head index grids for T slots."""
     grid = slots.expand(heads, -1)
     return grid, torch.arange(heads, device=slots.device)[:, None].expand_as(grid)
@@ -49,18 +50,18 @@ def write_heads(pages: Tensor, slots: Tensor, rows: Tensor, lens: Tensor) -> Non
     only the first ``lens[h]`` of each head."""
     heads, length = rows.shape[:2]
     valid = torch.arange(length, device=rows.device) < lens[:, None]
-    grid, head = _heads_expand(slots, heads)
+    grid, head = heads_expand(slots, heads)
     pages.view(-1, heads, rows.shape[-1])[grid[valid], head[valid]] = rows[valid]
 
 
-def ring_rows(budget: int, max_num_seqs: int, row_bytes: int, what: str) -> int:
-    """Ring rows: one per sequence that may run, within ``MAX_RING_SHARE`` of the budget; ``what`` says why a row
-    is needed when not even one fits. Rows of no bytes (nothing waits in them) cost nothing: one per sequence."""
+def ring_rows(budget: int, max_num_seqs: int, row_bytes: int, share: float, what: str) -> int:
+    """Ring rows: one per sequence that may run, within ``share`` of the budget; ``what`` says why a row is needed
+    when not even one fits. Rows of no bytes (nothing waits in them) cost nothing: one per sequence."""
     if not row_bytes:
         return max_num_seqs
-    rows = min(max_num_seqs, int(budget * MAX_RING_SHARE) // row_bytes)
+    rows = min(max_num_seqs, int(budget * share) // row_bytes)
     if rows < 1:
-        raise ValueError(f"{what} ({row_bytes} bytes), more than a quarter of the KV memory ({budget} bytes): "
+        raise ValueError(f"{what} ({row_bytes} bytes), more than {share:.0%} of the KV memory ({budget} bytes): "
                          "raise kv_memory")
     return rows
 
@@ -71,6 +72,7 @@ class DenseKV:
     quantized = False
     ring = False  # whether sequences hold a ring row (``seq.tail`` counts the tokens in it)
     row_bytes = 0
+    ring_share = MAX_RING_SHARE  # the most of ``kv_memory`` the rows may take
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -159,6 +161,7 @@ class QuantKV:
 
     quantized = True
     ring = True
+    ring_share = MAX_RING_SHARE
 
     def __init__(self, quantizer: Quantizer, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
@@ -197,8 +200,8 @@ class QuantKV:
 
     def rows_for(self, budget: int, max_num_seqs: int) -> int:
         """Ring rows: one per sequence that may run, within ``MAX_RING_SHARE`` of the budget."""
-        return ring_rows(budget, max_num_seqs, self.row_bytes, f"{self.quantizer.spec} keeps up to {self.capacity} "
-                         "newest tokens per sequence in full precision")
+        what = f"{self.quantizer.spec} keeps up to {self.capacity} newest tokens per sequence in full precision"
+        return ring_rows(budget, max_num_seqs, self.row_bytes, self.ring_share, what)
 
     def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
         args = (self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.device)
@@ -227,7 +230,7 @@ class QuantKV:
         heads, length = keys.shape[:2]
         packed = (lens - self.residual).clamp(min=0) // self.pack * self.pack
         t = torch.arange(length, device=self.device)
-        grid, head = _heads_expand(slots, heads)
+        grid, head = heads_expand(slots, heads)
         pack = t < packed[:, None]
         if bool(pack.any()):
             self._write(layer, grid[pack], head[pack], keys[pack], values[pack])
@@ -311,9 +314,10 @@ def _backend(device: torch.device, module: str, name: str, reference: Callable[.
 
 
 def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> "DenseKV | QuantKV":
+               device: torch.device) -> "DenseKV | QuantKV | PQCacheKV":
     """The store for a policy's storage format (:attr:`Compression.storage`): None keeps the model dtype."""
-    from .offload_kv import KCacheKV  # it builds on DenseKV, so it imports this module
+    from .offload_kv import KCacheKV  # the offloading stores build on this module, so they import it
+    from .pq_kv import PQCacheKV
 
     args = (num_layers, num_kv_heads, head_dim, dtype, device)
     if storage is None:
@@ -322,4 +326,6 @@ def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_
         return QuantKV(storage, *args)
     if isinstance(storage, KCache):
         return KCacheKV(storage, *args)
+    if isinstance(storage, PQCache):
+        return PQCacheKV(storage, *args)  # type: ignore[return-value]
     raise ValueError(f"the engine has no store for {storage.spec}")

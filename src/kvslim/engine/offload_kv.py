@@ -38,6 +38,22 @@ from .kv_store import DenseKV, ring_rows, write_heads
 from .sequence import Sequence
 
 
+def host_pages(shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Tensor:
+    """Zeroed host pages (pinned when CUDA is available); a clear error instead of swapping the host out."""
+    need = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.9 * free:
+        raise ValueError(f"{what}: the host pages mirror the device blocks and need {need / 2**30:.1f} GiB, more than 90% "
+                         f"of the free host memory ({free / 2**30:.1f} GiB): lower kv_memory")
+    return to_host(torch.zeros(shape, dtype=dtype))
+
+
+def flat_slots(tables: Tensor, logical: Tensor, block_size: int) -> Tensor:
+    """Flat pool slots of per-sequence logical slots ``logical`` (B, ...) through block tables (B, M)."""
+    block = tables.long().gather(1, (logical // block_size).flatten(1)).view_as(logical)
+    return block * block_size + logical % block_size
+
+
 @dataclass
 class KCacheStep:
     """What one decode step of :class:`KCacheKV` reads, and the flushes to run after it."""
@@ -73,20 +89,14 @@ class KCacheKV(DenseKV):
         return self.offloaded_layers * block_size * self.token_bytes
 
     def rows_for(self, budget: int, max_num_seqs: int) -> int:
-        return ring_rows(budget, max_num_seqs, self.row_bytes, f"{self.method.spec} keeps the values of up to "
-                         f"{self.recent} newest tokens per sequence on the device")
+        what = f"{self.method.spec} keeps the values of up to {self.recent} newest tokens per sequence on the device"
+        return ring_rows(budget, max_num_seqs, self.row_bytes, self.ring_share, what)
 
     def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
-        host = num_blocks * self.host_block_bytes(block_size)
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        if host > 0.9 * free:
-            raise ValueError(f"{self.method.spec}: the host value pool mirrors the {num_blocks} device blocks and needs "
-                             f"{host / 2**30:.1f} GiB, more than 90% of the free host memory ({free / 2**30:.1f} GiB): "
-                             "lower kv_memory")
         pages = lambda layers: (layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)  # noqa: E731
         self.k_cache = torch.zeros(pages(self.num_layers), dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(pages(self.full_layers), dtype=self.dtype, device=self.device)
-        self.v_host = to_host(torch.zeros(pages(self.offloaded_layers), dtype=self.dtype))
+        self.v_host = host_pages(pages(self.offloaded_layers), self.dtype, self.method.spec)
         ring = (self.offloaded_layers, rows, self.recent, self.num_kv_heads, self.head_dim)
         self.ring_v = torch.zeros(ring, dtype=self.dtype, device=self.device)
         self.block_size = block_size
@@ -123,8 +133,7 @@ class KCacheKV(DenseKV):
         if len(full):
             offloaded = held[full, self.full_layers:] - tail[full, None, None]  # (F, L', H): first slot of the ring
             logical = offloaded[..., None, :] + torch.arange(self.recent)[:, None]  # (F, L', recent, H)
-            block = tables.long()[full][:, None, None, :].expand(*logical.shape[:3], -1).gather(3, logical // self.block_size)
-            flush = (block * self.block_size + logical % self.block_size, rows[full])
+            flush = (flat_slots(tables[full], logical, self.block_size), rows[full])
         put = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
         return KCacheStep(super().prepare(seqs, tables, held), put(rows), put(tail), flush)
 
@@ -154,8 +163,7 @@ class KCacheKV(DenseKV):
         columns = torch.arange(keys.shape[2], device=self.device)
         rows_allowed = group_rows((columns < offloaded[..., None])[:, :, None], group)
         index, kept = top_per_kv_head(logits, rows_allowed, self.top(offloaded))
-        block = tables.gather(1, (index // size).flatten(1)).view_as(index)
-        flat = (block * size + index % size) * heads + torch.arange(heads, device=self.device)[:, None]
+        flat = flat_slots(tables, index, size) * heads + torch.arange(heads, device=self.device)[:, None]
         values = fetch_rows(self.v_host[layer - self.full_layers].view(-1, dim), flat, self.device)
         self.h2d_bytes += values.numel() * values.element_size()
         picked = logits.gather(-1, index[:, :, None].expand(-1, -1, group, -1))
