@@ -73,6 +73,7 @@ class DenseKV:
     ring = False  # whether sequences hold a ring row (``seq.tail`` counts the tokens in it)
     row_bytes = 0
     ring_share = MAX_RING_SHARE  # the most of ``kv_memory`` the rows may take
+    graphable = True  # whether a decode step can be captured in a CUDA graph (fixed shapes, no host reads)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -162,6 +163,7 @@ class QuantKV:
     quantized = True
     ring = True
     ring_share = MAX_RING_SHARE
+    graphable = True
 
     def __init__(self, quantizer: Quantizer, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):

@@ -10,6 +10,8 @@ The pool is a :mod:`kvslim.engine.kv_store` store: model-dtype pages, or quantiz
 full-precision residual ring. A slot is ``block * block_size + offset``. Heads of one sequence may
 hold different numbers of slots (ragged methods); a slot's position in the table, not its RoPE
 position, orders it: keys are stored after rotation, so positions stay true whatever was evicted.
+
+On CUDA the decode step replays CUDA graphs (:class:`DecodeGraphs`) unless ``enforce_eager`` is set.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..methods import Method
-from .kv_store import make_store
+from .kv_store import QuantStep, make_store
 from .sequence import Sequence
 
 SUPPORTED_MODELS = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+#: batch sizes decode graphs are captured for (a batch runs in the smallest that holds it; larger ones run eagerly)
+GRAPH_BATCHES = (1, 2, 4, 8, *range(16, 513, 16))
 
 #: (layer, queries (Hq,T,D), keys (H,T,D), values (H,T,D)) -> kept keys, values (H,T',D) and lengths (H,)
 CompressHook = Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -61,7 +65,7 @@ class DecodeBatch:
 class ModelRunner:
     """Runs a Hugging Face Llama/Qwen2/Mistral model's weights over a paged KV pool."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, enforce_eager: bool = False):
         config = model.config
         if config.model_type not in SUPPORTED_MODELS:
             raise ValueError(f"the engine runs {', '.join(SUPPORTED_MODELS)} models, not {config.model_type!r}")
@@ -90,20 +94,30 @@ class ModelRunner:
         self.max_model_len = min(int(config.max_position_embeddings), int(window or 1 << 62))
         self.kv = make_store(None, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         self.block_size = 0
-        self._cos = self._sin = torch.empty(0, device=self.device)
+        #: decode without CUDA graphs; set before :meth:`allocate` to capture none, after it to stop replaying them
+        self.enforce_eager = enforce_eager
+        self.graphs: DecodeGraphs | None = None
 
     @classmethod
-    def from_hf(cls, model: Any) -> "ModelRunner":
-        return cls(model.eval())
+    def from_hf(cls, model: Any, enforce_eager: bool = False) -> "ModelRunner":
+        return cls(model.eval(), enforce_eager)
 
     # -- the pool ---------------------------------------------------------------------------------
     def set_format(self, storage: Method | None) -> None:
-        """Pages in the model dtype (None), as a quantizer packs them, or KCache's split; before :meth:`allocate`."""
+        """Pages in the model dtype (None), as a quantizer packs them, or split with the host (KCache, PQCache);
+        before :meth:`allocate`."""
         self.kv = make_store(storage, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
     def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
-        self.kv.allocate(num_blocks, block_size, rows)
+        """``num_blocks`` blocks and ``rows`` ring rows for the block manager; with CUDA graphs, one more of each
+        that it never hands out: the padding rows of a graph's batch write there."""
+        self.graphs = None
+        graphs = self.device.type == "cuda" and not self.enforce_eager and self.kv.graphable
+        self.kv.allocate(num_blocks + graphs, block_size, rows + graphs)
         self.block_size = block_size
+        if graphs:
+            width = min(-(-self.max_model_len // block_size), num_blocks)
+            self.graphs = DecodeGraphs(self, width, scratch_block=num_blocks, scratch_row=rows)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate block ``src`` into ``dst`` in every layer."""
@@ -121,13 +135,11 @@ class ModelRunner:
 
     # -- model pieces -------------------------------------------------------------------------------
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        top = int(positions.max()) + 1
-        if top > self._cos.shape[0]:
-            grid = torch.arange(max(top, 2 * self._cos.shape[0]), device=self.device, dtype=torch.float32)
-            freqs = grid[:, None] * self.inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), -1)
-            self._cos, self._sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
-        return self._cos[positions].to(self.dtype), self._sin[positions].to(self.dtype)
+        """cos/sin (T, D) at ``positions``, computed on the device as Hugging Face does (no table, no host sync:
+        a CUDA graph can replay it)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), -1)
+        return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
 
     def _qkv(self, layer: Any, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rotated queries (T,Hq,D), keys (T,H,D) and values (T,H,D) of one layer."""
@@ -141,15 +153,18 @@ class ModelRunner:
         mlp = layer.mlp
         return mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
 
-    def _logits(self, x: Tensor) -> Tensor:
-        x = rms_norm(x, self.model.model.norm.weight, self.eps)
-        return self.model.lm_head(x).float()
+    def _norm(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.model.model.norm.weight, self.eps)
+
+    def _logits(self, normed: Tensor) -> Tensor:
+        return self.model.lm_head(normed).float()
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seq: Sequence, compress: CompressHook | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Run a sequence's tokens, store their keys/values; last-token logits, page slots per (layer, head)
-        and, for stores with a ring (quantized pages, KCache), the tokens per (layer, head) left in the sequence's ring row.
+        and, for stores with a ring (quantized pages, KCache, PQCache), the tokens per (layer, head) left in the
+        sequence's ring row.
 
         Without ``compress``, tokens the prefix cache already holds (``seq.num_cached_tokens``) are
         read from the pool, not recomputed (the last token always runs, for its logits). With it,
@@ -184,7 +199,7 @@ class ModelRunner:
                 tail[i] = ring.cpu()
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
-        return self._logits(x[-1:])[0], held, tail
+        return self._logits(self._norm(x[-1:]))[0], held, tail
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """Causal SDPA of (Hq,T,D) queries over (H,offset+T,D) keys; query t sits at position offset + t.
@@ -221,6 +236,19 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch) -> Tensor:
         """One token for every sequence of the batch: logits (B, vocab) in float32."""
+        hidden = None
+        if self.graphs is not None and not self.enforce_eager:
+            hidden = self.graphs.run(batch)
+        if hidden is None:
+            hidden = self.forward_decode(batch)
+        self.kv.finish(batch)
+        return self._logits(hidden)
+
+    @torch.inference_mode()
+    def forward_decode(self, batch: DecodeBatch) -> Tensor:
+        """What a graph captures of a decode step: write the new keys/values, attend; the last norm's output
+        (B, hidden). The logits stay out: a graph's output buffer of every batch row times the vocabulary
+        would take hundreds of MB."""
         cos, sin = self._rope(batch.positions)
         x = self.model.model.embed_tokens(batch.tokens)
         for i, layer in enumerate(self.layers):
@@ -229,5 +257,105 @@ class ModelRunner:
             out = self.kv.attend(i, q, k, v, batch, self.scaling)
             x = x + layer.self_attn.o_proj(out.reshape(len(x), -1))
             x = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
-        self.kv.finish(batch)
-        return self._logits(x)
+        return self._norm(x)
+
+
+class DecodeGraphs:
+    """CUDA graphs of :meth:`ModelRunner.forward_decode`, one per size of ``GRAPH_BATCHES``, captured on first use.
+
+    Why: a decode step is a few hundred kernels (about ten per layer); for a small model or batch each
+    runs for microseconds, so launching them from Python takes longer than the work, and a graph
+    launches the whole step at once. A graph replays fixed addresses and shapes, so it reads static
+    buffers: a batch of B sequences is copied into their first B rows and the size's remaining rows
+    are padding; block tables are as wide as the longest sequence can get (the paged kernels spread each
+    sequence's blocks over a number of programs fixed by that width alone, see
+    :mod:`kvslim.kernels.paged_split`, and never read a table past a sequence's length, so columns left
+    from wider batches are harmless). A padding row is a one-token sequence at position 0 whose key,
+    value and ring slot are the scratch block and ring row :meth:`ModelRunner.allocate` keeps for it,
+    so a replay never touches a real sequence's storage.
+
+    Quantized pages: packing full rings into pages (the store's ``finish``) has data-dependent shapes,
+    so it runs eagerly after the replay; the step's ring writes and the attention are in the graph.
+    """
+
+    def __init__(self, runner: ModelRunner, width: int, scratch_block: int, scratch_row: int):
+        self.runner, self.width = runner, width
+        self.scratch_block, self.scratch_row = scratch_block, scratch_row
+        rows, device = GRAPH_BATCHES[-1], runner.device
+        per_head = lambda: torch.empty(rows, runner.num_layers, runner.num_kv_heads, dtype=torch.long, device=device)  # noqa: E731
+        flat = lambda dtype: torch.empty(rows, dtype=dtype, device=device)  # noqa: E731
+        kv = QuantStep(flat(torch.long), per_head(), per_head(), None) if runner.kv.quantized else per_head()
+        #: the static inputs every graph reads (the DecodeBatch fields, GRAPH_BATCHES[-1] rows)
+        self.inputs = DecodeBatch(flat(torch.long), flat(torch.long), torch.empty(rows, width, dtype=torch.int32, device=device),
+                                  per_head(), flat(torch.int32), flat(torch.int32), kv)
+        #: every graph writes its rows of this one output buffer
+        self.hidden = torch.empty(rows, runner.model.config.hidden_size, dtype=runner.dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool: Any = None
+        self._pad(0, rows)
+        self.filled = 0  # rows [0, filled) hold real sequences
+
+    @torch.inference_mode()
+    def run(self, batch: DecodeBatch) -> Tensor | None:
+        """:meth:`ModelRunner.forward_decode` of one replayed step, (B, hidden), valid until the next replay; None
+        when no graph fits the batch (too many sequences or too wide a block table)."""
+        n = len(batch.tokens)
+        size = next((b for b in GRAPH_BATCHES if b >= n), None)
+        if size is None or batch.block_tables.shape[1] > self.width:
+            return None
+        if size not in self.graphs:
+            self._capture(size)
+        self._load(batch, n)
+        self.graphs[size].replay()
+        return self.hidden[:n]
+
+    def _kv_fields(self, kv: Any) -> list[Tensor]:
+        return [kv] if isinstance(kv, Tensor) else [kv.rows, kv.ring_write, kv.ring_lens]
+
+    def _pad(self, lo: int, hi: int) -> None:
+        """Make rows [lo, hi) padding (see the class docstring)."""
+        x = self.inputs
+        for t in (x.tokens, x.positions, x.lens, x.starts, x.sinks):
+            t[lo:hi] = 0
+        x.block_tables[lo:hi] = -1
+        x.block_tables[lo:hi, 0] = self.scratch_block
+        if isinstance(x.kv, Tensor):
+            x.kv[lo:hi] = self.scratch_block * self.runner.block_size
+        else:
+            x.kv.rows[lo:hi] = self.scratch_row
+            x.kv.ring_write[lo:hi] = 0
+            x.kv.ring_lens[lo:hi] = 1
+
+    def _view(self, size: int) -> DecodeBatch:
+        x = self.inputs
+        kv = x.kv[:size] if isinstance(x.kv, Tensor) else QuantStep(*(t[:size] for t in self._kv_fields(x.kv)), None)
+        return DecodeBatch(x.tokens[:size], x.positions[:size], x.block_tables[:size], x.lens[:size],
+                           x.starts[:size], x.sinks[:size], kv)
+
+    def _capture(self, size: int) -> None:
+        """Warm up (Triton compiles, cuBLAS picks its kernels) and capture on padding rows only: the stale rows
+        of an earlier batch would otherwise rewrite their sequences' slots with keys of the wrong context."""
+        self._pad(0, self.filled)
+        self.filled = 0
+        view = self._view(size)
+        self.runner.forward_decode(view)
+        torch.cuda.synchronize()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.hidden[:size] = self.runner.forward_decode(view)
+        self.graphs[size] = graph
+
+    def _load(self, batch: DecodeBatch, n: int) -> None:
+        """Copy the batch into rows [0, n); rows a larger batch left behind become padding again."""
+        x = self.inputs
+        if self.filled > n:
+            self._pad(n, self.filled)
+        self.filled = n
+        pairs = [(x.tokens, batch.tokens), (x.positions, batch.positions), (x.lens, batch.lens),
+                 (x.starts, batch.starts), (x.sinks, batch.sinks),
+                 *zip(self._kv_fields(x.kv), self._kv_fields(batch.kv))]
+        for dst, src in pairs:
+            dst[:n].copy_(src, non_blocking=True)
+        x.block_tables[:n, : batch.block_tables.shape[1]].copy_(batch.block_tables, non_blocking=True)

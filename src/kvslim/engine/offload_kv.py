@@ -68,6 +68,8 @@ class KCacheKV(DenseKV):
     """Keys on the device, values of layers ``>= full_layers`` on the host (see the module docstring)."""
 
     ring = True
+    #: the step's top-N width is read on the host, and without zero-copy the row numbers too: no CUDA graph
+    graphable = False
 
     def __init__(self, method: KCache, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):

@@ -55,6 +55,7 @@ class PQCacheKV:
     #: the rows may take most of ``kv_memory``: window and codebooks *are* PQCache's device cache, while its pages
     #: hold a byte per sub-space and token (the quarter other stores leave their rows would waste the budget)
     ring_share = 0.9
+    graphable = False  # as KCache's: the top-k width and, on the staged path, the rows go through the host
 
     def __init__(self, method: PQCache, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):

@@ -20,7 +20,7 @@ from .paged_split import combine, partials, plan_splits, store_partial
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, scale, chunk, splits,
+    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, scale, splits,
     stride_qb, stride_qh, stride_tb,
     stride_kn, stride_ks, stride_kh, stride_lb,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -43,6 +43,7 @@ def _paged_decode_kernel(
     sink_blocks = tl.minimum(tl.cdiv(sinks, BLOCK_SIZE), tl.cdiv(length, BLOCK_SIZE))
     first_window = tl.maximum(start // BLOCK_SIZE, sink_blocks)
     steps = sink_blocks + tl.cdiv(length, BLOCK_SIZE) - first_window
+    chunk = tl.cdiv(steps, splits)  # this sequence's blocks spread evenly over the splits
     for i in range(split * chunk, tl.minimum(steps, (split + 1) * chunk)):  # the sink blocks, then the window's
         j = tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
         block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
@@ -75,11 +76,11 @@ def paged_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: 
             raise ValueError(f"the Triton paged kernel needs a power-of-two {name}, got {value}")
     query = query.contiguous()
     tables = block_tables.contiguous()
-    splits, chunk = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
+    splits = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
     block_g = max(16, triton.next_power_of_2(group))
     scratch = partials(batch, kv_heads, splits, block_g, dim, query.device)
     _paged_decode_kernel[(batch, kv_heads, splits)](
-        query, k_pages, v_pages, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), scale, chunk, splits,
+        query, k_pages, v_pages, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), scale, splits,
         query.stride(0), query.stride(1), tables.stride(0),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), lens.stride(0),
         H=kv_heads, GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim,

@@ -4,16 +4,18 @@ Same contract as :func:`kvslim.kernels.paged_quant_attention_ref.paged_quant_dec
 model-dtype kernel (:mod:`kvslim.kernels.paged_attention`), one program per (sequence, KV head, split)
 serves the whole query group, walks its chunk of the sink blocks then the window's blocks, and keeps
 an online softmax; the first split also folds in the sequence's ring row. Each block's codes are
-loaded once as contiguous bytes, unpacked by shifts and interleaving (channel ``c`` sits in byte
-``c // (8/bits)``, lowest bits first, as :func:`kvslim.cache.quantized.pack` writes it) and dequantized
-in registers with the scales of their group, run or token (loaded once each and broadcast), then
-rounded to the query's dtype so the numbers are those the Hugging Face path attends over.
+loaded once as contiguous bytes, unpacked by shifts (channel ``c`` sits in byte ``c // (8/bits)``,
+lowest bits first, as :func:`kvslim.cache.quantized.pack` writes it) and dequantized in registers with
+the scales of their group, run or token (loaded once each and broadcast), then rounded to the query's
+dtype so the numbers are those the Hugging Face path attends over. Decode reads every page once, so it
+is bound by the bytes moved, which quantization divides.
 
-On the H100 (Triton 3.6) this kernel matched the reference for the default formats at head_dim 128
-(kivi2/kivi4: key runs and value groups of 32; int8, fp8) but not for sub-byte codes in groups of 16
-(``int4(group=16)``, KIVI at head_dim 16), for a reason not found yet: :func:`triton_supports` keeps
-those on the PyTorch reference. Decode reads every page once, so it is
-bound by the bytes moved, which quantization divides.
+Unpacking broadcasts each byte against its codes' shifts and merges the (byte, code) axes. An earlier
+version interleaved the shifted bytes with ``tl.join`` + ``tl.reshape``: exact under the interpreter
+and, alone, exact on the H100 too, but once that tile fed ``tl.dot`` Triton 3.6 computed wrong
+attention (relative error ~1.5) for every sub-byte format whose tile had fewer than 4096 elements:
+blocks of 16 slots at head_dim 64/128 (int4's default blocks), or head_dim 16-32; group size played
+no part, and int8/fp8 (no unpacking) were always right (benchmarks/results/paged_quant_kernel_h100.json).
 """
 from __future__ import annotations
 
@@ -28,20 +30,16 @@ _KINDS = {"token": 0, "channel": 1, "fp8": 2}
 
 
 @triton.jit
-def _interleave(a, b):
-    """(T, C), (T, C) -> (T, 2C) as a0 b0 a1 b1 ..."""
-    return tl.reshape(tl.join(a, b), (a.shape[0], 2 * a.shape[1]))
-
-
-@triton.jit
 def _unpack(packed, BITS: tl.constexpr):
-    """(T, W) bytes -> (T, W * 8 // BITS) codes."""
+    """(T, W) bytes -> (T, W * 8 // BITS) codes: every byte broadcast against its codes' shifts, (T, W, 8 // BITS),
+    then the last two axes merged, so channel ``c`` comes from byte ``c // (8/BITS)`` (see the module docstring)."""
     if BITS == 8:
         codes = packed
-    elif BITS == 4:
-        codes = _interleave(packed & 15, packed >> 4)
     else:
-        codes = _interleave(_interleave(packed & 3, (packed >> 4) & 3), _interleave((packed >> 2) & 3, packed >> 6))
+        PER: tl.constexpr = 8 // BITS
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint8)
+        codes = (packed[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes, (packed.shape[0], packed.shape[1] * PER))
     return codes
 
 
@@ -77,7 +75,7 @@ def _dequantize(c_ptr, s_ptr, z_ptr, block, s, h, mask, H: tl.constexpr, BLOCK_S
 
 @triton.jit
 def _paged_quant_decode_kernel(
-    q_ptr, m_ptr, l_ptr, acc_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, scale, chunk, splits,
+    q_ptr, m_ptr, l_ptr, acc_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, scale, splits,
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
     ring_k_ptr, ring_v_ptr, rows_ptr, ring_lens_ptr,
     stride_qb, stride_qh, stride_tb, stride_lb, stride_rlb,
@@ -106,6 +104,7 @@ def _paged_quant_decode_kernel(
     sink_blocks = tl.minimum(tl.cdiv(sinks, BLOCK_SIZE), tl.cdiv(length, BLOCK_SIZE))
     first_window = tl.maximum(start // BLOCK_SIZE, sink_blocks)
     steps = sink_blocks + tl.cdiv(length, BLOCK_SIZE) - first_window
+    chunk = tl.cdiv(steps, splits)  # this sequence's blocks spread evenly over the splits
     for i in range(split * chunk, tl.minimum(steps, (split + 1) * chunk)):  # the sink blocks, then the window's
         j = tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
         block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
@@ -141,8 +140,8 @@ def _paged_quant_decode_kernel(
 
 
 def triton_supports(keys: Codes, values: Codes) -> bool:
-    """Whether this kernel is trusted for the format on a GPU: 8-bit codes, or sub-byte ones in groups of 32+."""
-    return all(c.bits == 8 or c.group >= 32 for c in (keys, values))
+    """Whether this kernel reads the format: every page format (token groups, KIVI runs, fp8) of 2, 4 or 8 bits."""
+    return all(c.kind in _KINDS and c.bits in (2, 4, 8) for c in (keys, values))
 
 
 def _pointers(pages: CodePages) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,12 +163,12 @@ def paged_quant_decode(query: Tensor, pages: QuantPages, block_tables: Tensor, l
         raise ValueError("the residual ring must be contiguous in head_dim, keys and values laid out alike")
     query = query.contiguous()
     tables = block_tables.contiguous()
-    splits, chunk = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
+    splits = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
     block_g = max(16, triton.next_power_of_2(q_heads // kv_heads))
     scratch = partials(batch, kv_heads, splits, block_g, dim, query.device)
     keys, values = pages.keys.spec, pages.values.spec
     _paged_quant_decode_kernel[(batch, kv_heads, splits)](
-        query, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), scale, chunk, splits,
+        query, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), scale, splits,
         *_pointers(pages.keys), *_pointers(pages.values),
         ring_k, ring_v, rows.contiguous(), ring_lens,
         query.stride(0), query.stride(1), tables.stride(0), lens.stride(0),

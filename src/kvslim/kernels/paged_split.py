@@ -14,21 +14,22 @@ import triton.language as tl
 from torch import Tensor
 
 PROGRAMS_PER_SM = 4  # enough programs in flight to hide memory latency
-MIN_CHUNK = 8  # blocks per split, at least: a split's fixed cost stays small next to its reads
+MIN_CHUNK = 8  # blocks per split of the widest sequence, at least: a split's fixed cost stays small next to its reads
 
 
-def plan_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device, splits: int | None = None
-                ) -> tuple[int, int]:
-    """(splits, blocks per split) for sequences of at most ``max_blocks`` blocks (the block table's width).
+def plan_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device, splits: int | None = None) -> int:
+    """Programs sharing each (sequence, KV head)'s blocks, for sequences of at most ``max_blocks`` blocks (the
+    block table's width); ``splits`` asks for that many (tests, tuning), by default enough to fill the GPU.
 
-    ``splits`` asks for that many (tests, tuning); by default enough to fill the GPU.
+    Each sequence spreads its own blocks evenly over the splits (the kernels divide in-kernel), so the
+    launch depends on the table's width only, not on the lengths: a CUDA graph can replay it as the
+    sequences grow, and programs past a short sequence's blocks just store an empty partial.
     """
     if splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(1, batch * kv_heads))
-        splits = max(1, min(wanted, triton.cdiv(max_blocks, MIN_CHUNK)))
-    chunk = max(1, triton.cdiv(max_blocks, splits))
-    return max(1, triton.cdiv(max_blocks, chunk)), chunk
+        splits = min(wanted, triton.cdiv(max_blocks, MIN_CHUNK))
+    return max(1, splits)
 
 
 def partials(batch: int, kv_heads: int, splits: int, block_g: int, head_dim: int, device: torch.device
