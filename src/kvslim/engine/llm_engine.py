@@ -41,7 +41,7 @@ class LLMEngine:
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()
         self.block_bytes = kv.block_bytes(block_size)
-        self.host_block_bytes = kv.host_block_bytes(block_size)  # offloaded values (KCache), in host memory
+        self.host_block_bytes = kv.host_block_bytes(block_size)  # what offloading stores keep in host memory
         #: what the same block would take in the model dtype (a full cache's bytes, for the stats)
         self.dense_block_bytes = dense_block_bytes(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
                                                    self.runner.dtype, block_size)
