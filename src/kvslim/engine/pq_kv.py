@@ -44,7 +44,7 @@ class PQStep:
 
     rows: Tensor  # (B,) ring row of each sequence
     tail: Tensor  # (B, L, H) ring position of the new token = window tokens already held
-    flush: tuple[Tensor, Tensor, Tensor, Tensor] | None  # (F,) batch index, (F,) layer, flat slots and codes mask (F, C, H)
+    flush: tuple[Tensor, Tensor, Tensor, Tensor] | None  # (F,) ring row and layer, (F, C, H) flat slots and leaving mask
 
 
 class PQCacheKV:
@@ -168,7 +168,7 @@ class PQCacheKV:
             newest = held[b, layer]  # (F, H) slot of this step's token
             position = torch.arange(self.capacity)[:, None]
             logical = torch.minimum(newest[:, None, :] - tail[b, layer][:, None, :] + position, newest[:, None, :])
-            flush = (b, layer, flat_slots(tables[b], logical, self.block_size), position < leaving[:, None, :])
+            flush = (rows[b], layer, flat_slots(tables[b], logical, self.block_size), position < leaving[:, None, :])
         put = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
         return PQStep(put(rows), put(tail), flush)
 
@@ -188,8 +188,8 @@ class PQCacheKV:
         columns = torch.arange(codes.shape[2], device=self.device)
         rows_allowed = group_rows((columns < coded[..., None])[:, :, None], group)
         index, kept = top_per_kv_head(approximate, rows_allowed, self.top(coded))
-        flat = flat_slots(tables, index, self.block_size) * self.num_kv_heads + torch.arange(self.num_kv_heads,
-                                                                                               device=self.device)[:, None]
+        head = torch.arange(self.num_kv_heads, device=self.device)[:, None]
+        flat = flat_slots(tables, index, self.block_size) * self.num_kv_heads + head
         fetched = fetch_rows(self.kv_host[layer].view(-1, 2 * dim), flat, self.device).view(*index.shape, 2 * dim)
         self.h2d_bytes += fetched.numel() * fetched.element_size()
         logits = grouped_logits(query, fetched[..., :dim], scale)
@@ -205,8 +205,7 @@ class PQCacheKV:
         step: PQStep = batch.kv
         if step.flush is None:
             return
-        b, layer, slots, leaving = step.flush
-        rows = step.rows.cpu()[b]
+        rows, layer, slots, leaving = step.flush
         at = (layer.to(self.device), rows.to(self.device))
         for i in (~self.trained[layer, rows]).nonzero().flatten().tolist():
             keys = self.ring_k[layer[i], rows[i]].transpose(0, 1)  # (H, C, D)
@@ -215,9 +214,9 @@ class PQCacheKV:
         values = self.ring_v[at].transpose(1, 2)
         codes = code_keys(keys, self.centroids[at])  # (F, H, C, m)
         mask = leaving.transpose(1, 2).to(self.device)  # (F, H, C)
-        where = lambda x: x[:, None, None].expand_as(leaving).transpose(1, 2).to(self.device)[mask]  # noqa: E731
-        heads = torch.arange(self.num_kv_heads)[None, :, None].expand_as(mask).to(self.device)
-        self._offload(where(layer), slots.transpose(1, 2).to(self.device)[mask], heads[mask], codes[mask], keys[mask],
+        layers = at[0][:, None, None].expand_as(mask)
+        heads = torch.arange(self.num_kv_heads, device=self.device)[None, :, None].expand_as(mask)
+        self._offload(layers[mask], slots.transpose(1, 2).to(self.device)[mask], heads[mask], codes[mask], keys[mask],
                       values[mask])
         shift = leaving.sum(1).to(self.device)  # (F, H) tokens each head offloaded
         source = (torch.arange(self.capacity, device=self.device)[None, :, None] + shift[:, None, :]).clamp(
