@@ -108,8 +108,6 @@ def test_stats_count_quantized_blocks_and_the_ring_row(llama) -> None:
 @pytest.mark.parametrize(("spec", "kwargs", "reason"), [
     ("streaming(budget=64)+kivi4", {}, "window over model-dtype pages only"),
     ("kivi4", {"block_size": 16}, "multiple of 32"),
-    ("snapkv(keep=0.5)+pqcache(fraction=0.5)", {}, "pqcache re-stores tokens"),
-    ("kcache(fraction=0.5)", {}, "kcache re-stores tokens"),
 ])
 def test_unsupported_quantized_setups_are_refused_clearly(llama, spec: str, kwargs: dict, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):

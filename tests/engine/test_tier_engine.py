@@ -66,9 +66,11 @@ def test_other_model_dtype_or_policy_never_reads_the_blocks(llama, tier: KVTier,
     assert out.stats["tier_prompt_tokens"] == 0 and tier.stats.hits == 0
 
 
-def test_evicting_policy_refuses_a_tier(llama, tier: KVTier) -> None:
-    with pytest.raises(ValueError, match="never shared"):
-        _engine(llama, tier, "snapkv(keep=0.5)")
+@pytest.mark.parametrize(("policy", "why"), [("snapkv(keep=0.5)", "evicts by the whole prompt"),
+                                           ("kcache(fraction=0.5)", "splits blocks between device and host")])
+def test_policies_without_shareable_blocks_refuse_a_tier(llama, tier: KVTier, policy: str, why: str) -> None:
+    with pytest.raises(ValueError, match=f"{why}, so its blocks are never shared"):
+        LLM(llama, policy=policy, kv_memory=0.01, block_size=8, kv_tier=tier)
 
 
 def test_engine_metrics_report_the_tier(llama, tier: KVTier) -> None:

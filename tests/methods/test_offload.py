@@ -9,7 +9,7 @@ import torch
 import kvslim
 from kvslim.cache import attention as routing
 from kvslim.cache.offload import KCacheSegment, TopN, top_per_kv_head
-from kvslim.cache.pq import PQSegment, split_subspaces
+from kvslim.cache.pq import PQSegment, approximate_logits, split_subspaces
 from kvslim.cache.segments import DenseSegment, merge_partials, ragged_to_padded
 from kvslim.models import load_config, tiny_model
 from kvslim.shape import KVShape
@@ -143,7 +143,7 @@ def test_pq_codes_reconstruct_structured_keys_within_bound():
     assert error < 0.1, f"relative reconstruction error {error:.3f}"
     # the approximate scores are exactly q · (reconstructed key): the table lookup loses nothing more
     query = torch.randn(batch, heads * 2, 1, m * sub, generator=gen)
-    approx = seg.approximate_logits(query, 0.5)
+    approx = approximate_logits(query, seg.centroids, codes, 0.5)
     recon_keys = recon.permute(0, 1, 3, 2, 4).reshape(batch, heads, length, m * sub)
     exact = query.reshape(batch, heads, 2, -1) @ recon_keys.transpose(-1, -2) * 0.5
     torch.testing.assert_close(approx, exact, rtol=1e-5, atol=1e-5)

@@ -30,10 +30,33 @@ def to_host(t: Tensor) -> Tensor:
 
 
 def fetch_rows(host: Tensor, index: Tensor, device: torch.device) -> Tensor:
-    """Rows ``index`` of a host tensor, on ``device``.
+    """Rows ``index`` of a 2-D host tensor, on ``device``.
+
+    On a GPU that maps pinned memory, a kernel reads the rows over PCIe itself (zero copy, see
+    :mod:`kvslim.kernels.host_gather`): nothing waits for the row numbers to reach the host. Elsewhere,
+    :func:`copy_rows`.
+    """
+    if device.type == "cuda" and host.is_pinned() and _zero_copy(host, device):
+        from ..kernels.host_gather import gather_rows
+
+        return gather_rows(host, index.to(device), device)
+    return copy_rows(host, index, device)
+
+
+def _zero_copy(host: Tensor, device: torch.device) -> bool:
+    try:
+        from ..kernels import host_gather
+    except ImportError:  # no Triton
+        return False
+    return host_gather.supports(host) and host_gather.zero_copy_works(device)
+
+
+def copy_rows(host: Tensor, index: Tensor, device: torch.device) -> Tensor:
+    """Rows ``index`` of a host tensor, on ``device``, through the host: the staged path.
 
     From pinned memory the rows are gathered into a pinned staging buffer and copied asynchronously;
-    PyTorch's pinned-memory allocator keeps that buffer alive until the copy has run.
+    PyTorch's pinned-memory allocator keeps that buffer alive until the copy has run. The row numbers
+    must be on the host first: from a GPU, that waits for the kernels that chose them.
     """
     index = index.reshape(-1).to(host.device)
     if device.type == "cpu" or not host.is_pinned():
@@ -107,16 +130,19 @@ def top_per_kv_head(logits: Tensor, allowed: Tensor, n: Tensor) -> tuple[Tensor,
     group, not a union of per-head top-N): one shared set of N tokens per KV head keeps the rows copied
     from the host at N whatever the group size (a union could need up to G*N), and probabilities,
     unlike raw logits, are comparable across heads. ``k = max(n)``; columns beyond a row's own ``n`` or
-    never allowed are marked not kept.
+    never allowed are marked not kept. Ties go to the earlier column (a stable sort, where ``topk`` leaves
+    the order open): PQ codes tie often, and the choice must not depend on how wide the layout is padded
+    (the engine's pages are wider than the Hugging Face layout).
     """
     masked = logits.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(masked, -1, keepdim=True)
     probs = torch.exp(masked - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
     score = probs.amax(2).masked_fill(~allowed.any(2), -1.0)
     k = min(int(n.max()) if n.numel() else 0, score.shape[-1])
-    top = score.topk(k, dim=-1)
-    kept = (torch.arange(k, device=n.device) < n.unsqueeze(-1)) & (top.values >= 0)
-    return top.indices, kept
+    top = score.sort(dim=-1, descending=True, stable=True)
+    values, index = top.values[..., :k], top.indices[..., :k]
+    kept = (torch.arange(k, device=n.device) < n.unsqueeze(-1)) & (values >= 0)
+    return index, kept
 
 
 def attend_selected(query: Tensor, logits: Tensor, rows_allowed: Tensor, index: Tensor, kept: Tensor,

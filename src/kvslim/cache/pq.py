@@ -51,6 +51,21 @@ def kmeans(x: Tensor, valid: Tensor, clusters: int, iterations: int, seed: int) 
     return centroids
 
 
+def code_keys(keys: Tensor, centroids: Tensor) -> Tensor:
+    """Codes (B,H,T,m) uint8 of (B,H,T,D) keys: the nearest of the centroids (B,H,m,C,D/m) as stored, per sub-space."""
+    return nearest(split_subspaces(keys, centroids.shape[2]), centroids.float()).permute(0, 1, 3, 2).to(torch.uint8)
+
+
+def approximate_logits(query: Tensor, centroids: Tensor, codes: Tensor, scaling: float) -> Tensor:
+    """Scaled logits (B,H,G*q,T) of (B,Hq,q,D) queries from codes (B,H,T,m) and centroids (B,H,m,C,D/m):
+    per sub-space query·centroid tables, looked up and summed."""
+    batch, heads, m, clusters, sub = centroids.shape
+    rows = query.float().reshape(batch, heads, -1, m, sub)
+    table = torch.einsum("bhrmd,bhmcd->bhmrc", rows, centroids.float())  # (B, H, m, R, C)
+    lookup = codes.long().permute(0, 1, 3, 2).unsqueeze(3).expand(-1, -1, -1, table.shape[3], -1)
+    return table.gather(-1, lookup).sum(2) * scaling
+
+
 class PQSegment(Segment):
     """PQCache storage: codes (rows, m) uint8 and centroids (B,H,m,C,D/m) on the device; exact K|V rows on the host.
 
@@ -76,8 +91,7 @@ class PQSegment(Segment):
 
     def extend(self, keys: Tensor, values: Tensor, keep: Tensor) -> "PQSegment":
         """This segment plus the tokens ``keep`` of padded keys/values, after its own and coded with its codebooks."""
-        m = self.centroids.shape[2]
-        codes = nearest(split_subspaces(keys, m), self.centroids.float()).permute(0, 1, 3, 2)[keep].to(torch.uint8)
+        codes = code_keys(keys, self.centroids)[keep]
         rows = torch.cat([keys[keep], values[keep].to(keys.dtype)], -1)
         lengths = keep.sum(-1)
         return PQSegment(concat_ragged(self.codes, self.lengths, codes, lengths), self.centroids,
@@ -94,19 +108,12 @@ class PQSegment(Segment):
         return PQSegment(self.codes[rows], self.centroids, to_host(self.kv[rows.to(self.kv.device)]), self.key_dim,
                          (keep & self.valid_mask()).sum(-1), self.top)
 
-    def approximate_logits(self, query: Tensor, scaling: float) -> Tensor:
-        """Scaled logits (B,H,G*q,T) from the codes: per sub-space query·centroid tables, looked up and summed."""
-        batch, heads, m, clusters, sub = self.centroids.shape
-        rows = query.float().reshape(batch, heads, -1, m, sub)
-        table = torch.einsum("bhrmd,bhmcd->bhmrc", rows, self.centroids.float())  # (B, H, m, R, C)
-        codes, _ = ragged_to_padded(self.codes, self.lengths)  # (B, H, T, m)
-        lookup = codes.long().permute(0, 1, 3, 2).unsqueeze(3).expand(-1, -1, -1, table.shape[3], -1)
-        return table.gather(-1, lookup).sum(2) * scaling
-
     def attend(self, query: Tensor, allowed: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         batch, heads = self.lengths.shape
         rows_allowed = group_rows(allowed, query.shape[1] // heads)
-        index, kept = top_per_kv_head(self.approximate_logits(query, scaling), rows_allowed, self.top(self.lengths))
+        codes, _ = ragged_to_padded(self.codes, self.lengths)
+        approximate = approximate_logits(query, self.centroids, codes, scaling)
+        index, kept = top_per_kv_head(approximate, rows_allowed, self.top(self.lengths))
         fetched = fetch_rows(self.kv, row_index(self.lengths, index), self.codes.device)
         fetched = fetched.view(batch, heads, index.shape[-1], self.kv.shape[-1])
         logits = grouped_logits(query, fetched[..., : self.key_dim], scaling)

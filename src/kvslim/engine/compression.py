@@ -17,12 +17,15 @@ What the engine supports, and why:
   would need each step's attention weights over the pages; they are refused with a clear error.
 * **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
   hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
-  :mod:`kvslim.engine.kv_store`); the evictors run here, the packing in the store. Methods with
-  their own storage (ThinK's pruned channels, KCache's and PQCache's offloading) are refused, and so
-  is a sliding window over quantized pages (``streaming+kivi4``).
+  :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
+  values in host pages (:mod:`kvslim.engine.offload_kv`), PQCache key codes in device pages and exact
+  keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
+  the store. ThinK's pruned channels are refused, and so is a sliding window over a storage format
+  (``streaming+kivi4``).
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
-  whole prompt, so evicted blocks are never shared between prompts.
+  whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
+  do not share either (their blocks are split between device and host).
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from ..cache.layer import LayerKV
 from ..methods import Chain, Method, Observation, ScoredEviction
 from ..methods.adakv import AdaKV
 from ..methods.full import Full
+from ..methods.kcache import KCache
+from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.streaming import Streaming
 
@@ -47,13 +52,16 @@ class Compression:
     def __init__(self, policy: Method, num_layers: int, scaling: float):
         self.policy, self.num_layers, self.scaling = policy, num_layers, scaling
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
-        #: the storage format, packed by the KV store; the evictors before it run here
-        self.quantizer = parts.pop() if parts and isinstance(parts[-1], Quantizer) else None
+        #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
+        self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
+        self.quantizer = self.storage if isinstance(self.storage, Quantizer) else None
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
+        #: whether stored blocks depend only on their own and earlier tokens (prefix sharing, KV tiers)
+        self.shares_prefix = self.evict is None and (self.storage is None or self.quantizer is not None)
         self.window = self.evict if isinstance(self.evict, Streaming) else None
-        if self.window is not None and self.quantizer is not None:
+        if self.window is not None and self.storage is not None:
             raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
-                             f"use streaming or {self.quantizer.name} alone here, or the hybrid through kvslim.Cache")
+                             f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
         rescoring = [p.name for p in parts if isinstance(p, ScoredEviction) and p.decode_time]
         if rescoring and self.window is None:
             raise ValueError(
@@ -91,8 +99,9 @@ class Compression:
     def shareable(self, n_tokens: int) -> int:
         """Leading tokens of an ``n_tokens`` sequence whose stored blocks depend on those tokens alone, so they may
         be shared between prompts (and written to a KV tier): all of them for the model-dtype cache, the packed
-        ones for a quantizer (the newest wait in the residual ring), none once an evictor chose by the whole prompt."""
-        return 0 if self.evict is not None else self.reserve(n_tokens)
+        ones for a quantizer (the newest wait in the residual ring), none once an evictor chose by the whole prompt
+        or with an offloading store."""
+        return self.reserve(n_tokens) if self.shares_prefix else 0
 
     def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,)."""

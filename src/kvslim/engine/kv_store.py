@@ -1,4 +1,5 @@
-"""Where the engine keeps keys and values: model-dtype pages, or quantized pages plus a residual ring.
+"""Where the engine keeps keys and values: model-dtype pages, or quantized pages plus a residual ring
+(the offloading stores: KCache's in :mod:`kvslim.engine.offload_kv`, PQCache's in :mod:`kvslim.engine.pq_kv`).
 
 :class:`DenseKV` is the plain pool: every token's key and value in the model dtype, one slot per token.
 
@@ -23,6 +24,9 @@ from torch import Tensor
 from ..kernels.paged_attention_ref import paged_decode_ref
 from ..kernels.paged_quant import CodePages, Codes, QuantPages
 from ..kernels.paged_quant_attention_ref import paged_quant_decode_ref
+from ..methods import Method
+from ..methods.kcache import KCache
+from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from .sequence import Sequence
 
@@ -35,17 +39,41 @@ def dense_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: 
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def _heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+def heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """(H, T) slot and head index grids for T slots."""
     grid = slots.expand(heads, -1)
     return grid, torch.arange(heads, device=slots.device)[:, None].expand_as(grid)
+
+
+def write_heads(pages: Tensor, slots: Tensor, rows: Tensor, lens: Tensor) -> None:
+    """Write (H, T, D) ``rows`` into one layer's pages (blocks, block_size, H, D) at flat ``slots`` (T,),
+    only the first ``lens[h]`` of each head."""
+    heads, length = rows.shape[:2]
+    valid = torch.arange(length, device=rows.device) < lens[:, None]
+    grid, head = heads_expand(slots, heads)
+    pages.view(-1, heads, rows.shape[-1])[grid[valid], head[valid]] = rows[valid]
+
+
+def ring_rows(budget: int, max_num_seqs: int, row_bytes: int, share: float, what: str) -> int:
+    """Ring rows: one per sequence that may run, within ``share`` of the budget; ``what`` says why a row is needed
+    when not even one fits. Rows of no bytes (nothing waits in them) cost nothing: one per sequence."""
+    if not row_bytes:
+        return max_num_seqs
+    rows = min(max_num_seqs, int(budget * share) // row_bytes)
+    if rows < 1:
+        raise ValueError(f"{what} ({row_bytes} bytes), more than {share:.0%} of the KV memory ({budget} bytes): "
+                         "raise kv_memory")
+    return rows
 
 
 class DenseKV:
     """Pages in the model dtype: ``k_cache[layer]`` is ``(num_blocks, block_size, H, D)``."""
 
     quantized = False
+    ring = False  # whether sequences hold a ring row (``seq.tail`` counts the tokens in it)
     row_bytes = 0
+    ring_share = MAX_RING_SHARE  # the most of ``kv_memory`` the rows may take
+    graphable = True  # whether a decode step can be captured in a CUDA graph (fixed shapes, no host reads)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -55,7 +83,12 @@ class DenseKV:
         self._attend = _backend(device, "paged_attention", "paged_decode", paged_decode_ref)
 
     def block_bytes(self, block_size: int) -> int:
+        """Device bytes of one block (what ``kv_memory`` pays for)."""
         return dense_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, block_size)
+
+    def host_block_bytes(self, block_size: int) -> int:
+        """Host bytes of one block: none, unless the store offloads (see :mod:`kvslim.engine.offload_kv`)."""
+        return 0
 
     def default_block_size(self) -> int:
         return 16
@@ -92,12 +125,8 @@ class DenseKV:
 
         Returns the slots each head now holds in pages (counted from ``slots[0]``) and its ring tokens (None: no ring).
         """
-        heads, length = keys.shape[:2]
-        valid = torch.arange(length, device=self.device) < lens[:, None]
-        grid, head = _heads_expand(slots, heads)
-        flat = (-1, heads, self.head_dim)
-        self.k_cache[layer].view(flat)[grid[valid], head[valid]] = keys[valid]
-        self.v_cache[layer].view(flat)[grid[valid], head[valid]] = values[valid]
+        write_heads(self.k_cache[layer], slots, keys, lens)
+        write_heads(self.v_cache[layer], slots, values, lens)
         return lens, None
 
     # -- decoding -----------------------------------------------------------------------------------
@@ -140,6 +169,9 @@ class QuantKV:
     """Quantized pages plus the per-sequence residual ring (see the module docstring)."""
 
     quantized = True
+    ring = True
+    ring_share = MAX_RING_SHARE
+    graphable = True
 
     def __init__(self, quantizer: Quantizer, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
@@ -165,6 +197,9 @@ class QuantKV:
         codes = (self.key_codes, self.value_codes)
         return self.num_layers * sum(c.block_bytes(block_size, self.num_kv_heads, self.head_dim) for c in codes)
 
+    def host_block_bytes(self, block_size: int) -> int:
+        return 0
+
     def default_block_size(self) -> int:
         return max(16, self.pack)
 
@@ -175,12 +210,8 @@ class QuantKV:
 
     def rows_for(self, budget: int, max_num_seqs: int) -> int:
         """Ring rows: one per sequence that may run, within ``MAX_RING_SHARE`` of the budget."""
-        rows = min(max_num_seqs, int(budget * MAX_RING_SHARE) // self.row_bytes)
-        if rows < 1:
-            raise ValueError(f"{self.quantizer.spec} keeps up to {self.capacity} newest tokens per sequence in full "
-                             f"precision ({self.row_bytes} bytes), more than a quarter of the KV memory ({budget} bytes): "
-                             "raise kv_memory")
-        return rows
+        what = f"{self.quantizer.spec} keeps up to {self.capacity} newest tokens per sequence in full precision"
+        return ring_rows(budget, max_num_seqs, self.row_bytes, self.ring_share, what)
 
     def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
         args = (self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.device)
@@ -223,7 +254,7 @@ class QuantKV:
         heads, length = keys.shape[:2]
         packed = (lens - self.residual).clamp(min=0) // self.pack * self.pack
         t = torch.arange(length, device=self.device)
-        grid, head = _heads_expand(slots, heads)
+        grid, head = heads_expand(slots, heads)
         pack = t < packed[:, None]
         if bool(pack.any()):
             self._write(layer, grid[pack], head[pack], keys[pack], values[pack])
@@ -306,8 +337,19 @@ def _backend(device: torch.device, module: str, name: str, reference: Callable[.
     return getattr(kernels, name) if supports(kernels) else reference
 
 
-def make_store(quantizer: Quantizer | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> "DenseKV | QuantKV":
-    if quantizer is None:
-        return DenseKV(num_layers, num_kv_heads, head_dim, dtype, device)
-    return QuantKV(quantizer, num_layers, num_kv_heads, head_dim, dtype, device)
+def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+               device: torch.device) -> "DenseKV | QuantKV | PQCacheKV":
+    """The store for a policy's storage format (:attr:`Compression.storage`): None keeps the model dtype."""
+    from .offload_kv import KCacheKV  # the offloading stores build on this module, so they import it
+    from .pq_kv import PQCacheKV
+
+    args = (num_layers, num_kv_heads, head_dim, dtype, device)
+    if storage is None:
+        return DenseKV(*args)
+    if isinstance(storage, Quantizer):
+        return QuantKV(storage, *args)
+    if isinstance(storage, KCache):
+        return KCacheKV(storage, *args)
+    if isinstance(storage, PQCache):
+        return PQCacheKV(storage, *args)  # type: ignore[return-value]
+    raise ValueError(f"the engine has no store for {storage.spec}")

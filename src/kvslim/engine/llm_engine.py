@@ -46,10 +46,11 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling)
-        self.runner.set_format(self.compression.quantizer)
+        self.runner.set_format(self.compression.storage)
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()
         self.block_bytes = kv.block_bytes(block_size)
+        self.host_block_bytes = kv.host_block_bytes(block_size)  # what offloading stores keep in host memory
         #: what the same block would take in the model dtype (a full cache's bytes, for the stats)
         self.dense_block_bytes = dense_block_bytes(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
                                                    self.runner.dtype, block_size)
@@ -241,6 +242,7 @@ class LLMEngine:
             "preemptions": sum(s.preemptions for s in seqs),
             "peak_kv_blocks": max(s.peak_blocks for s in seqs),
             "peak_kv_bytes": peak_bytes,
+            "peak_kv_host_bytes": max(s.peak_blocks for s in seqs) * self.host_block_bytes,
             "full_kv_bytes": full_blocks * self.dense_block_bytes,
         })
 

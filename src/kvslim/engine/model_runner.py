@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..methods.quantizers import Quantizer
+from ..methods import Method
 from .kv_store import QuantStep, make_store
 from .sequence import Sequence
 
@@ -103,15 +103,16 @@ class ModelRunner:
         return cls(model.eval(), enforce_eager)
 
     # -- the pool ---------------------------------------------------------------------------------
-    def set_format(self, quantizer: Quantizer | None) -> None:
-        """Pages in the model dtype (None) or as ``quantizer`` packs them; before :meth:`allocate`."""
-        self.kv = make_store(quantizer, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+    def set_format(self, storage: Method | None) -> None:
+        """Pages in the model dtype (None), as a quantizer packs them, or split with the host (KCache, PQCache);
+        before :meth:`allocate`."""
+        self.kv = make_store(storage, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
     def allocate(self, num_blocks: int, block_size: int, rows: int) -> None:
         """``num_blocks`` blocks and ``rows`` ring rows for the block manager; with CUDA graphs, one more of each
         that it never hands out: the padding rows of a graph's batch write there."""
         self.graphs = None
-        graphs = self.device.type == "cuda" and not self.enforce_eager
+        graphs = self.device.type == "cuda" and not self.enforce_eager and self.kv.graphable
         self.kv.allocate(num_blocks + graphs, block_size, rows + graphs)
         self.block_size = block_size
         if graphs:
@@ -162,7 +163,8 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seq: Sequence, compress: CompressHook | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Run a sequence's tokens, store their keys/values; last-token logits, page slots per (layer, head)
-        and, for quantized pages, the tokens per (layer, head) left in the sequence's ring row.
+        and, for stores with a ring (quantized pages, KCache, PQCache), the tokens per (layer, head) left in the
+        sequence's ring row.
 
         Without ``compress`` (no evictor), tokens the prefix cache already holds (``seq.num_cached_tokens``)
         are read from the pool, not recomputed (the last token always runs, for its logits); quantized pages
@@ -177,7 +179,7 @@ class ModelRunner:
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
         held = torch.empty(self.num_layers, self.num_kv_heads, dtype=torch.long)
-        tail = torch.empty_like(held) if self.kv.quantized else None
+        tail = torch.empty_like(held) if self.kv.ring else None
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(layer, h, cos, sin)

@@ -18,7 +18,8 @@ class RequestOutput:
 
     ``stats``: prompt_tokens, cached_prompt_tokens (from the prefix cache), completion_tokens,
     ttft_s, latency_s, tpot_s (mean time per output token after the first), preemptions,
-    peak_kv_blocks, peak_kv_bytes and full_kv_bytes (what an uncompressed cache would have needed).
+    peak_kv_blocks, peak_kv_bytes (device memory: blocks and ring row), peak_kv_host_bytes (host memory:
+    KCache's offloaded values) and full_kv_bytes (what an uncompressed cache would have needed).
     """
 
     request_id: str

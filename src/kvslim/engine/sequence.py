@@ -60,8 +60,8 @@ class Sequence:
     preemptions: int = 0
     peak_blocks: int = 0
     generator: torch.Generator | None = None  # seeded sampling (SamplingParams.seed)
-    ring_row: int = -1  # row of the full-precision residual ring (quantized pages only)
-    tail: Tensor | None = None  # (L, H) tokens each head holds in its ring row
+    ring_row: int = -1  # row of the ring of newest tokens (quantized pages, KCache)
+    tail: Tensor | None = None  # (L, H) tokens each head holds in its ring row (stores with a ring)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
