@@ -26,6 +26,7 @@ class Generation:
     token_ids: list[int] = field(repr=False)
     kv_bytes_prefill: int
     kv_bytes_end: int
+    kv_host_bytes_end: int  # of kv_bytes_end, what sits in host memory (offloading methods); the rest is on the device
     full_bytes_end: int
     kept_tokens_end: int
     ttft_s: float
@@ -126,6 +127,7 @@ def generate(model: Any, tokenizer: Any, prompts: str | Sequence[str], policy: "
     new_ids, cache, timing = generate_ids(model, prompt_ids, policy, max_new_tokens, eos, temperature, seed, pad,
                                           **policy_params)
     end_bytes, kept, full = cache.bytes_per_sequence(), cache.tokens_per_sequence(), cache.full_bytes_per_sequence()
+    host_bytes = cache.bytes_per_sequence(host=True)
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
     results = []
     for i, ids in enumerate(new_ids):
@@ -133,7 +135,7 @@ def generate(model: Any, tokenizer: Any, prompts: str | Sequence[str], policy: "
         results.append(Generation(
             text=tokenizer.decode(text_ids, skip_special_tokens=True), prompt_tokens=len(prompt_ids[i]),
             new_tokens=len(ids), token_ids=ids, kv_bytes_prefill=timing["kv_bytes_prefill"][i],
-            kv_bytes_end=end_bytes[i], full_bytes_end=full[i], kept_tokens_end=kept[i],
+            kv_bytes_end=end_bytes[i], kv_host_bytes_end=host_bytes[i], full_bytes_end=full[i], kept_tokens_end=kept[i],
             ttft_s=timing["ttft_s"], tpot_s=timing["tpot_s"], policy=cache.policy.spec,
         ))
     return results

@@ -185,3 +185,27 @@ def test_kcache_reading_10_percent_finds_the_pass_key_where_full_does(smollm2, p
 
     hits = retrieved(smollm2, passkeys, "kcache", fraction=0.1)
     assert_keeps_pass_keys(hits, "kcache(fraction=0.1)")
+
+
+
+class _Chars:
+    """A tokenizer for ``kvslim.generate`` on a tiny model: one token per character."""
+
+    eos_token_id = pad_token_id = 0
+
+    def encode(self, text):
+        return [1 + ord(c) % 250 for c in text]
+
+    def decode(self, ids, **_):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("policy", ["full", "kcache(fraction=0.25,full_layers=1,recent=4)"])
+def test_generate_reports_host_bytes_per_sequence(llama, policy):
+    out = kvslim.generate(llama, _Chars(), ["a" * 70, "bc" * 45], policy=policy, max_new_tokens=6)
+    for gen in out:
+        assert gen.kv_bytes_end > 0
+        if policy == "full":
+            assert gen.kv_host_bytes_end == 0
+        else:  # KCache: the second layer's values (a quarter of the two layers' keys and values) in host memory
+            assert 0.2 < gen.kv_host_bytes_end / gen.kv_bytes_end < 0.3

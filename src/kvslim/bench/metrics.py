@@ -18,7 +18,7 @@ FULL = "full"
 
 COLUMNS = [
     "task", "length", "policy", "keep", "n", "accuracy", "perplexity", "output_tokens", "output_change_vs_full",
-    "kv_bytes_prefill", "kv_bytes_end", "full_bytes", "compression", "ttft_s", "tpot_s", "tokens_per_s",
+    "kv_bytes_prefill", "kv_bytes_end", "kv_device_bytes_end", "kv_host_bytes_end", "full_bytes", "compression", "ttft_s", "tpot_s", "tokens_per_s",
     "peak_mem_bytes", "peak_mem_kind",
 ]
 
@@ -45,6 +45,8 @@ def _row(records: Sequence[dict[str, Any]], full: dict[tuple[str, int, str], dic
         "output_change_vs_full": fmean(p for p, _ in paired) / full_mean - 1 if full_mean and not scored else None,
         "kv_bytes_prefill": fmean(r["kv_bytes_prefill"] for r in records),
         "kv_bytes_end": end,
+        "kv_device_bytes_end": _mean(r.get("kv_device_bytes_end") for r in records),  # absent in older runs' records
+        "kv_host_bytes_end": _mean(r.get("kv_host_bytes_end") for r in records),
         "full_bytes": fmean(r["full_bytes"] for r in records),
         "compression": fmean(r["full_bytes"] for r in records) / end if end else None,
         "ttft_s": fmean(r["ttft_s"] for r in records),

@@ -158,12 +158,13 @@ class Cache(HFCache):
             "bytes_ratio": self.nbytes() / full_bytes if full_bytes else 1.0,
         }
 
-    def bytes_per_sequence(self) -> list[int]:
-        """Bytes held for each sequence of the batch."""
+    def bytes_per_sequence(self, host: bool = False) -> list[int]:
+        """Bytes held for each sequence of the batch (``host``: only those offloaded to host memory, as KCache's
+        values; device bytes are the difference)."""
         totals = [0] * self.batch_size_seen
         for layer in self.layers:
             for seg in layer.segments:
-                totals = [a + b for a, b in zip(totals, seg.nbytes_per_sequence())]
+                totals = [a + b for a, b in zip(totals, seg.nbytes_per_sequence(host))]
         return totals
 
     def tokens_per_sequence(self) -> list[int]:

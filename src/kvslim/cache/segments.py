@@ -129,11 +129,12 @@ class Segment(ABC):
         keys, values, _ = self.dense()
         return partial_attention(query, keys, values, allowed, scaling)
 
-    def nbytes_per_sequence(self) -> list[int]:
-        """Bytes per sequence of the batch, shared out by tokens held (exact for per-token storage)."""
+    def nbytes_per_sequence(self, host: bool = False) -> list[int]:
+        """Bytes (``host``: only those in host memory) per sequence of the batch, shared out by tokens held
+        (exact for per-token storage)."""
         per_seq = self.lengths.sum(-1).tolist()
-        total = sum(per_seq)
-        return [self.nbytes() * n // total if total else 0 for n in per_seq]
+        total, held = sum(per_seq), self.host_nbytes() if host else self.nbytes()
+        return [held * n // total if total else 0 for n in per_seq]
 
     @property
     def longest(self) -> int:
