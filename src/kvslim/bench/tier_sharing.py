@@ -67,6 +67,17 @@ def _spawn(role: str, args: argparse.Namespace, kv_tier: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _commit() -> str:
+    """The code's git commit (with ``+dirty`` when the tree has changes), for the results' record."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return "not a git checkout"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def measure(args: argparse.Namespace, kv_tier: str) -> dict[str, Any]:
     """Writer, then reader, as two processes over ``kv_tier``; the reader's TTFT ratio."""
     started = time.perf_counter()
@@ -74,7 +85,7 @@ def measure(args: argparse.Namespace, kv_tier: str) -> dict[str, Any]:
     reader = _spawn("reader", args, kv_tier)
     recompute, shared = reader["recompute"]["ttft_s"], reader["shared"]["ttft_s"]
     return {
-        "model": args.model, "policy": args.policy, "kv_tier": kv_tier.split("://")[0],
+        "commit": _commit(), "model": args.model, "policy": args.policy, "kv_tier": kv_tier.split("://")[0],
         "prefix_tokens": args.prefix_tokens, "suffix_tokens": args.suffix_tokens,
         "reader_ttft_recompute_s": recompute, "reader_ttft_from_tier_s": shared,
         "ttft_ratio_recompute_over_tier": recompute / shared,
