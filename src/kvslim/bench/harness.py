@@ -135,7 +135,8 @@ def write_outputs(out: Path, config: BenchConfig, runs: list[Run], records: list
                "figures": [name for _, name in written]}
     write_json(out / "summary.json", summary)
     write_atomic(out / "summary.csv", _csv(rows))
-    write_atomic(out / "report.md", report.write_report(settings, rows, length_rows, flips, runs, written))
+    write_atomic(out / "report.md", report.write_report(settings, rows, length_rows, flips, runs, written,
+                                                                 records))
     return summary
 
 
