@@ -99,7 +99,10 @@ def depth_heatmaps(records: Sequence[dict[str, Any]], task: str, runs: Sequence[
     label = depth_labeler(task)
     bins = sorted({label(r["depth"]) for r in records}, key=lambda b: float(b.split("-")[0]))
     lengths = sorted({r["length"] for r in records})
-    fig, axes = _grid(len(present), width=1.6 + 1.3 * len(lengths), height=1.2 + 0.55 * len(bins), cols=4)
+    cols = min(4, len(present))
+    # A panel is narrow when there are few lengths; the figure keeps room for its two-line title.
+    width = max(1.6 + 1.3 * len(lengths), 5.5 / cols)
+    fig, axes = _grid(len(present), width=width, height=1.6 + 0.55 * len(bins), cols=cols)
     image = None
     for ax, run in zip(axes, present):
         cells: dict[tuple[str, int], list[float]] = defaultdict(list)
@@ -121,7 +124,7 @@ def depth_heatmaps(records: Sequence[dict[str, Any]], task: str, runs: Sequence[
         ax.set_title(run.label)
     if image is not None:
         fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
-    fig.suptitle(f"{task}: accuracy by needle depth (0 = start of the context, 1 = end) and length")
+    fig.suptitle(f"{task}: accuracy by needle depth and context length\n(depth 0 = start of the context, 1 = end)")
     fig.savefig(path, dpi=110)
     return path
 
