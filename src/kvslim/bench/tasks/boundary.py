@@ -4,10 +4,10 @@ A model continues the token sequence it is given, so a prompt must stop at a bou
 itself would produce in front of the answer. Tokenizers that split digits (SmolLM2, Llama 3, Qwen2) encode
 "The pass key is 47694" as ``... ' is', ' ', '4', '7', ...``: the space before a number is a token of its own.
 A prompt ending in "is" then asks the model to emit that bare space first, a token a small model ranks
-below " the" even when it knows the number. Measured on SmolLM2-135M-Instruct (pass key, 2048 tokens,
-20 samples, full cache): ending the answer prefix with "is" found 9 keys (the other 11 began " the pass
-key. ..."), ending it with "is " found all 20, the same 5 digits in every case; the digits themselves
-were never the problem. Tokenizers that merge the space into the number (GPT-2's ``' 47694'``) keep the
+below a word such as " the" even when it knows the number. Measured on SmolLM2-135M-Instruct (pass key,
+2048 tokens, 20 samples, full cache): ending the answer prefix with "is" found 9 keys (the other 11 began
+with " the" or " a", yet after the space the model ranked the right digits first in all of them); ending
+it with "is " found all 20. Tokenizers that merge the space into the number (GPT-2's ``' 47694'``) keep the
 prefix as it is, so the rule helps no tokenizer at the expense of another.
 """
 from __future__ import annotations
