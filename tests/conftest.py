@@ -37,9 +37,10 @@ def smollm2():
 def passkeys(smollm2):
     """Ten 2k-token pass-key prompts that the full cache answers, drawn in order from a seeded pool of 30.
 
-    The acceptance is "retrieves the pass key where full does": SmolLM2-135M itself finds about half
-    of the keys at 2k tokens (it misses keys hidden near the very start or end), so methods are judged
-    on the prompts the uncompressed model can answer. The pool's full-cache rate is asserted too.
+    The acceptance is "retrieves the pass key where full does", so methods are judged on prompts the
+    uncompressed model answers. Since the prompt ends at the answer's token boundary (see
+    ``kvslim.bench.tasks.boundary``) that is nearly every prompt: 20/20 at 2k tokens in
+    ``benchmarks/results/cpu_smollm2_passkey/``. The pool's full-cache rate is asserted too.
     """
     from kvslim.bench.tasks import get_task
     from passkey_helpers import retrieved

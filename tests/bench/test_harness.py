@@ -14,7 +14,7 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from kvslim.bench import harness
+from kvslim.bench import detail, harness
 from kvslim.bench.cli import add_arguments, main_from_args
 from kvslim.bench.config import BenchConfig, Run, parse_lengths, parse_list
 from kvslim.bench.execute import encode
@@ -98,6 +98,9 @@ def test_every_output_file_and_field(finished: tuple[Path, dict[str, Any]]) -> N
     for name in FIGURES:
         assert f"]({name})" in report
     assert "Per-sample analysis" in report and "Perplexity protocol" in report
+    # The random model answers wrongly, so the per-sample table lists samples with every recorded field.
+    assert "| " + " | ".join(detail.HEADERS) + " |" in report
+    assert report.count("| full | passkey | 320 |") == SAMPLES
     assert "Reproduce or resume with `kvslim bench --model tiny-llama --policies 'full,snapkv,streaming'" in report
 
 

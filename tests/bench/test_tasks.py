@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from kvslim.bench.tasks import get_task, list_tasks
+from kvslim.bench.tasks.boundary import answer_prefix
 
 GENERATION = ["fwe", "multikey", "multivalue", "needle", "passkey", "vt"]
 ALL = GENERATION + ["perplexity"]
@@ -20,6 +21,17 @@ class WordTokenizer:
 
 
 TOK = WordTokenizer()
+
+
+class RegexTokenizer:
+    """Pre-tokenizes like a byte-level BPE: ``split_digits`` as SmolLM2, Llama 3 and Qwen2 do (the space
+    before a number is a token of its own), otherwise as GPT-2 does (the space joins the number)."""
+
+    def __init__(self, split_digits: bool) -> None:
+        self.pattern = r" ?[A-Za-z]+| |\d|[^\w\s]" if split_digits else r" ?[A-Za-z]+| ?\d+|\s+|[^\w\s]"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return re.findall(self.pattern, text)
 
 
 def gold_text(answer: str | list[str]) -> str:
@@ -88,6 +100,25 @@ def test_needle_sits_at_its_depth(name: str) -> None:
         assert s.meta["depth"] == depth
         assert context.count(needle) == 1
         assert context.index(needle) / (len(context) - len(needle)) == pytest.approx(depth, abs=0.03)
+
+
+def test_answer_prefix_ends_where_the_tokenizer_starts_a_number() -> None:
+    split, merged = RegexTokenizer(split_digits=True), RegexTokenizer(split_digits=False)
+    assert split.encode("is 47694")[:3] == ["is", " ", "4"]
+    assert answer_prefix("The pass key is", split) == "The pass key is "
+    assert merged.encode("is 47694") == ["is", " 47694"]
+    assert answer_prefix("The pass key is", merged) == "The pass key is"
+
+
+@pytest.mark.parametrize("name", ["passkey", "needle", "multikey", "multivalue"])
+def test_numeric_prompts_continue_like_the_hidden_fact(name: str) -> None:
+    """With a digit-splitting tokenizer, prompt + gold tokenizes as the prompt's tokens then the gold's,
+    just as the fact sentence in the context does: the model is never asked for a bare space first."""
+    tok = RegexTokenizer(split_digits=True)
+    for s in get_task(name).generate(2, 600, tok, seed=8):
+        gold = s.answer if isinstance(s.answer, str) else s.answer[0]
+        assert s.prompt.endswith(" ") and s.meta["answer_prefix"].endswith(" ")
+        assert tok.encode(s.prompt + gold) == tok.encode(s.prompt) + tok.encode(gold)
 
 
 def test_needle_cycles_default_depth_grid() -> None:

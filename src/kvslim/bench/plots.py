@@ -51,6 +51,11 @@ def accuracy_vs_bytes(rows: Sequence[dict[str, Any]], tasks: Sequence[str], runs
     colors = _colors(runs)
     lengths = sorted({r["length"] for r in rows})
     marker = {n: MARKERS[i % len(MARKERS)] for i, n in enumerate(lengths)}
+    # Policies often tie (same bytes, same accuracy): earlier ones are drawn larger and underneath, with a
+    # white edge, so a tie shows as concentric rings instead of hiding a policy.
+    order = {p: i for i, p in enumerate(c for c in colors if c != FULL)}
+    keeps = sorted({r.keep for r in runs if r.keep is not None})
+    label_keeps = len(keeps) > 1  # with one keep fraction the legend title states it once
     fig, axes = _grid(len(tasks), width=5.5, height=4.5)
     for ax, task in zip(axes, tasks):
         task_rows = [r for r in rows if r["task"] == task]
@@ -62,12 +67,15 @@ def accuracy_vs_bytes(rows: Sequence[dict[str, Any]], tasks: Sequence[str], runs
             pts.sort(key=lambda r: r["kv_bytes_end"])
             xs = [r["kv_bytes_end"] / MIB for r in pts]
             ys = [r[metric] for r in pts]
-            style = {"marker": "*", "markersize": 14} if policy == FULL else {"marker": marker[length], "markersize": 7}
-            ax.plot(xs, ys, color=colors[policy], linewidth=1.5, **style)
+            rank = order.get(policy, 0)
+            style = ({"marker": "*", "markersize": 14} if policy == FULL else
+                     {"marker": marker[length], "markersize": 6 + 2.5 * (len(order) - 1 - rank), "zorder": 3 + rank})
+            ax.plot(xs, ys, color=colors[policy], linewidth=1.5, markeredgecolor="white", markeredgewidth=0.8,
+                    **style)
             for r, x, y in zip(pts, xs, ys):
-                if r["keep"] is not None:
-                    ax.annotate(f"{r['keep']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8,
-                                color=colors[policy])
+                if label_keeps and r["keep"] is not None:
+                    ax.annotate(f"{r['keep']:g}", (x, y), textcoords="offset points", xytext=(6, 3 + 8 * (rank % 3)),
+                                fontsize=8, color=colors[policy])
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -83,8 +91,9 @@ def accuracy_vs_bytes(rows: Sequence[dict[str, Any]], tasks: Sequence[str], runs
                for p, c in colors.items()]
     if len(lengths) > 1:
         handles += [Line2D([], [], color="gray", marker=marker[n], linestyle="", label=f"{n} tokens") for n in lengths]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4),
-               title="policy (point labels: keep fraction)")
+    title = ("policy (point labels: keep fraction)" if label_keeps else
+             f"policy (keep fraction {keeps[0]:g} where it applies)" if keeps else "policy")
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), title=title)
     fig.suptitle("Quality against KV memory")
     fig.savefig(path, dpi=110)
     return path
@@ -99,7 +108,10 @@ def depth_heatmaps(records: Sequence[dict[str, Any]], task: str, runs: Sequence[
     label = depth_labeler(task)
     bins = sorted({label(r["depth"]) for r in records}, key=lambda b: float(b.split("-")[0]))
     lengths = sorted({r["length"] for r in records})
-    fig, axes = _grid(len(present), width=1.6 + 1.3 * len(lengths), height=1.2 + 0.55 * len(bins), cols=4)
+    cols = min(4, len(present))
+    # A panel is narrow when there are few lengths; the figure keeps room for its two-line title.
+    width = max(1.6 + 1.3 * len(lengths), 5.5 / cols)
+    fig, axes = _grid(len(present), width=width, height=1.6 + 0.55 * len(bins), cols=cols)
     image = None
     for ax, run in zip(axes, present):
         cells: dict[tuple[str, int], list[float]] = defaultdict(list)
@@ -121,7 +133,7 @@ def depth_heatmaps(records: Sequence[dict[str, Any]], task: str, runs: Sequence[
         ax.set_title(run.label)
     if image is not None:
         fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
-    fig.suptitle(f"{task}: accuracy by needle depth (0 = start of the context, 1 = end) and length")
+    fig.suptitle(f"{task}: accuracy by needle depth and context length\n(depth 0 = start of the context, 1 = end)")
     fig.savefig(path, dpi=110)
     return path
 

@@ -9,7 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from . import execute
+from . import detail, execute
 from .config import Run
 
 MIB = 2**20
@@ -145,8 +145,18 @@ def _measurement_notes(settings: dict[str, Any]) -> str:
     ])
 
 
+def _wrong_section(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> str:
+    rows = detail.wrong_answers(records, runs)
+    if not rows:
+        return "Every generated answer is right."
+    return (f"Up to {detail.PER_RUN} wrong answers per run, with every field recorded for them (`samples.jsonl` "
+            "has all samples); *full's output* is the full cache's answer to the same prompt.\n\n"
+            + markdown_table(detail.HEADERS, rows))
+
+
 def write_report(settings: dict[str, Any], rows: Sequence[dict[str, Any]], length_rows: Sequence[dict[str, Any]],
-                 flips: Sequence[dict[str, Any]], runs: Sequence[Run], figures: Sequence[tuple[str, str]]) -> str:
+                 flips: Sequence[dict[str, Any]], runs: Sequence[Run], figures: Sequence[tuple[str, str]],
+                 records: Sequence[dict[str, Any]]) -> str:
     """The markdown report: settings, tables, figures, per-sample analysis, measurement notes."""
     setting_rows = [[k, _setting(v)] for k, v in settings.items() if k not in ("chat_note", "specs", "command")]
     spec_rows = [[label, f"`{spec}`"] for label, spec in settings["specs"].items()]
@@ -168,6 +178,8 @@ def write_report(settings: dict[str, Any], rows: Sequence[dict[str, Any]], lengt
         "grouped by task, length and needle depth; *paired* counts the samples both ran in that group. "
         "Each sample's prompt length, answer and generated text are in `samples.jsonl`.",
         _flip_section(flips, runs, any(r.policy == "full" for r in runs)),
+        "## Wrong answers in detail",
+        _wrong_section(records, runs),
         "## How it was measured",
         _measurement_notes(settings),
     ]) + "\n"

@@ -27,7 +27,8 @@ class Sample:
 @dataclass(frozen=True)
 class Template:
     """The plain-text prompt layout: instruction, context, then the question and an answer prefix, so a
-    base model answers in a few tokens. The parts also go into ``meta`` so that the harness can re-wrap
+    base model answers in a few tokens (numeric tasks end the prefix at the tokenizer's answer boundary:
+    :func:`.boundary.answer_prefix`). The parts also go into ``meta`` so that the harness can re-wrap
     them with a chat template."""
 
     instruction: str

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import haystack, vocab
 from .base import Draft, Task, Template, register
+from .boundary import answer_prefix
 from .fit import TokenCounter
 from .text import SOURCE
 
@@ -40,7 +41,8 @@ class MultiKey(Task):
         template = Template(
             INSTRUCTION,
             f"What is the special magic number for {keys[asked]} mentioned in the provided text?",
-            f"The special magic number for {keys[asked]} mentioned in the provided text is",
+            answer_prefix(f"The special magic number for {keys[asked]} mentioned in the provided text is",
+                          count.tokenizer),
         )
         h = haystack.build(length, count, template, haystack.prose(rng), facts)
         meta = {"key": keys[asked], "depth": facts[asked].depth, "needle": facts[asked].text, "source": SOURCE}

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import haystack, vocab
 from .base import Draft, Task, Template, register
+from .boundary import answer_prefix
 from .fit import TokenCounter
 from .multikey import INSTRUCTION, magic_line
 from .text import SOURCE
@@ -31,7 +32,7 @@ class MultiValue(Task):
         template = Template(
             INSTRUCTION,
             f"What are all the special magic numbers for {key} mentioned in the provided text?",
-            f"The special magic numbers for {key} mentioned in the provided text are",
+            answer_prefix(f"The special magic numbers for {key} mentioned in the provided text are", count.tokenizer),
         )
         h = haystack.build(length, count, template, haystack.prose(rng), facts)
         meta = {"key": key, "depths": [f.depth for f in facts], "source": SOURCE}

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import haystack, vocab
 from .base import Draft, Task, Template, register
+from .boundary import answer_prefix
 from .fit import TokenCounter
 from .text import SOURCE
 
@@ -30,7 +31,7 @@ class Needle(Task):
             "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
             "I will quiz you about the numbers afterwards.",
             f"What is the special magic number for {city} mentioned in the provided text?",
-            f"The special magic number for {city} mentioned in the provided text is",
+            answer_prefix(f"The special magic number for {city} mentioned in the provided text is", count.tokenizer),
         )
         fact = haystack.Fact(depth, f"The special magic number for {city} is {number}.")
         h = haystack.build(length, count, template, haystack.prose(rng), [fact])

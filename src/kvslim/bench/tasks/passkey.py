@@ -8,6 +8,7 @@ from typing import Any
 
 from . import haystack, vocab
 from .base import Draft, Task, Template, register
+from .boundary import answer_prefix
 from .fit import TokenCounter
 
 FILLER = (
@@ -39,7 +40,7 @@ class PassKey(Task):
             "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             "I will quiz you about the important information there.",
             "What is the pass key?",
-            "The pass key is",
+            answer_prefix("The pass key is", count.tokenizer),
         )
         fact = haystack.Fact(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")
         h = haystack.build(length, count, template, lambda: itertools.cycle(FILLER), [fact])
