@@ -1,15 +1,13 @@
 """Paged decode attention: the PyTorch reference against dense attention, the Triton kernel against the reference."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kvslim.kernels.paged_attention_ref import paged_decode_ref
+from interpreted import run_interpreted
 
 
 def _case(seed: int, dtype: torch.dtype, block_size: int = 16, dim: int = 16):
@@ -73,9 +71,7 @@ def test_triton_kernel_matches_reference() -> None:
         for dtype in DTYPES:
             check_triton_kernel(dtype)
         return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(__file__, timeout_s=300)
 
 
 if __name__ == "__main__":

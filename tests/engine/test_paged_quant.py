@@ -2,15 +2,13 @@
 dequantized tokens plus the ring, and the Triton kernel matches the reference (interpreter on CPU)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kvslim
+from interpreted import run_interpreted
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
 
@@ -111,9 +109,7 @@ def test_triton_kernel_matches_reference() -> None:
             for dtype in DTYPES:
                 check_triton_kernel(spec, dtype)
         return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(__file__)
 
 
 if __name__ == "__main__":

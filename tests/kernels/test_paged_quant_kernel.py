@@ -8,14 +8,12 @@ formats the H100 once got wrong, run at small sizes under Triton's interpreter i
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import kvslim
+from interpreted import run_interpreted
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
 
@@ -102,9 +100,7 @@ def test_interpreted_group_16() -> None:
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("the GPU runs the full sweep")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(__file__)
 
 
 if __name__ == "__main__":

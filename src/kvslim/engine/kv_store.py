@@ -16,7 +16,7 @@ row. Per-token formats keep ``residual = 0``, so their row holds just the token 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -29,6 +29,10 @@ from ..methods.kcache import KCache
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from .sequence import Sequence
+
+if TYPE_CHECKING:  # the offloading stores build on this module, so it imports them only when called
+    from .offload_kv import KCacheKV
+    from .pq_kv import PQCacheKV
 
 #: the residual rows take at most this share of ``kv_memory`` (it caps running sequences on small pools)
 MAX_RING_SHARE = 0.25
@@ -338,7 +342,7 @@ def _backend(device: torch.device, module: str, name: str, reference: Callable[.
 
 
 def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> "DenseKV | QuantKV | PQCacheKV":
+               device: torch.device) -> "DenseKV | QuantKV | KCacheKV | PQCacheKV":
     """The store for a policy's storage format (:attr:`Compression.storage`): None keeps the model dtype."""
     from .offload_kv import KCacheKV  # the offloading stores build on this module, so they import it
     from .pq_kv import PQCacheKV

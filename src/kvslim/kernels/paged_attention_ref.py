@@ -31,7 +31,7 @@ def paged_decode_ref(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tabl
     Returns (B, Hq, D) in the query's dtype; softmax in float32.
     """
     batch, q_heads, dim = query.shape
-    block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    kv_heads = k_pages.shape[2]
     tables = block_tables.clamp(min=0).long()
     keys = k_pages[tables].reshape(batch, -1, kv_heads, dim).transpose(1, 2).float()  # (B, H, T, D)
     values = v_pages[tables].reshape(batch, -1, kv_heads, v_pages.shape[-1]).transpose(1, 2).float()
