@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -47,7 +48,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 def loader(forwards: list[int], interrupt_after: int | None = None) -> Callable[[BenchConfig], tuple[Any, Any]]:
     """Load tiny-llama with the char tokenizer; count forward calls, optionally Ctrl-C after some."""
     def load(config: BenchConfig) -> tuple[Any, Any]:
-        model, _ = load_model(config.model)
+        model, _ = load_model(config.model, dtype=config.torch_dtype, device=config.device)
 
         def count(module: Any, args: Any) -> None:
             forwards.append(1)
@@ -203,3 +204,14 @@ def test_chat_prompt_starts_the_answer_in_the_assistant_turn() -> None:
     assert text.startswith("<s>user: " + sample.meta["instruction"])
     assert text.endswith(sample.meta["question"] + "</s><s>assistant: " + sample.meta["answer_prefix"])
     assert tok.decode(encode(tok, sample, chat=False)) == sample.prompt
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_same_benchmark_on_cuda_in_bfloat16(tmp_path: Path) -> None:
+    cuda = BenchConfig(**{**config(tmp_path).__dict__, "device": "cuda", "dtype": "bfloat16"})
+    summary = harness.run_benchmark(cuda, progress=False, loader=loader([]))
+    records = lines(tmp_path)
+    assert len(records) == RUNS * TASKS * SAMPLES and all(SAMPLE_FIELDS <= set(r) for r in records)
+    assert {r["peak_mem_kind"] for r in records} == {"cuda_max_allocated"} and all(r["peak_mem_bytes"] > 0 for r in records)
+    assert all(r["kv_bytes_end"] < r["full_bytes"] for r in records if r["policy"] != "full")
+    assert summary["rows"]
