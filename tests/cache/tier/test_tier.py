@@ -115,3 +115,13 @@ def test_memory_backend_keeps_the_most_recently_used_within_capacity() -> None:
 def test_bad_tier_specs_name_the_accepted_forms(spec: str) -> None:
     with pytest.raises(ValueError, match="memory, disk:PATH or redis://HOST:PORT"):
         open_tier(spec)
+
+
+def test_queued_writes_land_when_the_process_exits_without_close(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = (f"import torch\nfrom kvslim.cache.tier import open_tier\ntier = open_tier('disk:{tmp_path}')\n"
+              "for i in range(20):\n    tier.store(b'f' * 16, f'k{i}', [torch.randn(64, 64)])\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert len(list(tmp_path.glob("*.kv"))) == 20

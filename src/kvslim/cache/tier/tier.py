@@ -9,10 +9,12 @@ is full (the store is slower than the engine) a write is dropped and counted, ne
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,6 +55,7 @@ class KVTier:
         self._pending: queue.Queue = queue.Queue(max_pending)
         self._writer = threading.Thread(target=self._write_loop, name="kvslim-tier-writer", daemon=True)
         self._writer.start()
+        atexit.register(_flush_if_alive, weakref.ref(self))  # a script that never calls close() still lands its writes
 
     @property
     def name(self) -> str:
@@ -174,6 +177,12 @@ class KVTier:
         self._pending.put(None)
         self._writer.join()
         self.backend.close()
+
+
+def _flush_if_alive(ref: "weakref.ref[KVTier]") -> None:
+    tier = ref()
+    if tier is not None:
+        tier.flush()
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
