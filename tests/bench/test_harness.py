@@ -169,7 +169,7 @@ def test_budget_free_policies_run_once() -> None:
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--policies", "full,nope", "valid methods: "),
     ("--tasks", "passkey,nope", "valid tasks: "),
-    ("--model", "nope", "valid models: "),
+    ("--model", "nope", "unknown model 'nope': give a built-in name"),
     ("--keep", "2", "must each be in (0, 1]"),
 ])
 def test_bad_names_fail_before_any_model_loads(option: str, value: str, message: str, tmp_path: Path,

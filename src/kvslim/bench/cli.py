@@ -11,7 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..models import SMOLLM2
+from ..models import resolve
+from ..models.help import MODEL_HELP
 from .config import BenchConfig, parse_keeps, parse_lengths, parse_list
 from .harness import run_benchmark
 from .report import print_summary
@@ -23,7 +24,7 @@ DEFAULT_DEMO = ["--model", "smollm2-135m", "--policies", "full,snapkv,streaming,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="model name (default: smollm2-135m)")
+    parser.add_argument("--model", default="smollm2-135m", help=MODEL_HELP + " (default: smollm2-135m)")
     parser.add_argument("--policies", default="full,snapkv,streaming",
                         help="comma-separated policy specs, e.g. full,snapkv,pyramidkv,kivi2,snapkv+kivi4")
     parser.add_argument("--keep", default="0.5,0.25,0.125",
@@ -65,8 +66,9 @@ def main_from_args(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         config.validate()
         check_config(Path(config.out), config.identity())
-        if config.model != SMOLLM2:
-            raise ValueError(f"model {config.model!r} has random weights and no tokenizer; benchmark {SMOLLM2}")
+        if not resolve(config.model).real_weights:
+            raise ValueError(f"model {config.model!r} has random weights and no tokenizer: benchmark a real model "
+                             "(smollm2-135m, qwen2.5-coder-0.5b, a model directory, a .gguf file)")
     except ValueError as err:
         print(f"kvslim bench: error: {err}", file=sys.stderr)
         return 2

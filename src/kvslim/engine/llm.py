@@ -14,8 +14,9 @@ from .sampling_params import SamplingParams
 class LLM(LLMEngine):
     """``LLM("smollm2-135m", policy="snapkv(keep=0.25)", kv_memory=1).generate(prompts, SamplingParams(max_tokens=64))``.
 
-    ``model_or_name`` is a Hugging Face Llama/Qwen2/Mistral model object (give its ``tokenizer``) or a
-    name :func:`kvslim.models.load_model` knows (the tokenizer then comes with it, if it has one).
+    ``model_or_name`` is a Hugging Face Llama/Qwen2/Mistral model object (give its ``tokenizer``) or anything
+    :func:`kvslim.models.resolve` accepts: a built-in name, a model directory, a .gguf file, a cached hub id (the
+    tokenizer then comes with it, if it has one). ``dtype=None``: bfloat16 on a GPU, float32 on the CPU.
     """
 
     def __init__(self, model_or_name: Any, policy: "str | Method" = "full", kv_memory: float | None = None,
@@ -24,7 +25,7 @@ class LLM(LLMEngine):
         if isinstance(model_or_name, str):
             from ..models import load_model
 
-            model_or_name, loaded = load_model(model_or_name, dtype=dtype, device=device)
+            model_or_name, loaded = load_model(model_or_name, dtype=dtype, device=device, progress=True)
             tokenizer = tokenizer or loaded
         super().__init__(model_or_name, tokenizer, policy, kv_memory, block_size, **engine_args)
 

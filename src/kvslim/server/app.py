@@ -194,7 +194,7 @@ def _body(output: RequestOutput, kind: str, model: str) -> dict[str, Any]:
 
 
 def app_from_env() -> FastAPI:
-    """For uvicorn's --factory: KVSLIM_MODEL (a kvslim.models name), KVSLIM_POLICY, KVSLIM_KV_MEMORY (GiB), KVSLIM_DEVICE."""
+    """For uvicorn's --factory: KVSLIM_MODEL (anything ``--model`` takes), KVSLIM_POLICY, KVSLIM_KV_MEMORY (GiB), KVSLIM_DEVICE."""
     from ..engine import LLM
 
     name = os.environ.get("KVSLIM_MODEL", "smollm2-135m")

@@ -12,13 +12,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..methods import Method, policy as build_policy
+from ..models.help import MODEL_HELP
 
 POLICY_PARAMS = ("keep", "budget", "window", "sinks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="a kvslim.models name (smollm2-135m, llama-3.1-8b, tiny-llama, ...)")
+    parser.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     parser.add_argument("--policy", default="full", help="method spec, e.g. snapkv, streaming(sinks=4), kivi4, snapkv+kivi4")
     parser.add_argument("--keep", type=float, help="fraction of prompt tokens kept, in (0, 1]")
     parser.add_argument("--budget", type=int, help="tokens kept per KV head (instead of --keep)")
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", help="model dtype: float32, bfloat16 or float16 (default: the model's own)")
+    parser.add_argument("--dtype", help="model dtype: float32, bfloat16 or float16 "
+                                         "(default: bfloat16 on a GPU, float32 on the CPU; random-weight presets: bfloat16)")
     parser.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (GPU only)")
     parser.add_argument("--kv-tier", nargs="?", const="memory",
                         help="KV block tier below the pool, shared with other engines: memory (the default when the "
@@ -72,11 +73,9 @@ def check_args(args: argparse.Namespace) -> None:
     from ..cache.tier import parse_spec
     from ..engine.compression import Compression
     from ..engine.tier_link import check_policy
-    from ..models import load_config, model_names
+    from ..models import load_config
 
-    if args.model not in model_names():
-        raise ValueError(f"unknown model {args.model!r}: use one of {', '.join(model_names())}")
-    config = load_config(args.model)
+    config = load_config(args.model)  # any --model kind; names the accepted ones when it is none
     compression = Compression(_policy(args), config.num_hidden_layers, scaling=1.0)  # refuses what the engine cannot run
     if args.kv_memory is not None and args.kv_memory <= 0:
         raise ValueError(f"--kv-memory {args.kv_memory}: give a positive number of GiB, e.g. --kv-memory 4")

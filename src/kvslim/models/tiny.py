@@ -1,0 +1,47 @@
+"""Tiny random models of real architectures, so tests exercise MHA, GQA and MQA in milliseconds on a CPU."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+TINY_ARCHS = ("llama", "qwen2", "mistral")
+_TINY_KV_HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
+
+TINY_MODELS: dict[str, tuple[str, str]] = {
+    "tiny-llama": ("llama", "gqa"),
+    "tiny-llama-mha": ("llama", "mha"),
+    "tiny-llama-mqa": ("llama", "mqa"),
+    "tiny-qwen2": ("qwen2", "gqa"),
+    "tiny-mistral": ("mistral", "gqa"),
+}
+
+
+def tiny_config(arch: str = "llama", attention: str = "gqa") -> PretrainedConfig:
+    """A 2-layer float32 config of a real architecture, small enough for CPU tests yet with 4 query heads,
+    so MHA (4 KV heads), GQA (2) and MQA (1) can all be exercised."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}: use one of {', '.join(TINY_ARCHS)}")
+    if attention not in _TINY_KV_HEADS:
+        raise ValueError(f"unknown attention {attention!r}: use one of {', '.join(_TINY_KV_HEADS)}")
+    return AutoConfig.for_model(
+        arch,
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=_TINY_KV_HEADS[attention],
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=4096,
+        dtype="float32",
+    )
+
+
+def tiny_model(
+    arch: str = "llama", attention: str = "gqa", seed: int = 0, attn_implementation: str = "sdpa"
+) -> PreTrainedModel:
+    """A tiny model with seeded random weights in eval mode: same seed, same weights, so tests are repeatable."""
+    config = tiny_config(arch, attention)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
