@@ -156,6 +156,8 @@ def join_and_verify(model: Packaged, parts: list[Path], target: Path, progress: 
 
 def verified_gguf(model: Packaged, progress: bool = False) -> Path:
     """The model's GGUF, joined and hash-checked (a single-part model is checked in place)."""
+    if model.gguf_path.is_file():
+        return model.gguf_path  # written only after its hash matched (here, or by benchmarks/ship_model.py)
     parts = part_paths(model)
     if parts is None:
         raise ValueError(f"{model.name} is not installed here: run `{model.install_command()}` "
@@ -164,8 +166,6 @@ def verified_gguf(model: Packaged, progress: bool = False) -> Path:
     if len(parts) == 1:
         _check_file(model, parts[0])
         return parts[0]
-    if model.gguf_path.is_file():
-        return model.gguf_path  # written only after its hash matched
     return join_and_verify(model, parts, model.gguf_path, progress)
 
 
