@@ -11,19 +11,7 @@ from fastapi.testclient import TestClient
 from kvslim.engine import LLM, LLMEngine, SamplingParams
 from kvslim.models import tiny_model
 from kvslim.server.app import create_app
-
-
-class ByteTokenizer:
-    """Stands in for a real tokenizer on the 256-token tiny models: one token per byte."""
-
-    eos_token_id = 0
-    chat_template = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int], **_: object) -> str:
-        return bytes(ids).decode("latin-1")
+from serving import ByteTokenizer
 
 
 PROMPTS = ["hello world", "the quick brown fox", "kv", "paged attention is"]
