@@ -152,7 +152,7 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
-        m = runner.snapshot  # published by the engine thread after every step: no waiting for one
+        m = runner.metrics()  # no waiting for a step
         lines = [
             ("kvslim_up", "gauge", "whether the engine loop runs (0: see /health)", int(runner.error is None)),
             ("kvslim_requests_waiting", "gauge", "requests waiting for KV blocks", m["waiting"]),

@@ -3,7 +3,7 @@
 The engine thread owns the engine: between steps it applies the queued commands (add a request, abort
 one), it steps while any request is unfinished, and it hands each request's results to the asyncio queue
 of the handler waiting for them. So the event loop never waits for a step (a long prefill holds nothing
-it needs), ``/health`` and ``/metrics`` read the snapshot the thread publishes after every step, and
+it needs), ``/health`` and ``/metrics`` read the snapshot the thread publishes around every step, and
 no lock is needed.
 
 A step that raises fails only the requests it ran (their clients get a 500) and the loop goes on. If the
@@ -85,6 +85,12 @@ class AsyncEngine:
         """Stop a request and free its blocks before the next step (no-op once it finished)."""
         self.inbox.put(partial(self._abort, request_id))
 
+    def metrics(self) -> dict[str, Any]:
+        """The engine's counts after its last step, and the KV tier's counters now (its writer thread keeps
+        them; neither read waits for a step)."""
+        tier = self.engine.tier
+        return {**self.snapshot, "tier": None if tier is None else tier.stats.as_dict()}
+
     def stop(self, timeout: float = 10.0) -> None:
         """End the engine thread after its current step."""
         self.inbox.put(None)
@@ -94,16 +100,15 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while self._apply_commands():
+                self._publish()  # what the commands changed (queued requests, blocks an abort freed)
                 if self.engine.has_unfinished:
                     self._step()
-                self._publish()
         except Exception as err:
             log.exception("the engine loop stopped")
             self.error = f"the engine loop stopped: {type(err).__name__}: {err}"
             for stream in self.streams.values():
                 stream.put(self.dead())
             self.streams.clear()
-            self._publish()
             for command in iter(self.inbox.get, None):  # answer every queued and later request with the 503
                 command()
 
@@ -148,11 +153,11 @@ class AsyncEngine:
             log.error("%s", failure, exc_info=cause)
             error = APIError(500, f"the engine failed while running this request ({type(cause).__name__}: {cause}); "
                                   "other requests were not affected", code="engine_step_failed")
-            for request_id in failure.request_ids:
-                stream = self.streams.pop(request_id, None)
-                if stream is not None:
-                    stream.put(error)
-                    self.counts["failed"] += 1
+            failed = [self.streams.pop(r) for r in failure.request_ids if r in self.streams]
+            self.counts["failed"] += len(failed)
+            self._publish()  # before the answers: a client reading /metrics after its answer sees it counted
+            for stream in failed:
+                stream.put(error)
             return
         self.counts["generated_tokens"] += len(updates)
         for seq, _ in updates:
@@ -160,15 +165,16 @@ class AsyncEngine:
             if stream is not None and stream.deltas and not seq.finished:
                 siblings = self.engine.requests[seq.request_id]
                 stream.text(siblings.index(seq), self.engine.detokenize(seq.output_token_ids))
-        for request_id in [r for r in self.engine.finished if r in self.streams]:
-            output, stream = self.engine.finished.pop(request_id), self.streams.pop(request_id)
+        done = [(self.engine.finished.pop(r), self.streams.pop(r)) for r in list(self.engine.finished) if r in self.streams]
+        self.counts["finished"] += len(done)
+        self._publish()  # before the answers, as above
+        for output, stream in done:
             if stream.deltas:
                 for index, completion in enumerate(output.completions):
                     stream.text(index, completion.text, final=True)
             stream.put(output)
-            self.counts["finished"] += 1
 
     def _publish(self) -> None:
-        m = self.engine.metrics()
+        m = self.engine.scheduler.metrics()
         self.snapshot = {"waiting": m.waiting, "running": m.running, "blocks_used": m.blocks_used,
-                         "blocks_free": m.blocks_free, "preemptions": m.preemptions, "tier": m.tier, **self.counts}
+                         "blocks_free": m.blocks_free, "preemptions": m.preemptions, **self.counts}
