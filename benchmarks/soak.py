@@ -43,14 +43,17 @@ import httpx
 from kvslim.bench.redis_server import RedisServer, free_port
 from kvslim.models import load_config
 
-#: Prompts share a preamble of a few full KV blocks, so prefills write blocks to the tier and look them up.
+#: Prompts share a preamble of two full KV blocks and go on with one of 24 topics asked by one of 20 students:
+#: new full blocks keep coming (written to the tier, or dropped while it is down) and evicted ones are looked up.
 PREAMBLE = ("You are a patient teaching assistant for a course on large language model serving systems. Answer the "
             "student's question plainly, in one short sentence, without lists, code or follow-up questions.")
-PROMPTS = [f"{PREAMBLE} Question {i}: what is {topic}, and why does it matter to a server?" for i, topic in enumerate(
+TOPICS = (
     ["a KV cache", "paged attention", "continuous batching", "a hash chain", "quantization", "Redis",
      "a load balancer", "the event loop", "a token", "SSE streaming", "prefix sharing", "a block table",
      "preemption", "a residual ring", "top-p sampling", "a stop string", "an OpenAI error body", "tokenization",
-     "back-pressure", "a health check", "a prefill", "a decode step", "copy-on-write", "an eviction policy"])]
+     "back-pressure", "a health check", "a prefill", "a decode step", "copy-on-write", "an eviction policy"])
+PROMPTS = [f"{PREAMBLE} Student {s} asks question {i}: what is {topic}, and why does it matter to a server?"
+           for s in range(20) for i, topic in enumerate(TOPICS)]
 CLASSES = {"normal": 0.5, "malformed": 0.2, "cancelled": 0.2, "oversized": 0.1}
 EXPECTED = {"normal": {200}, "malformed": {400, 404}, "oversized": {400, 413}}
 
@@ -169,7 +172,10 @@ class Soak:
         return self.answered(kind, status)
 
 
-async def probe_health(url: str, deadline: float, latencies: list[float], errors: list[str]) -> None:
+async def probe_health(url: str, deadline: float, latencies: list[float], errors: list[str],
+                       worst: dict[float, float]) -> None:
+    """GET /health every 50 ms; ``worst`` maps each latency to when (seconds into the run) it was seen."""
+    begin = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         while time.monotonic() < deadline:
             started = time.perf_counter()
@@ -180,6 +186,7 @@ async def probe_health(url: str, deadline: float, latencies: list[float], errors
             except httpx.HTTPError as err:
                 errors.append(f"{type(err).__name__}: {err}")
             latencies.append(time.perf_counter() - started)
+            worst.setdefault(round(time.perf_counter() - started, 3), round(time.monotonic() - begin, 1))
             await asyncio.sleep(0.05)
 
 
@@ -208,12 +215,13 @@ async def soak(args: argparse.Namespace, url: str, redis: RedisServer, max_len: 
     deadline = time.monotonic() + args.duration
     latencies: list[float] = []
     health_errors: list[str] = []
+    worst: dict[float, float] = {}
     events: dict[str, float] = {}
     limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as http:
         await asyncio.gather(
             *(run.client(http, i, deadline) for i in range(args.clients)),
-            probe_health(url, deadline, latencies, health_errors),
+            probe_health(url, deadline, latencies, health_errors, worst),
             crash_tier(redis, args.duration / 3, args.duration / 2, events),
         )
     idle_deadline = time.monotonic() + 60
@@ -235,7 +243,8 @@ async def soak(args: argparse.Namespace, url: str, redis: RedisServer, max_len: 
         "normal_latency_s": _percentiles(run.latencies, 1),
         "distinct_prompts_answered": len(run.texts),
         "health": {"probes": len(latencies), "errors": len(health_errors),
-                   **{f"{k}_ms": v for k, v in _percentiles([1000 * t for t in latencies], 1).items()}},
+                   **{f"{k}_ms": v for k, v in _percentiles([1000 * t for t in latencies], 1).items()},
+                   "slowest_ms_at_s": {f"{1000 * t:.0f}": worst[t] for t in sorted(worst, reverse=True)[:5]}},
         **events,
         "server_metrics": m,
         "failure_samples": run.failures[:20] + health_errors[:5],
