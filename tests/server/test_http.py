@@ -193,7 +193,7 @@ def test_n_that_the_residual_ring_cannot_hold_is_refused_at_once(model) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_goes_away_frees_its_blocks(model, monkeypatch, stream: bool) -> None:
     """A request that would decode for a long while (each step slowed): the client closes its socket once
-    the request runs; the server notices, aborts it and frees every block, within a second or two."""
+    the request runs; the server notices, aborts it and frees every block, in well under two seconds."""
     app = _app(model)
     runner = app.state.engine.engine.runner
     decode = runner.decode
@@ -216,7 +216,7 @@ def test_a_client_that_goes_away_frees_its_blocks(model, monkeypatch, stream: bo
         client.close()
         gone = time.monotonic()
         while (m := _metrics(url))["kvslim_kv_blocks_used"] > 0 or m["kvslim_requests_running"] > 0:
-            assert time.monotonic() - gone < 5, m
+            assert time.monotonic() - gone < 2, m
             time.sleep(0.02)
         print(f"blocks freed {time.monotonic() - gone:.2f} s after the client left (stream={stream})")
         assert m["kvslim_requests_aborted_total"] == 1 and m["kvslim_generated_tokens_total"] < 3000
