@@ -12,7 +12,7 @@ over requests drawn (seeded) from four classes:
   ``max_tokens`` past the context (400).
 
 Redis is killed (SIGKILL) a third of the way through and restarted at half time. A separate prober
-times ``GET /health`` every 50 ms. At the end, once the engine is idle, ``/metrics`` must show no KV
+process times ``GET /health`` every 50 ms. At the end, once the engine is idle, ``/metrics`` must show no KV
 block held (``blocks_leaked``); every request that was not cancelled on purpose must have been answered
 (``lost``), with the status its class expects (``failed`` counts the others). Normal answers to the same
 prompt are compared with the first one (``text_mismatches``: greedy decoding in different batches may
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -172,22 +174,23 @@ class Soak:
         return self.answered(kind, status)
 
 
-async def probe_health(url: str, deadline: float, latencies: list[float], errors: list[str],
-                       worst: dict[float, float]) -> None:
-    """GET /health every 50 ms; ``worst`` maps each latency to when (seconds into the run) it was seen."""
+def probe_health(url: str, duration: float, out: Connection) -> None:
+    """GET /health every 50 ms for ``duration`` seconds; sends back (seconds into the run, latency, error) per
+    probe. It runs in a process of its own, so the 200 clients' event loop does not delay it."""
+    probes = []
     begin = time.monotonic()
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=10) as http:
+        while time.monotonic() - begin < duration:
+            started, error = time.perf_counter(), ""
             try:
-                reply = await http.get("/health")
+                reply = http.get("/health")
                 if reply.status_code != 200:
-                    errors.append(f"{reply.status_code} {reply.text[:200]}")
+                    error = f"{reply.status_code} {reply.text[:200]}"
             except httpx.HTTPError as err:
-                errors.append(f"{type(err).__name__}: {err}")
-            latencies.append(time.perf_counter() - started)
-            worst.setdefault(round(time.perf_counter() - started, 3), round(time.monotonic() - begin, 1))
-            await asyncio.sleep(0.05)
+                error = f"{type(err).__name__}: {err}"
+            probes.append((time.monotonic() - begin, time.perf_counter() - started, error))
+            time.sleep(0.05)
+    out.send(probes)
 
 
 async def crash_tier(redis: RedisServer, kill_at: float, restart_at: float, events: dict[str, float]) -> None:
@@ -213,17 +216,21 @@ def metrics(url: str) -> dict[str, float]:
 async def soak(args: argparse.Namespace, url: str, redis: RedisServer, max_len: int) -> dict[str, Any]:
     run = Soak(url, args.model, max_len, args.max_tokens, args.seed)
     deadline = time.monotonic() + args.duration
-    latencies: list[float] = []
-    health_errors: list[str] = []
-    worst: dict[float, float] = {}
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    prober = multiprocessing.Process(target=probe_health, args=(url, args.duration, sender))
+    prober.start()
     events: dict[str, float] = {}
     limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as http:
         await asyncio.gather(
             *(run.client(http, i, deadline) for i in range(args.clients)),
-            probe_health(url, deadline, latencies, health_errors, worst),
             crash_tier(redis, args.duration / 3, args.duration / 2, events),
         )
+    probes = receiver.recv()
+    prober.join()
+    latencies = [1000 * latency for _, latency, _ in probes]
+    slowest = sorted(probes, key=lambda p: -p[1])[:5]
+    health_errors = [error for _, _, error in probes if error]
     idle_deadline = time.monotonic() + 60
     while (m := metrics(url))["kvslim_requests_running"] + m["kvslim_requests_waiting"] > 0:
         if time.monotonic() > idle_deadline:
@@ -243,8 +250,8 @@ async def soak(args: argparse.Namespace, url: str, redis: RedisServer, max_len: 
         "normal_latency_s": _percentiles(run.latencies, 1),
         "distinct_prompts_answered": len(run.texts),
         "health": {"probes": len(latencies), "errors": len(health_errors),
-                   **{f"{k}_ms": v for k, v in _percentiles([1000 * t for t in latencies], 1).items()},
-                   "slowest_ms_at_s": {f"{1000 * t:.0f}": worst[t] for t in sorted(worst, reverse=True)[:5]}},
+                   **{f"{k}_ms": v for k, v in _percentiles(latencies, 1).items()},
+                   "slowest_ms_at_s": {f"{1000 * latency:.0f}": round(at, 1) for at, latency, _ in slowest}},
         **events,
         "server_metrics": m,
         "failure_samples": run.failures[:20] + health_errors[:5],
