@@ -139,7 +139,8 @@ class Soak:
             reply = await http.post(path, content=content, headers=headers)
             return self.answered(kind, reply.status_code, reply.text)
         if kind == "oversized":
-            reply = await http.post("/v1/completions", content=oversized(rng, self.model, self.max_len), headers=headers)
+            content = oversized(rng, self.model, self.max_len)
+            reply = await http.post("/v1/completions", content=content, headers=headers)
             return self.answered(kind, reply.status_code, reply.text)
         prompt = rng.choice(PROMPTS)
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens}
@@ -205,7 +206,8 @@ async def crash_tier(redis: RedisServer, kill_at: float, restart_at: float, even
 
 def _percentiles(values: list[float], digits: int) -> dict[str, float]:
     ordered = sorted(values) or [float("nan")]
-    return {name: round(ordered[int(q * (len(ordered) - 1))], digits) for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1))}
+    quantiles = {"p50": 0.5, "p99": 0.99, "max": 1.0}
+    return {name: round(ordered[int(q * (len(ordered) - 1))], digits) for name, q in quantiles.items()}
 
 
 def metrics(url: str) -> dict[str, float]:

@@ -97,8 +97,8 @@ def test_stop_strings_and_eos(llama) -> None:
 
 
 @pytest.mark.parametrize(("prompt", "params", "message"), [
-    ([-1, 5], SamplingParams(), "prompt token -1 \\(position 0\\) is not in the model's vocabulary: token ids are 0..255"),
-    ([7, 10**9], SamplingParams(), "prompt token 1000000000 \\(position 1\\)"),
+    ([-1, 5], SamplingParams(), r"prompt token -1 \(position 0\) is not in the model's vocabulary"),
+    ([7, 10**9], SamplingParams(), r"prompt token 1000000000 \(position 1\) .*: token ids are 0\.\.255"),
     ([], SamplingParams(), "empty prompt"),
     ([7] * 4, SamplingParams(n=5), "n=5 completions .* at most 4 sequences at once"),
 ])

@@ -83,7 +83,8 @@ def test_each_trigger_is_a_clear_error_and_the_next_request_is_unaffected(server
     url, _ = server
     before = _text(url)
     content = body if isinstance(body, str) else json.dumps(body)
-    reply = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"}, timeout=60)
+    headers = {"content-type": "application/json"}
+    reply = httpx.post(f"{url}/v1/completions", content=content, headers=headers, timeout=60)
     _assert_error(reply, status, fragment)
     assert _text(url) == before
     assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
@@ -91,11 +92,12 @@ def test_each_trigger_is_a_clear_error_and_the_next_request_is_unaffected(server
 
 def test_errors_outside_the_endpoints_are_openai_bodies_too(server) -> None:
     url, _ = server
-    assert _assert_error(httpx.get(f"{url}/v1/nothing", timeout=10), 404, "Not Found")["type"] == "invalid_request_error"
+    missing = _assert_error(httpx.get(f"{url}/v1/nothing", timeout=10), 404, "Not Found")
+    assert missing["type"] == "invalid_request_error"
     error = _assert_error(httpx.post(f"{url}/v1/chat/completions", json={"messages": []}, timeout=10), 400, "messages")
     assert error["param"] == "messages"
-    _assert_error(httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                                   "model": "x"}, timeout=10), 404, "'x' does not exist")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "model": "x"}
+    _assert_error(httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10), 404, "'x' does not exist")
 
 
 def test_empty_stop_strings_are_ignored(server) -> None:
@@ -118,7 +120,8 @@ def test_a_failing_step_is_a_500_for_its_request_only(server, monkeypatch) -> No
 
     monkeypatch.setattr(runner, "prefill", failing_prefill)
     for stream in (False, True):
-        reply = httpx.post(f"{url}/v1/completions", json={**NORMAL, "prompt": "FAIL here", "stream": stream}, timeout=60)
+        body = {**NORMAL, "prompt": "FAIL here", "stream": stream}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         error = _assert_error(reply, 500, "RuntimeError: prefill blew up")
         assert (error["type"], error["code"]) == ("server_error", "engine_step_failed")
         assert _text(url) == before

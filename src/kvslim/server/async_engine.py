@@ -165,7 +165,8 @@ class AsyncEngine:
             if stream is not None and stream.deltas and not seq.finished:
                 siblings = self.engine.requests[seq.request_id]
                 stream.text(siblings.index(seq), self.engine.detokenize(seq.output_token_ids))
-        done = [(self.engine.finished.pop(r), self.streams.pop(r)) for r in list(self.engine.finished) if r in self.streams]
+        ours = [r for r in self.engine.finished if r in self.streams]
+        done = [(self.engine.finished.pop(r), self.streams.pop(r)) for r in ours]
         self.counts["finished"] += len(done)
         self._publish()  # before the answers, as above
         for output, stream in done:

@@ -70,7 +70,8 @@ def completion_body(output: RequestOutput, chat: bool, model: str) -> dict[str, 
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
                    for i, c in enumerate(output.completions)]
     else:
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason} for i, c in enumerate(output.completions)]
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason}
+                   for i, c in enumerate(output.completions)]
     return {"id": output.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices, "usage": usage(output)}
 
