@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvslim.engine import LLM, RequestTooLarge, SamplingParams
+from kvslim.engine import LLM, RequestTooLarge, SamplingParams, StepFailed
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
@@ -94,3 +94,59 @@ def test_stop_strings_and_eos(llama) -> None:
     stop = full.text[3:5]
     cut = llm.generate(["hello"], SamplingParams(max_tokens=8, stop=[stop], ignore_eos=True))[0]
     assert cut.text == full.text[: full.text.find(stop)] and cut.completions[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("prompt", "params", "message"), [
+    ([-1, 5], SamplingParams(), r"prompt token -1 \(position 0\) is not in the model's vocabulary"),
+    ([7, 10**9], SamplingParams(), r"prompt token 1000000000 \(position 1\) .*: token ids are 0\.\.255"),
+    ([], SamplingParams(), "empty prompt"),
+    ([7] * 4, SamplingParams(n=5), "n=5 completions .* at most 4 sequences at once"),
+])
+def test_requests_that_would_fail_inside_a_step_are_refused_when_added(llama, prompt, params, message) -> None:
+    llm = LLM(llama, kv_memory=0.01, block_size=4, max_num_seqs=4)
+    with pytest.raises(ValueError, match=message):
+        llm.add_request(prompt, params)
+    assert not llm.has_unfinished
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"temperature": float("nan")}, "temperature=nan must be a finite number"),
+    ({"temperature": float("inf")}, "temperature=inf must be a finite number"),
+    ({"temperature": 1e-40}, "too small to sample with: use 0 for greedy or at least 0.01"),
+    ({"top_p": float("nan")}, "top_p=nan must be in"),
+    ({"top_k": -1}, "top_k=-1 must be >= 0"),
+    ({"seed": 2**70}, "does not fit in 64 bits"),
+])
+def test_sampling_values_that_break_sampling_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**values)
+
+
+def test_empty_stop_strings_are_dropped() -> None:
+    assert SamplingParams(stop=["", "END", ""]).stop == ["END"] and SamplingParams(stop="").stop == []
+
+
+def test_top_k_one_is_greedy(llama) -> None:
+    prompt = _prompts(9)[0]
+    greedy = LLM(llama, kv_memory=0.01, block_size=4).generate([prompt], GREEDY)[0].token_ids
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.5, top_k=1, seed=3)
+    assert LLM(llama, kv_memory=0.01, block_size=4).generate([prompt], params)[0].token_ids == greedy
+
+
+def test_a_failing_step_drops_only_its_requests(llama, monkeypatch) -> None:
+    """A step that raises frees the blocks of the requests it ran; the others go on as if nothing happened."""
+    first, second = _prompts(10, 6)
+    llm = LLM(llama, kv_memory=0.01, block_size=4, max_prefill_tokens=10)  # one prefill per step
+    kept = llm.add_request(first, GREEDY)
+    llm.step()
+    lost = llm.add_request(second, SamplingParams(max_tokens=12, ignore_eos=True, n=2))
+    monkeypatch.setattr(llm.runner, "prefill", lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(StepFailed, match="RuntimeError: boom") as failure:
+        llm.step()
+    assert failure.value.request_ids == [lost] and lost not in llm.requests
+    monkeypatch.undo()
+    while llm.has_unfinished:
+        llm.step()
+    alone = LLM(llama, kv_memory=0.01, block_size=4).generate([first], GREEDY)[0].token_ids
+    assert llm.finished.pop(kept).token_ids == alone and not llm.finished
+    assert llm.blocks.num_free == llm.blocks.num_blocks

@@ -11,19 +11,7 @@ from fastapi.testclient import TestClient
 from kvslim.engine import LLM, LLMEngine, SamplingParams
 from kvslim.models import tiny_model
 from kvslim.server.app import create_app
-
-
-class ByteTokenizer:
-    """Stands in for a real tokenizer on the 256-token tiny models: one token per byte."""
-
-    eos_token_id = 0
-    chat_template = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int], **_: object) -> str:
-        return bytes(ids).decode("latin-1")
+from serving import ByteTokenizer
 
 
 PROMPTS = ["hello world", "the quick brown fox", "kv", "paged attention is"]
@@ -75,7 +63,7 @@ def test_streamed_chat_concatenates_to_the_full_text(client, model) -> None:
 def test_oversize_request_is_a_clear_400(client) -> None:
     reply = client.post("/v1/completions", json={"prompt": "x" * 200, "max_tokens": 10**6})
     assert reply.status_code == 400
-    assert "exceeds the model's maximum context" in reply.json()["detail"]
+    assert "exceeds the model's maximum context" in reply.json()["error"]["message"]
 
 
 def test_request_larger_than_the_pool_is_a_clear_400(model) -> None:
@@ -83,7 +71,7 @@ def test_request_larger_than_the_pool_is_a_clear_400(model) -> None:
     engine = LLMEngine(model, ByteTokenizer(), kv_memory=8 * block_bytes / 2**30, block_size=4)  # 32 slots
     with TestClient(create_app(engine)) as small:
         reply = small.post("/v1/completions", json={"prompt": "x" * 30, "max_tokens": 10})
-        assert reply.status_code == 400 and "whole pool has 8" in reply.json()["detail"]
+        assert reply.status_code == 400 and "whole pool has 8" in reply.json()["error"]["message"]
         assert small.post("/v1/completions", json={"prompt": "x" * 20, "max_tokens": 10}).status_code == 200
 
 

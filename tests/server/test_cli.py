@@ -41,6 +41,7 @@ def test_arguments_build_a_serving_app() -> None:
     (["--policy", "h2o", "--keep", "0.5"], "evicts on every decoding step"),
     (["--policy", "kivi4", "--block-size", "16"], "give a multiple of 32"),
     (["--kv-memory", "-1"], "positive number of GiB"),
+    (["--max-n", "0"], "--max-n 0: give a positive number of completions"),
     (["--model", "gpt-5"], "unknown model 'gpt-5'"),
     (["--dtype", "int8"], "not a floating-point torch dtype"),
     (["--kv-tier", "s3://bucket"], "use memory, disk:PATH or redis://HOST:PORT"),

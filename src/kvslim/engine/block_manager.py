@@ -28,15 +28,24 @@ import torch
 from .sequence import Sequence
 
 
+#: Default KV pool on CPU, GiB (or a quarter of the free RAM, if less). Host memory is shared with the OS,
+#: the tokenizer and every other process, and the pool is zeroed (touched) when it is made: 90% of the
+#: free RAM, the GPU default, would starve them all. 4 GiB hold about 90k tokens of SmolLM2-135M.
+CPU_KV_GIB = 4
+CPU_KV_SHARE = 0.25
+
+
 def kv_budget(kv_memory_gib: float | None, device: torch.device, fraction: float = 0.9) -> int:
-    """Bytes for the KV pool: ``kv_memory_gib`` GiB, or ``fraction`` of the device's free memory when None."""
+    """Bytes for the KV pool: ``kv_memory_gib`` GiB or, when None, ``fraction`` of a GPU's free memory, and on
+    CPU ``CPU_KV_GIB`` GiB or ``CPU_KV_SHARE`` of the free RAM, whichever is smaller."""
     if kv_memory_gib is not None:
         return int(kv_memory_gib * 2**30)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * fraction)
     import os
 
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(CPU_KV_GIB * 2**30, free * CPU_KV_SHARE))
 
 
 def num_blocks_for(block_bytes: int, budget: int) -> int:

@@ -21,11 +21,20 @@ from .sequence import Sequence
 from .tier_link import TierLink, check_policy
 
 
+class StepFailed(RuntimeError):
+    """An engine step raised: the requests it ran (``request_ids``) are dropped and their blocks freed, so the
+    engine can go on with the others. ``__cause__`` is the original exception."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
 class LLMEngine:
     """Continuous batching over a paged KV pool, with a kvslim method compressing each prompt.
 
-    ``kv_memory`` (GiB) fixes the pool; when None the pool takes ``kv_fraction`` of the device's
-    free memory. With a quantizer in the policy (``kivi4``, ``snapkv+int8``...) blocks hold codes, so the
+    ``kv_memory`` (GiB) fixes the pool; when None the pool takes ``kv_fraction`` of a GPU's free memory
+    (on CPU: see :func:`~kvslim.engine.block_manager.kv_budget`). With a quantizer in the policy (``kivi4``, ``snapkv+int8``...) blocks hold codes, so the
     same memory holds more tokens; the residual ring's rows (see :mod:`kvslim.engine.kv_store`) come out of
     the same memory and cap ``max_num_seqs``. ``block_size`` defaults to 16 slots (KIVI: its key run, 32).
     A ``tokenizer`` (``encode``/``decode``/``eos_token_id``) is needed for text prompts, stop strings and
@@ -43,6 +52,7 @@ class LLMEngine:
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
                  kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False):
         self.runner = ModelRunner.from_hf(model, enforce_eager)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling)
@@ -80,17 +90,31 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------
     def encode(self, prompt: "str | list[int]") -> list[int]:
+        """A prompt's token ids; raises ValueError for an empty prompt or an id outside the vocabulary (the
+        embedding lookup would raise inside a step, and take the whole batch with it)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer: pass tokenizer=..., or give token id lists")
-            return list(self.tokenizer.encode(prompt))
-        return list(prompt)
-
-    def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request; raises RequestTooLarge (a ValueError) if it could never fit."""
-        ids = self.encode(prompt)
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = list(prompt)
         if not ids:
             raise ValueError("empty prompt: give at least one token")
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {ids[bad]} (position {bad}) is not in the model's vocabulary: "
+                             f"token ids are 0..{self.vocab_size - 1}")
+        return ids
+
+    def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise RequestTooLarge (a ValueError) if such a request could never run; reads no mutable state, so
+        a server may call it from any thread before queuing the request."""
+        self.scheduler.check(num_prompt_tokens, params.max_tokens, params.n)
+
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises ValueError for a bad prompt and RequestTooLarge (a ValueError) if it could
+        never fit."""
+        ids = self.encode(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(ids, params, request_id, generator=generator)
@@ -121,11 +145,21 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one prefill or decode step; returns (sequence, new token) for every token produced."""
+        """Run one prefill or decode step; returns (sequence, new token) for every token produced.
+
+        If the step raises, the requests it ran are dropped (blocks freed) and :class:`StepFailed` names
+        them; the engine stays usable for every other request.
+        """
         seqs, is_prefill, copies = self.scheduler.schedule()
         if not seqs:
             return []
         self.last_step_prefill = is_prefill
+        try:
+            return self._run(seqs, is_prefill, copies)
+        except Exception as err:
+            raise StepFailed(self._drop({seq.request_id for seq in seqs}), err) from err
+
+    def _run(self, seqs: list[Sequence], is_prefill: bool, copies: list[tuple[int, int]]) -> list[tuple[Sequence, int]]:
         if is_prefill:
             rows = [self._prefill(seq) for seq in seqs]
             logits = torch.stack(rows)
@@ -140,6 +174,20 @@ class LLMEngine:
         for seq, token in zip(seqs, tokens):
             self._append(seq, token)
         return list(zip(seqs, tokens))
+
+    def _drop(self, request_ids: set[str]) -> list[str]:
+        """Finish every sequence of these requests as failed, freeing their blocks; returns the requests dropped
+        (a request that finished earlier in the failed step stays in ``finished``)."""
+        dropped = []
+        for request_id in sorted(request_ids):
+            seqs = self.requests.pop(request_id, None)
+            if seqs is None:
+                continue
+            for seq in seqs:
+                if not seq.finished:
+                    self.scheduler.finish(seq, "error")
+            dropped.append(request_id)
+        return dropped
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
         if self.tier_link is not None:
@@ -165,11 +213,11 @@ class LLMEngine:
                 child = seq.fork()
                 if seq.params.seed is not None:
                     child.generator = torch.Generator().manual_seed(seq.params.seed + k + 1)
+                self.scheduler.running.append(child)  # first, so a failure below still frees what it took
+                siblings.append(child)
                 ring_row = self.blocks.fork(seq, child)
                 if ring_row is not None:
                     self.runner.kv.copy_row(seq.ring_row, ring_row)  # type: ignore[union-attr]
-                self.scheduler.running.append(child)
-                siblings.append(child)
                 out.append(child)
                 rows.append(row)
             out.append(seq)

@@ -47,8 +47,19 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
 
-    def check(self, n_prompt: int, max_tokens: int) -> None:
-        """Raise :class:`RequestTooLarge` if a request of this size cannot run even with the whole pool."""
+    def check(self, n_prompt: int, max_tokens: int, n: int = 1) -> None:
+        """Raise :class:`RequestTooLarge` if a request of this size cannot run even with the whole pool.
+
+        The ``n`` completions of a prompt are forked together right after its prefill, so they must fit
+        in one batch (and, with a residual ring, in its rows) at the same time: a larger ``n`` would wait
+        for admission forever and hold up every request queued behind it.
+        """
+        if n > self.max_num_seqs:
+            ring = f" (one row of the residual ring each; the ring has {self.blocks.rows})" if self.blocks.rows else ""
+            raise RequestTooLarge(
+                f"n={n} completions are decoded at once{ring}, but the engine decodes at most {self.max_num_seqs} "
+                "sequences at once: ask for fewer completions, or raise max_num_seqs (and kv_memory)"
+            )
         total = n_prompt + max_tokens
         if total > self.max_model_len:
             raise RequestTooLarge(
@@ -64,7 +75,7 @@ class Scheduler:
             )
 
     def add(self, seq: Sequence) -> None:
-        self.check(seq.num_prompt_tokens, seq.params.max_tokens)
+        self.check(seq.num_prompt_tokens, seq.params.max_tokens, seq.params.n)
         self.waiting.append(seq)
 
     @property

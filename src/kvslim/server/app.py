@@ -1,58 +1,36 @@
-"""OpenAI-style HTTP server over the engine: completions, chat completions (SSE streaming too), health, metrics.
+"""OpenAI-style HTTP server over the engine: completions, chat completions (SSE streaming too), models,
+health, metrics.
 
-``uvicorn --factory "kvslim.server.app:app_from_env"`` or ``create_app(LLMEngine(...))``. A request
-that can never fit the KV pool is answered 400 with the reason; a client that disconnects has its
-request aborted and its blocks freed.
+``uvicorn --factory "kvslim.server.app:app_from_env"`` or ``create_app(LLMEngine(...))``. No request
+can stop the server: what the engine would choke on is refused with a 4xx before it gets there (see
+:mod:`.limits` and :meth:`LLMEngine.encode`/:meth:`LLMEngine.check`: a request that can never fit is
+refused at once, with the numbers), tokenizing runs in a worker thread and the engine on its own
+(:mod:`.async_engine`), so the event loop always answers, and a client that goes away, streaming or not,
+has its request aborted and its blocks freed within :data:`DISCONNECT_POLL_S`.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
-from typing import Any, AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ..engine import LLMEngine, RequestOutput, SamplingParams
 from .async_engine import AsyncEngine, Delta
+from .errors import APIError, install_handlers
+from .limits import BODY_BYTES_PER_CHAR, CHARS_PER_TOKEN, BodyLimit, check_prompt_chars
+from .protocol import (ChatMessage, ChatRequest, CompletionRequest, completion_body, error_event, final_events,
+                       model_card, text_event)
 
-
-class _Sampling(BaseModel):
-    """Sampling fields shared by both OpenAI endpoints."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    ignore_eos: bool = False
-    seed: int | None = None
-    model: str | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-def _params(body: CompletionRequest | ChatRequest) -> SamplingParams:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        return SamplingParams(body.max_tokens, body.temperature, body.top_p, stop, body.ignore_eos, body.n, body.seed)
-    except ValueError as err:
-        raise HTTPException(400, str(err)) from None
+#: How often a waiting request checks that its client is still there (seconds).
+DISCONNECT_POLL_S = 0.25
+#: Default cap on ``n`` (OpenAI's own).
+MAX_N = 128
 
 
 def _chat_prompt(engine: LLMEngine, messages: list[ChatMessage]) -> str | list[int]:
@@ -65,47 +43,127 @@ def _chat_prompt(engine: LLMEngine, messages: list[ChatMessage]) -> str | list[i
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
 
-def create_app(engine: LLMEngine, model_name: str = "kvslim") -> FastAPI:
-    app = FastAPI(title="kvslim engine")
-    runner = AsyncEngine(engine)
-    app.state.engine = runner
+class _Watch:
+    """A submitted request's results, watched: a client that goes away aborts it (its blocks are freed) and
+    ends the wait, whether or not results are arriving. :meth:`close` when done (a no-op abort if it finished)."""
 
-    async def run(request: Request, prompt: str | list[int], params: SamplingParams, chat: bool, stream: bool) -> Any:
+    def __init__(self, request: Request, runner: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self.request, self.runner, self.request_id, self.queue = request, runner, request_id, queue
+        self.watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while not await self.request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        self.runner.abort(self.request_id)
+        self.queue.put_nowait(None)
+
+    async def next(self) -> "Delta | RequestOutput | APIError | None":
+        """The next result; None once the client has gone."""
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self.watcher.cancel()
+        self.runner.abort(self.request_id)
+
+
+def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N,
+               max_body_bytes: int | None = None) -> FastAPI:
+    """The app over ``engine``, served as ``model_name``; ``n`` is capped at ``max_n``; request bodies at
+    ``max_body_bytes`` (default: what a prompt filling the model's context could take as JSON)."""
+    runner = AsyncEngine(engine)
+    max_len = engine.runner.max_model_len
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        runner.stop()
+
+    app = FastAPI(title="kvslim engine", lifespan=lifespan)
+    app.state.engine = runner
+    install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes or BODY_BYTES_PER_CHAR * CHARS_PER_TOKEN * max_len)
+
+    def checked(body: CompletionRequest | ChatRequest) -> SamplingParams:
+        """What can be refused from the body alone, before any tokenizing."""
+        if body.model is not None and body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist here: this server serves {model_name!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+        if body.n > max_n:
+            raise APIError(400, f"n={body.n} is more completions than this server gives for one request ({max_n}): "
+                                "ask for fewer, or start the server with a larger --max-n", param="n")
+        check_prompt_chars(body.prompt_chars(), max_len)
+        return body.params()
+
+    async def run(request: Request, prompt: Callable[[], "str | list[int]"], params: SamplingParams, chat: bool,
+                  stream: bool) -> Any:
+        if runner.error is not None:
+            raise runner.dead()
+
+        def tokenize() -> list[int]:  # in a worker thread: a long prompt must not hold up the event loop
+            ids = engine.encode(prompt())
+            engine.check(len(ids), params)
+            return ids
+
         try:
-            request_id, queue = runner.submit(prompt, params)
+            ids = await run_in_threadpool(tokenize)
         except ValueError as err:
-            raise HTTPException(400, str(err)) from None
-        kind = "chat.completion" if chat else "text_completion"
-        if stream:
-            return StreamingResponse(_sse(request, runner, request_id, queue, kind, model_name), media_type="text/event-stream")
-        output = await _wait(request, runner, request_id, queue)
-        if output is None:
-            return JSONResponse({"error": "client disconnected"}, status_code=499)
-        return _body(output, kind, model_name)
+            raise APIError(400, str(err)) from None
+        watch = _Watch(request, runner, *runner.submit(ids, params, deltas=stream))
+        try:
+            first = await watch.next()
+        except BaseException:
+            watch.close()
+            raise
+        if first is None or isinstance(first, APIError) or not stream:
+            watch.close()
+            if first is None:
+                return APIError(499, "the client closed the connection").response()  # nobody reads it
+            if isinstance(first, APIError):
+                raise first
+            return completion_body(first, chat, model_name)
+        return StreamingResponse(_sse(watch, first, chat, model_name), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await run(request, body.prompt, _params(body), chat=False, stream=body.stream)
+        return await run(request, lambda: body.prompt, checked(body), chat=False, stream=body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        return await run(request, _chat_prompt(engine, body.messages), _params(body), chat=True, stream=body.stream)
+        return await run(request, lambda: _chat_prompt(engine, body.messages), checked(body), chat=True,
+                         stream=body.stream)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(model_name, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist here: this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card(model_name, created)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
+        if runner.error is not None:
+            raise runner.dead()
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
-        m = runner.metrics()
+        m = runner.metrics()  # no waiting for a step
         lines = [
+            ("kvslim_up", "gauge", "whether the engine loop runs (0: see /health)", int(runner.error is None)),
             ("kvslim_requests_waiting", "gauge", "requests waiting for KV blocks", m["waiting"]),
             ("kvslim_requests_running", "gauge", "sequences decoding", m["running"]),
             ("kvslim_kv_blocks_used", "gauge", "KV blocks held", m["blocks_used"]),
             ("kvslim_kv_blocks_free", "gauge", "KV blocks free", m["blocks_free"]),
             ("kvslim_preemptions_total", "counter", "sequences preempted (recomputed later)", m["preemptions"]),
             ("kvslim_generated_tokens_total", "counter", "tokens generated", m["generated_tokens"]),
-            ("kvslim_requests_finished_total", "counter", "requests finished", m["finished_requests"]),
+            ("kvslim_requests_finished_total", "counter", "requests finished", m["finished"]),
+            ("kvslim_requests_aborted_total", "counter", "requests aborted (client gone)", m["aborted"]),
+            ("kvslim_requests_failed_total", "counter", "requests failed by an engine error (500)", m["failed"]),
         ]
         tier = m["tier"]
         if tier is not None:
@@ -127,70 +185,21 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim") -> FastAPI:
     return app
 
 
-async def _next(request: Request, queue: asyncio.Queue) -> Any | None:
-    """The next item of a request's queue, or None once the client has gone."""
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
-
-
-async def _wait(request: Request, runner: AsyncEngine, request_id: str, queue: asyncio.Queue) -> RequestOutput | None:
-    while True:
-        item = await _next(request, queue)
-        if item is None:
-            runner.abort(request_id)
-            return None
-        if isinstance(item, RequestOutput):
-            return item
-
-
-async def _sse(request: Request, runner: AsyncEngine, request_id: str, queue: asyncio.Queue, kind: str,
+async def _sse(watch: _Watch, item: "Delta | RequestOutput | APIError | None", chat: bool,
                model: str) -> AsyncIterator[str]:
-    chat = kind == "chat.completion"
     try:
-        while True:
-            item = await _next(request, queue)
-            if item is None:
-                return
+        while item is not None:
             if isinstance(item, Delta):
-                if item.text:
-                    piece = {"index": item.index, "delta": {"content": item.text}} if chat else {"index": item.index, "text": item.text}
-                    yield _event(request_id, kind, model, [piece])
-                continue
-            ends = [({"index": i, "delta": {}} if chat else {"index": i, "text": ""}) | {"finish_reason": c.finish_reason}
-                    for i, c in enumerate(item.completions)]
-            yield _event(request_id, kind, model, ends, usage=_usage(item))
-            yield "data: [DONE]\n\n"
-            return
+                yield text_event(watch.request_id, chat, model, item.index, item.text)
+            elif isinstance(item, APIError):
+                yield error_event(item)
+                return
+            else:
+                yield final_events(item, chat, model)
+                return
+            item = await watch.next()
     finally:
-        runner.abort(request_id)  # no-op when it finished; frees the blocks when the client went away
-
-
-def _event(request_id: str, kind: str, model: str, choices: list[dict], usage: dict | None = None) -> str:
-    chunk = {"id": request_id, "object": f"{kind}.chunk" if kind == "chat.completion" else kind,
-             "created": int(time.time()), "model": model, "choices": choices}
-    if usage:
-        chunk["usage"] = usage
-    return f"data: {json.dumps(chunk)}\n\n"
-
-
-def _usage(output: RequestOutput) -> dict[str, Any]:
-    stats = output.stats
-    return {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
-            "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"], "kvslim": stats}
-
-
-def _body(output: RequestOutput, kind: str, model: str) -> dict[str, Any]:
-    if kind == "chat.completion":
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-                   for i, c in enumerate(output.completions)]
-    else:
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason} for i, c in enumerate(output.completions)]
-    return {"id": output.request_id, "object": kind, "created": int(time.time()), "model": model,
-            "choices": choices, "usage": _usage(output)}
+        watch.close()  # no-op when it finished; frees the blocks when the client went away
 
 
 def app_from_env() -> FastAPI:

@@ -24,9 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, help="tokens kept per KV head (instead of --keep)")
     parser.add_argument("--window", type=int, help="observation / recent window in tokens")
     parser.add_argument("--sinks", type=int, help="attention-sink tokens always kept")
-    parser.add_argument("--kv-memory", type=float, help="GiB for the KV pool (default: 90%% of the device's free memory)")
+    parser.add_argument("--kv-memory", type=float,
+                        help="GiB for the KV pool (default: on a GPU 90%% of its free memory; on CPU 4 GiB, or a "
+                             "quarter of the free RAM if that is less)")
     parser.add_argument("--block-size", type=int, help="token slots per KV block (default 16; kivi: its key run, 32)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once, at most")
+    parser.add_argument("--max-n", type=int, default=128, help="most completions (n) one request may ask for")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -86,6 +89,8 @@ def check_args(args: argparse.Namespace) -> None:
         unit = quantizer.block()
         raise ValueError(f"--block-size {args.block_size}: {quantizer.name} packs keys in runs of {unit} tokens; "
                          f"give a multiple of {unit}")
+    if args.max_n < 1:
+        raise ValueError(f"--max-n {args.max_n}: give a positive number of completions")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs {args.max_num_seqs}: give a positive number of sequences")
     if not 0 <= args.port < 65536:
@@ -106,7 +111,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     llm = LLM(args.model, policy=_policy(args), kv_memory=args.kv_memory, block_size=args.block_size,
               dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs,
               kv_tier=args.kv_tier, enforce_eager=args.enforce_eager)
-    return create_app(llm, args.model)
+    return create_app(llm, args.model, max_n=args.max_n)
 
 
 def main_from_args(args: argparse.Namespace) -> int:
