@@ -91,3 +91,33 @@ def test_disconnected_stream_frees_its_blocks(client) -> None:
     while (engine.blocks.num_free < engine.blocks.num_blocks or engine.has_unfinished) and time.time() < deadline:
         time.sleep(0.05)
     assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_unfinished
+
+
+def test_a_list_of_prompts_gives_n_choices_per_prompt_in_order(client, model) -> None:
+    reply = client.post("/v1/completions", json={"prompt": PROMPTS[:3], "max_tokens": 6, "n": 2})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    expected = _expected(model, PROMPTS[:3], 6)  # greedy: both choices of a prompt are its one answer
+    assert [c["text"] for c in body["choices"]] == [t for t in expected for _ in range(2)]
+    assert body["usage"]["completion_tokens"] == 6 * 6 and len(body["usage"]["kvslim"]) == 3
+
+
+def test_a_list_of_prompts_cannot_stream_and_must_not_be_empty(client) -> None:
+    reply = client.post("/v1/completions", json={"prompt": ["a", "b"], "stream": True})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream"
+    reply = client.post("/v1/completions", json={"prompt": []})
+    assert reply.status_code == 400 and "empty list" in reply.json()["error"]["message"]
+
+
+def test_chat_content_as_text_parts_equals_plain_content(client) -> None:
+    def ask(content) -> str:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                          "max_tokens": 6})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["message"]["content"]
+
+    assert ask([{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]) == ask("hello world")
+    reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"

@@ -24,8 +24,8 @@ from ..engine import LLMEngine, RequestOutput, SamplingParams
 from .async_engine import AsyncEngine, Delta
 from .errors import APIError, install_handlers
 from .limits import BODY_BYTES_PER_CHAR, CHARS_PER_TOKEN, BodyLimit, check_prompt_chars
-from .protocol import (ChatMessage, ChatRequest, CompletionRequest, completion_body, error_event, final_events,
-                       model_card, text_event)
+from .protocol import (ChatMessage, ChatRequest, CompletionRequest, batch_completion_body, completion_body,
+                       error_event, final_events, model_card, text_event)
 
 #: How often a waiting request checks that its client is still there (seconds).
 DISCONNECT_POLL_S = 0.25
@@ -35,12 +35,12 @@ MAX_N = 128
 
 def _chat_prompt(engine: LLMEngine, messages: list[ChatMessage]) -> str | list[int]:
     """The tokenizer's chat template when it has one, else the messages as "role: content" lines."""
-    turns = [{"role": m.role, "content": m.content} for m in messages]
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
     template = getattr(engine.tokenizer, "chat_template", None)
     if template:
         return list(engine.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
                                                          return_dict=False))
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant:"
 
 
 class _Watch:
@@ -96,7 +96,8 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
         return body.params()
 
     async def run(request: Request, prompt: Callable[[], "str | list[int]"], params: SamplingParams, chat: bool,
-                  stream: bool) -> Any:
+                  stream: bool, body: bool = True) -> Any:
+        """Tokenize (off the event loop), submit, answer; ``body=False`` returns the finished RequestOutput."""
         if runner.error is not None:
             raise runner.dead()
 
@@ -121,12 +122,29 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
                 return APIError(499, "the client closed the connection").response()  # nobody reads it
             if isinstance(first, APIError):
                 raise first
-            return completion_body(first, chat, model_name)
+            return completion_body(first, chat, model_name) if body else first
         return StreamingResponse(_sse(watch, first, chat, model_name), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await run(request, lambda: body.prompt, checked(body), chat=False, stream=body.stream)
+        params, prompts = checked(body), body.prompts()
+        if len(prompts) == 1:
+            return await run(request, lambda: prompts[0], params, chat=False, stream=body.stream)
+        if body.stream:
+            raise APIError(400, f"stream=true with {len(prompts)} prompts: stream one prompt per request, or set "
+                                "stream to false for a batch", param="stream")
+        # Every prompt is its own engine request, batched by the scheduler; if one fails, the others are aborted.
+        tasks = [asyncio.ensure_future(run(request, lambda p=p: p, params, chat=False, stream=False, body=False))
+                 for p in prompts]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        if any(not isinstance(o, RequestOutput) for o in outputs):  # the client went away
+            return next(o for o in outputs if not isinstance(o, RequestOutput))
+        return batch_completion_body(outputs, model_name)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -37,22 +37,43 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    """``prompt``: a string or token ids, or a list of either (OpenAI's batch form: ``n`` choices per prompt,
+    indexed prompt by prompt)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        if not self.prompt:
+            raise APIError(400, "prompt is an empty list: give a string, token ids, or a list of strings", "prompt")
+        return list(self.prompt)  # type: ignore[arg-type]
 
     def prompt_chars(self) -> int:
-        return len(self.prompt) if isinstance(self.prompt, str) else 0
+        return sum(len(p) for p in self.prompts() if isinstance(p, str))
+
+
+class TextPart(BaseModel):
+    """One part of a message's content; only text reaches a language model."""
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     role: str
-    content: str
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The content as one string (text parts joined, as OpenAI concatenates them)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
     def prompt_chars(self) -> int:
-        return sum(len(m.content) + len(m.role) for m in self.messages)
+        return sum(len(m.text()) + len(m.role) for m in self.messages)
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
@@ -74,6 +95,17 @@ def completion_body(output: RequestOutput, chat: bool, model: str) -> dict[str, 
                    for i, c in enumerate(output.completions)]
     return {"id": output.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices, "usage": usage(output)}
+
+
+def batch_completion_body(outputs: list[RequestOutput], model: str) -> dict[str, Any]:
+    """One body for a list of prompts: prompt ``i``'s ``n`` choices take indexes ``i*n .. i*n+n-1``; usage summed,
+    kvslim's per-request statistics kept per prompt."""
+    choices = [{"index": len(o.completions) * i + j, "text": c.text, "finish_reason": c.finish_reason}
+               for i, o in enumerate(outputs) for j, c in enumerate(o.completions)]
+    each = [usage(o) for o in outputs]
+    counts = {k: sum(u[k] for u in each) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {"id": outputs[0].request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": {**counts, "kvslim": [u["kvslim"] for u in each]}}
 
 
 def text_event(request_id: str, chat: bool, model: str, index: int, text: str) -> str:
