@@ -1,0 +1,77 @@
+"""Tensor parallelism on the CPU: 2 gloo ranks of the tiny GQA model (4 query heads, 2 KV heads: one KV head each)
+give the single-process engine's tokens, for per-head methods, a quantizer and AdaKV's cross-head ranking."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kvslim.engine import LLM, SamplingParams
+from kvslim.engine.sharding import ShardedAdaKV
+from kvslim.methods import keep_top
+from kvslim.models import tiny_model
+
+# kivi4 keeps its newest 128 tokens in the ring and packs 32 at a time: prompts of 150-200 tokens pack during
+# prefill and again while decoding; n=2 forks every request (shared blocks, ring rows copied on every rank).
+PARAMS = SamplingParams(max_tokens=24, ignore_eos=True, n=2)
+LENGTHS = (150, 61, 200, 97)
+
+
+def _prompts() -> list[list[int]]:
+    return [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
+
+
+@pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.25)", "kivi4", "adakv(keep=0.25)", "adakv(keep=0.6)",
+                                    "pyramidkv(keep=0.3)"])
+def test_two_ranks_match_one_process(policy: str) -> None:
+    prompts = _prompts()
+    single = LLM(tiny_model(), policy=policy, kv_memory=0.01)
+    expected = single.generate(prompts, PARAMS)
+    parallel = LLM(tiny_model(), policy=policy, kv_memory=0.01, tensor_parallel_size=2)
+    try:
+        outputs = parallel.generate(prompts, PARAMS)
+        assert 2 * parallel.block_bytes == single.block_bytes  # a rank's blocks hold half the heads: twice the blocks
+        assert parallel.blocks.num_free == parallel.blocks.num_blocks
+    finally:
+        parallel.close()
+    assert [[c.token_ids for c in o.completions] for o in outputs] == [[c.token_ids for c in o.completions] for o in expected]
+    # the block manager saw the same slots per sequence: the ranks kept what one process keeps, head for head
+    assert [o.stats["peak_kv_blocks"] for o in outputs] == [o.stats["peak_kv_blocks"] for o in expected]
+
+
+@pytest.mark.parametrize("size, message", [(3, "must divide the model's 2 KV heads"), (4, "must divide the model's 2 KV heads"),
+                                           (0, "positive number of processes")])
+def test_sizes_that_cannot_own_whole_kv_heads_are_refused(size: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_model(), kv_memory=0.01, tensor_parallel_size=size)
+
+
+def test_kv_tier_is_refused_with_tensor_parallelism() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        LLM(tiny_model(), kv_memory=0.01, kv_tier="memory", tensor_parallel_size=2)
+
+
+def _rank_keeps(rank: int, address: str) -> None:
+    """Each rank holds 3 of 6 heads of tie-heavy scores (few distinct values, infinities); the union of what the
+    ranks keep must be keep_top over all heads."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+    method = ShardedAdaKV(keep=0.5)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        scores = torch.randint(0, 4, (2, 6, 9), generator=generator).float()
+        scores[scores == 0] = float("-inf")
+        scores[scores == 3] = float("inf") if trial % 2 else 3.0
+        budget = torch.randint(1, 10, (2, 6), generator=generator)
+        whole = keep_top(scores.flatten(1)[:, None], budget.sum(-1, keepdim=True))[:, 0].view(2, 6, 9)
+        mine = slice(3 * rank, 3 * rank + 3)
+        kept = method.keep_layer_top(scores[:, mine].flatten(1), budget[:, mine].sum(-1)).view(2, 3, 9)
+        assert torch.equal(kept, whole[:, mine]), f"trial {trial} rank {rank}"
+    dist.destroy_process_group()
+
+
+def test_sharded_adakv_keeps_the_layer_top_across_ranks_with_ties() -> None:
+    from kvslim.engine.parallel import _free_address
+
+    mp.spawn(_rank_keeps, args=(_free_address(),), nprocs=2)
