@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvslim.engine import LLM, SamplingParams
-from kvslim.engine.sharding import ShardedAdaKV
+from kvslim.engine.sharding import ShardedAdaKV, shard_model
 from kvslim.methods import keep_top
 from kvslim.models import tiny_model
 
@@ -75,3 +75,25 @@ def test_sharded_adakv_keeps_the_layer_top_across_ranks_with_ties() -> None:
     from kvslim.engine.parallel import _free_address
 
     mp.spawn(_rank_keeps, args=(_free_address(),), nprocs=2)
+
+
+def test_a_shard_holds_its_slices_and_leaves_the_model_whole() -> None:
+    model = tiny_model()
+    shard = shard_model(model, 1, 2, torch.device("cpu"))
+    attn, whole = shard.model.layers[0].self_attn, model.model.layers[0].self_attn
+    assert torch.equal(attn.k_proj.weight, whole.k_proj.weight[16:])  # KV head 1 of 2 (head_dim 16)
+    assert torch.equal(attn.q_proj.weight, whole.q_proj.weight[32:])  # its query group: heads 2 and 3
+    assert torch.equal(attn.o_proj.weight, whole.o_proj.weight[:, 32:])
+    assert torch.equal(shard.model.embed_tokens.weight, model.model.embed_tokens.weight[128:])
+    assert whole.q_proj.out_features == 64 and attn.q_proj.out_features == 32
+
+
+def test_a_meta_model_is_drawn_shard_by_shard() -> None:
+    """A random-weight preset too large for one device: each rank draws only its slices, norms at 1 and real RoPE."""
+    model = tiny_model()
+    shard = shard_model(tiny_model().to("meta"), 0, 2, torch.device("cpu"))
+    assert not any(p.is_meta for p in shard.parameters())
+    assert shard.model.layers[1].mlp.down_proj.weight.shape == (64, 64)
+    assert bool(shard.model.layers[0].mlp.gate_proj.weight.std() > 0)
+    assert bool((shard.model.norm.weight == 1).all())
+    assert torch.equal(shard.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)

@@ -145,7 +145,6 @@ def _worker(rank: int, size: int, address: str, model: Any, device_type: str, en
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
     control = _init_group(rank, size, address, device)
     node = Rank(model, rank, size, device, enforce_eager)
-    del model
     while True:
         message: list[Any] = [None]
         dist.broadcast_object_list(message, src=0, group=control)

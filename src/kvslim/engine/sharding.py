@@ -130,19 +130,17 @@ def shard_model(model: Any, rank: int, size: int, device: torch.device, seed: in
     memo = {id(t): nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, nn.Parameter) else t for t in tensors}
     shard = copy.deepcopy(model, memo)
     meta = model.model.embed_tokens.weight.is_meta
+    place = torch.device("meta") if meta else device  # meta slices stay shapes until _randomize draws them
     for layer in shard.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.q_proj, attn.k_proj, attn.v_proj = (_column(p, rank, size, device) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        attn.o_proj = _row(attn.o_proj, rank, size, device)
-        mlp.gate_proj, mlp.up_proj = _column(mlp.gate_proj, rank, size, device), _column(mlp.up_proj, rank, size, device)
-        mlp.down_proj = _row(mlp.down_proj, rank, size, device)
-    vocab = model.config.vocab_size
+        attn.q_proj, attn.k_proj, attn.v_proj = (_column(p, rank, size, place) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn.o_proj = _row(attn.o_proj, rank, size, place)
+        mlp.gate_proj, mlp.up_proj = _column(mlp.gate_proj, rank, size, place), _column(mlp.up_proj, rank, size, place)
+        mlp.down_proj = _row(mlp.down_proj, rank, size, place)
     embed, start = _rows(model.model.embed_tokens.weight, rank, size)
-    shard.model.embed_tokens = VocabParallelEmbedding(embed.to(device, copy=True), start)
-    shard.lm_head = ParallelLMHead(_rows(model.lm_head.weight, rank, size)[0].to(device, copy=True), vocab)
-    if meta:
-        return _randomize(shard, device, seed + rank)
-    return shard.to(device)
+    shard.model.embed_tokens = VocabParallelEmbedding(embed.to(place, copy=True), start)
+    shard.lm_head = ParallelLMHead(_rows(model.lm_head.weight, rank, size)[0].to(place, copy=True), model.config.vocab_size)
+    return _randomize(shard, device, seed + rank) if meta else shard.to(device)
 
 
 def _randomize(shard: Any, device: torch.device, seed: int) -> Any:
@@ -157,7 +155,8 @@ def _randomize(shard: Any, device: torch.device, seed: int) -> Any:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std, generator=generator)
-    shard.model.rotary_emb = type(shard.model.rotary_emb)(shard.config, device=device)
+    with torch.device(device):
+        shard.model.rotary_emb = type(shard.model.rotary_emb)(shard.config)
     return shard
 
 
