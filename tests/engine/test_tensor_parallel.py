@@ -97,3 +97,23 @@ def test_a_meta_model_is_drawn_shard_by_shard() -> None:
     assert bool(shard.model.layers[0].mlp.gate_proj.weight.std() > 0)
     assert bool((shard.model.norm.weight == 1).all())
     assert torch.equal(shard.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+
+
+def test_a_step_that_fails_part_way_stops_the_engine_cleanly() -> None:
+    """Rank 0 fails after the workers started the step: they wait in a collective that never completes, so further
+    steps are refused (not hung) and close() terminates them."""
+    llm = LLM(tiny_model(), kv_memory=0.01, tensor_parallel_size=2)
+    try:
+        def fail(views: list) -> None:
+            raise RuntimeError("device lost")
+
+        llm.runner.rank.decode = fail
+        llm.add_request(list(range(1, 20)), SamplingParams(max_tokens=4, ignore_eos=True))
+        llm.step()  # the prefill runs on both ranks
+        with pytest.raises(RuntimeError, match="device lost"):
+            llm.step()
+        with pytest.raises(RuntimeError, match="out of step"):
+            llm.step()
+    finally:
+        llm.close()
+    assert not any(w.is_alive() for w in llm.runner.workers) and not dist.is_initialized()

@@ -42,7 +42,8 @@ class LLMEngine:
     ``tensor_parallel_size`` N > 1 splits the model's heads and MLP over N processes
     (:mod:`kvslim.engine.parallel`), each with its own KV pool of ``kv_memory`` holding its KV heads;
     ``device`` says where they run (``cuda``: rank r on ``cuda:r``; ``cpu``: gloo), by default where the
-    model is. :meth:`close` stops them.
+    model is. :meth:`close` stops them. KV byte counts (``block_bytes``, a request's ``peak_kv_bytes``...)
+    are then per device.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import atexit
 import socket
-from datetime import timedelta
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -110,7 +110,8 @@ class Rank:
 
     def prefill(self, view: SeqView, policy: Method | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Last-token logits (whole vocabulary on rank 0) and every rank's heads' slot and ring counts (L, H)."""
-        logits, held, tail = self.runner.prefill(view.heads(self.lo, self.hi), None if policy is None else self._hook(policy))  # type: ignore[arg-type]
+        hook = None if policy is None else self._hook(policy)
+        logits, held, tail = self.runner.prefill(view.heads(self.lo, self.hi), hook)  # type: ignore[arg-type]
         return logits, self._gather_heads(held), None if tail is None else self._gather_heads(tail)
 
     def decode(self, views: list[SeqView]) -> Tensor:
@@ -139,10 +140,14 @@ def _init_group(rank: int, size: int, address: str, device: torch.device) -> Any
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
+def _rank_device(device_type: str, rank: int) -> torch.device:
+    return torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
+
+
 def _worker(rank: int, size: int, address: str, model: Any, device_type: str, enforce_eager: bool, threads: int) -> None:
     """Ranks 1..N-1: build the shard, then run whatever rank 0 broadcasts until it says ``exit``."""
     torch.set_num_threads(threads)
-    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
+    device = _rank_device(device_type, rank)
     control = _init_group(rank, size, address, device)
     node = Rank(model, rank, size, device, enforce_eager)
     while True:
@@ -198,8 +203,9 @@ class ParallelRunner:
     """Rank 0 of a tensor-parallel engine: the engine calls it as it calls a ModelRunner (see the module docstring).
 
     ``device``: ``cuda`` puts rank r on ``cuda:r`` (NCCL); ``cpu`` runs every rank on the CPU (gloo), each with
-    its share of this process's intra-op threads. One tensor-parallel engine per process at a time (it owns
-    the default process group); :meth:`shutdown` (also run at exit) stops the workers.
+    an equal share of this process's intra-op threads (this process keeps one share too: ranks that each took
+    every core would fight over them). One tensor-parallel engine per process at a time (it owns the default
+    process group); :meth:`shutdown` (also run at exit) stops the workers.
     """
 
     def __init__(self, model: Any, size: int, device: str | torch.device, enforce_eager: bool = False):
@@ -212,26 +218,37 @@ class ParallelRunner:
         if dist.is_initialized():
             raise ValueError("a tensor-parallel engine is already running in this process: close() it first")
         self.size = size
+        self.in_call = False  # a call is between its broadcast and its end (see shutdown)
         address = _free_address()
         threads = max(1, torch.get_num_threads() // size)
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
         context = mp.get_context("spawn")
         self.workers = [context.Process(target=_worker, args=(r, size, address, model, device.type, enforce_eager, threads),
                                         daemon=True) for r in range(1, size)]
         for worker in self.workers:
             worker.start()
-        self.control = _init_group(0, size, address, torch.device(device.type, 0) if device.type == "cuda" else device)
-        self.rank = Rank(model, 0, size, torch.device(device.type, 0) if device.type == "cuda" else device, enforce_eager)
+        here = _rank_device(device.type, 0)
+        self.control = _init_group(0, size, address, here)
+        self.rank = Rank(model, 0, size, here, enforce_eager)
         local = self.rank.runner
         self.num_layers, self.num_kv_heads, self.head_dim = local.num_layers, local.num_kv_heads, local.head_dim
         self.total_kv_heads = local.num_kv_heads * size
         self.scaling, self.dtype, self.device, self.max_model_len = local.scaling, local.dtype, local.device, local.max_model_len
         self.kv = self._sharded_kv(None)
+        self.running = True
         atexit.register(self.shutdown)
 
     def call(self, name: str, *args: Any) -> Any:
         """Broadcast a :class:`Rank` method call to the workers and run it here too; this rank's result."""
+        if self.in_call:
+            raise RuntimeError("an earlier tensor-parallel step failed part-way, so the ranks are out of step: "
+                               "close() this engine and start a new one")
+        self.in_call = True
         dist.broadcast_object_list([(name, args)], src=0, group=self.control)
-        return getattr(self.rank, name)(*args)
+        result = getattr(self.rank, name)(*args)
+        self.in_call = False
+        return result
 
     def set_format(self, storage: Method | None) -> None:
         if isinstance(storage, (KCache, PQCache)):
@@ -263,12 +280,17 @@ class ParallelRunner:
         return self.call("decode", views)
 
     def shutdown(self) -> None:
-        """Stop the workers and leave the process group (idempotent)."""
-        if not self.workers:
+        """Stop the workers and leave the process group (idempotent). After a call that raised here, the workers may
+        be inside a collective that will never complete, so they are terminated instead of asked."""
+        if not self.running:
             return
-        dist.broadcast_object_list([("exit", ())], src=0, group=self.control)
+        self.running = False
+        if self.in_call:
+            for worker in self.workers:
+                worker.terminate()
+        else:
+            dist.broadcast_object_list([("exit", ())], src=0, group=self.control)
         for worker in self.workers:
             worker.join()
-        self.workers = []
         dist.destroy_process_group()
         atexit.unregister(self.shutdown)
