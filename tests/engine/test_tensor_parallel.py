@@ -117,3 +117,24 @@ def test_a_step_that_fails_part_way_stops_the_engine_cleanly() -> None:
     finally:
         llm.close()
     assert not any(w.is_alive() for w in llm.runner.workers) and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("arch, attention, policy", [("qwen2", "gqa", "full"), ("llama", "mha", "adakv(keep=0.25)")])
+def test_biases_several_heads_per_rank_and_cached_prefixes(arch: str, attention: str, policy: str) -> None:
+    """Qwen2's q/k/v biases are split with their heads; with MHA each rank holds 2 KV heads, which AdaKV ranks
+    against the other rank's; a second prompt sharing the first one's prefix reads its blocks on every rank."""
+    common = _prompts()[0][:64]
+    prompts = [common + [5, 6, 7], common + [9, 10]]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    single = LLM(tiny_model(arch, attention), policy=policy, kv_memory=0.01)
+    expected = [single.generate([p], params)[0] for p in prompts]
+    parallel = LLM(tiny_model(arch, attention), policy=policy, kv_memory=0.01, tensor_parallel_size=2)
+    try:
+        outputs = [parallel.generate([p], params)[0] for p in prompts]
+    finally:
+        parallel.close()
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    assert [o.stats["cached_prompt_tokens"] for o in outputs] == [o.stats["cached_prompt_tokens"] for o in expected]
+    assert [o.stats["peak_kv_blocks"] for o in outputs] == [o.stats["peak_kv_blocks"] for o in expected]
+    if policy == "full":
+        assert outputs[1].stats["cached_prompt_tokens"] == 64
