@@ -54,7 +54,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(args: argparse.Namespace, policy: str, enforce_eager: bool = False) -> LLM:
+def build(args: argparse.Namespace, policy: str, enforce_eager: bool) -> LLM:
     return LLM(args.model, policy=policy, kv_memory=args.kv_memory, dtype=torch.bfloat16 if args.device == "cuda" else None,
                device=args.device, max_num_seqs=args.max_num_seqs, enforce_eager=enforce_eager,
                tensor_parallel_size=args.tp)
@@ -67,7 +67,7 @@ def warm_up(engine: LLM, vocab: int, length: int) -> None:
 
 
 def run_policy(args: argparse.Namespace, policy: str, prompts: list[list[int]], vocab: int) -> dict[str, Any]:
-    engine = build(args, policy)
+    engine = build(args, policy, args.enforce_eager)
     try:
         warm_up(engine, vocab, args.max_prompt)
         preempted = engine.scheduler.preemptions
@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--share-batch", type=int, help="sequences decoded at once while the all-reduce share is measured")
     parser.add_argument("--share-prompt", type=int, help="their prompt length")
     parser.add_argument("--policies", nargs="*", default=POLICIES)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="decode without CUDA graphs (each rank's graphs capture its all-reduces; this is the fallback)")
     parser.add_argument("--share-steps", type=int, default=5, help="decode steps profiled for the all-reduce share; 0: skip")
     parser.add_argument("--out", type=Path, help="JSON file (default: print it)")
     args = parser.parse_args()
@@ -193,6 +195,7 @@ def main() -> None:
         "torch": torch.__version__,
         "commit": commit,
         "kv_memory_gib_per_gpu": args.kv_memory,
+        "cuda_graphs": args.device == "cuda" and not args.enforce_eager,
         "workload": {"requests": args.requests, "prompt_tokens": [args.min_prompt, args.max_prompt],
                      "output_tokens": args.output_tokens, "max_num_seqs": args.max_num_seqs},
         "results": [],
