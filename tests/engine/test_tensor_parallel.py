@@ -2,6 +2,8 @@
 give the single-process engine's tokens, for per-head methods, a quantizer and AdaKV's cross-head ranking."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -50,6 +52,13 @@ def test_sizes_that_cannot_own_whole_kv_heads_are_refused(size: int, message: st
 def test_kv_tier_is_refused_with_tensor_parallelism() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
         LLM(tiny_model(), kv_memory=0.01, kv_tier="memory", tensor_parallel_size=2)
+
+
+def test_offloading_stores_are_refused_and_the_workers_stopped() -> None:
+    with pytest.raises(ValueError, match="offloading stores"):
+        LLM(tiny_model(), policy="kcache(fraction=0.1)", kv_memory=0.01, tensor_parallel_size=2)
+    gc.collect()  # the engine that failed to build is garbage: collecting it stops its workers
+    assert not dist.is_initialized()
 
 
 def _rank_keeps(rank: int, address: str) -> None:
@@ -116,7 +125,7 @@ def test_a_step_that_fails_part_way_stops_the_engine_cleanly() -> None:
             llm.step()
     finally:
         llm.close()
-    assert not any(w.is_alive() for w in llm.runner.workers) and not dist.is_initialized()
+    assert not any(p.is_alive() for p in llm.runner.workers.processes) and not dist.is_initialized()
 
 
 @pytest.mark.parametrize("arch, attention, policy", [("qwen2", "gqa", "full"), ("llama", "mha", "adakv(keep=0.25)")])

@@ -34,4 +34,4 @@ def test_two_ranks_serve_a_completion() -> None:
             assert reply.json()["usage"]["completion_tokens"] == 5
     finally:
         engine.close()
-    assert not engine.runner.running and not any(w.is_alive() for w in engine.runner.workers)
+    assert not any(p.is_alive() for p in engine.runner.workers.processes)

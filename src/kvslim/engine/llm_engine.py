@@ -13,8 +13,8 @@ from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
 from .model_runner import ModelRunner
-from .parallel import ParallelRunner
 from .outputs import Completion, RequestOutput
+from .parallel import ParallelRunner
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Metrics, Scheduler
@@ -83,7 +83,8 @@ class LLMEngine:
     def _runner(model: Any, enforce_eager: bool, tensor_parallel_size: int, device: "str | torch.device | None",
                 kv_tier: Any) -> "ModelRunner | ParallelRunner":
         if tensor_parallel_size == 1:
-            if device is not None and torch.device(device) != model.device:
+            asked = None if device is None else torch.device(device)
+            if asked is not None and (asked.type, asked.index or model.device.index) != (model.device.type, model.device.index):
                 raise ValueError(f"device={device}: a one-process engine runs where the model is ({model.device}); "
                                  "move the model there or leave device out")
             return ModelRunner.from_hf(model, enforce_eager)

@@ -22,8 +22,9 @@ only its shard on its device.
 """
 from __future__ import annotations
 
-import atexit
+import gc
 import socket
+import weakref
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -199,13 +200,36 @@ class ShardedKV:
         self.runner.call("copy_row", src, dst)
 
 
+class Workers:
+    """Ranks 1..N-1 and the control group, apart from the runner so that a finalizer can stop them when an engine is
+    dropped without ``close()`` (a finalizer must not hold the object it finalizes)."""
+
+    def __init__(self, processes: list[Any]):
+        self.processes = processes
+        self.control: Any = None
+        self.in_call = False  # a call is between its broadcast and its end
+
+    def stop(self) -> None:
+        """Ask the workers to exit, or, after a call that raised part-way (they may be inside a collective that will
+        never complete), terminate them; then leave the process group."""
+        if self.control is not None and not self.in_call:
+            dist.broadcast_object_list([("exit", ())], src=0, group=self.control)
+        else:
+            for process in self.processes:
+                process.terminate()
+        for process in self.processes:
+            process.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class ParallelRunner:
     """Rank 0 of a tensor-parallel engine: the engine calls it as it calls a ModelRunner (see the module docstring).
 
     ``device``: ``cuda`` puts rank r on ``cuda:r`` (NCCL); ``cpu`` runs every rank on the CPU (gloo), each with
     an equal share of this process's intra-op threads (this process keeps one share too: ranks that each took
     every core would fight over them). One tensor-parallel engine per process at a time (it owns the default
-    process group); :meth:`shutdown` (also run at exit) stops the workers.
+    process group); :meth:`shutdown`, or collecting the runner, or the interpreter's exit stops the workers.
     """
 
     def __init__(self, model: Any, size: int, device: str | torch.device, enforce_eager: bool = False):
@@ -216,38 +240,38 @@ class ParallelRunner:
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"tensor parallelism runs on cuda or cpu, not {device.type!r}")
         if dist.is_initialized():
+            gc.collect()  # an engine dropped without close() (one whose construction failed, say) stops when collected
+        if dist.is_initialized():
             raise ValueError("a tensor-parallel engine is already running in this process: close() it first")
-        self.size = size
-        self.in_call = False  # a call is between its broadcast and its end (see shutdown)
         address = _free_address()
         threads = max(1, torch.get_num_threads() // size)
         if device.type == "cpu":
             torch.set_num_threads(threads)
         context = mp.get_context("spawn")
-        self.workers = [context.Process(target=_worker, args=(r, size, address, model, device.type, enforce_eager, threads),
-                                        daemon=True) for r in range(1, size)]
-        for worker in self.workers:
-            worker.start()
+        self.workers = Workers([context.Process(target=_worker, daemon=True,
+                                                args=(r, size, address, model, device.type, enforce_eager, threads))
+                                for r in range(1, size)])
+        self.shutdown = weakref.finalize(self, self.workers.stop)  # also at exit; calling it again does nothing
+        for process in self.workers.processes:
+            process.start()
         here = _rank_device(device.type, 0)
-        self.control = _init_group(0, size, address, here)
+        self.workers.control = _init_group(0, size, address, here)
         self.rank = Rank(model, 0, size, here, enforce_eager)
         local = self.rank.runner
         self.num_layers, self.num_kv_heads, self.head_dim = local.num_layers, local.num_kv_heads, local.head_dim
         self.total_kv_heads = local.num_kv_heads * size
         self.scaling, self.dtype, self.device, self.max_model_len = local.scaling, local.dtype, local.device, local.max_model_len
         self.kv = self._sharded_kv(None)
-        self.running = True
-        atexit.register(self.shutdown)
 
     def call(self, name: str, *args: Any) -> Any:
         """Broadcast a :class:`Rank` method call to the workers and run it here too; this rank's result."""
-        if self.in_call:
+        if self.workers.in_call:
             raise RuntimeError("an earlier tensor-parallel step failed part-way, so the ranks are out of step: "
                                "close() this engine and start a new one")
-        self.in_call = True
-        dist.broadcast_object_list([(name, args)], src=0, group=self.control)
+        self.workers.in_call = True
+        dist.broadcast_object_list([(name, args)], src=0, group=self.workers.control)
         result = getattr(self.rank, name)(*args)
-        self.in_call = False
+        self.workers.in_call = False
         return result
 
     def set_format(self, storage: Method | None) -> None:
@@ -278,19 +302,3 @@ class ParallelRunner:
 
     def decode(self, views: list[SeqView]) -> Tensor:
         return self.call("decode", views)
-
-    def shutdown(self) -> None:
-        """Stop the workers and leave the process group (idempotent). After a call that raised here, the workers may
-        be inside a collective that will never complete, so they are terminated instead of asked."""
-        if not self.running:
-            return
-        self.running = False
-        if self.in_call:
-            for worker in self.workers:
-                worker.terminate()
-        else:
-            dist.broadcast_object_list([("exit", ())], src=0, group=self.control)
-        for worker in self.workers:
-            worker.join()
-        dist.destroy_process_group()
-        atexit.unregister(self.shutdown)
