@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvslim.engine import LLM, SamplingParams
+from kvslim.engine.parallel import DecodeStep
+from kvslim.engine.sequence import Sequence
 from kvslim.engine.sharding import ShardedAdaKV, shard_model
 from kvslim.methods import keep_top
 from kvslim.models import tiny_model
@@ -147,3 +149,18 @@ def test_biases_several_heads_per_rank_and_cached_prefixes(arch: str, attention:
     assert [o.stats["peak_kv_blocks"] for o in outputs] == [o.stats["peak_kv_blocks"] for o in expected]
     if policy == "full":
         assert outputs[1].stats["cached_prompt_tokens"] == 64
+
+
+def test_a_decode_step_carries_every_sequence_field_a_rank_reads() -> None:
+    """Ragged heads on one sequence only, tables of different widths (one with a block a window dropped), rings."""
+    ragged = Sequence(list(range(30)), SamplingParams(), block_table=[-1, 7, 9], kv_slots=40, window_start=18, sinks=2,
+                      ring_row=3, pad=torch.tensor([[0, 2], [1, 0]]), tail=torch.tensor([[5, 6], [7, 8]]))
+    plain = Sequence([4, 5, 6], SamplingParams(), block_table=[2], kv_slots=3, ring_row=0, tail=torch.tensor([[1, 1], [1, 1]]))
+    step = DecodeStep.of([ragged, plain])
+    for lo, hi in ((0, 1), (1, 2)):
+        for seq, view in zip((ragged, plain), step.views(lo, hi)):
+            assert (view.last_token, len(view), view.block_table) == (seq.last_token, len(seq), seq.block_table)
+            assert (view.kv_slots, view.window_start, view.sinks, view.ring_row) == (seq.kv_slots, seq.window_start,
+                                                                                     seq.sinks, seq.ring_row)
+            assert torch.equal(view.slot_lens(2, 1), seq.slot_lens(2, 2)[:, lo:hi])
+            assert torch.equal(view.tail, seq.tail[:, lo:hi])

@@ -8,9 +8,10 @@ and then every rank, rank 0 included, runs the same :class:`Rank` method on its 
 (:func:`~kvslim.engine.sharding.shard_model`) and its own KV pool, which holds only its KV heads.
 
 What is broadcast: a prefill sends the sequence's token ids, cached-prefix length, block table and ring
-row; a decode step sends, per sequence, its last token, length, block table, slot counts, window and
-ring state (:class:`SeqView`), plus the step's copy-on-write block copies. Each rank cuts the per-head
-fields to its heads and builds its decode batch with the runner's own ``prepare_decode``. After a
+row (:class:`SeqView`); a decode step sends every sequence's last token, length, block table, slot counts,
+window and ring state as a few batch tensors (:class:`DecodeStep`), and before it the step's copy-on-write
+block copies. Each rank cuts the per-head fields to its heads and builds its decode batch with the
+runner's own ``prepare_decode``. After a
 prefill the ranks all-gather the slots each of their heads kept, so rank 0 holds every head's count and
 the block manager sizes blocks for the longest head, exactly as in one process.
 
@@ -49,8 +50,9 @@ IDLE_TIMEOUT = timedelta(days=365)
 
 @dataclass
 class SeqView:
-    """What a rank's runner reads of a sequence: the token ids for a prefill, only the last one for a decode step
-    (``length`` keeps the position); ``pad`` and ``tail`` (L, H) are per KV head, cut to a rank's heads by :meth:`heads`."""
+    """What a rank's runner reads of a sequence (the fields of :class:`Sequence` that ``prefill`` and
+    ``prepare_decode`` use): the token ids for a prefill, only the last one for a decode step (``length`` keeps the
+    position); ``pad`` and ``tail`` (L, H) are per KV head, cut to a rank's heads by :meth:`heads`."""
 
     token_ids: list[int]
     length: int
@@ -64,10 +66,10 @@ class SeqView:
     ring_row: int
 
     @classmethod
-    def of(cls, seq: Sequence, prefill: bool) -> "SeqView":
-        tokens = list(seq.token_ids) if prefill else [seq.last_token]
-        return cls(tokens, len(seq), list(seq.block_table), seq.num_cached_tokens, seq.kv_slots, seq.pad, seq.tail,
-                   seq.window_start, seq.sinks, seq.ring_row)
+    def of(cls, seq: Sequence) -> "SeqView":
+        """A sequence about to be prefilled."""
+        return cls(list(seq.token_ids), len(seq), list(seq.block_table), seq.num_cached_tokens, seq.kv_slots, seq.pad,
+                   seq.tail, seq.window_start, seq.sinks, seq.ring_row)
 
     def heads(self, lo: int, hi: int) -> "SeqView":
         cut = lambda t: None if t is None else t[:, lo:hi]  # noqa: E731
@@ -84,6 +86,47 @@ class SeqView:
         """(L, H) slots held per layer and KV head (as :meth:`Sequence.slot_lens`)."""
         lens = torch.full((num_layers, num_heads), self.kv_slots, dtype=torch.long)
         return lens if self.pad is None else lens - self.pad
+
+
+@dataclass
+class DecodeStep:
+    """A decode step's batch as rank 0 broadcasts it: one tensor per field, (B, ...), not one object per sequence
+    (pickling a small tensor per sequence cost about as much as a decode step at B=256)."""
+
+    tokens: Tensor  # last token of each sequence
+    lengths: Tensor
+    tables: Tensor  # (B, M) block tables, -1 past ``widths``
+    widths: Tensor
+    kv_slots: Tensor
+    window_start: Tensor
+    sinks: Tensor
+    ring_rows: Tensor
+    pads: Tensor | None  # (B, L, H) int32, zeros for sequences whose heads hold equal counts; None when all do
+    tails: Tensor | None  # (B, L, H) int32 ring tokens, for stores with a ring
+
+    @classmethod
+    def of(cls, seqs: list[Sequence]) -> "DecodeStep":
+        widths = [len(s.block_table) for s in seqs]
+        widest = max(widths)
+        tables = torch.tensor([s.block_table + [-1] * (widest - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        ints = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        pads = None
+        if any(s.pad is not None for s in seqs):
+            zeros = torch.zeros_like(next(s.pad for s in seqs if s.pad is not None))
+            pads = torch.stack([zeros if s.pad is None else s.pad for s in seqs]).int()
+        tails = None if seqs[0].tail is None else torch.stack([s.tail for s in seqs]).int()  # type: ignore[misc]
+        return cls(ints([s.last_token for s in seqs]), ints([len(s) for s in seqs]), tables, ints(widths),
+                   ints([s.kv_slots for s in seqs]), ints([s.window_start for s in seqs]), ints([s.sinks for s in seqs]),
+                   ints([s.ring_row for s in seqs]), pads, tails)
+
+    def views(self, lo: int, hi: int) -> list[SeqView]:
+        """Each sequence's view, per-head fields cut to KV heads [lo, hi)."""
+        cut = lambda t, i: None if t is None else t[i, :, lo:hi].long()  # noqa: E731
+        tables, widths = self.tables.tolist(), self.widths.tolist()
+        columns = zip(self.tokens.tolist(), self.lengths.tolist(), self.kv_slots.tolist(), self.window_start.tolist(),
+                      self.sinks.tolist(), self.ring_rows.tolist())
+        return [SeqView([token], length, tables[i][: widths[i]], 0, slots, cut(self.pads, i), cut(self.tails, i), start,
+                        sinks, row) for i, (token, length, slots, start, sinks, row) in enumerate(columns)]
 
 
 class Rank:
@@ -115,9 +158,8 @@ class Rank:
         logits, held, tail = self.runner.prefill(view.heads(self.lo, self.hi), hook)  # type: ignore[arg-type]
         return logits, self._gather_heads(held), None if tail is None else self._gather_heads(tail)
 
-    def decode(self, views: list[SeqView]) -> Tensor:
-        batch = self.runner.prepare_decode([v.heads(self.lo, self.hi) for v in views])  # type: ignore[misc]
-        return self.runner.decode(batch)
+    def decode(self, step: DecodeStep) -> Tensor:
+        return self.runner.decode(self.runner.prepare_decode(step.views(self.lo, self.hi)))  # type: ignore[arg-type]
 
     def _hook(self, policy: Method) -> Compression:
         """This rank's compression for ``policy`` (AdaKV sharded, see :func:`shard_policy`), built once per policy."""
@@ -295,10 +337,10 @@ class ParallelRunner:
 
     def prefill(self, seq: Sequence, compress: Compression | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """As :meth:`ModelRunner.prefill`, with every rank's heads' counts (L, H)."""
-        return self.call("prefill", SeqView.of(seq, prefill=True), None if compress is None else compress.policy)
+        return self.call("prefill", SeqView.of(seq), None if compress is None else compress.policy)
 
-    def prepare_decode(self, seqs: list[Sequence]) -> list[SeqView]:
-        return [SeqView.of(seq, prefill=False) for seq in seqs]
+    def prepare_decode(self, seqs: list[Sequence]) -> DecodeStep:
+        return DecodeStep.of(seqs)
 
-    def decode(self, views: list[SeqView]) -> Tensor:
-        return self.call("decode", views)
+    def decode(self, step: DecodeStep) -> Tensor:
+        return self.call("decode", step)
