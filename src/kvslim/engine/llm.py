@@ -17,17 +17,26 @@ class LLM(LLMEngine):
     ``model_or_name`` is a Hugging Face Llama/Qwen2/Mistral model object (give its ``tokenizer``) or anything
     :func:`kvslim.models.resolve` accepts: a built-in name, a model directory, a .gguf file, a cached hub id (the
     tokenizer then comes with it, if it has one). ``dtype=None``: bfloat16 on a GPU, float32 on the CPU.
+
+    ``tensor_parallel_size=N`` runs N processes on ``device`` (see :mod:`kvslim.engine.parallel`). A named model
+    is then loaded once on the host and shared with them (a random-weight preset only as shapes: each rank
+    draws its own shards on its device), since no one device need hold it whole.
     """
 
     def __init__(self, model_or_name: Any, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, tokenizer: Any = None, dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu", **engine_args: Any):
+                 device: str | torch.device = "cpu", tensor_parallel_size: int = 1, **engine_args: Any):
+        parallel = tensor_parallel_size > 1
         if isinstance(model_or_name, str):
-            from ..models import load_model
+            from ..models import load_model, resolve
 
-            model_or_name, loaded = load_model(model_or_name, dtype=dtype, device=device, progress=True)
+            if parallel and dtype is None and torch.device(device).type == "cuda":
+                dtype = torch.bfloat16  # loaded on the host, where the default would be float32
+            where = device if not parallel else "meta" if resolve(model_or_name).kind == "preset" else "cpu"
+            model_or_name, loaded = load_model(model_or_name, dtype=dtype, device=where, progress=True)
             tokenizer = tokenizer or loaded
-        super().__init__(model_or_name, tokenizer, policy, kv_memory, block_size, **engine_args)
+        super().__init__(model_or_name, tokenizer, policy, kv_memory, block_size, tensor_parallel_size=tensor_parallel_size,
+                         device=device if parallel else None, **engine_args)
 
     def generate(self, prompts: "Sequence[str | list[int]] | str", params: SamplingParams | None = None
                  ) -> list[RequestOutput]:

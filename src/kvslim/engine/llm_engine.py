@@ -14,6 +14,7 @@ from .compression import Compression
 from .kv_store import dense_block_bytes
 from .model_runner import ModelRunner
 from .outputs import Completion, RequestOutput
+from .parallel import ParallelRunner
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Metrics, Scheduler
@@ -46,12 +47,19 @@ class LLMEngine:
     so engines sharing a tier reuse each other's prefixes. It applies where prefix sharing does (no evictor).
     Call :meth:`close` to finish the tier's pending writes. On CUDA, decode steps replay CUDA graphs
     unless ``enforce_eager`` (see :class:`~kvslim.engine.model_runner.DecodeGraphs`).
+
+    ``tensor_parallel_size`` N > 1 splits the model's heads and MLP over N processes
+    (:mod:`kvslim.engine.parallel`), each with its own KV pool of ``kv_memory`` holding its KV heads;
+    ``device`` says where they run (``cuda``: rank r on ``cuda:r``; ``cpu``: gloo), by default where the
+    model is. :meth:`close` stops them. KV byte counts (``block_bytes``, a request's ``peak_kv_bytes``...)
+    are then per device.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
-                 kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False):
-        self.runner = ModelRunner.from_hf(model, enforce_eager)
+                 kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1, device: "str | torch.device | None" = None):
+        self.runner = self._runner(model, enforce_eager, tensor_parallel_size, device, kv_tier)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
@@ -80,6 +88,19 @@ class LLMEngine:
         self.tier = open_tier(kv_tier) if isinstance(kv_tier, str) else kv_tier
         self.tier_link = None if self.tier is None else TierLink(self.tier, self.blocks, kv, model, self.policy.spec)
         self.last_step_prefill = False  # what the last step ran (benchmarks time prefill and decode apart)
+
+    @staticmethod
+    def _runner(model: Any, enforce_eager: bool, tensor_parallel_size: int, device: "str | torch.device | None",
+                kv_tier: Any) -> "ModelRunner | ParallelRunner":
+        if tensor_parallel_size == 1:
+            asked = None if device is None else torch.device(device)
+            if asked is not None and (asked.type, asked.index or model.device.index) != (model.device.type, model.device.index):
+                raise ValueError(f"device={device}: a one-process engine runs where the model is ({model.device}); "
+                                 "move the model there or leave device out")
+            return ModelRunner.from_hf(model, enforce_eager)
+        if kv_tier is not None:
+            raise ValueError("kv_tier: a KV tier stores whole blocks of one process; use it with tensor_parallel_size=1")
+        return ParallelRunner(model.eval(), tensor_parallel_size, device or model.device, enforce_eager)
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -139,9 +160,11 @@ class LLMEngine:
         return metrics
 
     def close(self) -> None:
-        """Finish the KV tier's queued writes and release it (no-op without a tier)."""
+        """Finish the KV tier's queued writes and release it; stop tensor-parallel workers."""
         if self.tier is not None:
             self.tier.close()
+        if isinstance(self.runner, ParallelRunner):
+            self.runner.shutdown()
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int]]:

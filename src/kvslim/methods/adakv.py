@@ -37,5 +37,10 @@ class AdaKV(SnapKV):
         floor = torch.ceil(k.float() * self.floor).long()
         scores = scores.masked_fill(keep_top(scores, floor) & (scores > float("-inf")), float("inf"))
         batch, heads, length = scores.shape
-        layer_total = k.sum(-1, keepdim=True)  # (B, 1): the layer's budget, shared by its heads
-        return keep_top(scores.view(batch, 1, heads * length), layer_total).view(batch, heads, length)
+        return self.keep_layer_top(scores.view(batch, heads * length), k.sum(-1)).view(batch, heads, length)
+
+    def keep_layer_top(self, scores: Tensor, total: Tensor) -> Tensor:
+        """(B, heads x T) mask of the ``total`` (B,) best scores of a layer's heads, flattened head by head; ties go
+        to the earlier head and token. A tensor-parallel rank holds only some heads and overrides this
+        (:class:`kvslim.engine.sharding.ShardedAdaKV`)."""
+        return keep_top(scores[:, None], total[:, None])[:, 0]

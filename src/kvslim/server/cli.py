@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="model dtype: float32, bfloat16 or float16 "
                                          "(default: bfloat16 on a GPU, float32 on the CPU; random-weight presets: bfloat16)")
     parser.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (GPU only)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="processes the model's heads and MLP are split over (one per GPU: cuda:0..N-1; gloo on cpu)")
     parser.add_argument("--kv-tier", nargs="?", const="memory",
                         help="KV block tier below the pool, shared with other engines: memory (the default when the "
                              "flag has no value), disk:PATH or redis://HOST:PORT")
@@ -75,6 +77,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without loading a model's weights; raises ValueError."""
     from ..cache.tier import parse_spec
     from ..engine.compression import Compression
+    from ..engine.sharding import check_divisible
     from ..engine.tier_link import check_policy
     from ..models import load_config
 
@@ -97,6 +100,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port {args.port}: give a TCP port in 0..65535")
     _dtype(args.dtype)
     _device(args.device)
+    check_divisible(config, args.tensor_parallel_size)
+    if args.kv_tier is not None and args.tensor_parallel_size > 1:
+        raise ValueError("--kv-tier stores whole blocks of one process: leave it out with --tensor-parallel-size > 1")
     if args.kv_tier is not None:
         parse_spec(args.kv_tier)
         check_policy(compression)
@@ -110,7 +116,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     check_args(args)
     llm = LLM(args.model, policy=_policy(args), kv_memory=args.kv_memory, block_size=args.block_size,
               dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs,
-              kv_tier=args.kv_tier, enforce_eager=args.enforce_eager)
+              kv_tier=args.kv_tier, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
     return create_app(llm, args.model, max_n=args.max_n)
 
 
