@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kvslim.engine import LLM, SamplingParams
-from kvslim.engine.parallel import DecodeStep
+from kvslim.engine import LLM, SamplingParams, StepFailed
+from kvslim.engine.parallel import DecodeStep, RanksOutOfStep
 from kvslim.engine.sequence import Sequence
 from kvslim.engine.sharding import ShardedAdaKV, shard_model
 from kvslim.methods import keep_top
@@ -121,9 +121,10 @@ def test_a_step_that_fails_part_way_stops_the_engine_cleanly() -> None:
         llm.runner.rank.decode = fail
         llm.add_request(list(range(1, 20)), SamplingParams(max_tokens=4, ignore_eos=True))
         llm.step()  # the prefill runs on both ranks
-        with pytest.raises(RuntimeError, match="device lost"):
-            llm.step()
-        with pytest.raises(RuntimeError, match="out of step"):
+        with pytest.raises(StepFailed, match="device lost"):
+            llm.step()  # the request that step ran is dropped; the engine refuses to go on
+        llm.add_request(list(range(1, 9)), SamplingParams(max_tokens=2))
+        with pytest.raises(RanksOutOfStep, match="out of step"):
             llm.step()
     finally:
         llm.close()

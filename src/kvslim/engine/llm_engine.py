@@ -14,7 +14,7 @@ from .compression import Compression
 from .kv_store import dense_block_bytes
 from .model_runner import ModelRunner
 from .outputs import Completion, RequestOutput
-from .parallel import ParallelRunner
+from .parallel import ParallelRunner, RanksOutOfStep
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Metrics, Scheduler
@@ -171,7 +171,8 @@ class LLMEngine:
         """Run one prefill or decode step; returns (sequence, new token) for every token produced.
 
         If the step raises, the requests it ran are dropped (blocks freed) and :class:`StepFailed` names
-        them; the engine stays usable for every other request.
+        them; the engine stays usable for every other request. Only :class:`RanksOutOfStep` (tensor-parallel
+        ranks left apart by an earlier failure) passes through as it is: nothing can run after it.
         """
         seqs, is_prefill, copies = self.scheduler.schedule()
         if not seqs:
@@ -179,6 +180,8 @@ class LLMEngine:
         self.last_step_prefill = is_prefill
         try:
             return self._run(seqs, is_prefill, copies)
+        except RanksOutOfStep:
+            raise
         except Exception as err:
             raise StepFailed(self._drop({seq.request_id for seq in seqs}), err) from err
 

@@ -48,6 +48,11 @@ from .sharding import check_divisible, shard_model, shard_policy
 IDLE_TIMEOUT = timedelta(days=365)
 
 
+class RanksOutOfStep(RuntimeError):
+    """An earlier step failed on some ranks only: no later step can run, so the engine is broken for good
+    (a server answers 503 instead of failing every later request one by one)."""
+
+
 @dataclass
 class SeqView:
     """What a rank's runner reads of a sequence (the fields of :class:`Sequence` that ``prefill`` and
@@ -308,7 +313,7 @@ class ParallelRunner:
     def call(self, name: str, *args: Any) -> Any:
         """Broadcast a :class:`Rank` method call to the workers and run it here too; this rank's result."""
         if self.workers.in_call:
-            raise RuntimeError("an earlier tensor-parallel step failed part-way, so the ranks are out of step: "
+            raise RanksOutOfStep("an earlier tensor-parallel step failed part-way, so the ranks are out of step: "
                                "close() this engine and start a new one")
         self.workers.in_call = True
         dist.broadcast_object_list([(name, args)], src=0, group=self.workers.control)
