@@ -23,16 +23,26 @@ _pending = threading.local()
 
 
 def eager_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                    scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
-    """Hugging Face's eager attention (matmul, additive mask, float32 softmax), for models that use it."""
+                    scaling: float, dropout: float = 0.0, softcap: float | None = None,
+                    **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """Hugging Face's eager attention (matmul, softcap, additive mask, float32 softmax), for models that use it.
+
+    It stands in for every model's own eager function, so it applies what those do beyond the plain
+    formula: Gemma 2's attention logit softcapping (the window is in the mask the model built).
+    """
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    weights = capped(torch.matmul(query, key.transpose(2, 3)) * scaling, softcap)
     if attention_mask is not None:
         weights = weights + attention_mask[:, :, :, : key.shape[-2]]
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def capped(logits: Tensor, softcap: float | None) -> Tensor:
+    """Attention logit softcapping, ``softcap * tanh(logits / softcap)``; the logits unchanged when None."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def set_pending(cache: Any, layer_idx: int) -> None:
@@ -95,16 +105,17 @@ def base_impl(config: Any) -> str:
 
 
 def masked_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scaling: float,
-                     impl: str) -> Tensor:
+                     impl: str, softcap: float | None = None) -> Tensor:
     """Attention of (B,Hq,q,D) queries over (B,H,T,D) keys with a per-head boolean mask (B,H,q,T).
 
-    Returns (B, q, Hq, D) like Hugging Face's attention functions.
+    Returns (B, q, Hq, D) like Hugging Face's attention functions. Softcapped logits take the eager path
+    (SDPA cannot cap them).
     """
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     allowed = allowed.repeat_interleave(group, 1)
-    if impl == "eager":
-        weights = torch.matmul(query, keys.transpose(2, 3)) * scaling
+    if impl == "eager" or softcap is not None:
+        weights = capped(torch.matmul(query, keys.transpose(2, 3)) * scaling, softcap)
         weights = weights.masked_fill(~allowed, torch.finfo(weights.dtype).min)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
         out = torch.matmul(weights, values)
@@ -114,10 +125,14 @@ def masked_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tenso
 
 
 def key_padding(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
-    """(B, T) True for real prompt tokens, read off the mask the model built for a first prefill."""
+    """(B, T) True for real prompt tokens, read off the mask the model built for a first prefill.
+
+    Token t is real when query t may see itself: the mask's diagonal. (Not its last row: a sliding-window
+    layer's last query sees only the window, yet the tokens before it are real.)
+    """
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
-    last_row = attention_mask[:, 0, -1, :length]
-    if last_row.dtype == torch.bool:
-        return last_row
-    return last_row > torch.finfo(last_row.dtype).min / 2
+    diagonal = attention_mask[:, 0, :length, :length].diagonal(dim1=-2, dim2=-1)
+    if diagonal.dtype == torch.bool:
+        return diagonal
+    return diagonal > torch.finfo(diagonal.dtype).min / 2

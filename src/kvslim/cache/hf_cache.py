@@ -4,10 +4,17 @@ Works in ``model.generate(..., past_key_values=cache)`` and in hand-written forw
 sdpa and eager attention. The prompt is attended in full (the model's own attention), then the
 policy compresses; decoding attends over the compressed storage. RoPE positions stay true because
 keys are cached after rotation and ``get_seq_length`` counts tokens *seen*, not tokens kept.
+
+Sliding-window layers (Mistral, Phi-3, Gemma 2/3; see :mod:`.window`) keep the model's semantics:
+every attention sees only the layer's window, and after each forward the layer drops the tokens no
+later query can see, holding at most ``W - 1`` tokens as transformers' own cache does. The method
+then acts within what is left: its budget is a share of what the full cache holds in that layer
+(``keep=0.5`` keeps half the window once the prompt fills it; ``budget=N`` keeps ``min(N, W - 1)``),
+and quantizers pack the window's tokens as they would any others.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -16,19 +23,54 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..shape import KVShape
 from . import attention as routing
+from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
 from .segments import Segment, merge_partials
+from .window import SlotTracker
+
+if TYPE_CHECKING:
+    from ..methods import Observation
 
 
 class _Layer(LayerKV, CacheLayerMixin):
     """A kvslim layer that transformers' generic cache code recognises."""
 
-    is_sliding = False
+    is_sliding = False  # the mask transformers builds is used for a first prefill only, where it is exact
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, window: int | None = None):
         CacheLayerMixin.__init__(self)
         LayerKV.__init__(self, layer_idx)
+        self.window = window
+        self.tracker = SlotTracker(window) if window else None
         self.is_initialized = True
+
+    # -- sliding windows: the slot of every held token follows each change of the layer ---------------
+    def valid(self) -> Tensor:
+        return torch.cat([seg.valid_mask() for seg in self.segments], 2)
+
+    def append(self, keys: Tensor, values: Tensor) -> None:
+        held = self.lengths if self.tracker is not None and self.tracker.slots is not None else None
+        super().append(keys, values)
+        if held is not None:
+            self.tracker.appended(held, self.seen - keys.shape[2], keys.shape[2])  # type: ignore[union-attr]
+
+    def select(self, keep: Tensor) -> None:
+        if self.tracker is not None:
+            self.tracker.selected(self.valid(), keep, self.lengths, self.seen)
+        super().select(keep)
+
+    def in_window(self, q_len: int) -> Tensor | None:
+        """(B, H, q, T) columns inside each new query's window; None for a global-attention layer."""
+        if self.tracker is None:
+            return None
+        return self.tracker.allowed(self.valid(), self.lengths, self.seen, q_len)
+
+    def expired(self) -> Tensor | None:
+        """(B, H, T) held tokens that no later query can see; None when there are none."""
+        if self.tracker is None or self.seen < self.tracker.window:
+            return None
+        gone = self.tracker.expired(self.valid(), self.lengths, self.seen)
+        return gone if bool(gone.any()) else None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Nothing to preallocate: storage is created by the first update."""
@@ -46,7 +88,7 @@ class _Layer(LayerKV, CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        LayerKV.__init__(self, self.layer_idx)
+        _Layer.__init__(self, self.layer_idx, self.window)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("kvslim.Cache supports greedy decoding and sampling, not beam search: use num_beams=1")
@@ -66,7 +108,8 @@ class Cache(HFCache):
     """A compressed KV cache for a Hugging Face model, driven by a kvslim method.
 
     ``kvslim.Cache(kvslim.policy("snapkv", keep=0.25), model.config)``. Building it routes the
-    config's attention through kvslim (same math when no kvslim cache is in use).
+    config's attention through kvslim (same math when no kvslim cache is in use). A model whose layers
+    are not all softmax attention (see :mod:`.architecture`) is a ValueError.
     """
 
     def __init__(self, policy: Any, config: Any):
@@ -74,11 +117,12 @@ class Cache(HFCache):
 
         self.policy: Method = policy if isinstance(policy, Method) else build(policy)
         self.config = getattr(config, "config", config)  # a model is accepted too
+        windows = layer_windows(self.config)
         self.shape = KVShape.from_config(self.config)
         routing.route(self.config)
         routing.clear_pending()
         self.element_bytes = self.shape.element_bytes  # replaced by the real cache dtype at the first update
-        super().__init__(layers=[_Layer(i) for i in range(self.shape.num_layers)])
+        super().__init__(layers=[_Layer(i, w) for i, w in enumerate(windows)])
 
     # -- the transformers Cache protocol ----------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -106,9 +150,12 @@ class Cache(HFCache):
         """Attention for one layer over what it holds, then let the policy act on it."""
         from ..methods import Observation
 
-        layer: LayerKV = self.layers[layer_idx]
+        layer: _Layer = self.layers[layer_idx]
         q_len = query.shape[2]
         scaling = kwargs.pop("scaling", None) or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        softcap = kwargs.get("softcap")
+        if kwargs.get("s_aux") is not None:
+            raise ValueError(f"kvslim.Cache serves softmax attention without learned sinks (s_aux, gpt-oss); {SUPPORTED}")
         first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
@@ -118,21 +165,38 @@ class Cache(HFCache):
             if not bool(real.all()):  # batch padding is never stored
                 layer.select(real[:, None, :].expand(keys.shape[:3]))
         else:
+            window = layer.in_window(q_len)
             if any(type(seg).attend is not Segment.attend for seg in layer.segments):
-                out = _attend_by_segment(layer, query, scaling)
+                if softcap is not None:
+                    raise ValueError(f"{self.policy.spec} attends segment by segment, which cannot softcap logits "
+                                     "(Gemma 2): use an evicting method or a quantizer")
+                out = _attend_by_segment(layer, query, scaling, window)
             else:  # one attention call over the layer's dense copy: the fast path
                 keys, values, valid = layer.dense(query.dtype)
                 obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
                 # the new tokens are the last q columns of the layout (see LayerKV.select)
                 allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
-                out = routing.masked_attention(query, keys, values, allowed, scaling, impl)
+                allowed = allowed if window is None else allowed & window
+                out = routing.masked_attention(query, keys, values, allowed, scaling, impl, softcap)
             layer.state["real"] = layer.state["real"] + q_len
             if q_len > 1:
                 layer.state["prompt"] = layer.state["prompt"] + q_len
         phase = "prefill" if q_len > 1 or first else "decode"
-        obs = Observation(layer, self.shape.num_layers, query, scaling, phase)
+        if layer.window is not None:
+            self._expire(layer, Observation(layer, self.shape.num_layers, query, scaling, phase, softcap))
+        obs = Observation(layer, self.shape.num_layers, query, scaling, phase, softcap)
         (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
         return out, None
+
+    def _expire(self, layer: _Layer, obs: Observation) -> None:
+        """Drop what a sliding-window layer's later queries cannot see, before the method acts on the rest;
+        the prompt the method budgets for is what the full cache holds there (at most ``W - 1`` tokens)."""
+        gone = layer.expired()
+        if gone is not None:
+            keep = layer.valid() & ~gone
+            self.policy.reflow(obs, keep)
+            layer.select(keep)
+        layer.state["prompt"] = layer.state["prompt"].clamp(max=layer.window - 1)  # type: ignore[operator]
 
     # -- accounting ---------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -144,7 +208,7 @@ class Cache(HFCache):
         per_layer = [layer.lengths.tolist() if layer.segments else [] for layer in self.layers]
         kept = sum(int(layer.lengths.sum()) for layer in self.layers if layer.segments)
         seen = self.tokens_seen()
-        full_tokens = sum(seen) * self.shape.num_kv_heads * self.shape.num_layers
+        full_tokens = sum(self._full_tokens()) * self.shape.num_kv_heads
         full_bytes = full_tokens * 2 * self.shape.head_dim * self.element_bytes
         return {
             "policy": self.policy.spec,
@@ -177,8 +241,14 @@ class Cache(HFCache):
 
     def full_bytes_per_sequence(self) -> list[int]:
         """Bytes a full cache would hold for each sequence's real tokens."""
-        per_token = 2 * self.shape.num_layers * self.shape.num_kv_heads * self.shape.head_dim * self.element_bytes
-        return [n * per_token for n in self.tokens_seen()]
+        per_token = 2 * self.shape.num_kv_heads * self.shape.head_dim * self.element_bytes
+        return [n * per_token for n in self._full_tokens()]
+
+    def _full_tokens(self) -> list[int]:
+        """Tokens per KV head a full cache holds for each sequence, summed over layers: every real token, or
+        at most ``W - 1`` in a sliding-window layer (what transformers' own cache keeps there)."""
+        windows = [layer.window for layer in self.layers]
+        return [sum(n if w is None else min(n, w - 1) for w in windows) for n in self.tokens_seen()]
 
     @property
     def batch_size_seen(self) -> int:
@@ -190,18 +260,20 @@ class Cache(HFCache):
         return [] if real is None else [int(n) for n in real]
 
 
-def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float) -> Tensor:
+def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Tensor | None) -> Tensor:
     """Attention as the log-sum-exp merge of each segment's partial attention, (B, q, Hq, Dv) like ``base``.
 
     Used when a segment attends by itself (e.g. reads only some rows from the host), so no dense copy of
     the layer is made. The mask comes from the segments' lengths: each query sees the held tokens up to
-    its own time rank (the rule of ``Observation.visible``), split along tokens by segment widths.
+    its own time rank (the rule of ``Observation.visible``) and inside its ``window`` (sliding-window
+    layers), split along tokens by segment widths.
     """
     q_len = query.shape[2]
     valid = torch.cat([seg.valid_mask() for seg in layer.segments], 2)
     rank = valid.long().cumsum(-1) - 1
     limit = valid.sum(-1, keepdim=True) + torch.arange(q_len, device=valid.device) - q_len  # (B, H, q)
     allowed = valid[:, :, None, :] & (rank[:, :, None, :] <= limit[..., None])
+    allowed = allowed if window is None else allowed & window
     parts = [seg.attend(query, part, scaling) for seg, part in zip(layer.segments, allowed.split(layer.widths(), -1))]
     out, _ = merge_partials(parts)
     return out.to(query.dtype).transpose(1, 2).contiguous()

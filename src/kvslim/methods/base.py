@@ -29,6 +29,7 @@ class Observation:
     queries: Tensor  # (B, Hq, q, D) queries of this forward, after RoPE
     scaling: float
     phase: str  # "prefill" (a prompt chunk) or "decode" (one new token)
+    softcap: float | None = None  # attention logit softcapping (Gemma 2): logits become softcap * tanh(logits / softcap)
 
     @property
     def layer_idx(self) -> int:
@@ -70,8 +71,11 @@ class Observation:
         batch, q_heads = queries.shape[:2]
         keys = self.keys.float().repeat_interleave(self.group, dim=1)
         logits = queries @ keys.transpose(-1, -2) * self.scaling
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         logits = logits.masked_fill(~self.visible(w).repeat_interleave(self.group, dim=1), float("-inf"))
-        probs = logits.softmax(-1)
+        # a query sees nothing once its own token is gone (a sliding-window layer keeps only its window): no votes
+        probs = logits.softmax(-1).nan_to_num(0.0)
         return probs.view(batch, q_heads // self.group, self.group, w, -1).mean(2)
 
     def visible(self, w: int) -> Tensor:
@@ -121,6 +125,13 @@ class Method:
 
     def on_decode(self, obs: Observation) -> None:
         """Called after each decoding step's attention."""
+
+    def reflow(self, obs: Observation, keep: Tensor) -> None:
+        """Re-lay per-token method state the way the layer's ``select(keep)`` is about to re-lay the cache.
+
+        Called by evicting methods before they select, and by the cache when it drops tokens by itself
+        (those a sliding-window layer's later queries can no longer see), so state never goes stale.
+        """
 
     def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
         """Tokens per KV head this method holds in ``layer_idx`` right after a prefill of ``n_tokens``."""
@@ -216,9 +227,6 @@ class ScoredEviction(Method):
     def choose(self, scores: Tensor, k: Tensor) -> Tensor:
         """Which tokens to keep given masked scores (B,H,T) and the budget ``k`` (B,H): the top ``k`` per row."""
         return keep_top(scores, k)
-
-    def reflow(self, obs: Observation, keep: Tensor) -> None:
-        """Re-lay per-token method state the way the layer's ``select(keep)`` is about to re-lay the cache."""
 
     def on_prefill(self, obs: Observation) -> None:
         k = self.layer_budget(obs, obs.valid.sum(-1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Observation, ScoredEviction
@@ -56,4 +57,8 @@ class H2O(ScoredEviction):
         super().on_decode(obs)
 
     def reflow(self, obs: Observation, keep: Tensor) -> None:
-        obs.layer.state["h2o"] = obs.layer.compact_like(obs.layer.state["h2o"], keep)
+        """The scores follow their tokens; tokens appended since the last accumulation have none yet (zero)."""
+        acc = obs.layer.state.get("h2o")
+        if acc is not None:
+            acc = F.pad(acc, (0, keep.shape[-1] - acc.shape[-1]))
+            obs.layer.state["h2o"] = obs.layer.compact_like(acc, keep)

@@ -7,6 +7,8 @@ import re
 import typing
 from typing import Any
 
+from torch import Tensor
+
 from .base import Method, Observation
 
 METHODS: dict[str, type[Method]] = {}
@@ -144,7 +146,7 @@ class Chain(Method):
             part.check_hybrid(self.parts, position)
 
     def _fresh(self, obs: Observation) -> Observation:
-        return Observation(obs.layer, obs.num_layers, obs.queries, obs.scaling, obs.phase)
+        return Observation(obs.layer, obs.num_layers, obs.queries, obs.scaling, obs.phase, obs.softcap)
 
     def on_prefill(self, obs: Observation) -> None:
         for part in self.parts:
@@ -153,6 +155,10 @@ class Chain(Method):
     def on_decode(self, obs: Observation) -> None:
         for part in self.parts:
             part.on_decode(self._fresh(obs))
+
+    def reflow(self, obs: Observation, keep: Tensor) -> None:
+        for part in self.parts:
+            part.reflow(obs, keep)
 
     def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
         return min(p.planned_tokens(n_tokens, layer_idx, num_layers) for p in self.parts)

@@ -1,10 +1,25 @@
 """Tiny random models of real architectures, so tests exercise MHA, GQA and MQA in milliseconds on a CPU."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-TINY_ARCHS = ("llama", "qwen2", "mistral")
+#: per-architecture settings of the tiny configs: each one keeps what makes its attention different (q/k norms,
+#: fused qkv, sliding-window layers with a 16-token window, logit softcapping, a query scale that is not head_dim)
+_TINY_EXTRAS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen2": {},
+    "mistral": {},
+    "qwen3": {},
+    "phi3": {"pad_token_id": 0},
+    "olmo2": {},
+    "gemma2": {"sliding_window": 16, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"sliding_window": 16, "query_pre_attn_scalar": 8,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+}
+TINY_ARCHS = tuple(_TINY_EXTRAS)
 _TINY_KV_HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 
 TINY_MODELS: dict[str, tuple[str, str]] = {
@@ -34,6 +49,7 @@ def tiny_config(arch: str = "llama", attention: str = "gqa") -> PretrainedConfig
         vocab_size=256,
         max_position_embeddings=4096,
         dtype="float32",
+        **_TINY_EXTRAS[arch],
     )
 
 
