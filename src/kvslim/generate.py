@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .cache import Cache
+from .hf_compat import cache_arg
 from .methods import Method, policy as build_policy
 
 
@@ -87,7 +88,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
 
     start = time.perf_counter()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_arg(cache),
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # only the last position's logits
     token = _sample(logits, temperature, generator)
     _sync(device)
@@ -100,7 +101,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     decode_start = time.perf_counter()
     steps = 0
     while not all(done) and steps < max_new_tokens - 1:
-        logits = model(input_ids=token[:, None], position_ids=next_pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token[:, None], position_ids=next_pos, **cache_arg(cache), use_cache=True).logits[:, -1]
         token = _sample(logits, temperature, generator)
         next_pos = next_pos + 1
         steps += 1

@@ -13,6 +13,7 @@ import torch
 
 from ..cache import Cache
 from ..generate import generate_ids
+from ..hf_compat import cache_arg
 from .config import BenchConfig, Run
 from .memory import PeakMemory
 from .tasks import Sample, Task
@@ -103,7 +104,7 @@ def perplexity_sample(model: Any, tokenizer: Any, sample: Sample, run: Run, conf
     cache = Cache(run.build(), model.config)
     memory.reset()
     start = time.perf_counter()
-    logits = model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = model(input_ids=prefix, **cache_arg(cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     nll = -torch.log_softmax(logits.float(), -1)[cont[0]]
     _sync(device)
     ttft = time.perf_counter() - start
@@ -112,7 +113,7 @@ def perplexity_sample(model: Any, tokenizer: Any, sample: Sample, run: Run, conf
     for i in range(n_cont - 1):
         position = torch.tensor([[prefix.shape[1] + i]], device=device)
         step = torch.tensor([[cont[i]]], device=device)
-        logits = model(input_ids=step, position_ids=position, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=step, position_ids=position, **cache_arg(cache), use_cache=True).logits[0, -1]
         nll = nll - torch.log_softmax(logits.float(), -1)[cont[i + 1]]
     _sync(device)
     decode_s = time.perf_counter() - decode_start

@@ -1,7 +1,7 @@
 """``kvslim.Cache``: a transformers ``Cache`` whose layers hold only what the policy keeps.
 
-Works in ``model.generate(..., past_key_values=cache)`` and in hand-written forward loops, with
-sdpa and eager attention. The prompt is attended in full (the model's own attention), then the
+Works in ``model.generate(..., cache=cache)`` (``past_key_values=`` before transformers 5.24) and in
+hand-written forward loops, with sdpa and eager attention. The prompt is attended in full (the model's own attention), then the
 policy compresses; decoding attends over the compressed storage. RoPE positions stay true because
 keys are cached after rotation and ``get_seq_length`` counts tokens *seen*, not tokens kept.
 

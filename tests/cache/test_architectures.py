@@ -1,0 +1,178 @@
+"""kvslim.Cache on every supported decoder architecture, each a tiny random config checked against the model's own
+cache: Llama, Mistral, Qwen2, Qwen3 (q/k norms), Phi-3 (fused qkv), Gemma 2 (softcapping, query_pre_attn_scalar,
+sliding-window layers), Gemma 3 (sliding-window layers, q/k norms) and OLMo 2. The Gemma configs have a 16-token
+window, so the 40-token prompts below reach past it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, DynamicCache
+
+import kvslim
+from kvslim.hf_compat import cache_arg
+from kvslim.models import tiny_model
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2"]
+SLIDING = ["gemma2", "gemma3_text"]  # layer 0 slides, layer 1 is global
+PROMPT = 40
+
+
+def _model(arch: str):
+    return tiny_model(arch, "gqa", attn_implementation="eager" if arch == "gemma2" else "sdpa")  # Gemma 2 has no sdpa
+
+
+def _ids(n: int = PROMPT, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, ids: torch.Tensor, cache, n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits of each step, through ``model.generate`` with ``cache``."""
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **cache_arg(cache))
+    return out.sequences[0, ids.shape[1]:].tolist(), torch.cat(out.logits)
+
+
+def _dynamic_bytes(cache: DynamicCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_policy_is_the_models_own_cache(arch: str) -> None:
+    """Same greedy tokens and logits as transformers' DynamicCache, and the same bytes (a sliding layer holds W - 1)."""
+    model, ids = _model(arch), _ids()
+    reference = DynamicCache(config=model.config)
+    ref_tokens, ref_logits = _generate(model, ids, reference, 24)
+    cache = kvslim.Cache(kvslim.policy("full"), model.config)
+    tokens, logits = _generate(model, ids, cache, 24)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert cache.nbytes() == _dynamic_bytes(reference)
+    assert cache.stats()["bytes_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_snapkv_drops_bytes_within_each_layers_window(arch: str) -> None:
+    """keep=0.5 keeps half of what the full cache holds per layer: half the prompt, or half a sliding layer's W - 1;
+    decoding then runs with what is held, and a sliding layer never holds more than W - 1."""
+    model = _model(arch)
+    cache = kvslim.Cache(kvslim.policy("snapkv", keep=0.5, window=4), model.config)
+    with torch.no_grad():
+        model(_ids(), use_cache=True, **cache_arg(cache))
+    for layer in cache.layers:
+        full = PROMPT if layer.window is None or layer.window > PROMPT else layer.window - 1
+        assert (layer.lengths == (full + 1) // 2).all()
+    assert cache.stats()["bytes_ratio"] == pytest.approx(0.5, abs=0.05)
+    tokens, _ = _generate(model, _ids(), kvslim.Cache(kvslim.policy("snapkv", keep=0.5, window=4), model.config), 24)
+    assert len(tokens) == 24
+    assert all((layer.lengths < layer.window).all() for layer in cache.layers if layer.window)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_quantizer_packs_every_layer(arch: str) -> None:
+    model = _model(arch)
+    cache = kvslim.Cache(kvslim.policy("int4"), model.config)
+    ref_tokens, _ = _generate(model, _ids(), DynamicCache(config=model.config), 8)
+    tokens, _ = _generate(model, _ids(), cache, 8)
+    assert sum(a == b for a, b in zip(tokens, ref_tokens)) >= 4  # random weights: small logit gaps, some flips
+    assert cache.stats()["bytes_ratio"] < 0.4  # 4-bit codes plus fp16 scales vs float32
+
+
+@pytest.mark.parametrize("arch", SLIDING)
+def test_chunked_prefill_sees_only_each_querys_window(arch: str) -> None:
+    """Chunks after the first are attended by kvslim's own mask: it must apply each query's window."""
+    model, ids = _model(arch), _ids(60)
+    bounds = [0, 20, 45, 50, *range(51, 60)]
+    caches = [DynamicCache(config=model.config), kvslim.Cache(kvslim.policy("full"), model.config)]
+    logits = [[], []]
+    with torch.no_grad():
+        for a, b in zip(bounds, bounds[1:]):
+            for out, cache in zip(logits, caches):
+                out.append(model(ids[:, a:b], use_cache=True, **cache_arg(cache)).logits)
+    torch.testing.assert_close(torch.cat(logits[1], 1), torch.cat(logits[0], 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", SLIDING)
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streaming"])
+def test_decoding_after_eviction_attends_exactly_what_is_held(arch: str, name: str) -> None:
+    """Each step's logits equal a plain cache filled with what kvslim holds, every token attended (explicit true
+    positions): what a sliding layer holds is always inside the next query's window, global layers hold the rest.
+    A plain cache cannot hold heads of different lengths (window expiry can leave them so), so those steps only run.
+    """
+    model, ids = _model(arch), _ids()
+    params = {"budget": 8, "sinks": 2} if name == "streaming" else {"keep": 0.5, "window": 4}
+    cache = kvslim.Cache(kvslim.policy(name, **params), model.config)
+    attend_all = {"full_attention": None, "sliding_attention": None}
+    compared = 0
+    with torch.no_grad():
+        token = model(ids, use_cache=True, **cache_arg(cache)).logits[:, -1:].argmax(-1)
+        for step in range(30):
+            reference = DynamicCache()
+            for i, layer in enumerate(cache.layers):
+                reference.update(*layer.dense(torch.float32)[:2], i)
+            uniform = all(bool((layer.lengths == layer.lengths.max()).all()) for layer in cache.layers)
+            out = model(token, use_cache=True, **cache_arg(cache))
+            if uniform:
+                position = torch.tensor([[PROMPT + step]])
+                ref = model(token, position_ids=position, attention_mask=attend_all, use_cache=True,
+                            **cache_arg(reference))
+                torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+                compared += 1
+            token = out.logits[:, -1:].argmax(-1)
+            assert (cache.layers[0].lengths <= 15).all()
+    assert compared >= 10
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o"])
+def test_sliding_layer_knows_the_slot_of_every_held_token(name: str) -> None:
+    """After eviction and window expiry, the slots the layer records are those of the tokens it holds: layer 0's
+    keys depend only on token and position, so a full run's keys identify them."""
+    model, ids = _model("gemma3_text"), _ids(70)
+    params = {"budget": 6, "sinks": 2} if name == "streaming" else {"budget": 6, "window": 2}
+    cache = kvslim.Cache(kvslim.policy(name, **params), model.config)
+    with torch.no_grad():
+        model(ids[:, :30], use_cache=True, **cache_arg(cache))
+        for t in range(30, 70):
+            model(ids[:, t : t + 1], use_cache=True, **cache_arg(cache))
+    full = DynamicCache()
+    with torch.no_grad():
+        model(ids, use_cache=True, **cache_arg(full))
+    layer = cache.layers[0]
+    keys, _, valid = layer.dense(torch.float32)
+    slots = layer.tracker.column_slots(valid, layer.lengths, layer.seen).long()
+    assert layer.tracker.slots is not None  # eviction left gaps: the slots are recorded, not implied
+    assert valid.all() and (slots > 70 - 16).all()
+    expected = full.layers[0].keys.gather(2, slots[..., None].expand_as(keys))
+    torch.testing.assert_close(keys, expected, rtol=0, atol=1e-6)
+
+
+def test_softcapping_matches_gemma2s_eager_attention() -> None:
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from kvslim.cache.attention import eager_attention, masked_attention
+
+    gen = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(1, h, 12, 16, generator=gen) * 3 for h in (4, 2, 2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.head_dim = 2, 16
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    additive = torch.zeros(1, 1, 12, 12).masked_fill(~causal, torch.finfo(torch.float32).min)
+    expected = eager_attention_forward(module, query, keys, values, additive, scaling=0.25, softcap=2.0)[0]
+    capped = eager_attention(module, query, keys, values, additive, scaling=0.25, softcap=2.0)[0]
+    uncapped = eager_attention(module, query, keys, values, additive, scaling=0.25)[0]
+    torch.testing.assert_close(capped, expected)
+    assert not torch.allclose(uncapped, expected, atol=1e-3)  # the cap matters at these logits
+    allowed = causal.expand(1, 2, 12, 12)
+    for impl in ("sdpa", "eager"):
+        torch.testing.assert_close(masked_attention(query, keys, values, allowed, 0.25, impl, softcap=2.0), expected)
+
+
+@pytest.mark.parametrize("model_type, what", [
+    ("t5", "encoder-decoder"),
+    ("jamba", "Mamba"),
+    ("qwen3_next", "linear_attention"),
+    ("llama4_text", "chunked_attention"),
+    ("deepseek_v3", "latent attention"),
+])
+def test_unsupported_architectures_are_refused_naming_the_supported_ones(model_type: str, what: str) -> None:
+    with pytest.raises(ValueError, match=f"(?s)Llama, Mistral, Qwen2, Qwen3.*{what}"):
+        kvslim.Cache(kvslim.policy("full"), AutoConfig.for_model(model_type))
