@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvslim.engine import LLM, SamplingParams
-from kvslim.models import tiny_config
+from kvslim.hf_compat import cache_arg
+from kvslim.models import tiny_config, tiny_model
 
 
 def _prompts(lengths: tuple[int, ...]) -> list[list[int]]:
@@ -19,7 +20,7 @@ def _hf_greedy(model, prompt: list[int], n: int, cache=None) -> list[int]:
     cache = cache if cache is not None else DynamicCache(config=model.config)
     ids, out = torch.tensor([prompt]), []
     for _ in range(n):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(ids, use_cache=True, **cache_arg(cache)).logits[0, -1]
         out.append(int(logits.argmax()))
         ids = torch.tensor([[out[-1]]])
     return out
@@ -31,6 +32,34 @@ def test_matches_hf_greedy_on_every_tiny_architecture(model) -> None:
     llm = LLM(model, kv_memory=0.01, block_size=4)
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
     assert [o.token_ids for o in outs] == [_hf_greedy(model, p, 10) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_equals_hf_generate(arch: str) -> None:
+    """``LLM.generate`` and ``model.generate(do_sample=False)`` agree token for token on every architecture the engine
+    runs (Qwen3: per-head q/k RMSNorm before RoPE). No EOS on either side, so all 12 tokens are compared."""
+    model = tiny_model(arch)
+    model.generation_config.eos_token_id = None
+    prompts = _prompts((7, 24))
+    outs = LLM(model, kv_memory=0.01, block_size=4).generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert out.token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_mistral_context_ends_at_its_sliding_window() -> None:
+    """The engine has no sliding-window attention, so it refuses a Mistral request that would reach past the window
+    and is exact up to it (within the window every token sees every earlier one)."""
+    config = tiny_config("mistral")
+    config.sliding_window = 32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    llm = LLM(model, kv_memory=0.01, block_size=4)
+    prompt = _prompts((20,))[0]
+    with pytest.raises(ValueError, match="maximum context of 32 tokens"):
+        llm.generate([prompt], SamplingParams(max_tokens=13, ignore_eos=True))
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert out[0].token_ids == _hf_greedy(model, prompt, 12)
 
 
 def test_matches_hf_with_llama3_rope_scaling() -> None:
@@ -46,7 +75,7 @@ def test_matches_hf_with_llama3_rope_scaling() -> None:
 
 def test_unsupported_models_are_refused(llama) -> None:
     llama.config.model_type = "gpt2"
-    with pytest.raises(ValueError, match="llama, qwen2, mistral"):
+    with pytest.raises(ValueError, match="llama, qwen2, mistral, qwen3"):
         LLM(llama, kv_memory=0.01)
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvslim.models import PACKAGED, PRESETS, TINY_MODELS, load_config, load_model, load_smollm2, tiny_config, tiny_model
+from kvslim.models import (
+    PACKAGED, PRESETS, TINY_ARCHS, TINY_MODELS, load_config, load_model, load_smollm2, tiny_config, tiny_model,
+)
 from kvslim.models import packaged
 from kvslim.models.convert import write_atomically
 from kvslim.shape import KVShape
@@ -106,7 +108,7 @@ def test_load_config_bad_file(tmp_path: Path, text: str, problem: str) -> None:
 
 
 @pytest.mark.parametrize(("attention", "kv_heads", "kind"), [("mha", 4, "MHA"), ("gqa", 2, "GQA"), ("mqa", 1, "MQA")])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_config(arch: str, attention: str, kv_heads: int, kind: str) -> None:
     config = tiny_config(arch, attention)
     shape = KVShape.from_config(config)

@@ -1,4 +1,4 @@
-"""A direct Llama-family decoder (Llama, Qwen2, Mistral) over a paged KV pool.
+"""A direct Llama-family decoder (Llama, Qwen2, Qwen3, Mistral) over a paged KV pool.
 
 Weights are the Hugging Face model's own tensors (no copy), so the engine and ``model.generate``
 run the same numbers. Prefill runs one sequence at a time with torch SDPA over its whole prompt
@@ -26,7 +26,7 @@ from ..methods import Method
 from .kv_store import QuantStep, make_store
 from .sequence import Sequence
 
-SUPPORTED_MODELS = ("llama", "qwen2", "mistral")
+SUPPORTED_MODELS = ("llama", "qwen2", "mistral", "qwen3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 #: batch sizes decode graphs are captured for (a batch runs in the smallest that holds it; larger ones run eagerly)
 GRAPH_BATCHES = (1, 2, 4, 8, *range(16, 513, 16))
@@ -63,12 +63,17 @@ class DecodeBatch:
 
 
 class ModelRunner:
-    """Runs a Hugging Face Llama/Qwen2/Mistral model's weights over a paged KV pool."""
+    """Runs a Hugging Face Llama/Qwen2/Qwen3/Mistral model's weights over a paged KV pool.
+
+    They differ only where the weights say so: Qwen2 has q/k/v biases (inside the projections), Qwen3 an
+    RMSNorm over each head's queries and keys before RoPE (``q_norm``/``k_norm``).
+    """
 
     def __init__(self, model: Any, enforce_eager: bool = False):
         config = model.config
         if config.model_type not in SUPPORTED_MODELS:
-            raise ValueError(f"the engine runs {', '.join(SUPPORTED_MODELS)} models, not {config.model_type!r}")
+            raise ValueError(f"the engine runs {', '.join(SUPPORTED_MODELS)} models, not {config.model_type!r} "
+                             "(kvslim.Cache serves more architectures through model.generate)")
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"the engine runs SwiGLU (silu) MLPs, not hidden_act={config.hidden_act!r}")
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -84,6 +89,7 @@ class ModelRunner:
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.scaling = float(attn.scaling)
         self.eps = float(config.rms_norm_eps)
+        self.qk_norm = hasattr(attn, "q_norm")
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         rotary = model.model.rotary_emb
@@ -147,6 +153,8 @@ class ModelRunner:
         q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = rms_norm(q, attn.q_norm.weight, self.eps), rms_norm(k, attn.k_norm.weight, self.eps)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _mlp(self, layer: Any, x: Tensor) -> Tensor:
