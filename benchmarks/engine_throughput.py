@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from kvslim.engine import LLMEngine, SamplingParams
+from kvslim.hf_compat import cache_arg
 from kvslim.models import load_model
 
 POLICIES = ["full", "streaming(keep=0.25)", "snapkv(keep=0.25)", "kivi4", "kivi2"]
@@ -146,7 +147,7 @@ def run_hf(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> di
         ids = torch.tensor([prompt], device="cuda")
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.output_tokens, min_new_tokens=args.output_tokens,
-                             do_sample=False, past_key_values=DynamicCache(config=model.config))
+                             do_sample=False, **cache_arg(DynamicCache(config=model.config)))
         torch.cuda.synchronize()
         new = out.shape[1] - ids.shape[1]
         per_request.append({"prompt_tokens": len(prompt), "output_tokens": new, "s": time.perf_counter() - t0,

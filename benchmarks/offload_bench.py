@@ -36,6 +36,7 @@ from kvslim.cache import offload
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.compression import Compression
 from kvslim.engine.kv_store import make_store
+from kvslim.hf_compat import cache_arg
 from kvslim.kernels import host_gather
 from kvslim.models import load_model
 
@@ -138,7 +139,7 @@ def run_hf(model: Any, policy: str, prompt: list[int], steps: int, weights: int)
     torch.cuda.reset_peak_memory_stats()
     ids = torch.tensor([prompt], device=model.device)
     t0 = time.perf_counter()
-    token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    token = model(ids, **cache_arg(cache), use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     prefill = time.perf_counter() - t0
     held = torch.cuda.memory_allocated() - weights
@@ -146,7 +147,7 @@ def run_hf(model: Any, policy: str, prompt: list[int], steps: int, weights: int)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(token, **cache_arg(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     stats = cache.stats()

@@ -176,3 +176,16 @@ def test_softcapping_matches_gemma2s_eager_attention() -> None:
 def test_unsupported_architectures_are_refused_naming_the_supported_ones(model_type: str, what: str) -> None:
     with pytest.raises(ValueError, match=f"(?s)Llama, Mistral, Qwen2, Qwen3.*{what}"):
         kvslim.Cache(kvslim.policy("full"), AutoConfig.for_model(model_type))
+
+
+def test_attention_with_learned_sinks_is_refused() -> None:
+    """gpt-oss passes per-head sink logits (``s_aux``) to its attention, which kvslim's attention does not add."""
+    from transformers import AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_oss", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=256,
+                                  num_local_experts=2, num_experts_per_tok=1, sliding_window=16, dtype="float32")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    cache = kvslim.Cache(kvslim.policy("full"), model.config)
+    with pytest.raises(ValueError, match="Llama, Mistral.*learned sinks"), torch.no_grad():
+        model(torch.ones(1, 8, dtype=torch.long), use_cache=True, **cache_arg(cache))

@@ -1,9 +1,10 @@
 """``kvslim.Cache``: a transformers ``Cache`` whose layers hold only what the policy keeps.
 
 Works in ``model.generate(..., cache=cache)`` (``past_key_values=`` before transformers 5.24) and in
-hand-written forward loops, with sdpa and eager attention. The prompt is attended in full (the model's own attention), then the
-policy compresses; decoding attends over the compressed storage. RoPE positions stay true because
-keys are cached after rotation and ``get_seq_length`` counts tokens *seen*, not tokens kept.
+hand-written forward loops, with sdpa and eager attention. The prompt is attended in full (the model's
+own attention), then the policy compresses; decoding attends over the compressed storage. RoPE
+positions stay true because keys are cached after rotation and ``get_seq_length`` counts tokens
+*seen*, not tokens kept.
 
 Sliding-window layers (Mistral, Phi-3, Gemma 2/3; see :mod:`.window`) keep the model's semantics:
 every attention sees only the layer's window, and after each forward the layer drops the tokens no
@@ -155,7 +156,7 @@ class Cache(HFCache):
         scaling = kwargs.pop("scaling", None) or getattr(module, "scaling", query.shape[-1] ** -0.5)
         softcap = kwargs.get("softcap")
         if kwargs.get("s_aux") is not None:
-            raise ValueError(f"kvslim.Cache serves softmax attention without learned sinks (s_aux, gpt-oss); {SUPPORTED}")
+            raise ValueError(f"kvslim.Cache serves {SUPPORTED}; this model's attention has learned sinks (s_aux, gpt-oss)")
         first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
