@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import kvslim
+from kvslim.cache.quantized import QuantizedSegment
 from kvslim.hf_compat import cache_arg
-from kvslim.models import tiny_model
+from kvslim.models import tiny_config, tiny_model
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2"]
-SLIDING = ["gemma2", "gemma3_text"]  # layer 0 slides, layer 1 is global
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2", "mistral-w16"]
+SLIDING = ["gemma2", "gemma3_text", "mistral-w16"]  # Gemma: layer 0 slides, layer 1 is global; Mistral: both slide
 PROMPT = 40
 
 
 def _model(arch: str):
+    """The tiny model of ``arch``; ``mistral-w16`` is Mistral with a 16-token window (its own is 4096)."""
+    if arch == "mistral-w16":
+        config = tiny_config("mistral")
+        config.sliding_window = 16
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     return tiny_model(arch, "gqa", attn_implementation="eager" if arch == "gemma2" else "sdpa")  # Gemma 2 has no sdpa
 
 
@@ -69,11 +76,14 @@ def test_snapkv_drops_bytes_within_each_layers_window(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_quantizer_packs_every_layer(arch: str) -> None:
+    """int4 packs every token of every layer (a sliding layer's window included) and decoding runs on the codes."""
     model = _model(arch)
     cache = kvslim.Cache(kvslim.policy("int4"), model.config)
-    ref_tokens, _ = _generate(model, _ids(), DynamicCache(config=model.config), 8)
-    tokens, _ = _generate(model, _ids(), cache, 8)
-    assert sum(a == b for a, b in zip(tokens, ref_tokens)) >= 4  # random weights: small logit gaps, some flips
+    ref_tokens, ref_logits = _generate(model, _ids(), DynamicCache(config=model.config), 8)
+    tokens, logits = _generate(model, _ids(), cache, 8)
+    assert tokens[0] == ref_tokens[0]  # the prompt is attended before it is packed
+    assert not torch.allclose(logits[1:], ref_logits[1:])  # later steps read 4-bit codes
+    assert all(isinstance(layer.segments[0], QuantizedSegment) for layer in cache.layers)
     assert cache.stats()["bytes_ratio"] < 0.4  # 4-bit codes plus fp16 scales vs float32
 
 
@@ -96,12 +106,14 @@ def test_chunked_prefill_sees_only_each_querys_window(arch: str) -> None:
 def test_decoding_after_eviction_attends_exactly_what_is_held(arch: str, name: str) -> None:
     """Each step's logits equal a plain cache filled with what kvslim holds, every token attended (explicit true
     positions): what a sliding layer holds is always inside the next query's window, global layers hold the rest.
-    A plain cache cannot hold heads of different lengths (window expiry can leave them so), so those steps only run.
+    A plain cache cannot hold heads of different lengths (window expiry can leave them so): those steps only run.
     """
     model, ids = _model(arch), _ids()
     params = {"budget": 8, "sinks": 2} if name == "streaming" else {"keep": 0.5, "window": 4}
     cache = kvslim.Cache(kvslim.policy(name, **params), model.config)
-    attend_all = {"full_attention": None, "sliding_attention": None}
+    # Gemma takes one mask per layer type (None: attend everything held); Mistral's mask, built for its layer 0, fits
+    # its layer 1 only while both hold as many tokens
+    per_type = {"full_attention": None, "sliding_attention": None} if arch.startswith("gemma") else None
     compared = 0
     with torch.no_grad():
         token = model(ids, use_cache=True, **cache_arg(cache)).logits[:, -1:].argmax(-1)
@@ -109,17 +121,30 @@ def test_decoding_after_eviction_attends_exactly_what_is_held(arch: str, name: s
             reference = DynamicCache()
             for i, layer in enumerate(cache.layers):
                 reference.update(*layer.dense(torch.float32)[:2], i)
+            counts = torch.cat([layer.lengths.flatten() for layer in cache.layers])
             uniform = all(bool((layer.lengths == layer.lengths.max()).all()) for layer in cache.layers)
+            uniform = uniform and (per_type is not None or bool((counts == counts[0]).all()))
             out = model(token, use_cache=True, **cache_arg(cache))
             if uniform:
                 position = torch.tensor([[PROMPT + step]])
-                ref = model(token, position_ids=position, attention_mask=attend_all, use_cache=True,
+                ref = model(token, position_ids=position, attention_mask=per_type, use_cache=True,
                             **cache_arg(reference))
                 torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
                 compared += 1
             token = out.logits[:, -1:].argmax(-1)
-            assert (cache.layers[0].lengths <= 15).all()
+            assert all((layer.lengths <= 15).all() for layer in cache.layers if layer.window)
     assert compared >= 10
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv"])
+def test_left_padded_batch_matches_one_by_one_on_sliding_layers(name: str) -> None:
+    """Padding is not stored and the window counts the same tokens whatever the padding (prompts of 31 to 64)."""
+    model, gen = _model("gemma3_text"), torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (50, 31, 64)]
+    params = {} if name == "full" else {"keep": 0.5, "window": 4}
+    batch, _, _ = kvslim.generate_ids(model, prompts, name, max_new_tokens=12, **params)
+    for prompt, got in zip(prompts, batch):
+        assert got == kvslim.generate_ids(model, [prompt], name, max_new_tokens=12, **params)[0][0]
 
 
 @pytest.mark.parametrize("name", ["streaming", "h2o"])
@@ -180,8 +205,6 @@ def test_unsupported_architectures_are_refused_naming_the_supported_ones(model_t
 
 def test_attention_with_learned_sinks_is_refused() -> None:
     """gpt-oss passes per-head sink logits (``s_aux``) to its attention, which kvslim's attention does not add."""
-    from transformers import AutoModelForCausalLM
-
     config = AutoConfig.for_model("gpt_oss", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=256,
                                   num_local_experts=2, num_experts_per_tok=1, sliding_window=16, dtype="float32")
