@@ -1,7 +1,7 @@
 """kvslim.Cache on every supported decoder architecture, each a tiny random config checked against the model's own
 cache: Llama, Mistral, Qwen2, Qwen3 (q/k norms), Phi-3 (fused qkv), Gemma 2 (softcapping, query_pre_attn_scalar,
-sliding-window layers), Gemma 3 (sliding-window layers, q/k norms) and OLMo 2. The Gemma configs have a 16-token
-window, so the 40-token prompts below reach past it."""
+sliding-window layers), Gemma 3 (sliding-window layers, q/k norms) and OLMo 2. The Gemma configs, and Mistral as
+``mistral-w16``, have a 16-token window, so the 40-token prompts below reach past it."""
 from __future__ import annotations
 
 import pytest
