@@ -101,7 +101,8 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     decode_start = time.perf_counter()
     steps = 0
     while not all(done) and steps < max_new_tokens - 1:
-        logits = model(input_ids=token[:, None], position_ids=next_pos, **cache_arg(cache), use_cache=True).logits[:, -1]
+        out_step = model(input_ids=token[:, None], position_ids=next_pos, **cache_arg(cache), use_cache=True)
+        logits = out_step.logits[:, -1]
         token = _sample(logits, temperature, generator)
         next_pos = next_pos + 1
         steps += 1

@@ -89,3 +89,17 @@ def test_matches_hf_on_real_smollm2() -> None:
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == _hf_greedy(model, tokenizer.encode(prompt), 16)
+
+
+@pytest.mark.slow
+def test_matches_hf_on_real_qwen_coder() -> None:
+    """The 32k-context evaluation model (Qwen2: q/k/v biases, tied embeddings, 2 KV heads), fetched as a user would."""
+    from kvslim.models import fetch, load_model
+
+    fetch("qwen2.5-coder-0.5b", progress=False)
+    model, tokenizer = load_model("qwen2.5-coder-0.5b")
+    prompts = ["def quicksort(items):", "# Parse a CSV file and"]
+    llm = LLM(model, tokenizer=tokenizer, kv_memory=0.05)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == _hf_greedy(model, tokenizer.encode(prompt), 16)

@@ -156,7 +156,8 @@ class Cache(HFCache):
         scaling = kwargs.pop("scaling", None) or getattr(module, "scaling", query.shape[-1] ** -0.5)
         softcap = kwargs.get("softcap")
         if kwargs.get("s_aux") is not None:
-            raise ValueError(f"kvslim.Cache serves {SUPPORTED}; this model's attention has learned sinks (s_aux, gpt-oss)")
+            raise ValueError(f"kvslim.Cache serves {SUPPORTED}; this model's attention has learned sinks "
+                             "(s_aux, gpt-oss)")
         first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)

@@ -29,7 +29,7 @@ class Observation:
     queries: Tensor  # (B, Hq, q, D) queries of this forward, after RoPE
     scaling: float
     phase: str  # "prefill" (a prompt chunk) or "decode" (one new token)
-    softcap: float | None = None  # attention logit softcapping (Gemma 2): logits become softcap * tanh(logits / softcap)
+    softcap: float | None = None  # Gemma 2's logit softcapping: logits become softcap * tanh(logits / softcap)
 
     @property
     def layer_idx(self) -> int:

@@ -13,7 +13,7 @@ _TINY_EXTRAS: dict[str, dict[str, Any]] = {
     "qwen2": {},
     "mistral": {},
     "qwen3": {},
-    "phi3": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},  # the defaults lie outside a 256-token vocabulary
+    "phi3": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},  # the defaults lie outside a 256-token vocab
     "olmo2": {"eos_token_id": 2},
     # random weights give attention logits of a few hundredths: a cap of 0.05 makes Gemma 2's softcapping matter
     "gemma2": {"sliding_window": 16, "query_pre_attn_scalar": 8, "attn_logit_softcapping": 0.05},
