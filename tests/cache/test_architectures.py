@@ -68,7 +68,7 @@ def test_snapkv_drops_bytes_within_each_layers_window(arch: str) -> None:
     for layer in cache.layers:
         full = PROMPT if layer.window is None or layer.window > PROMPT else layer.window - 1
         assert (layer.lengths == (full + 1) // 2).all()
-    assert cache.stats()["bytes_ratio"] == pytest.approx(0.5, abs=0.05)
+    assert cache.stats()["bytes_ratio"] < 0.6  # ceil(half) of each layer, plus a sliding layer's recorded slots
     tokens, _ = _generate(model, _ids(), kvslim.Cache(kvslim.policy("snapkv", keep=0.5, window=4), model.config), 24)
     assert len(tokens) == 24
     assert all((layer.lengths < layer.window).all() for layer in cache.layers if layer.window)
@@ -212,3 +212,15 @@ def test_attention_with_learned_sinks_is_refused() -> None:
     cache = kvslim.Cache(kvslim.policy("full"), model.config)
     with pytest.raises(ValueError, match="Llama, Mistral.*learned sinks"), torch.no_grad():
         model(torch.ones(1, 8, dtype=torch.long), use_cache=True, **cache_arg(cache))
+
+
+def test_recorded_slots_are_counted_in_the_bytes_held() -> None:
+    """Once eviction leaves gaps in a sliding layer, its slot record is memory the cache holds: 4 bytes per token/head."""
+    model = _model("gemma3_text")
+    _, cache, _ = kvslim.generate_ids(model, [_ids()[0].tolist()], "h2o", max_new_tokens=30, keep=0.5, window=4)
+    layer = cache.layers[0]
+    assert layer.tracker.slots is not None and layer.tracker.slots.dtype == torch.int32
+    storage = sum(seg.nbytes() for seg in layer.segments)
+    assert layer.nbytes() == storage + layer.tracker.slots.numel() * 4
+    stats = cache.stats()
+    assert stats["nbytes"] == stats["device_nbytes"] == cache.bytes_per_sequence()[0] == cache.nbytes()

@@ -60,6 +60,16 @@ class _Layer(LayerKV, CacheLayerMixin):
             self.tracker.selected(self.valid(), keep, self.lengths, self.seen)
         super().select(keep)
 
+    def nbytes(self) -> int:
+        """Storage plus the recorded slots (see :mod:`.window`): both are device memory this layer holds."""
+        return super().nbytes() + self.slot_bytes()
+
+    def slot_bytes(self) -> int:
+        """Bytes of the recorded slots, 0 while they are implied; every sequence holds an equal share (one padded
+        tensor)."""
+        slots = None if self.tracker is None else self.tracker.slots
+        return 0 if slots is None else slots.numel() * slots.element_size()
+
     def in_window(self, q_len: int) -> Tensor | None:
         """(B, H, q, T) columns inside each new query's window; None for a global-attention layer."""
         if self.tracker is None:
@@ -218,7 +228,8 @@ class Cache(HFCache):
             "tokens_kept_per_layer_head": per_layer,
             "kept_ratio": kept / full_tokens if full_tokens else 1.0,
             "nbytes": self.nbytes(),
-            "device_nbytes": sum(seg.device_nbytes() for layer in self.layers for seg in layer.segments),
+            "device_nbytes": sum(seg.device_nbytes() for layer in self.layers for seg in layer.segments)
+            + sum(layer.slot_bytes() for layer in self.layers),
             "host_nbytes": sum(seg.host_nbytes() for layer in self.layers for seg in layer.segments),
             "full_nbytes": full_bytes,
             "bytes_ratio": self.nbytes() / full_bytes if full_bytes else 1.0,
@@ -231,6 +242,8 @@ class Cache(HFCache):
         for layer in self.layers:
             for seg in layer.segments:
                 totals = [a + b for a, b in zip(totals, seg.nbytes_per_sequence(host))]
+            if not host and totals:
+                totals = [a + layer.slot_bytes() // len(totals) for a in totals]
         return totals
 
     def tokens_per_sequence(self) -> list[int]:

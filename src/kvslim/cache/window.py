@@ -6,7 +6,8 @@ After eviction a layer holds an arbitrary subset of its slots, so the window can
 token's rank: :class:`SlotTracker` records the slot of every held token, in time order, per
 (sequence, KV head). While the held tokens are exactly the newest slots of each row (no eviction
 yet, or only the oldest tokens dropped) the slots are implied by the lengths and nothing is stored;
-the first eviction that leaves a gap materialises them as int32 (counted in the layer's bytes).
+the first eviction that leaves a gap materialises them as int32, 4 bytes per held token and head,
+counted in the layer's bytes (``_Layer.nbytes``).
 """
 from __future__ import annotations
 
