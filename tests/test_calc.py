@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import kvslim
+
 from kvslim.calc import CalcResult, calculate, format_bytes, format_calc
 from kvslim.models import load_config
 from kvslim.shape import KVShape
@@ -143,3 +145,22 @@ def test_format_calc_without_policy_has_no_policy_row() -> None:
     text = format_calc(calculate(preset_shape("llama-3.1-8b"), 4096, 1))
     assert "with " not in text
     assert len(text.splitlines()) == 5
+
+
+def test_sliding_window_layers_hold_at_most_the_window(capsys):
+    """Mistral-7B's 4096-token window: every layer holds at most 4095 tokens between steps (as the caches do)."""
+    from kvslim.cli import main
+
+    assert main(["calc", "--model", "mistral-7b", "--context", "32768", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["full_bytes"] == 4095 * 131072 and (out["sliding_layers"], out["window"]) == (32, 4096)
+    assert main(["calc", "--model", "mistral-7b", "--context", "1000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["full_bytes"] == 1000 * 131072
+
+
+def test_alternating_windows_count_each_layer():
+    windows = [8, None, 8, None]
+    result = calculate(KVShape(4, 4, 2, 16, torch.float16), 100, 2, kvslim.policy("snapkv", keep=0.5), windows)
+    per_layer = 2 * 2 * 16 * 2
+    assert result.full_bytes == 2 * per_layer * (7 + 100 + 7 + 100)
+    assert result.policy_bytes < result.full_bytes

@@ -35,6 +35,8 @@ class CalcResult:
     bytes_per_token_per_layer: int
     bytes_per_token: int
     full_bytes: int
+    sliding_layers: int = 0  # layers that hold at most window - 1 tokens (Mistral, Gemma 2/3, Phi-3 ...)
+    window: int | None = None
     policy: str | None = None
     policy_bytes: int | None = None
     policy_ratio: float | None = None
@@ -44,12 +46,27 @@ class CalcResult:
         return asdict(self)
 
 
-def calculate(shape: KVShape, context: int, batch: int, policy: SizedPolicy | None = None) -> CalcResult:
-    """Bytes a full KV cache needs for ``batch`` sequences of ``context`` tokens, and what ``policy`` keeps."""
+def calculate(shape: KVShape, context: int, batch: int, policy: SizedPolicy | None = None,
+              windows: list[int | None] | None = None) -> CalcResult:
+    """Bytes a full KV cache needs for ``batch`` sequences of ``context`` tokens, and what ``policy`` keeps.
+
+    ``windows``: each layer's sliding window (None: global attention), as
+    :func:`kvslim.cache.architecture.layer_windows` reads it; a sliding layer holds at most ``window - 1``
+    tokens between steps, as transformers' cache and :class:`kvslim.Cache` do. A policy acts on what each layer
+    holds; per-layer budgets (PyramidKV) are then averaged over the layers holding the same count.
+    """
     context = _positive_int("context", context, "the number of tokens per sequence, e.g. 4096")
     batch = _positive_int("batch", batch, "the number of sequences, e.g. 1")
-    full_bytes = shape.bytes_per_token * context * batch
-    policy_bytes = None if policy is None else batch * _policy_bytes(policy, shape, context)
+    held = [context if w is None else min(context, w - 1) for w in (windows or [None] * shape.num_layers)]
+    if len(held) != shape.num_layers:
+        raise ValueError(f"windows has {len(held)} layers, the model {shape.num_layers}")
+    per_layer = shape.bytes_per_token // shape.num_layers
+    full_bytes = per_layer * sum(held) * batch
+    policy_bytes = None
+    if policy is not None:  # each group of layers holding the same count, at its share of the layers
+        groups = {n: held.count(n) for n in held}
+        policy_bytes = batch * sum(_policy_bytes(policy, shape, n) * k // shape.num_layers for n, k in groups.items())
+    sliding = [w for w in (windows or []) if w is not None]
     return CalcResult(
         attention=shape.attention,
         num_layers=shape.num_layers,
@@ -62,6 +79,8 @@ def calculate(shape: KVShape, context: int, batch: int, policy: SizedPolicy | No
         bytes_per_token_per_layer=shape.bytes_per_token // shape.num_layers,
         bytes_per_token=shape.bytes_per_token,
         full_bytes=full_bytes,
+        sliding_layers=len(sliding),
+        window=min(sliding) if sliding else None,
         policy=None if policy is None else _policy_name(policy),
         policy_bytes=policy_bytes,
         policy_ratio=None if policy_bytes is None else policy_bytes / full_bytes,
@@ -116,6 +135,9 @@ def format_calc(result: CalcResult) -> str:
         ("per token, all layers", _size(result.bytes_per_token)),
         ("full KV cache", _size(result.full_bytes)),
     ]
+    if result.sliding_layers:
+        rows.insert(-1, ("sliding-window layers", f"{result.sliding_layers} of {result.num_layers} hold at most "
+                                                  f"{result.window - 1:,} tokens"))
     if result.policy_bytes is not None:
         rows.append((f"with {result.policy}", f"{_size(result.policy_bytes)}, {result.policy_ratio:.2%} of full"))
     width = max(len(label) for label, _ in rows)

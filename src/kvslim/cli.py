@@ -42,7 +42,7 @@ def cmd_calc(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     shape = KVShape.from_config(config, dtype)
     policy = methods.policy(args.policy, **_policy_params(args)) if args.policy else None
-    result = calculate(shape, args.context, args.batch, policy)
+    result = calculate(shape, args.context, args.batch, policy, _windows(config))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_calc(result))
 
 
@@ -57,6 +57,16 @@ def cmd_models(args: argparse.Namespace) -> None:
         return
     rows = catalog.list_models(include_tiny=args.all)
     print(json.dumps([r.to_dict() for r in rows], indent=2) if args.json else catalog.format_table(rows))
+
+
+def _windows(config: Any) -> list[int | None] | None:
+    """Per-layer sliding windows where the cache can read them; None (all global) for configs it cannot serve."""
+    from .cache.architecture import layer_windows
+
+    try:
+        return layer_windows(config)
+    except ValueError:
+        return None
 
 
 def cmd_run(args: argparse.Namespace) -> None:

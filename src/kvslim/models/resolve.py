@@ -44,16 +44,13 @@ class ModelSource:
         return self.kind in ("packaged", "directory", "gguf", "hub")
 
     def config(self) -> PretrainedConfig:
-        """The model's config; never reads weights (a packaged model not fetched yet uses its pinned header)."""
+        """The model's config; never reads weights (a packaged model gives its pinned header, fetched or not)."""
         if self.kind == "preset":
             return config_from_dict(PRESETS[self.spec])
         if self.kind == "tiny":
             return tiny_config(*TINY_MODELS[self.spec])
-        if self.kind == "packaged":
-            model = packaged.get(self.spec)
-            if (model.converted / "config.json").is_file():
-                return config_from_json(model.converted / "config.json")
-            return config_from_dict(model.config or PRESETS[self.spec])
+        if self.kind == "packaged":  # the published architecture and dtype (the converted copy says float32)
+            return config_from_dict(packaged.get(self.spec).config or PRESETS[self.spec])
         if self.kind == "gguf":
             return gguf_config(self.path)  # type: ignore[arg-type]
         path = self.path if self.kind == "config" else self.path / "config.json"  # type: ignore[operator]
