@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from . import hub, packaged
+from .attention import implementation_for
 from .convert import convert_gguf, converted_dir, gguf_config
 from .presets import PRESETS, config_from_dict
 from .tiny import TINY_MODELS, tiny_config, tiny_model
@@ -139,7 +140,8 @@ def load_directory(path: Path, dtype: torch.dtype, device: str | torch.device, a
         raise ValueError(f"{path} has a config.json but no weights (*.safetensors or *.bin): copy the model's "
                          "weight files there, or use `kvslim calc` for the config alone")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+        implementation = implementation_for(config_from_json(path / "config.json"), attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation,
                                                      local_files_only=True)
     except ValueError as err:
         model_type = _model_type(path)
@@ -184,5 +186,5 @@ def _random_model(config: PretrainedConfig, dtype: torch.dtype | None, device: s
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype,
-                                                 attn_implementation=attn_implementation)
+                                                 attn_implementation=implementation_for(config, attn_implementation))
     return model.eval()

@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .attention import implementation_for
+
 #: per-architecture settings of the tiny configs: each one keeps what makes its attention different (q/k norms,
 #: fused qkv, sliding-window layers with a 16-token window, logit softcapping, a query scale that is not head_dim)
 _TINY_EXTRAS: dict[str, dict[str, Any]] = {
@@ -29,6 +31,11 @@ TINY_MODELS: dict[str, tuple[str, str]] = {
     "tiny-llama-mqa": ("llama", "mqa"),
     "tiny-qwen2": ("qwen2", "gqa"),
     "tiny-mistral": ("mistral", "gqa"),
+    "tiny-qwen3": ("qwen3", "gqa"),
+    "tiny-phi3": ("phi3", "gqa"),
+    "tiny-gemma2": ("gemma2", "gqa"),
+    "tiny-gemma3": ("gemma3_text", "gqa"),
+    "tiny-olmo2": ("olmo2", "gqa"),
 }
 
 
@@ -60,5 +67,5 @@ def tiny_model(
     """A tiny model with seeded random weights in eval mode: same seed, same weights, so tests are repeatable."""
     config = tiny_config(arch, attention)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation_for(config, attn_implementation))
     return model.eval()
