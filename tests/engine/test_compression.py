@@ -27,6 +27,11 @@ def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
     "streaming(keep=0.25,sinks=2)",  # decode-time: the window slides while decoding
     "pyramidkv(keep=0.3,window=4)",  # ragged across layers
     "adakv(keep=0.3,window=4)",  # ragged across heads
+    "keydiff(keep=0.25)",  # attention-free
+    "lagkv(keep=0.4,lag=4)",
+    "expected_attention(keep=0.25,history=16,future=32)",  # needs the engine's RoPE frequencies
+    "adakv(expected_attention(keep=0.3,history=16))",  # any scorer with ragged heads
+    "adakv(keydiff(keep=0.3))+int8",  # ... and stored quantized
 ])
 def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
@@ -48,7 +53,12 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 
-@pytest.mark.parametrize(("spec", "reason"), [("h2o(keep=0.5)", "every decoding step"), ("think", "think re-stores tokens")])
+@pytest.mark.parametrize(("spec", "reason"), [
+    ("h2o(keep=0.5)", "every decoding step"),
+    ("rkv(budget=64)", "every decoding step"),
+    ("snapkv(keep=0.5,decode_budget=64)", "compresses while decoding"),
+    ("think", "think re-stores tokens"),
+])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         LLM(llama, policy=spec, kv_memory=0.01)

@@ -20,6 +20,22 @@ from .layer import LayerKV
 from .segments import Segment, merge_partials
 
 
+def rope_frequencies(config: Any) -> Tensor | None:
+    """RoPE inverse frequencies (rotated dims / 2,) of a transformers config, as its rotary embedding builds them;
+    None for a model without RoPE. Scoring methods that project queries to future positions use them."""
+    params = getattr(config, "rope_parameters", None)
+    if not params or "rope_theta" not in params:
+        return None
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS[rope_type](config)[0].float()
+    shape = KVShape.from_config(config)
+    dim = int(shape.head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
 class _Layer(LayerKV, CacheLayerMixin):
     """A kvslim layer that transformers' generic cache code recognises."""
 
@@ -78,6 +94,7 @@ class Cache(HFCache):
         routing.route(self.config)
         routing.clear_pending()
         self.element_bytes = self.shape.element_bytes  # replaced by the real cache dtype at the first update
+        self.rope = rope_frequencies(self.config)
         super().__init__(layers=[_Layer(i) for i in range(self.shape.num_layers)])
 
     # -- the transformers Cache protocol ----------------------------------------------------------
@@ -130,7 +147,9 @@ class Cache(HFCache):
             if q_len > 1:
                 layer.state["prompt"] = layer.state["prompt"] + q_len
         phase = "prefill" if q_len > 1 or first else "decode"
-        obs = Observation(layer, self.shape.num_layers, query, scaling, phase)
+        if self.rope is not None and self.rope.device != query.device:
+            self.rope = self.rope.to(query.device)
+        obs = Observation(layer, self.shape.num_layers, query, scaling, phase, self.rope)
         (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
         return out, None
 

@@ -14,7 +14,12 @@ What the engine supports, and why:
 * **decode-time eviction**: StreamingLLM only. Its rule needs no scores (sinks + the newest
   tokens), so the window slides by moving a start slot, exactly as its ``on_decode`` would, and
   blocks the window has passed are handed back. Methods that rescore on every step (H2O, TOVA)
-  would need each step's attention weights over the pages; they are refused with a clear error.
+  would need each step's attention weights over the pages; they are refused with a clear error, as
+  are R-KV and any scorer given a decode-time budget (``decode_budget=``, ``interval=``): those run
+  in ``kvslim.Cache``.
+* **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at
+  prefill from the sequence's keys, values and queries; ExpectedAttention also gets the runner's RoPE
+  frequencies.
 * **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
   hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
   :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
@@ -34,7 +39,7 @@ from torch import Tensor
 
 from ..cache.layer import LayerKV
 from ..methods import Chain, Method, Observation, ScoredEviction
-from ..methods.adakv import AdaKV
+from ..methods.adakv import AdaptiveHeads
 from ..methods.full import Full
 from ..methods.kcache import KCache
 from ..methods.pqcache import PQCache
@@ -49,8 +54,8 @@ def _parts(policy: Method) -> list[Method]:
 class Compression:
     """One policy, checked once for what the engine can do, then applied per sequence and layer."""
 
-    def __init__(self, policy: Method, num_layers: int, scaling: float):
-        self.policy, self.num_layers, self.scaling = policy, num_layers, scaling
+    def __init__(self, policy: Method, num_layers: int, scaling: float, rope: Tensor | None = None):
+        self.policy, self.num_layers, self.scaling, self.rope = policy, num_layers, scaling, rope
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
         self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
@@ -62,13 +67,19 @@ class Compression:
         if self.window is not None and self.storage is not None:
             raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
+        held = [p.name for p in parts if isinstance(p, ScoredEviction) and (p.decode_budget is not None or p.interval > 1)]
+        if held:
+            raise ValueError(
+                f"policy {policy.spec}: {', '.join(held)} compresses while decoding (decode_budget=, interval=), which "
+                "the paged engine does not do yet; use it through kvslim.Cache, or drop decode_budget/interval here"
+            )
         rescoring = [p.name for p in parts if isinstance(p, ScoredEviction) and p.decode_time]
         if rescoring and self.window is None:
             raise ValueError(
                 f"policy {policy.spec}: {', '.join(rescoring)} evicts on every decoding step from attention scores, "
                 "which the paged engine does not compute; use it through kvslim.Cache, or use streaming/snapkv here"
             )
-        self.ragged_heads = any(isinstance(p, AdaKV) for p in parts)
+        self.ragged_heads = any(isinstance(p, AdaptiveHeads) for p in parts)
         other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
         if other:
             raise ValueError(
@@ -108,7 +119,7 @@ class Compression:
         if self.evict is None:
             return keys, values, torch.full((keys.shape[0],), keys.shape[1], device=keys.device)
         layer = self._layer(layer_idx, keys[None], values[None])
-        self.evict.on_prefill(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill"))
+        self.evict.on_prefill(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", self.rope))
         kept_k, kept_v, valid = layer.dense(keys.dtype)
         return kept_k[0], kept_v[0], valid[0].sum(-1)
 
@@ -116,5 +127,5 @@ class Compression:
         """(sinks, budget) of a sliding window for a prefill of ``seq_len`` tokens, or None."""
         if self.window is None:
             return None
-        budget = int(self.window.tokens_for(seq_len))
+        budget = self.window.budget or int(self.window.tokens_for(seq_len))  # as its decode_limit: a shorter prompt grows to it
         return min(self.window.sinks, budget), budget

@@ -45,7 +45,7 @@ class LLMEngine:
         self.runner = ModelRunner.from_hf(model, enforce_eager)
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
-        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling)
+        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq)
         self.runner.set_format(self.compression.storage)
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()

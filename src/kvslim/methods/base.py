@@ -29,6 +29,9 @@ class Observation:
     queries: Tensor  # (B, Hq, q, D) queries of this forward, after RoPE
     scaling: float
     phase: str  # "prefill" (a prompt chunk) or "decode" (one new token)
+    #: RoPE inverse frequencies (D/2,) in float32, half-split layout as in Hugging Face; None where unknown.
+    #: Methods that project queries to future positions (ExpectedAttention) need them.
+    rope: Tensor | None = None
 
     @property
     def layer_idx(self) -> int:
@@ -158,6 +161,12 @@ class ScoredEviction(Method):
     budget: int | None = None
     window: int = 0
     sinks: int = 0
+    #: tokens per KV head held while generating (any scorer can compress during decoding); None: the method's
+    #: own rule (decode-time methods hold their budget, the others let decoding grow the cache)
+    decode_budget: int | None = None
+    #: decoding steps between decode-time evictions: the cache grows by up to ``interval - 1`` tokens between
+    #: them, and the scoring is paid once per ``interval`` tokens instead of on every token
+    interval: int = 1
     #: evict on every decoding step too (StreamingLLM, H2O, TOVA), holding the budget constant.
     decode_time: ClassVar[bool] = False
 
@@ -171,6 +180,11 @@ class ScoredEviction(Method):
         for name in ("window", "sinks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{self.name}: {name}={getattr(self, name)} must be >= 0")
+        if self.decode_budget is not None and self.decode_budget < 1:
+            raise ValueError(f"{self.name}: decode_budget={self.decode_budget} must be a positive number of tokens per "
+                             "KV head held while generating, or None")
+        if self.interval < 1:
+            raise ValueError(f"{self.name}: interval={self.interval} must be >= 1 (decoding steps between evictions)")
 
     def score(self, obs: Observation) -> Tensor:
         """(B, H, T) importance of each held token; higher is kept."""
@@ -199,9 +213,13 @@ class ScoredEviction(Method):
         return float(min(n_tokens, self.tokens_for(n_tokens)))
 
     def protected(self, obs: Observation) -> Tensor:
-        """(B,H,T) tokens that are never evicted: the attention sinks and the recent window."""
+        """(B,H,T) tokens that are never evicted: the attention sinks and the recent window.
+
+        While decoding the window holds at least the newest token: no step drops the token it just wrote.
+        """
         rank, count = obs.time_rank()
-        return obs.valid & ((rank < self.sinks) | (rank >= count.unsqueeze(-1) - self.window))
+        window = self.window if obs.phase == "prefill" else max(self.window, 1)
+        return obs.valid & ((rank < self.sinks) | (rank >= count.unsqueeze(-1) - window))
 
     def evict(self, obs: Observation, k: Tensor) -> None:
         """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest."""
@@ -220,12 +238,57 @@ class ScoredEviction(Method):
     def reflow(self, obs: Observation, keep: Tensor) -> None:
         """Re-lay per-token method state the way the layer's ``select(keep)`` is about to re-lay the cache."""
 
+    @property
+    def observed(self) -> int:
+        """How many of the newest queries :meth:`score` looks at (its observation window)."""
+        return max(self.window, 1)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether this method evicts while generating; ``keep=1`` alone means keep everything, always."""
+        return self.decode_budget is not None or (self.decode_time and self.keep != 1.0)
+
+    def decode_limit(self, obs: Observation) -> Tensor | None:
+        """Tokens per (sequence, KV head) held while generating, or None where decoding lets the cache grow.
+
+        ``decode_budget`` when given; else decode-time methods hold ``budget`` (a shorter prompt grows up
+        to it) or, with ``keep``, what the prefill kept.
+        """
+        if not self.decodes or "budget" not in obs.layer.state:
+            return None
+        kept = obs.layer.state["budget"]
+        if self.decode_budget is not None:
+            return torch.full_like(kept, self.decode_budget)
+        return torch.full_like(kept, self.budget) if self.budget is not None else kept
+
+    def remember(self, obs: Observation) -> Observation:
+        """Carry the newest :attr:`observed` queries across steps; an observation whose queries are those.
+
+        A decoding step brings one query, but scores come from a window of them (SnapKV's votes,
+        ExpectedAttention's statistics), so the window lives in the layer's state. The newest ``window``
+        tokens are protected, so the window's queries belong to held tokens and
+        :meth:`Observation.visible` masks them right.
+        """
+        key = f"{self.name}.queries"
+        past = obs.layer.state.get(key)
+        queries = obs.queries if past is None else torch.cat([past, obs.queries], 2)
+        obs.layer.state[key] = queries = queries[:, :, -self.observed :]
+        return Observation(obs.layer, obs.num_layers, queries, obs.scaling, obs.phase, obs.rope)
+
     def on_prefill(self, obs: Observation) -> None:
         k = self.layer_budget(obs, obs.valid.sum(-1))
         obs.layer.state["budget"] = k
+        if self.decodes:
+            self.remember(obs)
         self.evict(obs, k)
 
     def on_decode(self, obs: Observation) -> None:
-        """Decode-time methods hold the prefill budget constant; ``keep=1`` means keep everything, always."""
-        if self.decode_time and self.keep != 1.0 and "budget" in obs.layer.state:
-            self.evict(obs, obs.layer.state["budget"])
+        """Every ``interval`` steps, evict down to :meth:`decode_limit`, scored over the remembered queries."""
+        limit = self.decode_limit(obs)
+        if limit is None:
+            return
+        recent = self.remember(obs)
+        key = f"{self.name}.steps"
+        steps = obs.layer.state[key] = obs.layer.state.get(key, 0) + 1
+        if steps % self.interval == 0:
+            self.evict(recent, limit)
