@@ -25,6 +25,7 @@ def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("spec", [
     "snapkv(keep=0.25,window=4)",
     "streaming(keep=0.25,sinks=2)",  # decode-time: the window slides while decoding
+    "streaming(budget=52,sinks=2)",  # the 40-token prompt grows to its budget, then slides
     "pyramidkv(keep=0.3,window=4)",  # ragged across layers
     "adakv(keep=0.3,window=4)",  # ragged across heads
     "keydiff(keep=0.25)",  # attention-free
