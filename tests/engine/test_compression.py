@@ -58,6 +58,7 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
     ("h2o(keep=0.5)", "every decoding step"),
     ("rkv(budget=64)", "every decoding step"),
     ("snapkv(keep=0.5,decode_budget=64)", "compresses while decoding"),
+    ("kvzip(keep=0.5)", "reconstruction pass"),
     ("think", "think re-stores tokens"),
 ])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:

@@ -216,3 +216,42 @@ def test_wrapped_specs_round_trip():
         policy = kvslim.policy(spec, keep=0.25)
         assert kvslim.policy(policy.spec).spec == policy.spec
         assert policy.spec.startswith("adakv(")
+
+
+def test_kvzip_keeps_what_the_reconstruction_attends_to_most(prompt):
+    """The kept tokens are each head's top scores by an independent route: the model run over context, repeat
+    prompt and the context again in eager attention, the copy's attention to the context maxed over rows and the
+    KV head's query group."""
+    from kvslim.methods.kvzip import reconstruct
+    from kvslim.models import tiny_model
+
+    model, reference = tiny_model("llama", "gqa", seed=0), tiny_model("llama", "gqa", seed=0)
+    reference.set_attn_implementation("eager")
+    repeat, n = [5, 6, 7], prompt.shape[1]
+    cache = _prefill(model, prompt, kvslim.policy("kvzip(chunk=1000)", budget=20))
+    reconstruct(model, cache, prompt, repeat=repeat)
+    with torch.no_grad():
+        out = reference(torch.cat([prompt, torch.tensor([repeat]), prompt], 1), output_attentions=True)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer, attn in zip(cache.layers, out.attentions):
+        votes = attn[0, :, n:, :n].amax(1)  # (Hq, n): each context token's largest attention from the copy
+        votes = votes.view(-1, group, n).amax(1)
+        top = votes.topk(20, -1).indices.sort(-1).values  # (H, 20)
+        keys = DynamicCache(config=model.config)
+        with torch.no_grad():
+            full = reference(prompt, past_key_values=keys, use_cache=True).past_key_values
+        expected = full.layers[layer.layer_idx].keys[0].gather(1, top[..., None].expand(-1, -1, full.layers[0].keys.shape[-1]))
+        torch.testing.assert_close(layer.dense(torch.float32)[0][0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kvzip_through_generate_keeps_each_rows_budget_and_refuses_to_decode_unscored(llama):
+    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (60, 33)]
+    _, cache, timing = kvslim.generate_ids(llama, prompts, "kvzip(chunk=16)", keep=0.25, max_new_tokens=1,
+                                           repeat_ids=[3, 4])
+    for layer in cache.layers:
+        assert layer.lengths[:, 0].tolist() == [15, 9]
+    assert timing["kv_bytes_prefill"][0] < 60 * 2 * 2 * 2 * 16 * 4 / 3
+    unscored = kvslim.Cache(kvslim.policy("kvzip", keep=0.25), llama.config)
+    with torch.no_grad(), pytest.raises(ValueError, match="reconstruction pass"):
+        llama(torch.tensor([prompts[0]]), past_key_values=unscored, use_cache=True)
+        llama(torch.tensor([[1]]), past_key_values=unscored, use_cache=True)

@@ -7,6 +7,8 @@ keys are cached after rotation and ``get_seq_length`` counts tokens *seen*, not 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -95,13 +97,44 @@ class Cache(HFCache):
         routing.clear_pending()
         self.element_bytes = self.shape.element_bytes  # replaced by the real cache dtype at the first update
         self.rope = rope_frequencies(self.config)
+        #: while probing (see :meth:`probing`): each layer's probe keys/values, between its update and its attention
+        self._probe: dict[int, tuple[Tensor, Tensor]] | None = None
         super().__init__(layers=[_Layer(i) for i in range(self.shape.num_layers)])
+
+    @contextmanager
+    def probing(self) -> Iterator[None]:
+        """Forwards inside this block are probes: they attend to what the cache holds and, causally, to themselves,
+        but store nothing; the policy's ``on_probe`` sees each layer's probe queries and keys. Leaving the block
+        calls ``on_probed`` for every layer, where a probing method evicts.
+
+        Why: KVzip scores a prefilled context by the attention it receives while the model reads a prompt to
+        repeat it (see :mod:`kvslim.methods.kvzip`); that pass must see the whole cache and leave no trace in it.
+        Probe positions are the caller's ``position_ids`` (they continue after the context); padding in a probe
+        is read off its ``attention_mask`` (a 2-D mask covering the cache's seen tokens and then the probe).
+        """
+        if self.layers[0].empty:
+            raise ValueError("Cache.probing() reads a prefilled cache: run the context through the cache first")
+        self._probe = {}
+        try:
+            yield
+        finally:
+            self._probe = None
+        from ..methods import Observation
+
+        for layer in self.layers:  # no queries: the selection acts on what the probes left in the layer's state
+            queries = torch.empty(layer.lengths.shape[0], self.shape.num_heads, 0, self.shape.head_dim,
+                                  device=layer.lengths.device)
+            self.policy.on_probed(Observation(layer, self.shape.num_layers, queries, 1.0, "prefill", self.rope))
 
     # -- the transformers Cache protocol ----------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
         """Store the new tokens; the routed attention that follows attends over the whole layer."""
         layer = self.layers[layer_idx]
+        if self._probe is not None:
+            self._probe[layer_idx] = (key_states, value_states)
+            routing.set_pending(self, layer_idx)
+            return key_states, value_states
         self.element_bytes = key_states.element_size()
         layer.append(key_states, value_states)
         routing.set_pending(self, layer_idx)
@@ -126,6 +159,8 @@ class Cache(HFCache):
         layer: LayerKV = self.layers[layer_idx]
         q_len = query.shape[2]
         scaling = kwargs.pop("scaling", None) or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if self._probe is not None:
+            return self._attend_probe(layer, query, attention_mask, scaling, impl), None
         first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
@@ -152,6 +187,27 @@ class Cache(HFCache):
         obs = Observation(layer, self.shape.num_layers, query, scaling, phase, self.rope)
         (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
         return out, None
+
+    def _attend_probe(self, layer: LayerKV, query: Tensor, attention_mask: Tensor | None, scaling: float,
+                      impl: str) -> Tensor:
+        """A probe's attention over the held tokens then its own (causal, padding hidden); the policy sees it."""
+        from ..methods import Observation
+
+        own_keys, own_values = self._probe.pop(layer.layer_idx)  # type: ignore[union-attr]
+        keys, values, valid = layer.dense(query.dtype)
+        batch, heads, held = valid.shape
+        q_len = query.shape[2]
+        tail = None if attention_mask is None else attention_mask[..., -q_len:]
+        real = routing.key_padding(tail, batch, q_len, query.device)
+        own = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril() & real[:, None, :]  # (B, q, q)
+        allowed = torch.cat([valid[:, :, None, :].expand(batch, heads, q_len, held),
+                             own[:, None].expand(batch, heads, q_len, q_len)], -1)
+        out = routing.masked_attention(query, torch.cat([keys, own_keys], 2), torch.cat([values, own_values], 2),
+                                       allowed, scaling, impl)
+        if self.rope is not None and self.rope.device != query.device:
+            self.rope = self.rope.to(query.device)
+        self.policy.on_probe(Observation(layer, self.shape.num_layers, query, scaling, "probe", self.rope), own_keys, real)
+        return out
 
     # -- accounting ---------------------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -67,6 +67,10 @@ class Compression:
         if self.window is not None and self.storage is not None:
             raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
+        if policy.probes:
+            raise ValueError(f"policy {policy.spec}: kvzip scores the prompt by a second, reconstruction pass that runs "
+                             "in kvslim.Cache (kvslim.generate); the engine does not run it yet: use e.g. "
+                             "expected_attention or snapkv here")
         held = [p.name for p in parts if isinstance(p, ScoredEviction) and (p.decode_budget is not None or p.interval > 1)]
         if held:
             raise ValueError(

@@ -28,7 +28,7 @@ class Observation:
     num_layers: int
     queries: Tensor  # (B, Hq, q, D) queries of this forward, after RoPE
     scaling: float
-    phase: str  # "prefill" (a prompt chunk) or "decode" (one new token)
+    phase: str  # "prefill" (a prompt chunk), "decode" (one new token) or "probe" (see Method.on_probe)
     #: RoPE inverse frequencies (D/2,) in float32, half-split layout as in Hugging Face; None where unknown.
     #: Methods that project queries to future positions (ExpectedAttention) need them.
     rope: Tensor | None = None
@@ -109,6 +109,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    #: scores come from a probing pass the driver runs after the prefill (KVzip's context reconstruction, see
+    #: :meth:`kvslim.Cache.probing`); until it runs, nothing is evicted
+    probes: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +127,13 @@ class Method:
 
     def on_decode(self, obs: Observation) -> None:
         """Called after each decoding step's attention."""
+
+    def on_probe(self, obs: Observation, keys: Tensor, real: Tensor) -> None:
+        """Called for each probing forward (see :attr:`probes`): ``obs.queries`` are the probe's queries, ``keys``
+        (B,H,q,D) its own keys (attended causally after the held ones, never stored), ``real`` (B,q) its non-padding."""
+
+    def on_probed(self, obs: Observation) -> None:
+        """Called once per layer when probing ends; a probing method evicts here."""
 
     def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
         """Tokens per KV head this method holds in ``layer_idx`` right after a prefill of ``n_tokens``."""
@@ -251,15 +261,16 @@ class ScoredEviction(Method):
     def decode_limit(self, obs: Observation) -> Tensor | None:
         """Tokens per (sequence, KV head) held while generating, or None where decoding lets the cache grow.
 
-        ``decode_budget`` when given; else decode-time methods hold ``budget`` (a shorter prompt grows up
-        to it) or, with ``keep``, what the prefill kept.
+        ``decode_budget`` when given; else decode-time methods hold what the prefill kept (its layer budget in
+        ``state["budget"]``, which a backend may widen, e.g. by a question appended after compression), and at
+        least ``budget``: a prompt shorter than the budget grows up to it while generating.
         """
         if not self.decodes or "budget" not in obs.layer.state:
             return None
         kept = obs.layer.state["budget"]
         if self.decode_budget is not None:
             return torch.full_like(kept, self.decode_budget)
-        return torch.full_like(kept, self.budget) if self.budget is not None else kept
+        return kept.clamp(min=self.budget) if self.budget is not None else kept
 
     def remember(self, obs: Observation) -> Observation:
         """Carry the newest :attr:`observed` queries across steps; an observation whose queries are those.

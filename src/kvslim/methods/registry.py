@@ -9,6 +9,8 @@ import re
 import typing
 from typing import Any
 
+from torch import Tensor
+
 from .base import Method, Observation
 
 METHODS: dict[str, type[Method]] = {}
@@ -188,6 +190,18 @@ class Chain(Method):
     def on_decode(self, obs: Observation) -> None:
         for part in self.parts:
             part.on_decode(self._fresh(obs))
+
+    def on_probe(self, obs: Observation, keys: Tensor, real: Tensor) -> None:
+        for part in self.parts:
+            part.on_probe(self._fresh(obs), keys, real)
+
+    def on_probed(self, obs: Observation) -> None:
+        for part in self.parts:
+            part.on_probed(self._fresh(obs))
+
+    @property
+    def probes(self) -> bool:  # type: ignore[override]
+        return any(p.probes for p in self.parts)
 
     def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
         return min(p.planned_tokens(n_tokens, layer_idx, num_layers) for p in self.parts)
