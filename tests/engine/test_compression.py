@@ -58,9 +58,19 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
     ("h2o(keep=0.5)", "every decoding step"),
     ("rkv(budget=64)", "every decoding step"),
     ("snapkv(keep=0.5,decode_budget=64)", "compresses while decoding"),
-    ("kvzip(keep=0.5)", "reconstruction pass"),
     ("think", "think re-stores tokens"),
 ])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         LLM(llama, policy=spec, kv_memory=0.01)
+
+
+@pytest.mark.parametrize("spec", ["kvzip(keep=0.25,chunk=16)", "adakv(kvzip(keep=0.3,chunk=32))+int8"])
+def test_kvzip_engine_matches_hf_cache_path(llama, spec: str) -> None:
+    """The engine runs KVzip's reconstruction probes beside the prompt, layer by layer; kvslim.Cache runs them as a
+    second pass after the prefill: same scores, same kept tokens, same greedy output."""
+    llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
+    hf, _, _ = kvslim.generate_ids(llama, PROMPTS, spec, max_new_tokens=16)
+    assert [out.token_ids for out in outs] == hf
+    assert all(out.stats["peak_kv_blocks"] < out.stats["full_kv_bytes"] // llm.block_bytes for out in outs)

@@ -11,6 +11,11 @@ What the engine supports, and why:
   padded within the sequence's blocks; a sequence takes blocks for its *longest* head, so the
   memory saved is set by the longest head, not the mean (AdaKV saves less here than its bytes
   accounting in the Hugging Face path says).
+* **probing** (KVzip): the runner feeds each chunk of the prompt, after the repeat instruction, through
+  the layers beside the prompt (:meth:`Compression.probe_inputs`); at each layer the probes attend to the
+  prompt's full keys and to themselves, and the policy scores from them before the layer is compressed.
+  Since a probe at layer ``i`` only reads layers up to ``i``, this is the same pass ``kvslim.Cache`` runs
+  after the prefill, and it gives the same scores.
 * **decode-time eviction**: StreamingLLM only. Its rule needs no scores (sinks + the newest
   tokens), so the window slides by moving a start slot, exactly as its ``on_decode`` would, and
   blocks the window has passed are handed back. Methods that rescore on every step (H2O, TOVA)
@@ -42,6 +47,7 @@ from ..methods import Chain, Method, Observation, ScoredEviction
 from ..methods.adakv import AdaptiveHeads
 from ..methods.full import Full
 from ..methods.kcache import KCache
+from ..methods.kvzip import chunk_size
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.streaming import Streaming
@@ -54,8 +60,11 @@ def _parts(policy: Method) -> list[Method]:
 class Compression:
     """One policy, checked once for what the engine can do, then applied per sequence and layer."""
 
-    def __init__(self, policy: Method, num_layers: int, scaling: float, rope: Tensor | None = None):
+    def __init__(self, policy: Method, num_layers: int, scaling: float, rope: Tensor | None = None,
+                 repeat: list[int] | None = None):
         self.policy, self.num_layers, self.scaling, self.rope = policy, num_layers, scaling, rope
+        #: the repeat instruction's token ids before each probe chunk (KVzip), empty without a tokenizer
+        self.repeat = list(repeat or [])
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
         self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
@@ -67,10 +76,6 @@ class Compression:
         if self.window is not None and self.storage is not None:
             raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
-        if policy.probes:
-            raise ValueError(f"policy {policy.spec}: kvzip scores the prompt by a second, reconstruction pass that runs "
-                             "in kvslim.Cache (kvslim.generate); the engine does not run it yet: use e.g. "
-                             "expected_attention or snapkv here")
         held = [p.name for p in parts if isinstance(p, ScoredEviction) and (p.decode_budget is not None or p.interval > 1)]
         if held:
             raise ValueError(
@@ -118,12 +123,29 @@ class Compression:
         or with an offloading store."""
         return self.reserve(n_tokens) if self.shares_prefix else 0
 
-    def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,)."""
+    def probe_inputs(self, tokens: list[int]) -> list[list[int]]:
+        """Token ids of the probes a prompt needs (KVzip: the repeat instruction, then each chunk of the prompt)."""
+        if not self.policy.probes:
+            return []
+        chunk = chunk_size(self.policy)
+        return [self.repeat + tokens[start : start + chunk] for start in range(0, len(tokens), chunk)]
+
+    def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor,
+                 probes: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,).
+
+        ``probes``: the queries (Hq,P,D) and keys (H,P,D) of each probe of :meth:`probe_inputs` at this layer."""
         if self.evict is None:
             return keys, values, torch.full((keys.shape[0],), keys.shape[1], device=keys.device)
         layer = self._layer(layer_idx, keys[None], values[None])
-        self.evict.on_prefill(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", self.rope))
+        obs = Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", self.rope)
+        self.evict.on_prefill(obs)
+        if probes:
+            for probe_queries, probe_keys in probes:
+                real = torch.ones(1, probe_keys.shape[1], dtype=torch.bool, device=keys.device)
+                self.evict.on_probe(Observation(layer, self.num_layers, probe_queries[None], self.scaling, "probe",
+                                                self.rope), probe_keys[None], real)
+            self.evict.on_probed(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", self.rope))
         kept_k, kept_v, valid = layer.dense(keys.dtype)
         return kept_k[0], kept_v[0], valid[0].sum(-1)
 

@@ -9,6 +9,7 @@ import torch
 
 from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
+from ..methods.kvzip import REPEAT_PROMPT
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
@@ -19,6 +20,11 @@ from .sampling_params import SamplingParams
 from .scheduler import Metrics, Scheduler
 from .sequence import Sequence
 from .tier_link import TierLink, check_policy
+
+
+def _repeat_ids(tokenizer: Any) -> list[int]:
+    """KVzip's repeat instruction in the model's tokens; without a tokenizer the copy follows the prompt directly."""
+    return [] if tokenizer is None else list(tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False))
 
 
 class LLMEngine:
@@ -45,7 +51,8 @@ class LLMEngine:
         self.runner = ModelRunner.from_hf(model, enforce_eager)
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
-        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq)
+        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
+                                       _repeat_ids(tokenizer) if self.policy.probes else [])
         self.runner.set_format(self.compression.storage)
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()

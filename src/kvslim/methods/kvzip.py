@@ -12,6 +12,7 @@ the prompt per chunk), i.e. about twice the prefill, measured in the time to fir
 
 The pass needs the model, so it is driven from outside the cache: :func:`reconstruct` after the
 prefill (``kvslim.generate``/``generate_ids`` call it); a cache that is decoded without it refuses.
+The engine runs the same probes beside the prompt, layer by layer (see :mod:`kvslim.engine.compression`).
 Per-head budgets: ``adakv(kvzip)``.
 """
 from __future__ import annotations
@@ -88,7 +89,8 @@ class KVzip(ScoredEviction):
                              "(kvslim.generate does), or use a method that scores during the prefill")
 
 
-def _chunk_size(policy: Any) -> int:
+def chunk_size(policy: Any) -> int:
+    """Context tokens per probe of a probing policy (the smallest kvzip part's ``chunk``)."""
     parts = policy.parts if isinstance(policy, Chain) else [policy]
     sizes = [p.chunk for p in parts if isinstance(p, KVzip)]
     if not sizes:
@@ -102,21 +104,25 @@ def reconstruct(model: Any, cache: Any, ids: Tensor, mask: Tensor | None = None,
 
     ``ids`` (B, T) is the context the cache was prefilled with (left-padded where ``mask`` (B, T) is 0);
     ``repeat`` the token ids of the repeat instruction (:data:`REPEAT_PROMPT` in the model's tokenizer; empty,
-    the copy simply follows the context). Each chunk of the context is fed after the instruction at the
-    positions that follow its row's context, as one probe forward; leaving the probe block evicts.
+    the copy simply follows the context). Every row is cut into chunks from its own first token, so a
+    row's scores do not depend on the batch it is in; chunk ``c`` of every row goes in one probe forward
+    (left-padded), at the positions that follow its row's context. Leaving the probe block evicts.
     """
-    chunk = _chunk_size(cache.policy)
-    batch, length = ids.shape
+    chunk = chunk_size(cache.policy)
     mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
+    rows = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
     context = mask.sum(-1, keepdim=True)
-    prefix = torch.tensor(list(repeat), dtype=ids.dtype, device=ids.device).expand(batch, -1)
-    seen = torch.ones(batch, cache.get_seq_length(), dtype=mask.dtype, device=ids.device)
+    seen = torch.ones(len(rows), cache.get_seq_length(), dtype=torch.long, device=ids.device)
     with cache.probing():
-        for start in range(0, length, chunk):
-            piece, real = ids[:, start : start + chunk], mask[:, start : start + chunk]
-            if not bool(real.any()):
-                continue
-            real = torch.cat([torch.ones_like(prefix, dtype=mask.dtype), real], 1)
+        for start in range(0, max(len(r) for r in rows), chunk):
+            pieces = [list(repeat) + r[start : start + chunk] if start < len(r) else [] for r in rows]
+            width = max(len(p) for p in pieces)
+            inputs = torch.zeros(len(rows), width, dtype=ids.dtype)
+            real = torch.zeros(len(rows), width, dtype=torch.long)
+            for b, piece in enumerate(pieces):
+                inputs[b, width - len(piece) :] = torch.tensor(piece, dtype=ids.dtype)
+                real[b, width - len(piece) :] = 1
+            inputs, real = inputs.to(ids.device), real.to(ids.device)
             positions = context + (real.cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=torch.cat([prefix, piece], 1), attention_mask=torch.cat([seen, real], 1),
-                  position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=inputs, attention_mask=torch.cat([seen, real], 1), position_ids=positions,
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
