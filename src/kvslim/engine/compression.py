@@ -16,12 +16,16 @@ What the engine supports, and why:
   prompt's full keys and to themselves, and the policy scores from them before the layer is compressed.
   Since a probe at layer ``i`` only reads layers up to ``i``, this is the same pass ``kvslim.Cache`` runs
   after the prefill, and it gives the same scores.
-* **decode-time eviction**: StreamingLLM only. Its rule needs no scores (sinks + the newest
-  tokens), so the window slides by moving a start slot, exactly as its ``on_decode`` would, and
-  blocks the window has passed are handed back. Methods that rescore on every step (H2O, TOVA)
-  would need each step's attention weights over the pages; they are refused with a clear error, as
-  are R-KV and any scorer given a decode-time budget (``decode_budget=``, ``interval=``): those run
-  in ``kvslim.Cache``.
+* **decode-time eviction**: StreamingLLM's rule needs no scores (sinks + the newest tokens), so its
+  window slides by moving a start slot, exactly as its ``on_decode`` would, and blocks the window has
+  passed are handed back. Every other decode-time scorer (R-KV, TOVA, any scorer with ``decode_budget=``
+  and ``interval=``) runs the method's own :meth:`ScoredEviction.due` each step on the sequence's kept
+  layer state (budget, remembered queries); on a step that evicts, the engine reads the sequence's
+  tokens from its pages, the method selects exactly as under ``kvslim.Cache``, and the kept tokens are
+  written back left-aligned so the blocks past them are freed. Decoding then runs without CUDA graphs
+  (the step's queries are kept), over model-dtype pages, with one evictor, and one completion per
+  request (a fork shares blocks the compaction would overwrite). H2O, whose scores add up every step's
+  attention, is refused.
 * **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at
   prefill from the sequence's keys, values and queries; ExpectedAttention also gets the runner's RoPE
   frequencies.
@@ -65,6 +69,7 @@ class Compression:
         self.policy, self.num_layers, self.scaling, self.rope = policy, num_layers, scaling, rope
         #: the repeat instruction's token ids before each probe chunk (KVzip), empty without a tokenizer
         self.repeat = list(repeat or [])
+        self.states: list[dict] = []  # per layer, the last prefill's method state (see take_states)
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
         self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
@@ -72,22 +77,13 @@ class Compression:
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
         #: whether stored blocks depend only on their own and earlier tokens (prefix sharing, KV tiers)
         self.shares_prefix = self.evict is None and (self.storage is None or self.quantizer is not None)
-        self.window = self.evict if isinstance(self.evict, Streaming) else None
+        slides = isinstance(self.evict, Streaming) and self.evict.decode_budget is None and self.evict.interval == 1
+        self.window = self.evict if slides else None
         if self.window is not None and self.storage is not None:
             raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
-        held = [p.name for p in parts if isinstance(p, ScoredEviction) and (p.decode_budget is not None or p.interval > 1)]
-        if held:
-            raise ValueError(
-                f"policy {policy.spec}: {', '.join(held)} compresses while decoding (decode_budget=, interval=), which "
-                "the paged engine does not do yet; use it through kvslim.Cache, or drop decode_budget/interval here"
-            )
-        rescoring = [p.name for p in parts if isinstance(p, ScoredEviction) and p.decode_time]
-        if rescoring and self.window is None:
-            raise ValueError(
-                f"policy {policy.spec}: {', '.join(rescoring)} evicts on every decoding step from attention scores, "
-                "which the paged engine does not compute; use it through kvslim.Cache, or use streaming/snapkv here"
-            )
+        #: the evictor that compresses while decoding (rescored from pages every ``interval`` steps), or None
+        self.decoding = self._decoding(policy, parts) if self.window is None else None
         self.ragged_heads = any(isinstance(p, AdaptiveHeads) for p in parts)
         other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
         if other:
@@ -96,6 +92,38 @@ class Compression:
                 "keys and values in the model dtype or as kivi/int/fp8 codes, so only eviction methods and a last "
                 f"quantizer run here (use kvslim.Cache for {', '.join(other)})"
             )
+
+    def _decoding(self, policy: Method, parts: list[Method]) -> ScoredEviction | None:
+        decoding = [p for p in parts if isinstance(p, ScoredEviction) and p.decodes]
+        if not decoding:
+            return None
+        method = decoding[0]
+        if type(method).on_decode is not ScoredEviction.on_decode:
+            raise ValueError(
+                f"policy {policy.spec}: {method.name} evicts on every decoding step from scores that add up each step's "
+                "attention, which the paged engine does not compute; use it through kvslim.Cache, or use e.g. "
+                "rkv/tova/snapkv(decode_budget=...) here, which the engine rescores from its pages"
+            )
+        if len(parts) > 1 or self.storage is not None:
+            raise ValueError(
+                f"policy {policy.spec}: the engine compresses while decoding with one evictor over model-dtype pages; "
+                f"use {method.name} alone here, or the hybrid through kvslim.Cache"
+            )
+        return method
+
+    def take_states(self) -> list[dict]:
+        """Each layer's method state after the last prefill (budget, remembered queries): a sequence keeps it for
+        decode-time compression."""
+        states, self.states = self.states, []
+        return states
+
+    def decode_step(self, layer_idx: int, state: dict, query: Tensor) -> tuple[Observation, Tensor] | None:
+        """Record one decoding step's query (Hq, D) in a sequence's layer state; when an eviction is due, the
+        observation to score (its layer is to be filled with the sequence's tokens) and the limit."""
+        layer = LayerKV(layer_idx)
+        layer.state = state
+        obs = Observation(layer, self.num_layers, query[None, :, None], self.scaling, "decode", self.rope)
+        return self.decoding.due(obs)  # type: ignore[union-attr]
 
     @staticmethod
     def _layer(index: int, keys: Tensor, values: Tensor) -> LayerKV:
@@ -146,6 +174,8 @@ class Compression:
                 self.evict.on_probe(Observation(layer, self.num_layers, probe_queries[None], self.scaling, "probe",
                                                 self.rope), probe_keys[None], real)
             self.evict.on_probed(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", self.rope))
+        if self.decoding is not None:
+            self.states = self.states[:layer_idx] + [layer.state]
         kept_k, kept_v, valid = layer.dense(keys.dtype)
         return kept_k[0], kept_v[0], valid[0].sum(-1)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..cache.segments import DenseSegment
 from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
 from ..methods.kvzip import REPEAT_PROMPT
@@ -54,6 +55,8 @@ class LLMEngine:
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
                                        _repeat_ids(tokenizer) if self.policy.probes else [])
         self.runner.set_format(self.compression.storage)
+        if self.compression.decoding is not None:  # decode-time compression scores from each step's queries
+            self.runner.enforce_eager, self.runner.decode_queries = True, []
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()
         self.block_bytes = kv.block_bytes(block_size)
@@ -98,6 +101,9 @@ class LLMEngine:
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("empty prompt: give at least one token")
+        if params.n > 1 and self.compression.decoding is not None:
+            raise ValueError(f"n={params.n}: {self.policy.spec} compacts a sequence's blocks while decoding, which "
+                             "completions sharing the prompt's blocks cannot; send n=1 requests")
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(ids, params, request_id, generator=generator)
@@ -140,9 +146,10 @@ class LLMEngine:
         else:
             self.runner.copy_blocks(copies)
             logits = self.runner.decode(self.runner.prepare_decode(seqs))
-            for seq in seqs:
+            for row, seq in enumerate(seqs):
                 self.runner.kv.advance(seq)
                 self._slide(seq)
+                self._evict_decoded(seq, row)
         tokens = sample(logits, seqs)
         for seq, token in zip(seqs, tokens):
             self._append(seq, token)
@@ -156,6 +163,8 @@ class LLMEngine:
             self.tier_link.save(seq)
         seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
+        if self.compression.decoding is not None:
+            seq.method_state = self.compression.take_states()
         window = self.compression.start_window(len(seq))
         if window is not None:
             seq.sinks, seq.window_budget = window
@@ -182,6 +191,35 @@ class LLMEngine:
             out.append(seq)
             rows.append(row)
         return out, torch.stack(rows)
+
+    def _evict_decoded(self, seq: Sequence, row: int) -> None:
+        """Decode-time compression: give the method this step's queries; on a step that evicts, read the sequence's
+        tokens from its pages, let the method select, write the kept ones back left-aligned and free the blocks past
+        them (see :mod:`kvslim.engine.compression`)."""
+        if seq.method_state is None:
+            return
+        runner = self.runner
+        held = seq.slot_lens(runner.num_layers, runner.num_kv_heads)
+        evicted = False
+        for i, state in enumerate(seq.method_state):
+            due = self.compression.decode_step(i, state, runner.decode_queries[i][row])  # type: ignore[index]
+            if due is None:
+                continue
+            recent, limit = due
+            lens = held[i].to(runner.device)
+            keys, values = runner.kv.read(i, runner._slots(seq.block_table, 0, seq.kv_slots))
+            valid = torch.arange(seq.kv_slots, device=runner.device) < lens[:, None]
+            recent.layer.replace([DenseSegment.from_padded(keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                                           valid[None])])
+            self.compression.decoding.evict(recent, limit)  # type: ignore[union-attr]
+            kept_k, kept_v, kept = recent.layer.dense(keys.dtype)
+            held[i] = kept[0].sum(-1).cpu()
+            runner.kv.store_prefill(i, seq, runner._slots(seq.block_table, 0, kept_k.shape[2]), kept_k[0], kept_v[0],
+                                    held[i].to(runner.device))
+            evicted = True
+        if evicted:
+            seq.set_held(held)
+            self.blocks.trim(seq, seq.kv_slots)
 
     def _slide(self, seq: Sequence) -> None:
         """StreamingLLM: keep sinks + the newest ``window_budget - sinks`` slots; hand back passed blocks."""

@@ -97,6 +97,8 @@ class ModelRunner:
         self.block_size = 0
         #: decode without CUDA graphs; set before :meth:`allocate` to capture none, after it to stop replaying them
         self.enforce_eager = enforce_eager
+        #: when a list, each eager decode step leaves there every layer's queries (B, Hq, D) (decode-time compression)
+        self.decode_queries: list[Tensor] | None = None
         self.graphs: DecodeGraphs | None = None
 
     @classmethod
@@ -258,6 +260,8 @@ class ModelRunner:
         if self.graphs is not None and not self.enforce_eager:
             hidden = self.graphs.run(batch)
         if hidden is None:
+            if self.decode_queries is not None:
+                self.decode_queries = []
             hidden = self.forward_decode(batch)
         self.kv.finish(batch)
         return self._logits(hidden)
@@ -272,6 +276,8 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(layer, h, cos, sin)
+            if self.decode_queries is not None:
+                self.decode_queries.append(q)
             out = self.kv.attend(i, q, k, v, batch, self.scaling)
             x = x + layer.self_attn.o_proj(out.reshape(len(x), -1))
             x = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))

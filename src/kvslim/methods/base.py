@@ -293,13 +293,22 @@ class ScoredEviction(Method):
             self.remember(obs)
         self.evict(obs, k)
 
-    def on_decode(self, obs: Observation) -> None:
-        """Every ``interval`` steps, evict down to :meth:`decode_limit`, scored over the remembered queries."""
+    def due(self, obs: Observation) -> tuple[Observation, Tensor] | None:
+        """Remember this step's query; when an eviction is due now, the observation to score and the limit.
+
+        Reads the layer's state only, never its tokens, so a backend that keeps tokens elsewhere (the engine's
+        pages) loads them only for the steps that evict.
+        """
         limit = self.decode_limit(obs)
         if limit is None:
-            return
+            return None
         recent = self.remember(obs)
         key = f"{self.name}.steps"
         steps = obs.layer.state[key] = obs.layer.state.get(key, 0) + 1
-        if steps % self.interval == 0:
-            self.evict(recent, limit)
+        return (recent, limit) if steps % self.interval == 0 else None
+
+    def on_decode(self, obs: Observation) -> None:
+        """Every ``interval`` steps, evict down to :meth:`decode_limit`, scored over the remembered queries."""
+        due = self.due(obs)
+        if due is not None:
+            self.evict(*due)
