@@ -206,7 +206,8 @@ class Cache(HFCache):
                                        allowed, scaling, impl)
         if self.rope is not None and self.rope.device != query.device:
             self.rope = self.rope.to(query.device)
-        self.policy.on_probe(Observation(layer, self.shape.num_layers, query, scaling, "probe", self.rope), own_keys, real)
+        obs = Observation(layer, self.shape.num_layers, query, scaling, "probe", self.rope)
+        self.policy.on_probe(obs, own_keys, real)
         return out
 
     # -- accounting ---------------------------------------------------------------------------------

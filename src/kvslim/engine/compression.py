@@ -183,5 +183,6 @@ class Compression:
         """(sinks, budget) of a sliding window for a prefill of ``seq_len`` tokens, or None."""
         if self.window is None:
             return None
-        budget = self.window.budget or int(self.window.tokens_for(seq_len))  # as its decode_limit: a shorter prompt grows to it
+        # as its decode_limit: a prompt shorter than ``budget`` grows up to it
+        budget = self.window.budget or int(self.window.tokens_for(seq_len))
         return min(self.window.sinks, budget), budget

@@ -215,7 +215,8 @@ class ModelRunner:
         """Run a probe through one layer, attending to the prompt's uncompressed keys/values (H,T,D) and to itself;
         advances its hidden states in place and returns its queries (Hq,P,D) and keys (H,P,D) there."""
         x, cos, sin = probe
-        q_p, k_p, v_p = (t.transpose(0, 1) for t in self._qkv(layer, rms_norm(x, layer.input_layernorm.weight, self.eps), cos, sin))
+        h = rms_norm(x, layer.input_layernorm.weight, self.eps)
+        q_p, k_p, v_p = (t.transpose(0, 1) for t in self._qkv(layer, h, cos, sin))
         out = self._attention(q_p, torch.cat([k, k_p], 1), torch.cat([v, v_p], 1), k.shape[1])
         x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(x), -1))
         probe[0] = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
