@@ -131,9 +131,9 @@ def generate(model: Any, tokenizer: Any, prompts: str | Sequence[str], policy: "
     prompt_ids = _encode(tokenizer, prompts, chat)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
-    repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False)
-    new_ids, cache, timing = generate_ids(model, prompt_ids, policy, max_new_tokens, eos, temperature, seed, pad,
-                                          repeat, **policy_params)
+    method = build_policy(policy, **policy_params)
+    repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False) if method.probes else []
+    new_ids, cache, timing = generate_ids(model, prompt_ids, method, max_new_tokens, eos, temperature, seed, pad, repeat)
     end_bytes, kept, full = cache.bytes_per_sequence(), cache.tokens_per_sequence(), cache.full_bytes_per_sequence()
     host_bytes = cache.bytes_per_sequence(host=True)
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
