@@ -22,9 +22,10 @@ def cmd_methods(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(table, indent=2, default=str))
         return
+    width = max(len(m["name"]) for m in table)
     for m in table:
         params = ", ".join(f"{p['name']}={p['default']}" for p in m["parameters"]) or "-"
-        print(f"{m['name']:<10} {m['summary']}\n{'':<10} paper: {m['paper']}\n{'':<10} params: {params}")
+        print(f"{m['name']:<{width}} {m['summary']}\n{'':<{width}} paper: {m['paper']}\n{'':<{width}} params: {params}")
 
 
 def _policy_params(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from torch import Tensor
 from .cache import Cache
 from .hf_compat import cache_arg
 from .methods import Method, policy as build_policy
+from .methods.kvzip import REPEAT_PROMPT, reconstruct
 
 
 @dataclass
@@ -66,9 +67,13 @@ def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int
 @torch.inference_mode()
 def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str | Method" = "full",
                  max_new_tokens: int = 32, eos_token_id: int | Sequence[int] | None = None,
-                 temperature: float = 0.0, seed: int = 0, pad_token_id: int = 0,
+                 temperature: float = 0.0, seed: int = 0, pad_token_id: int = 0, repeat_ids: Sequence[int] = (),
                  **policy_params: Any) -> tuple[list[list[int]], Cache, dict[str, Any]]:
-    """Generate from token ids; returns new ids per sequence, the cache, and timing/bytes measurements."""
+    """Generate from token ids; returns new ids per sequence, the cache, and timing/bytes measurements.
+
+    A probing policy (``kvzip``) runs its reconstruction pass right after the prefill, with ``repeat_ids``
+    (the repeat instruction in the model's tokens) before each chunk; its time counts in ``ttft_s``.
+    """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -90,6 +95,8 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     start = time.perf_counter()
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_arg(cache),
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # only the last position's logits
+    if method.probes:
+        reconstruct(model, cache, ids, mask, repeat_ids)
     token = _sample(logits, temperature, generator)
     _sync(device)
     ttft = time.perf_counter() - start
@@ -126,8 +133,9 @@ def generate(model: Any, tokenizer: Any, prompts: str | Sequence[str], policy: "
     prompt_ids = _encode(tokenizer, prompts, chat)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
-    new_ids, cache, timing = generate_ids(model, prompt_ids, policy, max_new_tokens, eos, temperature, seed, pad,
-                                          **policy_params)
+    method = build_policy(policy, **policy_params)
+    repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False) if method.probes else []
+    new_ids, cache, timing = generate_ids(model, prompt_ids, method, max_new_tokens, eos, temperature, seed, pad, repeat)
     end_bytes, kept, full = cache.bytes_per_sequence(), cache.tokens_per_sequence(), cache.full_bytes_per_sequence()
     host_bytes = cache.bytes_per_sequence(host=True)
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])

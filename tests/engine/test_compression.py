@@ -25,8 +25,14 @@ def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("spec", [
     "snapkv(keep=0.25,window=4)",
     "streaming(keep=0.25,sinks=2)",  # decode-time: the window slides while decoding
+    "streaming(budget=52,sinks=2)",  # the 40-token prompt grows to its budget, then slides
     "pyramidkv(keep=0.3,window=4)",  # ragged across layers
     "adakv(keep=0.3,window=4)",  # ragged across heads
+    "keydiff(keep=0.25)",  # attention-free
+    "lagkv(keep=0.4,lag=4)",
+    "expected_attention(keep=0.25,history=16,future=32)",  # needs the engine's RoPE frequencies
+    "adakv(expected_attention(keep=0.3,history=16))",  # any scorer with ragged heads
+    "adakv(keydiff(keep=0.3))+int8",  # ... and stored quantized
 ])
 def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
@@ -48,7 +54,55 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 
-@pytest.mark.parametrize(("spec", "reason"), [("h2o(keep=0.5)", "every decoding step"), ("think", "think re-stores tokens")])
+@pytest.mark.parametrize(("spec", "reason"), [
+    ("h2o(keep=0.5)", "every decoding step"),
+    ("snapkv(keep=0.5,decode_budget=64)+int8", "one evictor over model-dtype pages"),
+    ("think", "think re-stores tokens"),
+])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         LLM(llama, policy=spec, kv_memory=0.01)
+
+
+@pytest.mark.parametrize("spec", ["kvzip(keep=0.25,chunk=16)", "adakv(kvzip(keep=0.3,chunk=32))+int8"])
+def test_kvzip_engine_matches_hf_cache_path(llama, spec: str) -> None:
+    """The engine runs KVzip's reconstruction probes beside the prompt, layer by layer; kvslim.Cache runs them as a
+    second pass after the prefill: same scores, same kept tokens, same greedy output."""
+    llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
+    hf, _, _ = kvslim.generate_ids(llama, PROMPTS, spec, max_new_tokens=16)
+    assert [out.token_ids for out in outs] == hf
+    assert all(out.stats["peak_kv_blocks"] < out.stats["full_kv_bytes"] // llm.block_bytes for out in outs)
+
+
+@pytest.mark.parametrize("spec", [
+    "rkv(budget=32,window=4)",  # decode-time by design
+    "tova(keep=0.4)",
+    "snapkv(keep=0.5,window=4,decode_budget=24,interval=4)",  # any scorer, every 4th step
+    "expected_attention(keep=0.5,history=8,decode_budget=24,interval=3)",
+    "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))",  # ragged heads while decoding
+])
+def test_decode_time_compression_matches_hf_cache_path(llama, spec: str) -> None:
+    """The engine rescores from its pages on the steps that evict, writes the kept tokens back and hands the blocks
+    past them back: the same tokens as kvslim.Cache, in the blocks of the budget however long it decodes."""
+    llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
+    rid = llm.add_request(PROMPTS[1], SamplingParams(max_tokens=40, ignore_eos=True))
+    held = []
+    while llm.has_unfinished:
+        llm.step()
+        held.append(llm.blocks.num_used)
+    assert llm.finished[rid].completions[0].token_ids == _hf(llama, spec, PROMPTS[1], 40)
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=30, ignore_eos=True))  # a batch of two
+    assert [out.token_ids for out in outs] == [_hf(llama, spec, prompt, 30) for prompt in PROMPTS]
+    if not spec.startswith("adakv"):  # ragged heads take blocks for their longest head (issue 13, item 3)
+        budget = 32 if spec.startswith("rkv") else 24 if "decode_budget" in spec else 29
+        interval = int(spec.split("interval=")[1].split(")")[0]) if "interval" in spec else 1
+        assert max(held[-20:]) <= -(-(budget + interval) // 4)
+    assert max(held[-20:]) < -(-(71 + 40) // 4)  # far fewer than a full cache's blocks at the end
+
+
+def test_decode_time_compression_refuses_forks(llama) -> None:
+    llm = LLM(llama, policy="rkv(budget=32)", kv_memory=0.01, block_size=4)
+    with pytest.raises(ValueError, match="n=2"):
+        llm.add_request(PROMPTS[0], SamplingParams(max_tokens=4, n=2))

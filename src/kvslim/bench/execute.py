@@ -14,6 +14,7 @@ import torch
 from ..cache import Cache
 from ..generate import generate_ids
 from ..hf_compat import cache_arg
+from ..methods.kvzip import REPEAT_PROMPT
 from .config import BenchConfig, Run
 from .memory import PeakMemory
 from .tasks import Sample, Task
@@ -60,8 +61,10 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
     eos = _eos_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     memory.reset()
-    new_ids, cache, timing = generate_ids(model, prompts, run.build(), task.max_new_tokens, sorted(eos),
-                                          pad_token_id=pad)
+    method = run.build()
+    repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False) if method.probes else []  # KVzip's instruction
+    new_ids, cache, timing = generate_ids(model, prompts, method, task.max_new_tokens, sorted(eos),
+                                          pad_token_id=pad, repeat_ids=repeat)
     peak = memory.read()
     end_bytes, full_bytes = cache.bytes_per_sequence(), cache.full_bytes_per_sequence()
     host_bytes, kept = cache.bytes_per_sequence(host=True), cache.tokens_per_sequence()

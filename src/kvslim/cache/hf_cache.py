@@ -15,6 +15,8 @@ and quantizers pack the window's tokens as they would any others.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -31,6 +33,22 @@ from .window import SlotTracker
 
 if TYPE_CHECKING:
     from ..methods import Observation
+
+
+def rope_frequencies(config: Any) -> Tensor | None:
+    """RoPE inverse frequencies (rotated dims / 2,) of a transformers config, as its rotary embedding builds them;
+    None for a model without RoPE. Scoring methods that project queries to future positions use them."""
+    params = getattr(config, "rope_parameters", None)
+    if not params or "rope_theta" not in params:
+        return None
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS[rope_type](config)[0].float()
+    shape = KVShape.from_config(config)
+    dim = int(shape.head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 class _Layer(LayerKV, CacheLayerMixin):
@@ -133,13 +151,45 @@ class Cache(HFCache):
         routing.route(self.config)
         routing.clear_pending()
         self.element_bytes = self.shape.element_bytes  # replaced by the real cache dtype at the first update
+        self.rope = rope_frequencies(self.config)
+        #: while probing (see :meth:`probing`): each layer's probe keys/values, between its update and its attention
+        self._probe: dict[int, tuple[Tensor, Tensor]] | None = None
         super().__init__(layers=[_Layer(i, w) for i, w in enumerate(windows)])
+
+    @contextmanager
+    def probing(self) -> Iterator[None]:
+        """Forwards inside this block are probes: they attend to what the cache holds and, causally, to themselves,
+        but store nothing; the policy's ``on_probe`` sees each layer's probe queries and keys. Leaving the block
+        calls ``on_probed`` for every layer, where a probing method evicts.
+
+        Why: KVzip scores a prefilled context by the attention it receives while the model reads a prompt to
+        repeat it (see :mod:`kvslim.methods.kvzip`); that pass must see the whole cache and leave no trace in it.
+        Probe positions are the caller's ``position_ids`` (they continue after the context); padding in a probe
+        is read off its ``attention_mask`` (a 2-D mask covering the cache's seen tokens and then the probe).
+        """
+        if self.layers[0].empty:
+            raise ValueError("Cache.probing() reads a prefilled cache: run the context through the cache first")
+        self._probe = {}
+        try:
+            yield
+        finally:
+            self._probe = None
+        from ..methods import Observation
+
+        for layer in self.layers:  # no queries: the selection acts on what the probes left in the layer's state
+            queries = torch.empty(layer.lengths.shape[0], self.shape.num_heads, 0, self.shape.head_dim,
+                                  device=layer.lengths.device)
+            self.policy.on_probed(Observation(layer, self.shape.num_layers, queries, 1.0, "prefill", rope=self.rope))
 
     # -- the transformers Cache protocol ----------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
         """Store the new tokens; the routed attention that follows attends over the whole layer."""
         layer = self.layers[layer_idx]
+        if self._probe is not None:
+            self._probe[layer_idx] = (key_states, value_states)
+            routing.set_pending(self, layer_idx)
+            return key_states, value_states
         self.element_bytes = key_states.element_size()
         layer.append(key_states, value_states)
         routing.set_pending(self, layer_idx)
@@ -168,6 +218,8 @@ class Cache(HFCache):
         if kwargs.get("s_aux") is not None:
             raise ValueError(f"kvslim.Cache serves {SUPPORTED}; this model's attention has learned sinks "
                              "(s_aux, gpt-oss)")
+        if self._probe is not None:
+            return self._attend_probe(layer, query, attention_mask, scaling, impl), None
         first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
@@ -194,9 +246,11 @@ class Cache(HFCache):
             if q_len > 1:
                 layer.state["prompt"] = layer.state["prompt"] + q_len
         phase = "prefill" if q_len > 1 or first else "decode"
+        if self.rope is not None and self.rope.device != query.device:
+            self.rope = self.rope.to(query.device)
         if layer.window is not None:
-            self._expire(layer, Observation(layer, self.shape.num_layers, query, scaling, phase, softcap))
-        obs = Observation(layer, self.shape.num_layers, query, scaling, phase, softcap)
+            self._expire(layer, Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, self.rope))
+        obs = Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, self.rope)
         (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
         return out, None
 
@@ -209,6 +263,28 @@ class Cache(HFCache):
             self.policy.reflow(obs, keep)
             layer.select(keep)
         layer.state["prompt"] = layer.state["prompt"].clamp(max=layer.window - 1)  # type: ignore[operator]
+
+    def _attend_probe(self, layer: LayerKV, query: Tensor, attention_mask: Tensor | None, scaling: float,
+                      impl: str) -> Tensor:
+        """A probe's attention over the held tokens then its own (causal, padding hidden); the policy sees it."""
+        from ..methods import Observation
+
+        own_keys, own_values = self._probe.pop(layer.layer_idx)  # type: ignore[union-attr]
+        keys, values, valid = layer.dense(query.dtype)
+        batch, heads, held = valid.shape
+        q_len = query.shape[2]
+        tail = None if attention_mask is None else attention_mask[..., -q_len:]
+        real = routing.key_padding(tail, batch, q_len, query.device)
+        own = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril() & real[:, None, :]  # (B, q, q)
+        allowed = torch.cat([valid[:, :, None, :].expand(batch, heads, q_len, held),
+                             own[:, None].expand(batch, heads, q_len, q_len)], -1)
+        out = routing.masked_attention(query, torch.cat([keys, own_keys], 2), torch.cat([values, own_values], 2),
+                                       allowed, scaling, impl)
+        if self.rope is not None and self.rope.device != query.device:
+            self.rope = self.rope.to(query.device)
+        obs = Observation(layer, self.shape.num_layers, query, scaling, "probe", rope=self.rope)
+        self.policy.on_probe(obs, own_keys, real)
+        return out
 
     # -- accounting ---------------------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -11,10 +11,24 @@ What the engine supports, and why:
   padded within the sequence's blocks; a sequence takes blocks for its *longest* head, so the
   memory saved is set by the longest head, not the mean (AdaKV saves less here than its bytes
   accounting in the Hugging Face path says).
-* **decode-time eviction**: StreamingLLM only. Its rule needs no scores (sinks + the newest
-  tokens), so the window slides by moving a start slot, exactly as its ``on_decode`` would, and
-  blocks the window has passed are handed back. Methods that rescore on every step (H2O, TOVA)
-  would need each step's attention weights over the pages; they are refused with a clear error.
+* **probing** (KVzip): the runner feeds each chunk of the prompt, after the repeat instruction, through
+  the layers beside the prompt (:meth:`Compression.probe_inputs`); at each layer the probes attend to the
+  prompt's full keys and to themselves, and the policy scores from them before the layer is compressed.
+  Since a probe at layer ``i`` only reads layers up to ``i``, this is the same pass ``kvslim.Cache`` runs
+  after the prefill, and it gives the same scores.
+* **decode-time eviction**: StreamingLLM's rule needs no scores (sinks + the newest tokens), so its
+  window slides by moving a start slot, exactly as its ``on_decode`` would, and blocks the window has
+  passed are handed back. Every other decode-time scorer (R-KV, TOVA, any scorer with ``decode_budget=``
+  and ``interval=``) runs the method's own :meth:`ScoredEviction.due` each step on the sequence's kept
+  layer state (budget, remembered queries); on a step that evicts, the engine reads the sequence's
+  tokens from its pages, the method selects exactly as under ``kvslim.Cache``, and the kept tokens are
+  written back left-aligned so the blocks past them are freed. Decoding then runs without CUDA graphs
+  (the step's queries are kept), over model-dtype pages, with one evictor, and one completion per
+  request (a fork shares blocks the compaction would overwrite). H2O, whose scores add up every step's
+  attention, is refused.
+* **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at
+  prefill from the sequence's keys, values and queries; ExpectedAttention also gets the runner's RoPE
+  frequencies.
 * **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
   hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
   :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
@@ -34,9 +48,10 @@ from torch import Tensor
 
 from ..cache.layer import LayerKV
 from ..methods import Chain, Method, Observation, ScoredEviction
-from ..methods.adakv import AdaKV
+from ..methods.adakv import AdaptiveHeads
 from ..methods.full import Full
 from ..methods.kcache import KCache
+from ..methods.kvzip import chunk_size
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.streaming import Streaming
@@ -49,8 +64,12 @@ def _parts(policy: Method) -> list[Method]:
 class Compression:
     """One policy, checked once for what the engine can do, then applied per sequence and layer."""
 
-    def __init__(self, policy: Method, num_layers: int, scaling: float):
-        self.policy, self.num_layers, self.scaling = policy, num_layers, scaling
+    def __init__(self, policy: Method, num_layers: int, scaling: float, rope: Tensor | None = None,
+                 repeat: list[int] | None = None):
+        self.policy, self.num_layers, self.scaling, self.rope = policy, num_layers, scaling, rope
+        #: the repeat instruction's token ids before each probe chunk (KVzip), empty without a tokenizer
+        self.repeat = list(repeat or [])
+        self.states: list[dict] = []  # per layer, the last prefill's method state (see take_states)
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
         self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
@@ -58,17 +77,14 @@ class Compression:
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
         #: whether stored blocks depend only on their own and earlier tokens (prefix sharing, KV tiers)
         self.shares_prefix = self.evict is None and (self.storage is None or self.quantizer is not None)
-        self.window = self.evict if isinstance(self.evict, Streaming) else None
+        slides = isinstance(self.evict, Streaming) and self.evict.decode_budget is None and self.evict.interval == 1
+        self.window = self.evict if slides else None
         if self.window is not None and self.storage is not None:
             raise ValueError(f"policy {policy.spec}: the engine slides StreamingLLM's window over model-dtype pages only; "
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
-        rescoring = [p.name for p in parts if isinstance(p, ScoredEviction) and p.decode_time]
-        if rescoring and self.window is None:
-            raise ValueError(
-                f"policy {policy.spec}: {', '.join(rescoring)} evicts on every decoding step from attention scores, "
-                "which the paged engine does not compute; use it through kvslim.Cache, or use streaming/snapkv here"
-            )
-        self.ragged_heads = any(isinstance(p, AdaKV) for p in parts)
+        #: the evictor that compresses while decoding (rescored from pages every ``interval`` steps), or None
+        self.decoding = self._decoding(policy, parts) if self.window is None else None
+        self.ragged_heads = any(isinstance(p, AdaptiveHeads) for p in parts)
         other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
         if other:
             raise ValueError(
@@ -76,6 +92,38 @@ class Compression:
                 "keys and values in the model dtype or as kivi/int/fp8 codes, so only eviction methods and a last "
                 f"quantizer run here (use kvslim.Cache for {', '.join(other)})"
             )
+
+    def _decoding(self, policy: Method, parts: list[Method]) -> ScoredEviction | None:
+        decoding = [p for p in parts if isinstance(p, ScoredEviction) and p.decodes]
+        if not decoding:
+            return None
+        method = decoding[0]
+        if type(method).on_decode is not ScoredEviction.on_decode:
+            raise ValueError(
+                f"policy {policy.spec}: {method.name} evicts on every decoding step from scores that add up each step's "
+                "attention, which the paged engine does not compute; use it through kvslim.Cache, or use e.g. "
+                "rkv/tova/snapkv(decode_budget=...) here, which the engine rescores from its pages"
+            )
+        if len(parts) > 1 or self.storage is not None:
+            raise ValueError(
+                f"policy {policy.spec}: the engine compresses while decoding with one evictor over model-dtype pages; "
+                f"use {method.name} alone here, or the hybrid through kvslim.Cache"
+            )
+        return method
+
+    def take_states(self) -> list[dict]:
+        """Each layer's method state after the last prefill (budget, remembered queries): a sequence keeps it for
+        decode-time compression."""
+        states, self.states = self.states, []
+        return states
+
+    def decode_step(self, layer_idx: int, state: dict, query: Tensor) -> tuple[Observation, Tensor] | None:
+        """Record one decoding step's query (Hq, D) in a sequence's layer state; when an eviction is due, the
+        observation to score (its layer is to be filled with the sequence's tokens) and the limit."""
+        layer = LayerKV(layer_idx)
+        layer.state = state
+        obs = Observation(layer, self.num_layers, query[None, :, None], self.scaling, "decode", rope=self.rope)
+        return self.decoding.due(obs)  # type: ignore[union-attr]
 
     @staticmethod
     def _layer(index: int, keys: Tensor, values: Tensor) -> LayerKV:
@@ -103,12 +151,32 @@ class Compression:
         or with an offloading store."""
         return self.reserve(n_tokens) if self.shares_prefix else 0
 
-    def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,)."""
+    def probe_inputs(self, tokens: list[int]) -> list[list[int]]:
+        """Token ids of the probes a prompt needs (KVzip: the repeat instruction, then each chunk of the prompt)."""
+        if not self.policy.probes:
+            return []
+        chunk = chunk_size(self.policy)
+        return [self.repeat + tokens[start : start + chunk] for start in range(0, len(tokens), chunk)]
+
+    def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor,
+                 probes: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,).
+
+        ``probes``: the queries (Hq,P,D) and keys (H,P,D) of each probe of :meth:`probe_inputs` at this layer."""
         if self.evict is None:
             return keys, values, torch.full((keys.shape[0],), keys.shape[1], device=keys.device)
         layer = self._layer(layer_idx, keys[None], values[None])
-        self.evict.on_prefill(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill"))
+        obs = Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", rope=self.rope)
+        self.evict.on_prefill(obs)
+        if probes:
+            for probe_queries, probe_keys in probes:
+                real = torch.ones(1, probe_keys.shape[1], dtype=torch.bool, device=keys.device)
+                self.evict.on_probe(Observation(layer, self.num_layers, probe_queries[None], self.scaling, "probe",
+                                                rope=self.rope), probe_keys[None], real)
+            self.evict.on_probed(Observation(layer, self.num_layers, queries[None], self.scaling, "prefill",
+                                             rope=self.rope))
+        if self.decoding is not None:
+            self.states = self.states[:layer_idx] + [layer.state]
         kept_k, kept_v, valid = layer.dense(keys.dtype)
         return kept_k[0], kept_v[0], valid[0].sum(-1)
 
@@ -116,5 +184,6 @@ class Compression:
         """(sinks, budget) of a sliding window for a prefill of ``seq_len`` tokens, or None."""
         if self.window is None:
             return None
-        budget = int(self.window.tokens_for(seq_len))
+        # as its decode_limit: a prompt shorter than ``budget`` grows up to it
+        budget = self.window.budget or int(self.window.tokens_for(seq_len))
         return min(self.window.sinks, budget), budget

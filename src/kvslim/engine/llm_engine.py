@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from ..cache.segments import DenseSegment
 from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
+from ..methods.kvzip import REPEAT_PROMPT
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
@@ -29,6 +31,11 @@ class StepFailed(RuntimeError):
     def __init__(self, request_ids: list[str], cause: BaseException):
         super().__init__(f"engine step failed for {len(request_ids)} request(s): {type(cause).__name__}: {cause}")
         self.request_ids = request_ids
+
+
+def _repeat_ids(tokenizer: Any) -> list[int]:
+    """KVzip's repeat instruction in the model's tokens; without a tokenizer the copy follows the prompt directly."""
+    return [] if tokenizer is None else list(tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False))
 
 
 class LLMEngine:
@@ -63,8 +70,11 @@ class LLMEngine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
-        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling)
+        self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
+                                       _repeat_ids(tokenizer) if self.policy.probes else [])
         self.runner.set_format(self.compression.storage)
+        if self.compression.decoding is not None:  # decode-time compression scores from each step's queries
+            self.runner.enforce_eager, self.runner.decode_queries = True, []
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()
         self.block_bytes = kv.block_bytes(block_size)
@@ -130,6 +140,9 @@ class LLMEngine:
     def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Raise RequestTooLarge (a ValueError) if such a request could never run; reads no mutable state, so
         a server may call it from any thread before queuing the request."""
+        if params.n > 1 and self.compression.decoding is not None:
+            raise ValueError(f"n={params.n}: {self.policy.spec} compacts a sequence's blocks while decoding, which "
+                             "completions sharing the prompt's blocks cannot; send n=1 requests")
         self.scheduler.check(num_prompt_tokens, params.max_tokens, params.n)
 
     def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None) -> str:
@@ -193,9 +206,10 @@ class LLMEngine:
         else:
             self.runner.copy_blocks(copies)
             logits = self.runner.decode(self.runner.prepare_decode(seqs))
-            for seq in seqs:
+            for row, seq in enumerate(seqs):
                 self.runner.kv.advance(seq)
                 self._slide(seq)
+                self._evict_decoded(seq, row)
         tokens = sample(logits, seqs)
         for seq, token in zip(seqs, tokens):
             self._append(seq, token)
@@ -223,6 +237,8 @@ class LLMEngine:
             self.tier_link.save(seq)
         seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
+        if self.compression.decoding is not None:
+            seq.method_state = self.compression.take_states()
         window = self.compression.start_window(len(seq))
         if window is not None:
             seq.sinks, seq.window_budget = window
@@ -249,6 +265,35 @@ class LLMEngine:
             out.append(seq)
             rows.append(row)
         return out, torch.stack(rows)
+
+    def _evict_decoded(self, seq: Sequence, row: int) -> None:
+        """Decode-time compression: give the method this step's queries; on a step that evicts, read the sequence's
+        tokens from its pages, let the method select, write the kept ones back left-aligned and free the blocks past
+        them (see :mod:`kvslim.engine.compression`)."""
+        if seq.method_state is None:
+            return
+        runner = self.runner
+        held = seq.slot_lens(runner.num_layers, runner.num_kv_heads)
+        evicted = False
+        for i, state in enumerate(seq.method_state):
+            due = self.compression.decode_step(i, state, runner.decode_queries[i][row])  # type: ignore[index]
+            if due is None:
+                continue
+            recent, limit = due
+            lens = held[i].to(runner.device)
+            keys, values = runner.kv.read(i, runner._slots(seq.block_table, 0, seq.kv_slots))
+            valid = torch.arange(seq.kv_slots, device=runner.device) < lens[:, None]
+            recent.layer.replace([DenseSegment.from_padded(keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                                           valid[None])])
+            self.compression.decoding.evict(recent, limit)  # type: ignore[union-attr]
+            kept_k, kept_v, kept = recent.layer.dense(keys.dtype)
+            held[i] = kept[0].sum(-1).cpu()
+            runner.kv.store_prefill(i, seq, runner._slots(seq.block_table, 0, kept_k.shape[2]), kept_k[0], kept_v[0],
+                                    held[i].to(runner.device))
+            evicted = True
+        if evicted:
+            seq.set_held(held)
+            self.blocks.trim(seq, seq.kv_slots)
 
     def _slide(self, seq: Sequence) -> None:
         """StreamingLLM: keep sinks + the newest ``window_budget - sinks`` slots; hand back passed blocks."""

@@ -31,8 +31,9 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 #: batch sizes decode graphs are captured for (a batch runs in the smallest that holds it; larger ones run eagerly)
 GRAPH_BATCHES = (1, 2, 4, 8, *range(16, 513, 16))
 
-#: (layer, queries (Hq,T,D), keys (H,T,D), values (H,T,D)) -> kept keys, values (H,T',D) and lengths (H,)
-CompressHook = Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+#: (layer, queries (Hq,T,D), keys (H,T,D), values (H,T,D), probes) -> kept keys, values (H,T',D) and lengths (H,);
+#: ``probes`` holds each probe's queries (Hq,P,D) and keys (H,P,D) at that layer (see ``Compression.probe_inputs``)
+CompressHook = Any
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -102,6 +103,8 @@ class ModelRunner:
         self.block_size = 0
         #: decode without CUDA graphs; set before :meth:`allocate` to capture none, after it to stop replaying them
         self.enforce_eager = enforce_eager
+        #: when a list, each eager decode step leaves there every layer's queries (B, Hq, D) (decode-time compression)
+        self.decode_queries: list[Tensor] | None = None
         self.graphs: DecodeGraphs | None = None
 
     @classmethod
@@ -186,6 +189,7 @@ class ModelRunner:
         positions = torch.arange(first, len(tokens), device=self.device)
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
+        probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compress else [])]
         held = torch.empty(self.num_layers, self.num_kv_heads, dtype=torch.long)
         tail = torch.empty_like(held) if self.kv.ring else None
         for i, layer in enumerate(self.layers):
@@ -200,7 +204,7 @@ class ModelRunner:
                 fresh = torch.full((self.num_kv_heads,), len(tokens) - cached, device=self.device)
                 kept_k, kept_v, lens = k[:, cached:], v[:, cached:], fresh
             else:
-                kept_k, kept_v, lens = compress(i, q, k, v)
+                kept_k, kept_v, lens = compress(i, q, k, v, [self._probe_layer(layer, p, k, v) for p in probes])
             slots = self._slots(seq.block_table, cached, kept_k.shape[1])
             paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
             held[i] = paged.cpu() + cached
@@ -209,6 +213,22 @@ class ModelRunner:
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
         return self._logits(self._norm(x[-1:]))[0], held, tail
+
+    def _probe_input(self, ids: list[int], start: int) -> list[Tensor]:
+        """A probe's hidden states and RoPE tables: its tokens sit at the positions after the prompt's."""
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        return [self.model.model.embed_tokens(torch.tensor(ids, device=self.device)), *self._rope(positions)]
+
+    def _probe_layer(self, layer: Any, probe: list[Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Run a probe through one layer, attending to the prompt's uncompressed keys/values (H,T,D) and to itself;
+        advances its hidden states in place and returns its queries (Hq,P,D) and keys (H,P,D) there."""
+        x, cos, sin = probe
+        h = rms_norm(x, layer.input_layernorm.weight, self.eps)
+        q_p, k_p, v_p = (t.transpose(0, 1) for t in self._qkv(layer, h, cos, sin))
+        out = self._attention(q_p, torch.cat([k, k_p], 1), torch.cat([v, v_p], 1), k.shape[1])
+        x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(x), -1))
+        probe[0] = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        return q_p, k_p
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """Causal SDPA of (Hq,T,D) queries over (H,offset+T,D) keys; query t sits at position offset + t.
@@ -249,6 +269,8 @@ class ModelRunner:
         if self.graphs is not None and not self.enforce_eager:
             hidden = self.graphs.run(batch)
         if hidden is None:
+            if self.decode_queries is not None:
+                self.decode_queries = []
             hidden = self.forward_decode(batch)
         self.kv.finish(batch)
         return self._logits(hidden)
@@ -263,6 +285,8 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(layer, h, cos, sin)
+            if self.decode_queries is not None:
+                self.decode_queries.append(q)
             out = self.kv.attend(i, q, k, v, batch, self.scaling)
             x = x + layer.self_attn.o_proj(out.reshape(len(x), -1))
             x = x + self._mlp(layer, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))

@@ -62,6 +62,8 @@ class Sequence:
     generator: torch.Generator | None = None  # seeded sampling (SamplingParams.seed)
     ring_row: int = -1  # row of the ring of newest tokens (quantized pages, KCache)
     tail: Tensor | None = None  # (L, H) tokens each head holds in its ring row (stores with a ring)
+    #: per layer, the method's state for decode-time compression (budget, remembered queries); None: none
+    method_state: list[dict] | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -104,7 +106,7 @@ class Sequence:
         """Forget all storage (preemption by recompute): the next prefill runs prompt and output so far."""
         self.block_table = []
         self.num_cached_tokens = self.num_tier_tokens = self.kv_slots = self.sinks = self.window_start = 0
-        self.pad = self.window_budget = self.tail = None
+        self.pad = self.window_budget = self.tail = self.method_state = None
 
     def fork(self) -> "Sequence":
         """A copy that continues separately; the block manager shares its blocks."""

@@ -1,5 +1,8 @@
 """Methods: what to keep and how to store it. Importing this package registers every method."""
-from . import adakv, full, h2o, kcache, knorm, pqcache, pyramidkv, quantizers, random_keep, snapkv, streaming, think, tova  # noqa: F401
+from . import (  # noqa: F401
+    adakv, expected_attention, full, h2o, kcache, keydiff, knorm, kvzip, lagkv, pqcache, pyramidkv, quantizers, random_keep,
+    rkv, snapkv, streaming, think, tova,
+)
 from .base import Method, Observation, ScoredEviction, keep_top
 from .registry import METHODS, Chain, describe, policy, register
 

@@ -28,8 +28,11 @@ class Observation:
     num_layers: int
     queries: Tensor  # (B, Hq, q, D) queries of this forward, after RoPE
     scaling: float
-    phase: str  # "prefill" (a prompt chunk) or "decode" (one new token)
+    phase: str  # "prefill" (a prompt chunk), "decode" (one new token) or "probe" (see Method.on_probe)
     softcap: float | None = None  # Gemma 2's logit softcapping: logits become softcap * tanh(logits / softcap)
+    #: RoPE inverse frequencies (D/2,) in float32, half-split layout as in Hugging Face; None where unknown.
+    #: Methods that project queries to future positions (ExpectedAttention) need them.
+    rope: Tensor | None = None
 
     @property
     def layer_idx(self) -> int:
@@ -110,6 +113,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    #: scores come from a probing pass the driver runs after the prefill (KVzip's context reconstruction, see
+    #: :meth:`kvslim.Cache.probing`); until it runs, nothing is evicted
+    probes: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,6 +138,13 @@ class Method:
         Called by evicting methods before they select, and by the cache when it drops tokens by itself
         (those a sliding-window layer's later queries can no longer see), so state never goes stale.
         """
+
+    def on_probe(self, obs: Observation, keys: Tensor, real: Tensor) -> None:
+        """Called for each probing forward (see :attr:`probes`): ``obs.queries`` are the probe's queries, ``keys``
+        (B,H,q,D) its own keys (attended causally after the held ones, never stored), ``real`` (B,q) its non-padding."""
+
+    def on_probed(self, obs: Observation) -> None:
+        """Called once per layer when probing ends; a probing method evicts here."""
 
     def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
         """Tokens per KV head this method holds in ``layer_idx`` right after a prefill of ``n_tokens``."""
@@ -169,6 +182,12 @@ class ScoredEviction(Method):
     budget: int | None = None
     window: int = 0
     sinks: int = 0
+    #: tokens per KV head held while generating (any scorer can compress during decoding); None: the method's
+    #: own rule (decode-time methods hold their budget, the others let decoding grow the cache)
+    decode_budget: int | None = None
+    #: decoding steps between decode-time evictions: the cache grows by up to ``interval - 1`` tokens between
+    #: them, and the scoring is paid once per ``interval`` tokens instead of on every token
+    interval: int = 1
     #: evict on every decoding step too (StreamingLLM, H2O, TOVA), holding the budget constant.
     decode_time: ClassVar[bool] = False
 
@@ -182,6 +201,11 @@ class ScoredEviction(Method):
         for name in ("window", "sinks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{self.name}: {name}={getattr(self, name)} must be >= 0")
+        if self.decode_budget is not None and self.decode_budget < 1:
+            raise ValueError(f"{self.name}: decode_budget={self.decode_budget} must be a positive number of tokens per "
+                             "KV head held while generating, or None")
+        if self.interval < 1:
+            raise ValueError(f"{self.name}: interval={self.interval} must be >= 1 (decoding steps between evictions)")
 
     def score(self, obs: Observation) -> Tensor:
         """(B, H, T) importance of each held token; higher is kept."""
@@ -210,9 +234,13 @@ class ScoredEviction(Method):
         return float(min(n_tokens, self.tokens_for(n_tokens)))
 
     def protected(self, obs: Observation) -> Tensor:
-        """(B,H,T) tokens that are never evicted: the attention sinks and the recent window."""
+        """(B,H,T) tokens that are never evicted: the attention sinks and the recent window.
+
+        While decoding the window holds at least the newest token: no step drops the token it just wrote.
+        """
         rank, count = obs.time_rank()
-        return obs.valid & ((rank < self.sinks) | (rank >= count.unsqueeze(-1) - self.window))
+        window = self.window if obs.phase == "prefill" else max(self.window, 1)
+        return obs.valid & ((rank < self.sinks) | (rank >= count.unsqueeze(-1) - window))
 
     def evict(self, obs: Observation, k: Tensor) -> None:
         """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest."""
@@ -228,12 +256,67 @@ class ScoredEviction(Method):
         """Which tokens to keep given masked scores (B,H,T) and the budget ``k`` (B,H): the top ``k`` per row."""
         return keep_top(scores, k)
 
+    @property
+    def observed(self) -> int:
+        """How many of the newest queries :meth:`score` looks at (its observation window)."""
+        return max(self.window, 1)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether this method evicts while generating; ``keep=1`` alone means keep everything, always."""
+        return self.decode_budget is not None or (self.decode_time and self.keep != 1.0)
+
+    def decode_limit(self, obs: Observation) -> Tensor | None:
+        """Tokens per (sequence, KV head) held while generating, or None where decoding lets the cache grow.
+
+        ``decode_budget`` when given; else decode-time methods hold what the prefill kept (its layer budget in
+        ``state["budget"]``, which a backend may widen, e.g. by a question appended after compression), and at
+        least ``budget``: a prompt shorter than the budget grows up to it while generating.
+        """
+        if not self.decodes or "budget" not in obs.layer.state:
+            return None
+        kept = obs.layer.state["budget"]
+        if self.decode_budget is not None:
+            return torch.full_like(kept, self.decode_budget)
+        return kept.clamp(min=self.budget) if self.budget is not None else kept
+
+    def remember(self, obs: Observation) -> Observation:
+        """Carry the newest :attr:`observed` queries across steps; an observation whose queries are those.
+
+        A decoding step brings one query, but scores come from a window of them (SnapKV's votes,
+        ExpectedAttention's statistics), so the window lives in the layer's state. The newest ``window``
+        tokens are protected, so the window's queries belong to held tokens and
+        :meth:`Observation.visible` masks them right.
+        """
+        key = f"{self.name}.queries"
+        past = obs.layer.state.get(key)
+        queries = obs.queries if past is None else torch.cat([past, obs.queries], 2)
+        obs.layer.state[key] = queries = queries[:, :, -self.observed :]
+        return Observation(obs.layer, obs.num_layers, queries, obs.scaling, obs.phase, obs.softcap, obs.rope)
+
     def on_prefill(self, obs: Observation) -> None:
         k = self.layer_budget(obs, obs.valid.sum(-1))
         obs.layer.state["budget"] = k
+        if self.decodes:
+            self.remember(obs)
         self.evict(obs, k)
 
+    def due(self, obs: Observation) -> tuple[Observation, Tensor] | None:
+        """Remember this step's query; when an eviction is due now, the observation to score and the limit.
+
+        Reads the layer's state only, never its tokens, so a backend that keeps tokens elsewhere (the engine's
+        pages) loads them only for the steps that evict.
+        """
+        limit = self.decode_limit(obs)
+        if limit is None:
+            return None
+        recent = self.remember(obs)
+        key = f"{self.name}.steps"
+        steps = obs.layer.state[key] = obs.layer.state.get(key, 0) + 1
+        return (recent, limit) if steps % self.interval == 0 else None
+
     def on_decode(self, obs: Observation) -> None:
-        """Decode-time methods hold the prefill budget constant; ``keep=1`` means keep everything, always."""
-        if self.decode_time and self.keep != 1.0 and "budget" in obs.layer.state:
-            self.evict(obs, obs.layer.state["budget"])
+        """Every ``interval`` steps, evict down to :meth:`decode_limit`, scored over the remembered queries."""
+        due = self.due(obs)
+        if due is not None:
+            self.evict(*due)

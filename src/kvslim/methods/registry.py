@@ -1,5 +1,7 @@
 """Methods register by name; :func:`policy` builds one from a spec such as ``"snapkv"``,
-``"snapkv(keep=0.25,window=32)"`` or the hybrid ``"snapkv+kivi2"`` (evict, then store what is kept packed)."""
+``"snapkv(keep=0.25,window=32)"``, the hybrid ``"snapkv+kivi2"`` (evict, then store what is kept packed) or
+a wrapper around a scorer, ``"adakv(expected_attention,keep=0.25)"`` (a method with a ``wrap`` classmethod
+takes another method's spec as its first argument)."""
 from __future__ import annotations
 
 import dataclasses
@@ -68,24 +70,40 @@ def _coerce(cls: type[Method], name: str, text: str) -> Any:
 _TERM = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\((.*)\))?\s*$")
 
 
-def _parse_term(term: str) -> tuple[str, dict[str, str]]:
+Term = tuple[str, dict[str, str], "str | None"]  # name, its parameters as text, the spec it wraps
+
+
+def _parse_term(term: str) -> Term:
     match = _TERM.match(term)
     if not match:
         raise ValueError(f"cannot parse method spec {term!r}: write NAME or NAME(param=value,...)")
     name, body = match.group(1), match.group(2)
     params: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in (body or "").split(","))):
-        if "=" not in item:
-            raise ValueError(f"{name}: parameter {item!r} needs the form param=value")
+    wrapped = None
+    for position, item in enumerate(filter(None, (p.strip() for p in _split_top(body or "", ",")))):
+        if "=" not in item.split("(", 1)[0]:
+            if position:
+                raise ValueError(f"{name}: parameter {item!r} needs the form param=value (only the first argument "
+                                 "may be a method, as in adakv(expected_attention,keep=0.25))")
+            wrapped = item
+            continue
         key, value = (x.strip() for x in item.split("=", 1))
         params[key] = value
-    return name, params
+    return name, params, wrapped
 
 
-def _build(name: str, text_params: dict[str, str], params: dict[str, Any]) -> Method:
+def _names(term: Term) -> list[str]:
+    """The method names a term builds, the wrapper's first."""
+    name, _, wrapped = term
+    return [name, *(_names(_parse_term(wrapped)) if wrapped else [])]
+
+
+def _build(name: str, text_params: dict[str, str], params: dict[str, Any], wrapped: str | None = None) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
+    if wrapped is not None:
+        return _wrap(cls, text_params, params, wrapped)
     valid = {p["name"] for p in parameters(cls)}
     unknown = sorted(set(text_params) - valid)
     if unknown:
@@ -110,21 +128,38 @@ def policy(spec: "str | Method", **params: Any) -> Method:
         return spec
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"policy spec must be a non-empty string such as 'snapkv'; valid methods: {', '.join(sorted(METHODS))}")
-    terms = [_parse_term(t) for t in _split_plus(spec)]
-    accepted = {p["name"] for name, _ in terms if name in METHODS for p in parameters(METHODS[name])}
+    terms = [_parse_term(t) for t in _split_top(spec, "+")]
+    names = [n for term in terms for n in _names(term)]
+    accepted = {p["name"] for name in names if name in METHODS for p in parameters(METHODS[name])}
     unused = sorted(set(params) - accepted)
-    if unused and all(name in METHODS for name, _ in terms):
+    if unused and all(name in METHODS for name in names):
         raise ValueError(f"{spec}: no part takes parameter {', '.join(unused)}; valid parameters: {', '.join(sorted(accepted))}")
-    methods = [_build(name, text, params) for name, text in terms]
+    methods = [_build(name, text, params, wrapped) for name, text, wrapped in terms]
     return methods[0] if len(methods) == 1 else Chain(methods)
 
 
-def _split_plus(spec: str) -> list[str]:
-    """Split a hybrid spec on '+' outside parentheses."""
+def _wrap(cls: type[Method], text_params: dict[str, str], params: dict[str, Any], wrapped: str) -> Method:
+    """``cls`` wrapped around the method ``wrapped`` builds: the wrapper takes its own ``wrap`` parameters, every
+    other parameter goes to the wrapped method."""
+    wrap = getattr(cls, "wrap", None)
+    if wrap is None:
+        wrappers = sorted(n for n, c in METHODS.items() if hasattr(c, "wrap"))
+        raise ValueError(f"{cls.name} does not wrap another method; methods that do: {', '.join(wrappers)}")
+    own = set(typing.get_type_hints(wrap)) - {"scorer", "return"}
+    name, inner_text, inner_wrapped = _parse_term(wrapped)
+    inner_text = {**inner_text, **{k: v for k, v in text_params.items() if k not in own}}
+    inner = _build(name, inner_text, {k: v for k, v in params.items() if k not in own}, inner_wrapped)
+    kwargs = {k: v for k, v in params.items() if k in own}
+    kwargs.update({k: _coerce(cls, k, v) for k, v in text_params.items() if k in own})
+    return wrap(inner, **kwargs)
+
+
+def _split_top(spec: str, sep: str) -> list[str]:
+    """Split a spec on ``sep`` outside parentheses."""
     parts, depth, cur = [], 0, ""
     for ch in spec:
         depth += (ch == "(") - (ch == ")")
-        if ch == "+" and depth == 0:
+        if ch == sep and depth == 0:
             parts.append(cur)
             cur = ""
         else:
@@ -146,7 +181,7 @@ class Chain(Method):
             part.check_hybrid(self.parts, position)
 
     def _fresh(self, obs: Observation) -> Observation:
-        return Observation(obs.layer, obs.num_layers, obs.queries, obs.scaling, obs.phase, obs.softcap)
+        return Observation(obs.layer, obs.num_layers, obs.queries, obs.scaling, obs.phase, obs.softcap, obs.rope)
 
     def on_prefill(self, obs: Observation) -> None:
         for part in self.parts:
@@ -159,6 +194,18 @@ class Chain(Method):
     def reflow(self, obs: Observation, keep: Tensor) -> None:
         for part in self.parts:
             part.reflow(obs, keep)
+
+    def on_probe(self, obs: Observation, keys: Tensor, real: Tensor) -> None:
+        for part in self.parts:
+            part.on_probe(self._fresh(obs), keys, real)
+
+    def on_probed(self, obs: Observation) -> None:
+        for part in self.parts:
+            part.on_probed(self._fresh(obs))
+
+    @property
+    def probes(self) -> bool:  # type: ignore[override]
+        return any(p.probes for p in self.parts)
 
     def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
         return min(p.planned_tokens(n_tokens, layer_idx, num_layers) for p in self.parts)

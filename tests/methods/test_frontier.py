@@ -1,0 +1,257 @@
+"""The frontier scorers (expected_attention, keydiff, lagkv, rkv), adakv around any scorer, and decode-time budgets."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import kvslim
+from kvslim.cache.layer import LayerKV
+from kvslim.methods import Observation
+from kvslim.methods.expected_attention import rotate_half
+
+SPECS = [
+    "keydiff",
+    "lagkv(lag=8)",
+    "expected_attention(history=32,future=64)",
+    "rkv(window=8)",
+    "adakv(expected_attention(history=32))",
+    "adakv(keydiff)",
+    "adakv(lagkv(lag=8))",
+]
+
+
+def _prefill(model, ids, policy) -> kvslim.Cache:
+    cache = kvslim.Cache(policy, model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _observation(keys: torch.Tensor, values: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+                 rope: torch.Tensor | None = None) -> Observation:
+    """A one-layer observation over keys (B,H,T,D), as a backend builds it after a prefill."""
+    layer = LayerKV(0)
+    layer.append(keys, keys if values is None else values)
+    layer.state["prompt"] = layer.state["real"] = torch.full((keys.shape[0],), keys.shape[2])
+    queries = keys if queries is None else queries
+    return Observation(layer, 1, queries, keys.shape[-1] ** -0.5, "prefill", rope=rope)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_prefill_drops_tokens_to_the_budget(llama, prompt, spec):
+    full = _prefill(llama, prompt, kvslim.policy("full"))
+    policy = kvslim.policy(spec, keep=0.25)
+    cache = _prefill(llama, prompt, policy)
+    budget = math.ceil(prompt.shape[1] * 0.25)
+    lengths = torch.stack([layer.lengths for layer in cache.layers])  # (L, B, H)
+    if spec.startswith("adakv"):
+        assert (lengths.sum(-1) == budget * lengths.shape[-1]).all()  # the layer budget, shared out by the scorer
+    else:
+        assert (lengths == budget).all()
+    assert cache.nbytes() == policy.expected_bytes(cache.shape, prompt.shape[1]) < full.nbytes()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_keep_one_changes_nothing(model, prompt, spec):
+    with torch.no_grad():
+        ref = model(prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        cache = kvslim.Cache(kvslim.policy(spec, keep=1.0), model.config)
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+        ref_cache, token = ref.past_key_values, ref.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            ref = model(token, past_key_values=ref_cache, use_cache=True)
+            out = model(token, past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+            token = ref.logits[:, -1:].argmax(-1)
+
+
+def test_hybrid_with_a_quantizer_stores_fewer_bytes(llama, prompt):
+    evicted = _prefill(llama, prompt, kvslim.policy("expected_attention(history=32)", keep=0.5))
+    packed = _prefill(llama, prompt, kvslim.policy("expected_attention(history=32)+kivi4(residual=0,group=16)", keep=0.5))
+    ada = _prefill(llama, prompt, kvslim.policy("adakv(expected_attention(history=32))+int8", keep=0.5))
+    assert packed.stats()["kept_ratio"] == evicted.stats()["kept_ratio"] == ada.stats()["kept_ratio"] == 0.5
+    assert packed.nbytes() < evicted.nbytes() / 2 and ada.nbytes() < evicted.nbytes() / 2
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean():
+    keys = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0))
+    obs = _observation(keys)
+    kvslim.policy("keydiff", budget=10).on_prefill(obs)
+    anchor = F.normalize(F.normalize(keys, dim=-1).mean(2, keepdim=True), dim=-1)
+    similarity = (F.normalize(keys, dim=-1) * anchor).sum(-1)
+    expected = similarity.topk(10, dim=-1, largest=False).indices.sort(-1).values
+    kept_keys = obs.layer.dense(torch.float32)[0]
+    torch.testing.assert_close(kept_keys, keys.gather(2, expected[..., None].expand(-1, -1, -1, 16)))
+
+
+def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE by ``angles`` (..., D/2) in the half-split layout, through complex numbers (an independent route)."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((z.real, z.imag), -1)
+
+
+def test_expected_attention_of_a_fixed_query_is_its_softmax_averaged_over_future_positions():
+    """Queries that are one query seen at consecutive positions have zero covariance: the score reduces to the
+    mean-query estimate, the softmax of the future-averaged rotated query against the keys, times |v|."""
+    gen = torch.Generator().manual_seed(0)
+    dim, n, future = 16, 12, 20
+    rope = 1.0 / (100 ** (torch.arange(0, dim, 2).float() / dim))
+    base = torch.randn(1, 2, 1, dim, generator=gen)  # one un-rotated query per query head (MHA: 2 KV heads)
+    position = torch.arange(30, 30 + n).float()[:, None]
+    queries = _rotate(base.expand(-1, -1, n, -1), position * rope)
+    keys, values = torch.randn(1, 2, 30, dim, generator=gen), torch.randn(1, 2, 30, dim, generator=gen)
+    with_cov = kvslim.policy(f"expected_attention(history={n},future={future})", keep=0.5)
+    without = kvslim.policy(f"expected_attention(history={n},future={future},covariance=False)", keep=0.5)
+    score = with_cov.score(_observation(keys, values, queries, rope))
+    torch.testing.assert_close(score, without.score(_observation(keys, values, queries, rope)), rtol=1e-4, atol=1e-7)
+    last = position[-1]
+    mean = torch.stack([_rotate(base, (last + d) * rope) for d in range(1, future + 1)]).mean(0)  # (1, 2, 1, D)
+    expected = ((mean @ keys.transpose(-1, -2))[:, :, 0] * dim**-0.5).softmax(-1) * values.norm(dim=-1)
+    torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_expected_attention_covariance_favours_keys_along_the_queries_spread():
+    """Two keys with the same mean logit: the one along the direction the queries vary in expects more attention."""
+    dim = 8
+    rope = torch.zeros(dim // 2)  # no rotation: the statistics are those of the queries as given
+    spread = torch.zeros(1, 1, 64, dim)
+    spread[..., 0] = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3
+    keys = torch.zeros(1, 1, 2, dim)
+    keys[0, 0, 0, 0], keys[0, 0, 1, 1] = 2.0, 2.0
+    obs = _observation(keys, torch.ones_like(keys), spread, rope)
+    score = kvslim.policy("expected_attention(history=64,sinks=0)", keep=0.5).score(obs)
+    assert score[0, 0, 0] > score[0, 0, 1]
+
+
+def test_lagkv_keeps_sinks_the_unreferenced_tail_and_the_standout_token():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 1, 4 + 8 * 4 + 3, 16, generator=gen) * 0.1  # sinks, 4 whole chunks, a partial one
+    keys[0, 0, 4 + 5] = torch.randn(16, generator=gen) * 5  # a token far outside its next chunk's range
+    obs = _observation(keys)
+    method = kvslim.policy("lagkv(lag=8,sinks=4)", budget=4 + 1 + 8 + 3)
+    # chunks 0-2 are scored against their successors; chunk 3 has no whole successor and the partial one none
+    assert method.protected(obs)[0, 0].tolist() == [True] * 4 + [False] * 24 + [True] * 11
+    method.on_prefill(obs)
+    kept = obs.layer.dense(torch.float32)[0][0, 0]
+    assert any(torch.equal(k, keys[0, 0, 9]) for k in kept)
+    torch.testing.assert_close(kept[:4], keys[0, 0, :4])
+    torch.testing.assert_close(kept[-3:], keys[0, 0, -3:])
+
+
+def test_rkv_drops_redundant_copies_first():
+    gen = torch.Generator().manual_seed(0)
+    distinct = torch.randn(1, 1, 8, 16, generator=gen)
+    copies = distinct[:, :, :1].repeat(1, 1, 24, 1) + 0.01 * torch.randn(1, 1, 24, 16, generator=gen)
+    keys = torch.cat([distinct, copies], 2)
+    obs = _observation(keys)
+    kvslim.policy("rkv(window=1,mix=0.0)", budget=8).on_prefill(obs)
+    kept = obs.layer.dense(torch.float32)[0]
+    near_copy = F.cosine_similarity(kept, distinct[:, :, :1], dim=-1) > 0.99
+    assert int(near_copy.sum()) <= 2  # the original and the protected newest token, not the pile of copies
+
+
+@torch.inference_mode()
+def _decode(model, prompt, policy, steps: int) -> tuple[list[list[float]], list[int]]:
+    """Greedy steps; after each, the distinct mean tokens per KV head of the layers, and the cache bytes."""
+    cache = kvslim.Cache(policy, model.config)
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    held, sizes = [], []
+    for _ in range(steps):
+        logits = model(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+        held.append(sorted({layer.lengths.float().mean().item() for layer in cache.layers}))
+        sizes.append(cache.nbytes())
+    return held, sizes
+
+
+@pytest.mark.parametrize("spec", ["snapkv(window=8)", "expected_attention(history=16)", "keydiff", "lagkv(lag=8)",
+                                  "rkv", "adakv(keydiff)", "adakv(expected_attention(history=16))"])
+def test_decode_budget_is_held_while_generating(llama, prompt, spec):
+    """keep=0.5 of 96 tokens at prefill; decoding grows the cache and every 4th step evicts it down to 32."""
+    held, sizes = _decode(llama, prompt, kvslim.policy(spec, keep=0.5, decode_budget=32, interval=4), 12)
+    assert held == [[49], [50], [51], [32], [33], [34], [35], [32], [33], [34], [35], [32]]
+    assert sizes[3] < sizes[2] and sizes[-1] == sizes[3]
+
+
+def test_decode_eviction_never_drops_the_newest_window(llama, prompt):
+    policy = kvslim.policy("snapkv(window=6,decode_budget=20)", keep=0.25)
+    cache = kvslim.Cache(policy, llama.config)
+    keys_seen = []
+    with torch.inference_mode():
+        logits = llama(prompt, past_key_values=cache, use_cache=True).logits
+        for _ in range(10):
+            logits = llama(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+            held = cache.layers[1].dense(torch.float32)[0]
+            keys_seen.append(held[0, :, -1])
+            if len(keys_seen) >= 6:  # the six newest tokens are the last six columns, every step
+                newest = torch.stack(keys_seen[-6:], 1)
+                torch.testing.assert_close(held[0, :, -6:], newest)
+
+
+def test_rkv_holds_its_budget_beyond_a_short_prompt(llama):
+    """budget=24 with a 10-token prompt: the cache grows to 24 while generating, then stays there."""
+    short = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    held, _ = _decode(llama, short, kvslim.policy("rkv(window=4)", budget=24), 30)
+    assert held[0] == [11] and all(h == [24] for h in held[13:])
+
+
+def test_decode_parameters_are_validated():
+    with pytest.raises(ValueError, match="decode_budget"):
+        kvslim.policy("snapkv(decode_budget=0)", keep=0.5)
+    with pytest.raises(ValueError, match="interval"):
+        kvslim.policy("keydiff(interval=0)", keep=0.5)
+    with pytest.raises(ValueError, match="methods that do: adakv"):
+        kvslim.policy("snapkv(keydiff)", keep=0.5)
+    with pytest.raises(ValueError, match="not a token scorer"):
+        kvslim.policy("adakv(think)")
+
+
+def test_wrapped_specs_round_trip():
+    for spec in ("adakv(expected_attention(history=64),floor=0.1)", "adakv(lagkv(lag=16))+kivi4"):
+        policy = kvslim.policy(spec, keep=0.25)
+        assert kvslim.policy(policy.spec).spec == policy.spec
+        assert policy.spec.startswith("adakv(")
+
+
+def test_kvzip_keeps_what_the_reconstruction_attends_to_most(prompt):
+    """The kept tokens are each head's top scores by an independent route: the model run over context, repeat
+    prompt and the context again in eager attention, the copy's attention to the context maxed over rows and the
+    KV head's query group."""
+    from kvslim.methods.kvzip import reconstruct
+    from kvslim.models import tiny_model
+
+    model, reference = tiny_model("llama", "gqa", seed=0), tiny_model("llama", "gqa", seed=0)
+    reference.set_attn_implementation("eager")
+    repeat, n = [5, 6, 7], prompt.shape[1]
+    cache = _prefill(model, prompt, kvslim.policy("kvzip(chunk=1000)", budget=20))
+    reconstruct(model, cache, prompt, repeat=repeat)
+    with torch.no_grad():
+        out = reference(torch.cat([prompt, torch.tensor([repeat]), prompt], 1), output_attentions=True)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer, attn in zip(cache.layers, out.attentions):
+        votes = attn[0, :, n:, :n].amax(1)  # (Hq, n): each context token's largest attention from the copy
+        votes = votes.view(-1, group, n).amax(1)
+        top = votes.topk(20, -1).indices.sort(-1).values  # (H, 20)
+        keys = DynamicCache(config=model.config)
+        with torch.no_grad():
+            full = reference(prompt, past_key_values=keys, use_cache=True).past_key_values
+        expected = full.layers[layer.layer_idx].keys[0].gather(1, top[..., None].expand(-1, -1, full.layers[0].keys.shape[-1]))
+        torch.testing.assert_close(layer.dense(torch.float32)[0][0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kvzip_through_generate_keeps_each_rows_budget_and_refuses_to_decode_unscored(llama):
+    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (60, 33)]
+    _, cache, timing = kvslim.generate_ids(llama, prompts, "kvzip(chunk=16)", keep=0.25, max_new_tokens=1,
+                                           repeat_ids=[3, 4])
+    for layer in cache.layers:
+        assert layer.lengths[:, 0].tolist() == [15, 9]
+    assert timing["kv_bytes_prefill"][0] < 60 * 2 * 2 * 2 * 16 * 4 / 3
+    unscored = kvslim.Cache(kvslim.policy("kvzip", keep=0.25), llama.config)
+    with torch.no_grad(), pytest.raises(ValueError, match="reconstruction pass"):
+        llama(torch.tensor([prompts[0]]), past_key_values=unscored, use_cache=True)
+        llama(torch.tensor([[1]]), past_key_values=unscored, use_cache=True)
