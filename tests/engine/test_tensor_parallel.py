@@ -165,3 +165,22 @@ def test_a_decode_step_carries_every_sequence_field_a_rank_reads() -> None:
                                                                                      seq.sinks, seq.ring_row)
             assert torch.equal(view.slot_lens(2, 1), seq.slot_lens(2, 2)[:, lo:hi])
             assert torch.equal(view.tail, seq.tail[:, lo:hi])
+
+
+@pytest.mark.parametrize("policy", ["kvzip(keep=0.5)", "rkv(budget=32)"])
+def test_probing_and_decode_time_methods_are_refused(policy: str) -> None:
+    with pytest.raises(ValueError, match="under tensor parallelism"):
+        LLM(tiny_model(), policy=policy, kv_memory=0.01, tensor_parallel_size=2)
+    assert not dist.is_initialized()
+
+
+def test_expected_attention_matches_one_process() -> None:
+    """A scorer that projects queries with RoPE gets the frequencies on every rank."""
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompt = _prompts()[0]
+    single = LLM(tiny_model(), policy="expected_attention(keep=0.5)", kv_memory=0.01).generate([prompt], params)[0]
+    parallel = LLM(tiny_model(), policy="expected_attention(keep=0.5)", kv_memory=0.01, tensor_parallel_size=2)
+    try:
+        assert parallel.generate([prompt], params)[0].completions[0].token_ids == single.completions[0].token_ids
+    finally:
+        parallel.close()

@@ -72,6 +72,10 @@ class LLMEngine:
         self.policy = build_policy(policy)
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
                                        _repeat_ids(tokenizer) if self.policy.probes else [])
+        if isinstance(self.runner, ParallelRunner) and (self.policy.probes or self.compression.decoding is not None):
+            self.runner.shutdown()
+            raise ValueError(f"{self.policy.spec} under tensor parallelism: KVzip's probes and decode-time compression "
+                             "run in one process only; use tensor_parallel_size=1 or a prefill-time method")
         self.runner.set_format(self.compression.storage)
         if self.compression.decoding is not None:  # decode-time compression scores from each step's queries
             self.runner.enforce_eager, self.runner.decode_queries = True, []
@@ -149,6 +153,7 @@ class LLMEngine:
         """Queue a request; raises ValueError for a bad prompt and RequestTooLarge (a ValueError) if it could
         never fit."""
         ids = self.encode(prompt)
+        self.check(len(ids), params)
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(ids, params, request_id, generator=generator)

@@ -169,7 +169,8 @@ class Rank:
     def _hook(self, policy: Method) -> Compression:
         """This rank's compression for ``policy`` (AdaKV sharded, see :func:`shard_policy`), built once per policy."""
         if policy.spec not in self.hooks:
-            self.hooks[policy.spec] = Compression(shard_policy(policy), self.runner.num_layers, self.runner.scaling)
+            self.hooks[policy.spec] = Compression(shard_policy(policy), self.runner.num_layers, self.runner.scaling,
+                                                  self.runner.inv_freq)
         return self.hooks[policy.spec]
 
     def _gather_heads(self, counts: Tensor) -> Tensor:
@@ -308,6 +309,7 @@ class ParallelRunner:
         self.num_layers, self.num_kv_heads, self.head_dim = local.num_layers, local.num_kv_heads, local.head_dim
         self.total_kv_heads = local.num_kv_heads * size
         self.scaling, self.dtype, self.device, self.max_model_len = local.scaling, local.dtype, local.device, local.max_model_len
+        self.inv_freq = local.inv_freq
         self.kv = self._sharded_kv(None)
 
     def call(self, name: str, *args: Any) -> Any:
