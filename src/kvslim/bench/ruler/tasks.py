@@ -104,6 +104,10 @@ class RulerTask(ABC):
         """The input with a haystack of ``units`` units (pure: no randomness beyond ``draw``)."""
 
 
+RULER_ORDER = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+"""RULER's task list (its ``config_tasks.sh``) without qa_1 and qa_2: the order of every table."""
+
 _TASKS: dict[str, RulerTask] = {}
 
 T = TypeVar("T", bound=RulerTask)
@@ -118,10 +122,10 @@ def register(task: T) -> T:
 
 def get_ruler_task(name: str) -> RulerTask:
     if name not in _TASKS:
-        raise ValueError(f"unknown RULER task {name!r}; valid tasks: {', '.join(_TASKS)}")
+        raise ValueError(f"unknown RULER task {name!r}; valid tasks: {', '.join(ruler_tasks())}")
     return _TASKS[name]
 
 
 def ruler_tasks() -> list[str]:
     """Registered task names in RULER's order."""
-    return list(_TASKS)
+    return sorted(_TASKS, key=lambda n: RULER_ORDER.index(n) if n in RULER_ORDER else len(RULER_ORDER))
