@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="custom: kvslim's own tasks (default); ruler: RULER's eleven non-QA tasks at the kvpress "
                              "leaderboard protocol (keeps 0.75,0.5,0.25,0.125, full once, both protocols, 4k, "
                              "qwen2.5-coder-0.5b, 50 samples per task)")
-    parser.add_argument("--model", default=None, help=MODEL_HELP + " (default: smollm2-135m; ruler: qwen2.5-coder-0.5b)")
+    parser.add_argument("--model", default=None,
+                        help=MODEL_HELP + " (default: smollm2-135m; ruler: qwen2.5-coder-0.5b)")
     parser.add_argument("--policies", default=None,
                         help="comma-separated policy specs, e.g. full,snapkv,pyramidkv,kivi2,snapkv+kivi4 "
                              "(default: full,snapkv,streaming; ruler: full and every eviction method)")
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ruler: all eleven, e.g. niah_single_1,vt,cwe)")
     parser.add_argument("--lengths", default=None,
                         help="context lengths in tokens, e.g. 1k,2k,4k (k = 1024; default: 1k,2k; ruler: 4k)")
-    parser.add_argument("--samples", type=int, default=None, help="samples per task and length (default: 20; ruler: 50)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples per task and length (default: 20; ruler: 50)")
     parser.add_argument("--limit", type=int, default=None, help="ruler: samples per task and length for a smoke run")
     parser.add_argument("--protocols", default="both",
                         help="ruler: query-aware, query-agnostic or both (default)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import Run
 from ..report import markdown_table
-from .leaderboard import FULL, settings
+from .leaderboard import FULL, settings as panels
 from .protocols import DESCRIPTIONS
 from .tasks import QA_NOTE
 
@@ -83,35 +83,35 @@ def leaderboard_md(board: Sequence[dict[str, Any]], keeps: Sequence[float], mode
     parts = [f"# RULER leaderboard: {model}",
              "Cells: RULER average score over the tasks (0-100), in parentheses its ratio to full's on the same "
              "protocol and length."]
-    for protocol, length in settings(board):
+    for protocol, length in panels(board):
         parts += [f"## {protocol}, {length} tokens", leaderboard_table(board, protocol, length, keeps)]
     return "\n\n".join(parts) + "\n"
 
 
-def write_report(settings_: dict[str, Any], board: Sequence[dict[str, Any]], tasks_: Sequence[dict[str, Any]],
+def write_report(settings: dict[str, Any], board: Sequence[dict[str, Any]], tasks_: Sequence[dict[str, Any]],
                  lost: Sequence[dict[str, Any]], lengths: Sequence[dict[str, Any]], runs: Sequence[Run],
                  figure: str | None) -> str:
     """The markdown report: how it was run, then per protocol and length every table."""
-    keeps, tasks = settings_["keeps"], settings_["tasks"]
+    keeps, tasks = settings["keeps"], settings["tasks"]
     parts = [
-        f"# RULER: {settings_['model']}",
-        f"Reproduce or resume with `{settings_['command']}`.",
+        f"# RULER: {settings['model']}",
+        f"Reproduce or resume with `{settings['command']}`.",
         markdown_table(["setting", "value"], [[k, ", ".join(map(str, v)) if isinstance(v, list) else str(v)]
-                                             for k, v in settings_.items() if k not in ("command", "specs")]),
+                                             for k, v in settings.items() if k not in ("command", "specs")]),
         "Policy runs and the full parameters they ran with:",
-        markdown_table(["run", "spec"], [[label, f"`{spec}`"] for label, spec in settings_["specs"].items()]),
+        markdown_table(["run", "spec"], [[label, f"`{spec}`"] for label, spec in settings["specs"].items()]),
         "## How it was run",
         "\n".join([
             "- **Tasks**: RULER's (Hsieh et al., 2024, arXiv:2404.06654) non-QA tasks under its names, templates, "
             "answer prefixes and generation budgets; scores are RULER's `string_match_all` (fraction of expected "
             "strings in the output, so multi-answer tasks get partial credit), averaged over samples per task and "
             "over tasks for the leaderboard (0-100). " + QA_NOTE,
-            f"- **Haystack**: {settings_['essay_source']}; word keys from `wonderwords` adjective and noun lists.",
-            f"- **Lengths**: RULER's `max_seq_length` in {settings_['model']}'s own tokens: the input (chat template "
+            f"- **Haystack**: {settings['essay_source']}; word keys from `wonderwords` adjective and noun lists.",
+            f"- **Lengths**: RULER's `max_seq_length` in {settings['model']}'s own tokens: the input (chat template "
             "and answer prefix included) plus the task's answer budget fits the length; the haystack is the "
             "largest that fits.",
-            f"- **Prompt format**: {settings_['prompt_format']}.",
-            *[f"- **{p}**: {DESCRIPTIONS[p]}." for p in settings_["protocols"]],
+            f"- **Prompt format**: {settings['prompt_format']}.",
+            *[f"- **{p}**: {DESCRIPTIONS[p]}." for p in settings["protocols"]],
             "- **Generation**: greedy, batched by task and length with left padding, until an end-of-turn token "
             "or the task's budget.",
             "- **KV bytes**: bytes the cache holds per sequence right after the prompt (for query-agnostic, the "
@@ -120,7 +120,7 @@ def write_report(settings_: dict[str, Any], board: Sequence[dict[str, Any]], tas
     ]
     if figure:
         parts += ["## Score against KV memory", f"![RULER score against KV memory]({figure})"]
-    for protocol, length in settings(board):
+    for protocol, length in panels(board):
         parts += [f"## {protocol}, {length} tokens", "### Leaderboard",
                   "Cells: RULER average, in parentheses the ratio to full.",
                   leaderboard_table(board, protocol, length, keeps),

@@ -55,6 +55,8 @@ class RulerTask(ABC):
     metric: str = "string_match_all"
 
     def generate(self, n: int, length: int, framing: Framing, seed: int = 0) -> list[RulerSample]:
+        """``n`` samples whose inputs (framed by ``framing``) hold the largest haystack that leaves the task's
+        answer budget within ``length`` tokens. The same arguments always give the same samples."""
         if n < 1:
             raise ValueError(f"n={n}: ask for at least one sample")
         budget = length - self.tokens_to_generate
