@@ -1,12 +1,12 @@
 """RULER's variable tracking (vt): a chain "VAR ABCDE = 12345", "VAR FGHIJ = VAR ABCDE ", ... (one chain,
 four hops) hidden among repeated filler lines; the model names every variable holding the value. RULER
-puts a one-shot example (three-letter names, about 500 tokens) before the task; ``string_match_all``."""
+puts a worked example (three-letter names, about 500 tokens, whitespace collapsed, answer included) at the
+start of the same user turn, before the task; ``string_match_all``."""
 from __future__ import annotations
 
 import random
 import string
 from dataclasses import dataclass
-from typing import Any
 
 from .fit import largest_fitting
 from .prompt import Framing, Parts
@@ -51,9 +51,9 @@ def context(chain: Chain, units: int) -> str:
     return " ".join(lines).replace(". \n", ".\n")
 
 
-def parts(chain: Chain, units: int, history: tuple[tuple[str, str], ...] = ()) -> Parts:
-    return Parts(INSTRUCTION + context(chain, units) + "\n", QUESTION.format(value=chain.value),
-                 ANSWER_PREFIX.format(num_v=len(chain.names), value=chain.value), history)
+def parts(chain: Chain, units: int, example: str = "") -> Parts:
+    return Parts(example + INSTRUCTION + context(chain, units) + "\n", QUESTION.format(value=chain.value),
+                 ANSWER_PREFIX.format(num_v=len(chain.names), value=chain.value))
 
 
 class VariableTracking(RulerTask):
@@ -65,9 +65,9 @@ class VariableTracking(RulerTask):
     def first_guess(self, budget: int) -> int:
         return max(1, budget // 24)
 
-    def setup(self, rng: random.Random, length: int, framing: Framing) -> tuple[tuple[str, str], ...]:
-        """The one-shot example: a chain of three-letter names in as much filler as fits RULER's 500 tokens,
-        shown as a user turn and the answer RULER gives it."""
+    def setup(self, rng: random.Random, length: int, framing: Framing) -> str:
+        """The worked example, as RULER inserts it before the task: a chain of three-letter names in as much
+        filler as fits 500 tokens, question, answer prefix and answer on one line, then a blank line."""
         chain = draw_chain(rng, min(10, self.hops), 3)
         plain = Framing(framing.tokenizer, chat=False)
         budget = EXAMPLE_LENGTH - self.tokens_to_generate
@@ -76,12 +76,12 @@ class VariableTracking(RulerTask):
         except ValueError:  # a tokenizer too fine for 500 tokens (test stand-ins): the shortest example
             units = 1
         shot = parts(chain, units)
-        return ((shot.context + shot.question, " ".join(chain.names)),)
+        return " ".join(f"{shot.context}{shot.question}{shot.answer_prefix} {' '.join(chain.names)}".split()) + "\n\n"
 
     def draw(self, rng: random.Random, length: int) -> Chain:
         return draw_chain(rng, self.hops, 5)
 
-    def render(self, setup: Any, draw: Chain, units: int) -> Rendered:
+    def render(self, setup: str, draw: Chain, units: int) -> Rendered:
         return Rendered(parts(draw, units, setup), list(draw.names), {"value": draw.value, "depths": draw.places})
 
 
