@@ -34,7 +34,7 @@ def test_question_is_kept_whole_and_batches_match_one_by_one(name):
     contexts, questions = _prompts(3, (64, 40, 52)), _prompts(4, (7, 2, 5))
     kw = {"fraction": 0.25} if name == "kcache" else {"keep": 0.25, "window": 8} if name in ("snapkv", "h2o") \
         else {"keep": 0.25}
-    batch, _, timing = kvslim.generate_ids(model, contexts, name, max_new_tokens=6, suffix_ids=questions, **kw)
+    batch, cache, timing = kvslim.generate_ids(model, contexts, name, max_new_tokens=6, suffix_ids=questions, **kw)
     for i, (c, q) in enumerate(zip(contexts, questions)):
         alone, _, _ = kvslim.generate_ids(model, [c], name, max_new_tokens=6, suffix_ids=[q], **kw)
         assert batch[i] == alone[0]
@@ -42,6 +42,9 @@ def test_question_is_kept_whole_and_batches_match_one_by_one(name):
         layers, heads, per_token = 2, 2, 2 * 16 * 4
         kept = [-(-len(c) // 4) + len(q) for c, q in zip(contexts, questions)]
         assert timing["kv_bytes_prefill"] == [layers * heads * k * per_token for k in kept]
+    if name in ("streaming", "h2o"):  # decode-time methods hold the kept context plus the question, step after step
+        held = [2 * 2 * (-(-len(c) // 4) + len(q)) for c, q in zip(contexts, questions)]
+        assert cache.tokens_per_sequence() == held
 
 
 def test_question_does_not_vote_for_the_context():
