@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .leaderboard import FULL, settings
 
@@ -41,6 +42,9 @@ def score_vs_kv(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
                     ax.annotate(f"{r['keep']:g}", (r["kv_bytes"] / MIB, r["score"]), textcoords="offset points",
                                 xytext=(4, 4), fontsize=7, color=colors[policy])
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel("KV MiB held per sequence after the prompt")
         ax.set_ylabel("RULER average score")
         ax.set_ylim(-2, 102)
