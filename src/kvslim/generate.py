@@ -140,7 +140,7 @@ def _append(model: Any, cache: Cache, suffix_ids: Sequence[Sequence[int]], start
     ids, real = ids.to(start.device), real.to(start.device)
     positions = start + (real.long().cumsum(-1) - 1).clamp(min=0)
     with cache.appended(real):
-        logits = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+        logits = model(input_ids=ids, position_ids=positions, **cache_arg(cache), use_cache=True,
                        logits_to_keep=1).logits[:, -1]
     return logits, positions
 
