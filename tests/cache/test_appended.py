@@ -70,3 +70,23 @@ def test_appending_to_an_empty_cache_is_refused():
             pass
     with pytest.raises(ValueError, match="one non-empty list"):
         kvslim.generate_ids(model, [[5, 6, 7]], "full", suffix_ids=[[]])
+
+
+def test_sliding_window_layers_append_one_length_and_refuse_padding():
+    """Mistral with a 16-token window: a question appended alone equals one prompt; a padded batch of
+    questions is refused (the window's slot records do not follow dropped padding yet)."""
+    from transformers import AutoModelForCausalLM
+
+    from kvslim.models import tiny_config
+
+    config = tiny_config("mistral")
+    config.sliding_window = 16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    contexts, questions = _prompts(8, (40, 27)), _prompts(9, (6, 2))
+    for c, q in zip(contexts, questions):
+        whole, _, _ = kvslim.generate_ids(model, [c + q], "full", max_new_tokens=5)
+        split, _, _ = kvslim.generate_ids(model, [c], "full", max_new_tokens=5, suffix_ids=[q])
+        assert split == whole
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        kvslim.generate_ids(model, contexts, "full", max_new_tokens=5, suffix_ids=questions)

@@ -153,6 +153,9 @@ class Cache(HFCache):
         """
         if self.layers[0].empty:
             raise ValueError("Cache.appended() adds tokens after a prefill: run the context through the cache first")
+        if real is not None and not bool(real.all()) and any(layer.tracker is not None for layer in self.layers):
+            raise ValueError("appending a padded batch is not supported on sliding-window layers yet: append "
+                             "questions of one length (e.g. batch size 1)")
         self._appending, self._append_real = True, real
         try:
             yield
@@ -319,16 +322,11 @@ def _append_as_is(layer: LayerKV, q_len: int, new_real: Tensor | None) -> None:
     budget by them."""
     real = torch.full((layer.lengths.shape[0],), q_len, device=layer.lengths.device) if new_real is None \
         else new_real.to(layer.lengths.device).sum(-1)
-    if new_real is not None and not bool(new_real.all()):
-        if getattr(layer, "tracker", None) is not None:  # sliding-window layer: select keeps its slots in step
-            keep = layer.valid().clone()  # type: ignore[attr-defined]
-            keep[..., -q_len:] &= new_real[:, None, :].to(keep.device)
-            layer.select(keep)
-        else:  # only the newest segment changes: older ones (packed, offloaded) stay as they are
-            keys, values, valid = layer.segments[-1].dense()
-            keep = valid.clone()
-            keep[..., -q_len:] &= new_real[:, None, :].to(keep.device)
-            layer.replace(layer.segments[:-1] + [DenseSegment.from_padded(keys, values, keep)])
+    if new_real is not None and not bool(new_real.all()):  # only the newest segment changes
+        keys, values, valid = layer.segments[-1].dense()
+        keep = valid.clone()
+        keep[..., -q_len:] &= new_real[:, None, :].to(keep.device)
+        layer.replace(layer.segments[:-1] + [DenseSegment.from_padded(keys, values, keep)])
     layer.state["real"] = layer.state["real"] + real
     if "budget" in layer.state:
         layer.state["budget"] = layer.state["budget"] + real[:, None]
