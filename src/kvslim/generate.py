@@ -68,14 +68,23 @@ def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int
 def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str | Method" = "full",
                  max_new_tokens: int = 32, eos_token_id: int | Sequence[int] | None = None,
                  temperature: float = 0.0, seed: int = 0, pad_token_id: int = 0, repeat_ids: Sequence[int] = (),
+                 suffix_ids: Sequence[Sequence[int]] | None = None,
                  **policy_params: Any) -> tuple[list[list[int]], Cache, dict[str, Any]]:
     """Generate from token ids; returns new ids per sequence, the cache, and timing/bytes measurements.
 
     A probing policy (``kvzip``) runs its reconstruction pass right after the prefill, with ``repeat_ids``
     (the repeat instruction in the model's tokens) before each chunk; its time counts in ``ttft_s``.
+
+    ``suffix_ids`` (one non-empty list per prompt) are fed after the prompt has been prefilled and
+    compressed, through :meth:`Cache.appended`: attended in full, kept as they are, and the answer is
+    generated after them. That is the query-agnostic protocol (the prompt is the context, the suffix the
+    question); without it the whole prompt is compressed together (query-aware). ``ttft_s`` covers every
+    forward and ``kv_bytes_prefill`` is measured after the suffix.
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
+    if suffix_ids is not None and (len(suffix_ids) != len(prompt_ids) or any(len(s) == 0 for s in suffix_ids)):
+        raise ValueError("suffix_ids needs one non-empty list of token ids per prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     method = build_policy(policy, **policy_params)
@@ -97,6 +106,8 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # only the last position's logits
     if method.probes:
         reconstruct(model, cache, ids, mask, repeat_ids)
+    if suffix_ids is not None:
+        logits, positions = _append(model, cache, suffix_ids, positions[:, -1:] + 1, pad_token_id)
     token = _sample(logits, temperature, generator)
     _sync(device)
     ttft = time.perf_counter() - start
@@ -120,6 +131,24 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     _sync(device)
     tpot = (time.perf_counter() - decode_start) / steps if steps else 0.0
     return out, cache, {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes_prefill": prefill_bytes}
+
+
+def _append(model: Any, cache: Cache, suffix_ids: Sequence[Sequence[int]], start: Tensor,
+            pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Feed the suffixes uncompressed after each sequence's prompt (left-padded to one width); returns the
+    last position's logits and the suffix positions (the last column continues each sequence)."""
+    longest = max(len(s) for s in suffix_ids)
+    ids = torch.full((len(suffix_ids), longest), pad_token_id, dtype=torch.long)
+    real = torch.zeros_like(ids, dtype=torch.bool)
+    for i, s in enumerate(suffix_ids):
+        ids[i, longest - len(s):] = torch.tensor(list(s))
+        real[i, longest - len(s):] = True
+    ids, real = ids.to(start.device), real.to(start.device)
+    positions = start + (real.long().cumsum(-1) - 1).clamp(min=0)
+    with cache.appended(real):
+        logits = model(input_ids=ids, position_ids=positions, **cache_arg(cache), use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+    return logits, positions
 
 
 def generate(model: Any, tokenizer: Any, prompts: str | Sequence[str], policy: "str | Method" = "full",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -16,6 +17,7 @@ from ..models.help import MODEL_HELP
 from .config import BenchConfig, parse_keeps, parse_lengths, parse_list
 from .harness import run_benchmark
 from .report import print_summary
+from .ruler.cli import main as ruler_main
 from .store import check_config
 
 DEFAULT_DEMO = ["--model", "smollm2-135m", "--policies", "full,snapkv,streaming,kivi4,snapkv+kivi4", "--keep", "0.25",
@@ -23,40 +25,71 @@ DEFAULT_DEMO = ["--model", "smollm2-135m", "--policies", "full,snapkv,streaming,
 """The README's CPU demo: passkey at 1k tokens, 5 samples, keep 0.25 (a few minutes on 2 cores)."""
 
 
+CUSTOM_DEFAULTS = {"model": "smollm2-135m", "policies": "full,snapkv,streaming", "keep": "0.5,0.25,0.125",
+                   "tasks": "passkey", "lengths": "1k,2k", "samples": 20, "batch_size": 1}
+"""Defaults of the custom suite (kvslim's own tasks); ``--suite ruler`` has its own (:mod:`.ruler.cli`)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help=MODEL_HELP + " (default: smollm2-135m)")
-    parser.add_argument("--policies", default="full,snapkv,streaming",
-                        help="comma-separated policy specs, e.g. full,snapkv,pyramidkv,kivi2,snapkv+kivi4")
-    parser.add_argument("--keep", default="0.5,0.25,0.125",
-                        help="keep fractions for policies that take a budget (others run once)")
-    parser.add_argument("--tasks", default="passkey", help="comma-separated tasks, e.g. passkey,needle,multikey,vt")
-    parser.add_argument("--lengths", default="1k,2k", help="context lengths in tokens, e.g. 1k,2k,4k (k = 1024)")
-    parser.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    parser.add_argument("--suite", choices=["custom", "ruler"], default="custom",
+                        help="custom: kvslim's own tasks (default); ruler: RULER's eleven non-QA tasks at the kvpress "
+                             "leaderboard protocol (keeps 0.75,0.5,0.25,0.125, full once, both protocols, 4k, "
+                             "qwen2.5-coder-0.5b, 50 samples per task)")
+    parser.add_argument("--model", default=None,
+                        help=MODEL_HELP + " (default: smollm2-135m; ruler: qwen2.5-coder-0.5b)")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated policy specs, e.g. full,snapkv,pyramidkv,kivi2,snapkv+kivi4 "
+                             "(default: full,snapkv,streaming; ruler: full and every eviction method)")
+    parser.add_argument("--keep", default=None,
+                        help="keep fractions for policies that take a budget, others run once "
+                             "(default: 0.5,0.25,0.125; ruler: 0.75,0.5,0.25,0.125)")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated tasks, e.g. passkey,needle,multikey,vt (default: passkey; "
+                             "ruler: all eleven, e.g. niah_single_1,vt,cwe)")
+    parser.add_argument("--lengths", default=None,
+                        help="context lengths in tokens, e.g. 1k,2k,4k (k = 1024; default: 1k,2k; ruler: 4k)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples per task and length (default: 20; ruler: 50)")
+    parser.add_argument("--limit", type=int, default=None, help="ruler: samples per task and length for a smoke run")
+    parser.add_argument("--protocols", default="both",
+                        help="ruler: query-aware, query-agnostic or both (default)")
     parser.add_argument("--out", default=None, help="run directory; rerunning with the same one resumes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--seed", type=int, default=0, help="sample generation seed")
-    parser.add_argument("--batch-size", type=int, default=1,
-                        help="sequences generated together (1 gives per-sample latencies)")
-    parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences generated together (default: 1, which gives per-sample latencies; ruler: 8)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap prompts in the tokenizer's chat template (ruler does when the tokenizer has one)")
+    parser.add_argument("--no-chat", action="store_true", help="ruler: plain prompts even for an instruct model")
     parser.add_argument("--ppl-tokens", type=int, default=256, help="continuation tokens scored per perplexity sample")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--demo", action="store_true",
                         help="the small CPU demo: " + " ".join(DEFAULT_DEMO) + " (other options ignored)")
 
 
+def _option(args: argparse.Namespace, name: str, defaults: dict[str, Any]) -> Any:
+    value = getattr(args, name)
+    return defaults[name] if value is None else value
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Parse the string options; raises ``ValueError`` with the accepted format on bad input."""
+    def get(name: str) -> Any:
+        return _option(args, name, CUSTOM_DEFAULTS)
+
     return BenchConfig(
-        model=args.model, policies=parse_list(args.policies), keeps=parse_keeps(args.keep),
-        tasks=parse_list(args.tasks), lengths=parse_lengths(args.lengths), samples=args.samples,
+        model=get("model"), policies=parse_list(get("policies")), keeps=parse_keeps(get("keep")),
+        tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=get("samples"),
         out=args.out or "results/bench", device=args.device, dtype=args.dtype, seed=args.seed,
-        batch_size=args.batch_size, chat=args.chat, ppl_tokens=args.ppl_tokens,
+        batch_size=get("batch_size"), chat=args.chat, ppl_tokens=args.ppl_tokens,
     )
 
 
 def main_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark the arguments describe, print the summary table; returns the exit code."""
+    if args.suite == "ruler" and not args.demo:
+        return ruler_main(args)
     if args.demo:
         parser = argparse.ArgumentParser()
         add_arguments(parser)

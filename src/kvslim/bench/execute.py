@@ -49,7 +49,7 @@ def _common(sample: Sample, run: Run, spec: str, prompt_tokens: int) -> dict[str
     }
 
 
-def _eos_ids(tokenizer: Any) -> set[int]:
+def eos_ids(tokenizer: Any) -> set[int]:
     eos = tokenizer.eos_token_id
     return {eos} if isinstance(eos, int) else set(eos or [])
 
@@ -58,7 +58,7 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
                    config: BenchConfig, memory: PeakMemory) -> list[dict[str, Any]]:
     """Generate answers for a batch of samples under one policy run and score them."""
     prompts = [encode(tokenizer, s, config.chat) for s in samples]
-    eos = _eos_ids(tokenizer)
+    eos = eos_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     memory.reset()
     method = run.build()
@@ -78,7 +78,7 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
             **_common(sample, run, cache.policy.spec, len(prompts[i])),
             "answer": sample.answer, "output": text, "score": score, "correct": score >= 1.0,
             "output_tokens": len(ids), "perplexity": None, "scored_tokens": None, "nll_sum": None,
-            **_cost(timing["kv_bytes_prefill"][i], end_bytes[i], host_bytes[i], full_bytes[i], kept[i]),
+            **cost_fields(timing["kv_bytes_prefill"][i], end_bytes[i], host_bytes[i], full_bytes[i], kept[i]),
             "ttft_s": timing["ttft_s"], "tpot_s": timing["tpot_s"], "gen_s": gen_s,
             "tokens_per_s": len(ids) / gen_s if gen_s > 0 else None,
             "peak_mem_bytes": peak, "peak_mem_kind": memory.kind, "batch_size": len(samples),
@@ -86,7 +86,7 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
     return records
 
 
-def _cost(prefill: int, end: int, host: int, full: int, kept: int) -> dict[str, Any]:
+def cost_fields(prefill: int, end: int, host: int, full: int, kept: int) -> dict[str, Any]:
     """KV bytes: all held (``kv_bytes_*``), and of those at the end, the device's and host memory's shares."""
     return {"kv_bytes_prefill": prefill, "kv_bytes_end": end, "kv_device_bytes_end": end - host,
             "kv_host_bytes_end": host, "full_bytes": full, "kept_tokens_end": kept,
@@ -127,7 +127,7 @@ def perplexity_sample(model: Any, tokenizer: Any, sample: Sample, run: Run, conf
         **_common(sample, run, cache.policy.spec, prefix.shape[1]),
         "answer": None, "output": None, "score": None, "correct": None, "output_tokens": n_cont,
         "perplexity": math.exp(mean_nll), "scored_tokens": n_cont, "nll_sum": float(nll),
-        **_cost(prefill_bytes, cache.bytes_per_sequence()[0], cache.bytes_per_sequence(host=True)[0],
+        **cost_fields(prefill_bytes, cache.bytes_per_sequence()[0], cache.bytes_per_sequence(host=True)[0],
                 cache.full_bytes_per_sequence()[0], cache.tokens_per_sequence()[0]),
         "ttft_s": ttft, "tpot_s": tpot, "gen_s": ttft + decode_s, "tokens_per_s": n_cont / (ttft + decode_s),
         "peak_mem_bytes": peak, "peak_mem_kind": memory.kind, "batch_size": 1,

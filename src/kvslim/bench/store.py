@@ -14,12 +14,14 @@ from typing import Any
 SAMPLES = "samples.jsonl"
 CONFIG = "config.json"
 
-Key = tuple[str, int, str, str, float | None]
+Key = tuple[str, int, str, str, float | None, str | None]
 
 
 def key_of(record: dict[str, Any]) -> Key:
-    """What identifies a finished measurement: task, target length, sample id, policy spec and keep."""
-    return (record["task"], record["length"], record["sample_id"], record["policy"], record["keep"])
+    """What identifies a finished measurement: task, target length, sample id, policy spec, keep and the
+    protocol that fed the question (RULER's suite runs two; other records have none)."""
+    return (record["task"], record["length"], record["sample_id"], record["policy"], record["keep"],
+            record.get("protocol"))
 
 
 class SampleLog:

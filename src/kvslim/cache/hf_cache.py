@@ -28,7 +28,7 @@ from ..shape import KVShape
 from . import attention as routing
 from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
-from .segments import Segment, merge_partials
+from .segments import DenseSegment, Segment, merge_partials
 from .window import SlotTracker
 
 if TYPE_CHECKING:
@@ -154,6 +154,8 @@ class Cache(HFCache):
         self.rope = rope_frequencies(self.config)
         #: while probing (see :meth:`probing`): each layer's probe keys/values, between its update and its attention
         self._probe: dict[int, tuple[Tensor, Tensor]] | None = None
+        self._appending = False
+        self._append_real: Tensor | None = None
         super().__init__(layers=[_Layer(i, w) for i, w in enumerate(windows)])
 
     @contextmanager
@@ -180,6 +182,29 @@ class Cache(HFCache):
             queries = torch.empty(layer.lengths.shape[0], self.shape.num_heads, 0, self.shape.head_dim,
                                   device=layer.lengths.device)
             self.policy.on_probed(Observation(layer, self.shape.num_layers, queries, 1.0, "prefill", rope=self.rope))
+
+    @contextmanager
+    def appended(self, real: Tensor | None = None) -> Iterator[None]:
+        """Forwards inside this block add their tokens as they are: the policy does not act on them.
+
+        Why: the query-agnostic protocol (kvpress's pipeline, KVzip, prefix caching, multi-turn chat)
+        compresses a context first and only then reads a question from the compressed cache. The question
+        must be attended in full and kept, not become part of what the method selects from, and it must not
+        vote for what the context keeps. ``real`` (B, q) marks the new columns that hold tokens: a batch of
+        questions of different lengths is left-padded, and padding is masked in the forward and dropped from
+        storage right after it. Decode-time methods then hold their budget at the kept context plus the
+        question, so the question is not squeezed out by the first decoding step.
+        """
+        if self.layers[0].empty:
+            raise ValueError("Cache.appended() adds tokens after a prefill: run the context through the cache first")
+        if real is not None and not bool(real.all()) and any(layer.tracker is not None for layer in self.layers):
+            raise ValueError("appending a padded batch is not supported on sliding-window layers yet: append "
+                             "questions of one length (e.g. batch size 1)")
+        self._appending, self._append_real = True, real
+        try:
+            yield
+        finally:
+            self._appending, self._append_real = False, None
 
     # -- the transformers Cache protocol ----------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -230,18 +255,23 @@ class Cache(HFCache):
                 layer.select(real[:, None, :].expand(keys.shape[:3]))
         else:
             window = layer.in_window(q_len)
+            new_real = self._append_real if self._appending else None
             if any(type(seg).attend is not Segment.attend for seg in layer.segments):
                 if softcap is not None:
                     raise ValueError(f"{self.policy.spec} attends segment by segment, which cannot softcap logits "
                                      "(Gemma 2): use an evicting method or a quantizer")
-                out = _attend_by_segment(layer, query, scaling, window)
+                out = _attend_by_segment(layer, query, scaling, window, new_real)
             else:  # one attention call over the layer's dense copy: the fast path
                 keys, values, valid = layer.dense(query.dtype)
                 obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
                 # the new tokens are the last q columns of the layout (see LayerKV.select)
                 allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
                 allowed = allowed if window is None else allowed & window
-                out = routing.masked_attention(query, keys, values, allowed, scaling, impl, softcap)
+                out = routing.masked_attention(query, keys, values, _mask_new(allowed, new_real), scaling, impl,
+                                               softcap)
+            if self._appending:
+                _append_as_is(layer, q_len, new_real)
+                return out, None
             layer.state["real"] = layer.state["real"] + q_len
             if q_len > 1:
                 layer.state["prompt"] = layer.state["prompt"] + q_len
@@ -351,7 +381,33 @@ class Cache(HFCache):
         return [] if real is None else [int(n) for n in real]
 
 
-def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Tensor | None) -> Tensor:
+def _mask_new(allowed: Tensor, new_real: Tensor | None) -> Tensor:
+    """Hide the padding among the newest columns of a (B,H,q,T) mask; ``new_real`` is (B, q) or None."""
+    if new_real is None:
+        return allowed
+    allowed = allowed.clone()
+    allowed[..., -new_real.shape[1]:] &= new_real[:, None, None, :].to(allowed.device)
+    return allowed
+
+
+def _append_as_is(layer: LayerKV, q_len: int, new_real: Tensor | None) -> None:
+    """Bookkeeping for tokens added by :meth:`Cache.appended`: drop their padding from storage, count them
+    as seen (not as prompt: budget shares stay those of the compressed prompt) and widen a decode-time
+    budget by them."""
+    real = torch.full((layer.lengths.shape[0],), q_len, device=layer.lengths.device) if new_real is None \
+        else new_real.to(layer.lengths.device).sum(-1)
+    if new_real is not None and not bool(new_real.all()):  # only the newest segment changes
+        keys, values, valid = layer.segments[-1].dense()
+        keep = valid.clone()
+        keep[..., -q_len:] &= new_real[:, None, :].to(keep.device)
+        layer.replace(layer.segments[:-1] + [DenseSegment.from_padded(keys, values, keep)])
+    layer.state["real"] = layer.state["real"] + real
+    if "budget" in layer.state:
+        layer.state["budget"] = layer.state["budget"] + real[:, None]
+
+
+def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Tensor | None,
+                       new_real: Tensor | None = None) -> Tensor:
     """Attention as the log-sum-exp merge of each segment's partial attention, (B, q, Hq, Dv) like ``base``.
 
     Used when a segment attends by itself (e.g. reads only some rows from the host), so no dense copy of
@@ -364,7 +420,7 @@ def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Te
     rank = valid.long().cumsum(-1) - 1
     limit = valid.sum(-1, keepdim=True) + torch.arange(q_len, device=valid.device) - q_len  # (B, H, q)
     allowed = valid[:, :, None, :] & (rank[:, :, None, :] <= limit[..., None])
-    allowed = allowed if window is None else allowed & window
+    allowed = _mask_new(allowed if window is None else allowed & window, new_real)
     parts = [seg.attend(query, part, scaling) for seg, part in zip(layer.segments, allowed.split(layer.widths(), -1))]
     out, _ = merge_partials(parts)
     return out.to(query.dtype).transpose(1, 2).contiguous()

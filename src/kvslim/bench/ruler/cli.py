@@ -1,0 +1,66 @@
+"""``kvslim bench --suite ruler``: the RULER half of the benchmark command (options are declared once, in
+:mod:`kvslim.bench.cli`). Mistakes in names are reported as one line before any model loads."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ...models import resolve
+from ..config import parse_keeps, parse_lengths, parse_list
+from ..store import check_config
+from .config import DEFAULT_POLICIES, DEFAULT_SAMPLES, LEADERBOARD_KEEPS, RulerConfig
+from .protocols import parse_protocols
+from .report import leaderboard_md
+from .runner import run_ruler
+from .tasks import ruler_tasks
+
+DEFAULTS: dict[str, Any] = {
+    "model": "qwen2.5-coder-0.5b", "policies": ",".join(DEFAULT_POLICIES),
+    "keep": ",".join(f"{k:g}" for k in LEADERBOARD_KEEPS), "tasks": ",".join(ruler_tasks()), "lengths": "4k",
+    "samples": DEFAULT_SAMPLES, "batch_size": 8,
+}
+
+
+def config_from_args(args: argparse.Namespace) -> RulerConfig:
+    """Parse the string options; raises ``ValueError`` with the accepted format on bad input."""
+    def get(name: str) -> Any:
+        value = getattr(args, name)
+        return DEFAULTS[name] if value is None else value
+
+    if args.chat and args.no_chat:
+        raise ValueError("--chat and --no-chat contradict each other: give one")
+    samples = args.limit if args.limit is not None else get("samples")
+    return RulerConfig(
+        model=get("model"), policies=parse_list(get("policies")), keeps=parse_keeps(get("keep")),
+        tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=samples,
+        protocols=parse_protocols(args.protocols), out=args.out or "results/ruler", device=args.device,
+        dtype=args.dtype, seed=args.seed, batch_size=get("batch_size"),
+        chat=True if args.chat else False if args.no_chat else None,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run RULER as the arguments describe and print the leaderboard; returns the exit code."""
+    try:
+        config = config_from_args(args)
+        config.validate()
+        check_config(Path(config.out), config.identity())
+        if not resolve(config.model).real_weights:
+            raise ValueError(f"model {config.model!r} has random weights and no tokenizer: run RULER on a real "
+                             "model (qwen2.5-coder-0.5b, smollm2-135m, a model directory, a .gguf file)")
+    except ValueError as err:
+        print(f"kvslim bench: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_ruler(config, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished samples are kept in {config.out}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    settings = summary["settings"]
+    print(leaderboard_md(summary["leaderboard"], config.keeps, config.model))
+    print(f"{settings['done']}/{settings['planned']} samples in {settings['elapsed_s']:.0f} s "
+          f"({settings['ran_now']} run now); report: {Path(config.out) / 'report.md'}")
+    return 0

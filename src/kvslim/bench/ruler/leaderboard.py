@@ -1,0 +1,108 @@
+"""Aggregate RULER records into what the report shows, per protocol and length.
+
+RULER's average is the mean over tasks of each task's mean score (x100); a method's *ratio* is its average
+over full's on the same protocol and length. Losses are paired by sample: *lost* means full scored 1 and
+the method less, *gained* the reverse. Output-length change is paired the same way.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from statistics import fmean
+from typing import Any
+
+from ..config import Run
+
+FULL = "full"
+
+Setting = tuple[str, int]  # (protocol, length)
+
+
+def _label(record: dict[str, Any]) -> str:
+    return Run(record["policy"], record["keep"]).label
+
+
+def _groups(records: Iterable[dict[str, Any]], *fields: str) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    out: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        out[tuple(r[f] for f in fields)].append(r)
+    return out
+
+
+def settings(records: Sequence[dict[str, Any]]) -> list[Setting]:
+    return sorted({(r["protocol"], r["length"]) for r in records}, key=lambda s: (s[1], s[0] != "query-aware"))
+
+
+def task_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per protocol, length, policy run and task: mean score (x100), samples, mean output tokens."""
+    rows = []
+    for (protocol, length, policy, keep, task), group in _groups(
+            records, "protocol", "length", "policy", "keep", "task").items():
+        rows.append({"protocol": protocol, "length": length, "policy": policy, "keep": keep, "task": task,
+                     "n": len(group), "score": 100 * fmean(r["score"] for r in group),
+                     "output_tokens": fmean(r["output_tokens"] for r in group)})
+    return rows
+
+
+def board(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per protocol, length and policy run: RULER average, ratio to full, tasks and samples counted,
+    mean KV bytes held after the prompt (question included) and mean compression."""
+    per_task = _groups(task_rows(records), "protocol", "length", "policy", "keep")
+    by_run = _groups(records, "protocol", "length", "policy", "keep")
+    rows = []
+    for protocol, length in settings(records):
+        full = per_task.get((protocol, length, FULL, None))
+        full_avg = fmean(t["score"] for t in full) if full else None
+        for run in runs:
+            tasks = per_task.get((protocol, length, run.policy, run.keep))
+            if not tasks:
+                continue
+            avg = fmean(t["score"] for t in tasks)
+            group = by_run[(protocol, length, run.policy, run.keep)]
+            compression = [r["compression"] for r in group if r["compression"]]
+            rows.append({"protocol": protocol, "length": length, "policy": run.policy, "keep": run.keep,
+                         "label": run.label, "score": avg, "ratio": avg / full_avg if full_avg else None,
+                         "tasks": len(tasks), "n": len(group),
+                         "kv_bytes": fmean(r["kv_bytes_prefill"] for r in group),
+                         "compression": fmean(compression) if compression else None})
+    return rows
+
+
+def losses(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per protocol, length, non-full run and task: samples paired with full, ids lost and gained."""
+    full = {(r["protocol"], r["length"], r["sample_id"]): r for r in records if r["policy"] == FULL}
+    order = {(run.policy, run.keep): i for i, run in enumerate(runs)}
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        ref = full.get((r["protocol"], r["length"], r["sample_id"]))
+        if r["policy"] == FULL or ref is None or (r["policy"], r["keep"]) not in order:
+            continue
+        key = (r["protocol"], r["length"], order[(r["policy"], r["keep"])], r["task"])
+        row = out.setdefault(key, {"protocol": r["protocol"], "length": r["length"], "label": _label(r),
+                                   "task": r["task"], "paired": 0, "lost": [], "gained": []})
+        row["paired"] += 1
+        if ref["score"] >= 1.0 > r["score"]:
+            row["lost"].append(r["sample_id"])
+        elif r["score"] >= 1.0 > ref["score"]:
+            row["gained"].append(r["sample_id"])
+    return [out[k] for k in sorted(out)]
+
+
+def length_change(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per protocol, length and non-full run: mean output tokens against full's on the same samples."""
+    full = {(r["protocol"], r["length"], r["sample_id"]): r["output_tokens"] for r in records
+            if r["policy"] == FULL}
+    rows = []
+    for protocol, length in settings(records):
+        for run in runs:
+            if run.policy == FULL:
+                continue
+            pairs = [(r["output_tokens"], full[(protocol, length, r["sample_id"])]) for r in records
+                     if (r["protocol"], r["length"], r["policy"], r["keep"]) == (protocol, length, run.policy, run.keep)
+                     and (protocol, length, r["sample_id"]) in full]
+            if pairs:
+                mine, ref = fmean(p for p, _ in pairs), fmean(f for _, f in pairs)
+                rows.append({"protocol": protocol, "length": length, "label": run.label, "paired": len(pairs),
+                             "output_tokens": mine, "full_output_tokens": ref,
+                             "change": mine / ref - 1 if ref else None})
+    return rows

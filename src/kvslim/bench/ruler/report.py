@@ -1,0 +1,135 @@
+"""RULER's report: the leaderboard (methods x keeps), per-task scores, losses against full by task and
+output-length change, per protocol and length, as markdown and CSV."""
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import Run
+from ..report import markdown_table
+from .leaderboard import FULL, settings as panels
+from .protocols import DESCRIPTIONS
+from .tasks import QA_NOTE
+
+_IDS = 6
+BOARD_CSV = ["protocol", "length", "policy", "keep", "label", "score", "ratio", "tasks", "n", "kv_bytes",
+             "compression"]
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    ratio = "" if row["ratio"] is None else f" ({row['ratio']:.2f})"
+    return f"{row['score']:.1f}{ratio}"
+
+
+def leaderboard_table(rows: Sequence[dict[str, Any]], protocol: str, length: int, keeps: Sequence[float]) -> str:
+    """Rows: methods; columns: keep (and "no budget" for methods that run once, full among them); cells:
+    RULER average and, in parentheses, its ratio to full."""
+    mine = [r for r in rows if (r["protocol"], r["length"]) == (protocol, length)]
+    cell = {(r["policy"], r["keep"]): r for r in mine}
+    once = any(r["keep"] is None for r in mine)
+    body = []
+    for policy in dict.fromkeys(r["policy"] for r in mine):
+        line = [policy] + ([_cell(cell.get((policy, None)))] if once else [])
+        body.append(line + [_cell(cell.get((policy, k))) for k in keeps])
+    headers = ["method"] + (["no budget"] if once else []) + [f"keep {k:g}" for k in keeps]
+    return markdown_table(headers, body)
+
+
+def task_table(rows: Sequence[dict[str, Any]], runs: Sequence[Run], tasks: Sequence[str], protocol: str,
+               length: int) -> str:
+    cell = {(r["policy"], r["keep"], r["task"]): r for r in rows if (r["protocol"], r["length"]) == (protocol, length)}
+    present = [t for t in tasks if any(k[2] == t for k in cell)]
+    body = [[run.label] + [f"{cell[(run.policy, run.keep, t)]['score']:.1f}" if (run.policy, run.keep, t) in cell
+                           else "-" for t in present] for run in runs
+            if any((run.policy, run.keep, t) in cell for t in present)]
+    return markdown_table(["run"] + present, body)
+
+
+def _ids(ids: Sequence[str]) -> str:
+    more = f" (+{len(ids) - _IDS})" if len(ids) > _IDS else ""
+    return f"{len(ids)}: {', '.join(ids[:_IDS])}{more}" if ids else "0"
+
+
+def loss_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> str:
+    mine = [r for r in rows if (r["protocol"], r["length"]) == (protocol, length) and (r["lost"] or r["gained"])]
+    if not mine:
+        return "No sample changes its verdict against full."
+    return markdown_table(["run", "task", "paired", "lost (full right, method wrong)", "gained"],
+                          [[r["label"], r["task"], str(r["paired"]), _ids(r["lost"]), _ids(r["gained"])] for r in mine])
+
+
+def length_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> str:
+    mine = [r for r in rows if (r["protocol"], r["length"]) == (protocol, length)]
+    if not mine:
+        return "No run to compare with full."
+    return markdown_table(["run", "paired", "mean output tokens", "full's", "change"],
+                          [[r["label"], str(r["paired"]), f"{r['output_tokens']:.1f}", f"{r['full_output_tokens']:.1f}",
+                            "-" if r["change"] is None else f"{100 * r['change']:+.0f}%"] for r in mine])
+
+
+def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def leaderboard_md(board: Sequence[dict[str, Any]], keeps: Sequence[float], model: str) -> str:
+    parts = [f"# RULER leaderboard: {model}",
+             "Cells: RULER average score over the tasks (0-100), in parentheses its ratio to full's on the same "
+             "protocol and length."]
+    for protocol, length in panels(board):
+        parts += [f"## {protocol}, {length} tokens", leaderboard_table(board, protocol, length, keeps)]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(settings: dict[str, Any], board: Sequence[dict[str, Any]], tasks_: Sequence[dict[str, Any]],
+                 lost: Sequence[dict[str, Any]], lengths: Sequence[dict[str, Any]], runs: Sequence[Run],
+                 figure: str | None) -> str:
+    """The markdown report: how it was run, then per protocol and length every table."""
+    keeps, tasks = settings["keeps"], settings["tasks"]
+    parts = [
+        f"# RULER: {settings['model']}",
+        f"Reproduce or resume with `{settings['command']}`.",
+        markdown_table(["setting", "value"], [[k, ", ".join(map(str, v)) if isinstance(v, list) else str(v)]
+                                             for k, v in settings.items() if k not in ("command", "specs")]),
+        "Policy runs and the full parameters they ran with:",
+        markdown_table(["run", "spec"], [[label, f"`{spec}`"] for label, spec in settings["specs"].items()]),
+        "## How it was run",
+        "\n".join([
+            "- **Tasks**: RULER's (Hsieh et al., 2024, arXiv:2404.06654) non-QA tasks under its names, templates, "
+            "answer prefixes and generation budgets; scores are RULER's `string_match_all` (fraction of expected "
+            "strings in the output, so multi-answer tasks get partial credit), averaged over samples per task and "
+            "over tasks for the leaderboard (0-100). " + QA_NOTE,
+            f"- **Haystack**: {settings['essay_source']}; word keys from `wonderwords` adjective and noun lists.",
+            f"- **Lengths**: RULER's `max_seq_length` in {settings['model']}'s own tokens: the input (chat template "
+            "and answer prefix included) plus the task's answer budget fits the length; the haystack is the "
+            "largest that fits.",
+            f"- **Prompt format**: {settings['prompt_format']}.",
+            *[f"- **{p}**: {DESCRIPTIONS[p]}." for p in settings["protocols"]],
+            "- **Generation**: greedy, batched by task and length with left padding, until an end-of-turn token "
+            "or the task's budget.",
+            "- **KV bytes**: bytes the cache holds per sequence right after the prompt (for query-agnostic, the "
+            "compressed context plus the uncompressed question).",
+        ]),
+    ]
+    if figure:
+        parts += ["## Score against KV memory", f"![RULER score against KV memory]({figure})"]
+    for protocol, length in panels(board):
+        parts += [f"## {protocol}, {length} tokens", "### Leaderboard",
+                  "Cells: RULER average, in parentheses the ratio to full.",
+                  leaderboard_table(board, protocol, length, keeps),
+                  "### Per task (mean score, 0-100)", task_table(tasks_, runs, tasks, protocol, length),
+                  "### Losses against full, by task",
+                  "Samples full answers entirely (score 1) and the method does not (*lost*), and the reverse "
+                  "(*gained*); outputs are in `samples.jsonl`.",
+                  loss_table(lost, protocol, length),
+                  "### Output length against full", length_table(lengths, protocol, length)]
+    if not any(r.policy == FULL for r in runs):
+        parts.append("No `full` run: ratios, losses and length changes need it.")
+    return "\n\n".join(parts) + "\n"
