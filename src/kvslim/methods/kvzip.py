@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..hf_compat import cache_arg
 from .base import Observation, ScoredEviction
 from .registry import Chain, register
 
@@ -125,4 +126,4 @@ def reconstruct(model: Any, cache: Any, ids: Tensor, mask: Tensor | None = None,
             inputs, real = inputs.to(ids.device), real.to(ids.device)
             positions = context + (real.cumsum(-1) - 1).clamp(min=0)
             model(input_ids=inputs, attention_mask=torch.cat([seen, real], 1), position_ids=positions,
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+                  **cache_arg(cache), use_cache=True, logits_to_keep=1)
