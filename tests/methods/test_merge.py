@@ -112,15 +112,19 @@ def test_specs_and_refusals():
         kvslim.policy("merge(kivi4)")
 
 
-@pytest.mark.parametrize("spec", ["merge(snapkv(keep=0.25,window=4))", "merge(snapkv(keep=0.25,window=4))+int8"])
+@pytest.mark.parametrize("spec", [
+    "merge(snapkv(keep=0.25,window=4))",
+    "merge(snapkv(keep=0.25,window=4))+int8",  # merged at prefill, then packed
+    "merge(rkv(budget=32,window=4))",  # merged on every decoding step too, from the engine's pages
+])
 @torch.inference_mode()
 def test_engine_matches_hf_cache_path(llama, spec):
     llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
         cache = kvslim.Cache(kvslim.policy(spec), llama.config)
         ids, tokens = torch.tensor([prompt]), []
-        for _ in range(16):
+        for _ in range(24):
             tokens.append(int(llama(ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
             ids = torch.tensor([[tokens[-1]]])
         assert out.token_ids == tokens
