@@ -7,14 +7,16 @@ basis is the top-``rank`` eigenvectors of the Gram matrix ``X^T X`` of the keys 
 values), i.e. the right singular vectors of the prompt's own keys/values. Uncentred, so a rank of ``head_dim``
 is an orthonormal change of basis and reconstructs exactly (up to float rounding).
 
-Each token is stored as ``rank`` key and ``rank`` value coefficients in the model's dtype; attention
+Each token is stored as ``rank`` key and ``rank`` value coefficients in the model's dtype (or, with ``bits=4``
+or ``bits=8``, as per-token integer codes with one fp16 scale and zero point); attention
 reconstructs keys and values (coefficients times basis) for the layer that attends. Tokens decoded later, and
 prompt chunks after the first, are projected onto that prefill basis. Bytes held: per (sequence, KV head),
-``2 x rank`` coefficients per token plus the two ``head_dim x rank`` bases.
+``2 x rank`` coefficients per token (plus their scales with ``bits=``) and the two ``head_dim x rank`` bases.
 
 A storage format: it comes last, after any evictor (``snapkv+lowrank(rank=16)``: the basis is computed from
-the tokens the evictor kept). The coefficients are not quantized (a quantizer after it is refused): the
-saving is set by ``rank / head_dim`` alone. The paged engine refuses it (its pages hold full rows).
+the tokens the evictor kept). A quantizer after it is refused: it would quantize full rows, which lowrank no
+longer holds; ``bits=`` quantizes the coefficients themselves. The paged engine refuses it (its pages hold
+full rows).
 The relative reconstruction error (Frobenius) of the prefill's keys and values is recorded per layer in
 ``state["reconstruction_error"]`` and reported by ``kvslim.Cache.stats()``.
 """
@@ -26,9 +28,11 @@ import torch
 from torch import Tensor
 
 from ..cache.layer import LayerKV
+from ..cache.quantized import TokenGroups, merge_order
 from ..cache.segments import DenseSegment, Segment, ragged_to_padded
 from ..shape import KVShape
 from .base import Method, Observation
+from .quantizers import SCALE_BYTES
 from .registry import register
 
 
@@ -43,47 +47,69 @@ def principal_basis(rows: Tensor, valid: Tensor, rank: int) -> Tensor:
     return vectors.flip(-1)[..., :rank].contiguous()
 
 
+#: a segment's coefficient rows (N, rank): in the model's dtype, or per-token integer codes (``bits=``)
+Coefficients = Tensor | TokenGroups
+
+
+def _decode(coef: Coefficients) -> Tensor:
+    return coef.decode() if isinstance(coef, TokenGroups) else coef.float()
+
+
+def _take(coef: Coefficients, rows: Tensor) -> Coefficients:
+    return coef.take(rows) if isinstance(coef, TokenGroups) else coef[rows]
+
+
+def _concat(older: Coefficients, newer: Coefficients, heads: Tensor, newer_heads: Tensor) -> Coefficients:
+    if isinstance(older, TokenGroups):
+        return older.concat(newer, heads, newer_heads)  # type: ignore[arg-type]
+    return torch.cat([older, newer])[merge_order(heads, newer_heads)]  # type: ignore[list-item]
+
+
 class LowRankSegment(Segment):
     """Key and value coefficients (rows ordered by sequence, head, token; ``rank`` each) and per-head bases."""
 
-    def __init__(self, key_coef: Tensor, value_coef: Tensor, lengths: Tensor, key_basis: Tensor, value_basis: Tensor):
+    def __init__(self, key_coef: Coefficients, value_coef: Coefficients, lengths: Tensor, key_basis: Tensor,
+                 value_basis: Tensor):
         self.key_coef, self.value_coef, self.lengths = key_coef, value_coef, lengths
         self.key_basis, self.value_basis = key_basis, value_basis
 
     @classmethod
-    def project(cls, keys: Tensor, values: Tensor, valid: Tensor, key_basis: Tensor,
-                value_basis: Tensor) -> "LowRankSegment":
-        """Store the ``valid`` rows of (B,H,T,D) keys/values as coefficients on the (B,H,D,R) bases."""
-        key_coef = (keys.float() @ key_basis.float()).to(keys.dtype)
-        value_coef = (values.float() @ value_basis.float()).to(values.dtype)
-        return cls(key_coef[valid], value_coef[valid], valid.sum(-1), key_basis, value_basis)
-
-    def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
-        key_coef, valid = ragged_to_padded(self.key_coef, self.lengths)
-        return key_coef, ragged_to_padded(self.value_coef, self.lengths)[0], valid
+    def project(cls, keys: Tensor, values: Tensor, valid: Tensor, key_basis: Tensor, value_basis: Tensor,
+                bits: int | None) -> "LowRankSegment":
+        """Store the ``valid`` rows of (B,H,T,D) keys/values as coefficients on the (B,H,D,R) bases, in the model's
+        dtype or (``bits``) as per-token codes with one fp16 scale and zero point per token."""
+        coefs = []
+        for rows, basis in ((keys, key_basis), (values, value_basis)):
+            coef = (rows.float() @ basis.float())[valid]
+            coefs.append(coef.to(rows.dtype) if bits is None else TokenGroups.encode(coef, bits, coef.shape[-1]))
+        return cls(*coefs, valid.sum(-1), key_basis, value_basis)
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
-        key_coef, value_coef, valid = self.coefficients()
-        keys = (key_coef.float() @ self.key_basis.float().transpose(-1, -2)).to(key_coef.dtype)
-        values = (value_coef.float() @ self.value_basis.float().transpose(-1, -2)).to(value_coef.dtype)
+        key_coef, valid = ragged_to_padded(_decode(self.key_coef), self.lengths)
+        value_coef, _ = ragged_to_padded(_decode(self.value_coef), self.lengths)
+        keys = (key_coef @ self.key_basis.float().transpose(-1, -2)).to(self.key_basis.dtype)
+        values = (value_coef @ self.value_basis.float().transpose(-1, -2)).to(self.value_basis.dtype)
         return keys, values, valid
 
     def select(self, keep: Tensor) -> "LowRankSegment":
-        key_coef, value_coef, valid = self.coefficients()
+        index, valid = ragged_to_padded(torch.arange(self.tokens, device=self.lengths.device), self.lengths)
         mask = keep & valid
-        return LowRankSegment(key_coef[mask], value_coef[mask], mask.sum(-1), self.key_basis, self.value_basis)
+        rows = index[mask]
+        return LowRankSegment(_take(self.key_coef, rows), _take(self.value_coef, rows), mask.sum(-1),
+                              self.key_basis, self.value_basis)
 
     def concat(self, newer: "LowRankSegment") -> "LowRankSegment":
         """This segment's tokens followed, per (sequence, head), by ``newer``'s (same bases)."""
-        old_k, old_v, old_valid = self.coefficients()
-        new_k, new_v, new_valid = newer.coefficients()
-        valid = torch.cat([old_valid, new_valid], -1)
-        keys, values = torch.cat([old_k, new_k], 2)[valid], torch.cat([old_v, new_v], 2)[valid]
-        return LowRankSegment(keys, values, valid.sum(-1), self.key_basis, self.value_basis)
+        heads, newer_heads = (torch.repeat_interleave(torch.arange(s.lengths.numel(), device=s.lengths.device),
+                                                      s.lengths.flatten()) for s in (self, newer))
+        return LowRankSegment(_concat(self.key_coef, newer.key_coef, heads, newer_heads),
+                              _concat(self.value_coef, newer.value_coef, heads, newer_heads),
+                              self.lengths + newer.lengths, self.key_basis, self.value_basis)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.key_coef, self.value_coef, self.key_basis, self.value_basis))
+        coefs = sum(c.nbytes() if isinstance(c, TokenGroups) else c.numel() * c.element_size()
+                    for c in (self.key_coef, self.value_coef))
+        return coefs + sum(t.numel() * t.element_size() for t in (self.key_basis, self.value_basis))
 
 
 @register
@@ -92,9 +118,12 @@ class LowRank(Method):
     """Store every held token as ``rank`` key and ``rank`` value coefficients on a per-head prefill basis."""
 
     rank: int = 32
+    #: None: coefficients in the model's dtype; 4 or 8: per-token asymmetric integer codes over the ``rank``
+    #: coefficients, one fp16 scale and zero point per token (as ``int8``/``int4`` store full rows)
+    bits: int | None = None
     name = "lowrank"
     summary = ("keys and values stored as rank-R coefficients on each head's own prefill basis (SVD of the prompt's "
-               "keys/values, no calibration), reconstructed at attention; HF path only")
+               "keys/values, no calibration), reconstructed at attention; bits=4|8 quantizes the coefficients; HF path only")
     paper = ("after Palu (Chang et al. 2024, arXiv:2407.21118) and Eigen Attention (Saxena et al. 2024, "
              "arXiv:2408.05646), calibration-free")
 
@@ -102,6 +131,10 @@ class LowRank(Method):
         if self.rank < 1:
             raise ValueError(f"{self.name}: rank={self.rank} must be a positive number of coefficients per token, "
                              "at most head_dim")
+        if self.bits not in (None, 4, 8):
+            raise ValueError(f"{self.name}: bits={self.bits} must be None (coefficients in the model dtype), 4 or 8")
+        if self.bits == 4 and self.rank % 2:
+            raise ValueError(f"{self.name}: bits=4 packs two coefficients to a byte, so rank={self.rank} must be even")
 
     def check_hybrid(self, parts: list[Method], position: int) -> None:
         if position != len(parts) - 1:
@@ -134,14 +167,15 @@ class LowRank(Method):
         for seg in layer.segments:
             if isinstance(seg, DenseSegment):
                 keys, values, valid = seg.dense()
-                seg = LowRankSegment.project(keys, values, valid, key_basis, value_basis)
+                seg = LowRankSegment.project(keys, values, valid, key_basis, value_basis, self.bits)
             if stored and isinstance(seg, LowRankSegment) and isinstance(stored[-1], LowRankSegment):
                 seg = stored.pop().concat(seg)
             stored.append(seg)
         layer.replace(stored)
 
     def storage_bytes(self, shape: KVShape, tokens: list[float]) -> int:
-        coefficients = sum(tokens) * 2 * self.rank * shape.element_bytes
+        per_token = self.rank * shape.element_bytes if self.bits is None else self.rank * self.bits // 8 + 2 * SCALE_BYTES
+        coefficients = sum(tokens) * 2 * per_token
         bases = len(tokens) * 2 * shape.head_dim * self.rank * shape.element_bytes
         return int(round((coefficients + bases) * shape.num_kv_heads))
 

@@ -80,7 +80,7 @@ class Merging(ScoredEviction):
         return merged_values(obs.keys, obs.values, scores, keep, obs.valid & ~keep, targets)
 
     @classmethod
-    def wrap(cls, scorer: "ScoredEviction") -> ScoredEviction:
+    def wrap(cls, scorer: ScoredEviction) -> ScoredEviction:
         """``scorer`` whose evicted tokens merge into its kept ones: ``merge(h2o)``."""
         if not isinstance(scorer, ScoredEviction) or isinstance(scorer, Merging):
             raise ValueError(f"merge folds what a scorer evicts into what it keeps; {scorer.name} is not a token "
