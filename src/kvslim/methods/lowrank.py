@@ -75,7 +75,7 @@ class LowRankSegment(Segment):
 
     @classmethod
     def project(cls, keys: Tensor, values: Tensor, valid: Tensor, key_basis: Tensor, value_basis: Tensor,
-                bits: int | None) -> "LowRankSegment":
+                bits: int | None) -> LowRankSegment:
         """Store the ``valid`` rows of (B,H,T,D) keys/values as coefficients on the (B,H,D,R) bases, in the model's
         dtype or (``bits``) as per-token codes with one fp16 scale and zero point per token."""
         coefs = []
@@ -91,14 +91,14 @@ class LowRankSegment(Segment):
         values = (value_coef @ self.value_basis.float().transpose(-1, -2)).to(self.value_basis.dtype)
         return keys, values, valid
 
-    def select(self, keep: Tensor) -> "LowRankSegment":
+    def select(self, keep: Tensor) -> LowRankSegment:
         index, valid = ragged_to_padded(torch.arange(self.tokens, device=self.lengths.device), self.lengths)
         mask = keep & valid
         rows = index[mask]
         return LowRankSegment(_take(self.key_coef, rows), _take(self.value_coef, rows), mask.sum(-1),
                               self.key_basis, self.value_basis)
 
-    def concat(self, newer: "LowRankSegment") -> "LowRankSegment":
+    def concat(self, newer: LowRankSegment) -> LowRankSegment:
         """This segment's tokens followed, per (sequence, head), by ``newer``'s (same bases)."""
         heads, newer_heads = (torch.repeat_interleave(torch.arange(s.lengths.numel(), device=s.lengths.device),
                                                       s.lengths.flatten()) for s in (self, newer))
@@ -123,7 +123,8 @@ class LowRank(Method):
     bits: int | None = None
     name = "lowrank"
     summary = ("keys and values stored as rank-R coefficients on each head's own prefill basis (SVD of the prompt's "
-               "keys/values, no calibration), reconstructed at attention; bits=4|8 quantizes the coefficients; HF path only")
+               "keys/values, no calibration), reconstructed at attention; bits=4|8 quantizes the coefficients; "
+               "HF path only")
     paper = ("after Palu (Chang et al. 2024, arXiv:2407.21118) and Eigen Attention (Saxena et al. 2024, "
              "arXiv:2408.05646), calibration-free")
 
@@ -174,7 +175,10 @@ class LowRank(Method):
         layer.replace(stored)
 
     def storage_bytes(self, shape: KVShape, tokens: list[float]) -> int:
-        per_token = self.rank * shape.element_bytes if self.bits is None else self.rank * self.bits // 8 + 2 * SCALE_BYTES
+        if self.bits is None:
+            per_token = self.rank * shape.element_bytes
+        else:
+            per_token = self.rank * self.bits // 8 + 2 * SCALE_BYTES
         coefficients = sum(tokens) * 2 * per_token
         bases = len(tokens) * 2 * shape.head_dim * self.rank * shape.element_bytes
         return int(round((coefficients + bases) * shape.num_kv_heads))
