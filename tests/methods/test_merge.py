@@ -11,7 +11,7 @@ from transformers import DynamicCache
 import kvslim
 from kvslim.cache.layer import LayerKV
 from kvslim.engine import LLM, SamplingParams
-from kvslim.methods import Observation
+from kvslim.methods import Observation, merge
 
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 71)]
 
@@ -62,9 +62,11 @@ def test_keep_one_is_the_full_cache(llama, prompt):
             token = ref.logits[:, -1:].argmax(-1)
 
 
-def test_merged_values_are_the_documented_weighted_means():
+@pytest.mark.parametrize("similarities", [1 << 26, 300])  # at once, and 2 rows of similarities at a time
+def test_merged_values_are_the_documented_weighted_means(monkeypatch, similarities):
     """Against a direct loop: each evicted token joins the kept token with the highest key cosine; the kept value
     becomes the softmax(score)-weighted mean of itself and what joined it."""
+    monkeypatch.setattr(merge, "_SIMILARITIES", similarities)
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(2, 3, 20, 8, generator=gen), torch.randn(2, 3, 20, 8, generator=gen)
     obs = _observation(keys, values)

@@ -37,8 +37,8 @@ from .base import Observation, ScoredEviction
 from .registry import register
 from .snapkv import SnapKV
 
-#: evicted tokens whose nearest kept key is found at once (bounds the (rows x T) similarity matrix)
-_CHUNK = 1024
+#: similarities (B x H x rows x T) computed at once while finding nearest kept keys: bounds the working memory
+_SIMILARITIES = 1 << 26
 
 
 def merged_values(keys: Tensor, values: Tensor, scores: Tensor, keep: Tensor, evicted: Tensor,
@@ -54,9 +54,10 @@ def merged_values(keys: Tensor, values: Tensor, scores: Tensor, keep: Tensor, ev
     weights = weights.masked_fill(~held, 0.0).nan_to_num(0.0)
     unit = F.normalize(keys.float(), dim=-1)
     nearest = torch.empty(scores.shape, dtype=torch.long, device=keys.device)
-    for start in range(0, keys.shape[2], _CHUNK):
-        sims = unit[:, :, start : start + _CHUNK] @ unit.transpose(-1, -2)  # (B,H,c,T)
-        nearest[:, :, start : start + _CHUNK] = sims.masked_fill(~targets[:, :, None], float("-inf")).argmax(-1)
+    chunk = max(1, _SIMILARITIES // max(1, scores.numel()))
+    for start in range(0, keys.shape[2], chunk):
+        sims = unit[:, :, start : start + chunk] @ unit.transpose(-1, -2)  # (B,H,chunk,T)
+        nearest[:, :, start : start + chunk] = sims.masked_fill(~targets[:, :, None], float("-inf")).argmax(-1)
     moving = evicted & targets.any(-1, keepdim=True)
     mass = (weights * moving).unsqueeze(-1)  # (B,H,T,1): an evicted token's weight, 0 for every other row
     index = nearest.unsqueeze(-1)
