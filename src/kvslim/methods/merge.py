@@ -92,8 +92,10 @@ class Merging(ScoredEviction):
 
     @property
     def spec(self) -> str:
-        inner = (self.merges or SnapKV)(**{f.name: getattr(self, f.name) for f in fields(self) if f.init})
-        return f"merge({inner.spec})"
+        if self.name != Merging.name:  # a wrapper around this merging scorer (adakv(merge(...))) names itself
+            return super().spec
+        inner = self.merges or SnapKV
+        return f"merge({inner(**{f.name: getattr(self, f.name) for f in fields(inner) if f.init}).spec})"
 
 
 @register
