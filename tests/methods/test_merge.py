@@ -110,7 +110,8 @@ def test_specs_and_refusals():
     assert kvslim.policy("merge(snapkv(window=16),keep=0.25)").spec.startswith("merge(snapkv(keep=0.25,")
     assert "window=16" in kvslim.policy("merge(snapkv(window=16),keep=0.25)").spec
     assert kvslim.policy(kvslim.policy("merge(h2o,keep=0.5)").spec).spec == kvslim.policy("merge(h2o,keep=0.5)").spec
-    for spec in ("merge(adakv(keydiff),keep=0.3)", "adakv(merge(keydiff),keep=0.3)", "merge(snapkv(window=8),keep=0.3)"):
+    for spec in ("merge(adakv(keydiff),keep=0.3)", "adakv(merge(keydiff),keep=0.3)",
+                 "merge(snapkv(window=8),keep=0.3)"):
         assert kvslim.policy(kvslim.policy(spec).spec).spec == kvslim.policy(spec).spec
     assert kvslim.policy("adakv(merge(keydiff),keep=0.3)").spec.startswith("adakv(merge(keydiff(")
     with pytest.raises(ValueError, match="not a token scorer"):
