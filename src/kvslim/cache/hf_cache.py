@@ -73,10 +73,10 @@ class _Layer(LayerKV, CacheLayerMixin):
         if held is not None:
             self.tracker.appended(held, self.seen - keys.shape[2], keys.shape[2])  # type: ignore[union-attr]
 
-    def select(self, keep: Tensor) -> None:
+    def select(self, keep: Tensor, values: Tensor | None = None) -> None:
         if self.tracker is not None:
             self.tracker.selected(self.valid(), keep, self.lengths, self.seen)
-        super().select(keep)
+        super().select(keep, values)
 
     def nbytes(self) -> int:
         """Storage plus the recorded slots (see :mod:`.window`): both are device memory this layer holds."""
@@ -339,7 +339,13 @@ class Cache(HFCache):
             "host_nbytes": sum(seg.host_nbytes() for layer in self.layers for seg in layer.segments),
             "full_nbytes": full_bytes,
             "bytes_ratio": self.nbytes() / full_bytes if full_bytes else 1.0,
+            **self._reconstruction_errors(),
         }
+
+    def _reconstruction_errors(self) -> dict[str, Any]:
+        """``reconstruction_error`` per layer where a storage format records one in the layer's state (lowrank)."""
+        errors = [layer.state.get("reconstruction_error") for layer in self.layers]
+        return {"reconstruction_error": errors} if any(e is not None for e in errors) else {}
 
     def bytes_per_sequence(self, host: bool = False) -> list[int]:
         """Bytes held for each sequence of the batch (``host``: only those offloaded to host memory, as KCache's

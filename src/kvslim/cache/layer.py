@@ -76,18 +76,26 @@ class LayerKV:
         bounds = [sum(widths[:a]) for a, _ in self._groups()] + [sum(widths)]
         return [x[:, :, lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
-    def select(self, keep: Tensor) -> None:
+    def rewritable(self) -> Tensor:
+        """(B,H,T over the dense layout) True where a held token is stored in the model's dtype (a dense segment),
+        so :meth:`select` can give it a new value; packed rows are not re-encoded."""
+        return torch.cat([s.valid_mask() & isinstance(s, DenseSegment) for s in self.segments], -1)
+
+    def select(self, keep: Tensor, values: Tensor | None = None) -> None:
         """Keep only the tokens where ``keep`` (B,H,T over the dense layout) is True; storage shrinks.
 
+        ``values`` (B,H,T,Dv over the dense layout), when given, replace the values of the kept tokens held in
+        dense segments (see :meth:`rewritable`; merging methods fold evicted values into them).
         Consecutive dense segments are merged, so repeated eviction never piles up segments; a
         ragged result is closed and new tokens start a fresh uniform segment at the end of the
         layout (so the newest tokens are always the last columns of the dense layout).
         """
         kept: list[Segment] = []
-        for (a, b), part in zip(self._groups(), self._run_slices(keep)):
+        new_values = self._run_slices(values) if values is not None else [None] * len(self._groups())
+        for (a, b), part, new in zip(self._groups(), self._run_slices(keep), new_values):
             if isinstance(self.segments[a], DenseSegment):
-                keys, values, valid = _dense_run(self.segments[a:b])
-                kept.append(DenseSegment.from_padded(keys, values, part & valid))
+                keys, old, valid = _dense_run(self.segments[a:b])
+                kept.append(DenseSegment.from_padded(keys, old if new is None else new.to(old.dtype), part & valid))
             else:
                 kept.append(self.segments[a].select(part))
         self.segments = [s for s in kept if s.tokens] or kept[-1:]

@@ -246,11 +246,17 @@ class ScoredEviction(Method):
         """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest."""
         if bool((obs.valid.sum(-1) <= k).all()):
             return
-        scores = self.score(obs).float()
-        scores = scores.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
+        raw = self.score(obs).float()
+        scores = raw.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
         keep = self.choose(scores, k) & obs.valid
+        values = self.kept_values(obs, raw, keep)
         self.reflow(obs, keep)
-        obs.layer.select(keep)
+        obs.layer.select(keep, values)
+
+    def kept_values(self, obs: Observation, scores: Tensor, keep: Tensor) -> Tensor | None:
+        """Values (B,H,T,Dv over the dense layout) the kept tokens take on when ``keep`` is applied, given the
+        scorer's own ``scores`` (B,H,T); None keeps their values. Merging (:mod:`kvslim.methods.merge`) overrides it."""
+        return None
 
     def choose(self, scores: Tensor, k: Tensor) -> Tensor:
         """Which tokens to keep given masked scores (B,H,T) and the budget ``k`` (B,H): the top ``k`` per row."""

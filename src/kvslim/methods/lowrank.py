@@ -1,0 +1,192 @@
+"""Low-rank keys and values: each KV head stores rank-R coefficients plus its own basis instead of full rows.
+
+After Palu (Chang et al. 2024, "Palu: Compressing KV-Cache with Low-Rank Projection", arXiv:2407.21118),
+Eigen Attention (Saxena et al. 2024, arXiv:2408.05646) and ShadowKV's low-rank keys (Sun et al. 2024,
+arXiv:2410.21465), but with no calibration data: at the first prefill, per layer, sequence and KV head, the
+basis is the top-``rank`` eigenvectors of the Gram matrix ``X^T X`` of the keys held (and, separately, of the
+values), i.e. the right singular vectors of the prompt's own keys/values. Uncentred, so a rank of ``head_dim``
+is an orthonormal change of basis and reconstructs exactly (up to float rounding).
+
+Each token is stored as ``rank`` key and ``rank`` value coefficients in the model's dtype (or, with ``bits=4``
+or ``bits=8``, as per-token integer codes with one fp16 scale and zero point); attention
+reconstructs keys and values (coefficients times basis) for the layer that attends. Tokens decoded later, and
+prompt chunks after the first, are projected onto that prefill basis. Bytes held: per (sequence, KV head),
+``2 x rank`` coefficients per token (plus their scales with ``bits=``) and the two ``head_dim x rank`` bases.
+
+A storage format: it comes last, after any evictor (``snapkv+lowrank(rank=16)``: the basis is computed from
+the tokens the evictor kept). A quantizer after it is refused: it would quantize full rows, which lowrank no
+longer holds; ``bits=`` quantizes the coefficients themselves. The paged engine refuses it (its pages hold
+full rows).
+The relative reconstruction error (Frobenius) of the prefill's keys and values is recorded per layer in
+``state["reconstruction_error"]`` and reported by ``kvslim.Cache.stats()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cache.layer import LayerKV
+from ..cache.quantized import TokenGroups, merge_order
+from ..cache.segments import DenseSegment, Segment, ragged_to_padded
+from ..shape import KVShape
+from .base import Method, Observation
+from .quantizers import SCALE_BYTES
+from .registry import register
+
+
+def principal_basis(rows: Tensor, valid: Tensor, rank: int) -> Tensor:
+    """(B,H,D,rank) orthonormal basis of the top-``rank`` directions of ``rows`` (B,H,T,D) where ``valid``.
+
+    Eigenvectors of the float32 Gram matrix (D x D), so the basis is complete even when a head holds fewer
+    than ``rank`` tokens.
+    """
+    x = rows.float() * valid.unsqueeze(-1)
+    _, vectors = torch.linalg.eigh(x.transpose(-1, -2) @ x)  # ascending eigenvalues
+    return vectors.flip(-1)[..., :rank].contiguous()
+
+
+#: a segment's coefficient rows (N, rank): in the model's dtype, or per-token integer codes (``bits=``)
+Coefficients = Tensor | TokenGroups
+
+
+def _decode(coef: Coefficients) -> Tensor:
+    return coef.decode() if isinstance(coef, TokenGroups) else coef.float()
+
+
+def _take(coef: Coefficients, rows: Tensor) -> Coefficients:
+    return coef.take(rows) if isinstance(coef, TokenGroups) else coef[rows]
+
+
+def _concat(older: Coefficients, newer: Coefficients, heads: Tensor, newer_heads: Tensor) -> Coefficients:
+    if isinstance(older, TokenGroups):
+        return older.concat(newer, heads, newer_heads)  # type: ignore[arg-type]
+    return torch.cat([older, newer])[merge_order(heads, newer_heads)]  # type: ignore[list-item]
+
+
+class LowRankSegment(Segment):
+    """Key and value coefficients (rows ordered by sequence, head, token; ``rank`` each) and per-head bases."""
+
+    def __init__(self, key_coef: Coefficients, value_coef: Coefficients, lengths: Tensor, key_basis: Tensor,
+                 value_basis: Tensor):
+        self.key_coef, self.value_coef, self.lengths = key_coef, value_coef, lengths
+        self.key_basis, self.value_basis = key_basis, value_basis
+
+    @classmethod
+    def project(cls, keys: Tensor, values: Tensor, valid: Tensor, key_basis: Tensor, value_basis: Tensor,
+                bits: int | None) -> LowRankSegment:
+        """Store the ``valid`` rows of (B,H,T,D) keys/values as coefficients on the (B,H,D,R) bases, in the model's
+        dtype or (``bits``) as per-token codes with one fp16 scale and zero point per token."""
+        coefs = []
+        for rows, basis in ((keys, key_basis), (values, value_basis)):
+            coef = (rows.float() @ basis.float())[valid]
+            coefs.append(coef.to(rows.dtype) if bits is None else TokenGroups.encode(coef, bits, coef.shape[-1]))
+        return cls(*coefs, valid.sum(-1), key_basis, value_basis)
+
+    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        key_coef, valid = ragged_to_padded(_decode(self.key_coef), self.lengths)
+        value_coef, _ = ragged_to_padded(_decode(self.value_coef), self.lengths)
+        keys = (key_coef @ self.key_basis.float().transpose(-1, -2)).to(self.key_basis.dtype)
+        values = (value_coef @ self.value_basis.float().transpose(-1, -2)).to(self.value_basis.dtype)
+        return keys, values, valid
+
+    def select(self, keep: Tensor) -> LowRankSegment:
+        index, valid = ragged_to_padded(torch.arange(self.tokens, device=self.lengths.device), self.lengths)
+        mask = keep & valid
+        rows = index[mask]
+        return LowRankSegment(_take(self.key_coef, rows), _take(self.value_coef, rows), mask.sum(-1),
+                              self.key_basis, self.value_basis)
+
+    def concat(self, newer: LowRankSegment) -> LowRankSegment:
+        """This segment's tokens followed, per (sequence, head), by ``newer``'s (same bases)."""
+        heads, newer_heads = (torch.repeat_interleave(torch.arange(s.lengths.numel(), device=s.lengths.device),
+                                                      s.lengths.flatten()) for s in (self, newer))
+        return LowRankSegment(_concat(self.key_coef, newer.key_coef, heads, newer_heads),
+                              _concat(self.value_coef, newer.value_coef, heads, newer_heads),
+                              self.lengths + newer.lengths, self.key_basis, self.value_basis)
+
+    def nbytes(self) -> int:
+        coefs = sum(c.nbytes() if isinstance(c, TokenGroups) else c.numel() * c.element_size()
+                    for c in (self.key_coef, self.value_coef))
+        return coefs + sum(t.numel() * t.element_size() for t in (self.key_basis, self.value_basis))
+
+
+@register
+@dataclass
+class LowRank(Method):
+    """Store every held token as ``rank`` key and ``rank`` value coefficients on a per-head prefill basis."""
+
+    rank: int = 32
+    #: None: coefficients in the model's dtype; 4 or 8: per-token asymmetric integer codes over the ``rank``
+    #: coefficients, one fp16 scale and zero point per token (as ``int8``/``int4`` store full rows)
+    bits: int | None = None
+    name = "lowrank"
+    summary = ("keys and values stored as rank-R coefficients on each head's own prefill basis (SVD of the prompt's "
+               "keys/values, no calibration), reconstructed at attention; bits=4|8 quantizes the coefficients; "
+               "HF path only")
+    paper = ("after Palu (Chang et al. 2024, arXiv:2407.21118) and Eigen Attention (Saxena et al. 2024, "
+             "arXiv:2408.05646), calibration-free")
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"{self.name}: rank={self.rank} must be a positive number of coefficients per token, "
+                             "at most head_dim")
+        if self.bits not in (None, 4, 8):
+            raise ValueError(f"{self.name}: bits={self.bits} must be None (coefficients in the model dtype), 4 or 8")
+        if self.bits == 4 and self.rank % 2:
+            raise ValueError(f"{self.name}: bits=4 packs two coefficients to a byte, so rank={self.rank} must be even")
+
+    def check_hybrid(self, parts: list[Method], position: int) -> None:
+        if position != len(parts) - 1:
+            raise ValueError(f"{'+'.join(p.name for p in parts)}: {self.name} stores what the other parts keep as "
+                             "low-rank coefficients, so it comes last and takes no quantizer after it: write e.g. "
+                             f"'snapkv+{self.name}'")
+
+    def on_prefill(self, obs: Observation) -> None:
+        self.store(obs.layer)
+
+    def on_decode(self, obs: Observation) -> None:
+        self.store(obs.layer)
+
+    def store(self, layer: LayerKV) -> None:
+        """Project every full-precision token onto the layer's bases (computed from what it holds, the first time)."""
+        dense = [s for s in layer.segments if isinstance(s, DenseSegment)]
+        if not dense:
+            return
+        if "lowrank" not in layer.state:
+            keys, values, valid = layer.dense(dense[0].keys.dtype)
+            if self.rank > min(keys.shape[-1], values.shape[-1]):
+                raise ValueError(f"{self.name}: rank={self.rank} must be at most head_dim={keys.shape[-1]}")
+            # the bases are stored in the model's dtype, as the coefficients
+            layer.state["lowrank"] = bases = (principal_basis(keys, valid, self.rank).to(keys.dtype),
+                                              principal_basis(values, valid, self.rank).to(values.dtype))
+            layer.state["reconstruction_error"] = {"keys": _error(keys, valid, bases[0]),
+                                                   "values": _error(values, valid, bases[1])}
+        key_basis, value_basis = layer.state["lowrank"]
+        stored: list[Segment] = []
+        for seg in layer.segments:
+            if isinstance(seg, DenseSegment):
+                keys, values, valid = seg.dense()
+                seg = LowRankSegment.project(keys, values, valid, key_basis, value_basis, self.bits)
+            if stored and isinstance(seg, LowRankSegment) and isinstance(stored[-1], LowRankSegment):
+                seg = stored.pop().concat(seg)
+            stored.append(seg)
+        layer.replace(stored)
+
+    def storage_bytes(self, shape: KVShape, tokens: list[float]) -> int:
+        if self.bits is None:
+            per_token = self.rank * shape.element_bytes
+        else:
+            per_token = self.rank * self.bits // 8 + 2 * SCALE_BYTES
+        coefficients = sum(tokens) * 2 * per_token
+        bases = len(tokens) * 2 * shape.head_dim * self.rank * shape.element_bytes
+        return int(round((coefficients + bases) * shape.num_kv_heads))
+
+
+def _error(rows: Tensor, valid: Tensor, basis: Tensor) -> float:
+    """Relative Frobenius error of projecting the ``valid`` rows of (B,H,T,D) onto (B,H,D,R) ``basis`` and back."""
+    x = rows.float() * valid.unsqueeze(-1)
+    residual = x - x @ basis @ basis.transpose(-1, -2)
+    norm = float(x.norm())
+    return float(residual.norm()) / norm if norm else 0.0

@@ -1,0 +1,98 @@
+"""lowrank(rank=R): per-head prefill bases, rank-R coefficients stored; exact at rank=head_dim, bytes by formula."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvslim
+from kvslim.engine import LLM
+from kvslim.methods.lowrank import LowRankSegment
+
+
+def _prefill(model, ids, policy) -> kvslim.Cache:
+    cache = kvslim.Cache(policy, model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_full_rank_is_the_full_cache(model, prompt):
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else \
+        model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        ref = model(prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        cache = kvslim.Cache(kvslim.policy(f"lowrank(rank={head_dim})"), model.config)
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        ref_cache, token = ref.past_key_values, ref.logits[:, -1:].argmax(-1)
+        for _ in range(3):  # decoded tokens are projected onto the (complete) prefill basis
+            ref = model(token, past_key_values=ref_cache, use_cache=True)
+            out = model(token, past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+            token = ref.logits[:, -1:].argmax(-1)
+    assert all(isinstance(s, LowRankSegment) for layer in cache.layers for s in layer.segments)
+    assert max(max(e.values()) for e in cache.stats()["reconstruction_error"]) < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["lowrank(rank=4)", "snapkv(window=8,keep=0.25)+lowrank(rank=4)",
+                                  "lowrank(rank=4,bits=8)", "lowrank(rank=4,bits=4)"])
+def test_bytes_are_coefficients_and_bases(llama, prompt, spec):
+    policy = kvslim.policy(spec)
+    cache = _prefill(llama, prompt, policy)
+    shape, rank = cache.shape, 4
+    tokens = prompt.shape[1] if "keep" not in spec else math.ceil(prompt.shape[1] * 0.25)
+    # per token and head: rank key and rank value coefficients, in the model dtype or as codes + fp16 scale and zero
+    bits = int(spec.split("bits=")[1][0]) if "bits=" in spec else None
+    coef = rank * shape.element_bytes if bits is None else rank * bits // 8 + 4
+    per_layer = shape.num_kv_heads * (tokens * 2 * coef + 2 * shape.head_dim * rank * shape.element_bytes)
+    assert cache.nbytes() == shape.num_layers * per_layer == policy.expected_bytes(shape, prompt.shape[1])
+    assert cache.nbytes() < _prefill(llama, prompt, kvslim.policy("full")).nbytes()
+    with torch.no_grad():  # a decoded token adds 2 x rank coefficients per head
+        llama(prompt[:, -1:], past_key_values=cache, use_cache=True)
+    assert cache.nbytes() == shape.num_layers * (per_layer + shape.num_kv_heads * 2 * coef)
+
+
+def test_quantized_coefficients_stay_close(llama, prompt):
+    """8-bit coefficients reconstruct the same keys/values as model-dtype coefficients, to within their step."""
+    exact = _prefill(llama, prompt, kvslim.policy("lowrank(rank=8)"))
+    packed = _prefill(llama, prompt, kvslim.policy("lowrank(rank=8,bits=8)"))
+    for a, b in zip(exact.layers, packed.layers):
+        ka, va, _ = a.dense(torch.float32)
+        kb, vb, _ = b.dense(torch.float32)
+        assert (ka - kb).norm() < 0.02 * ka.norm() and (va - vb).norm() < 0.02 * va.norm()
+
+
+def test_decode_time_eviction_drops_coefficient_rows(llama, prompt):
+    cache = _prefill(llama, prompt, kvslim.policy("rkv(budget=32,window=4)+lowrank(rank=4,bits=4)"))
+    token = prompt[:, -1:]
+    with torch.no_grad():
+        for _ in range(5):
+            token = llama(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    assert all((layer.lengths == 32).all() for layer in cache.layers)
+    assert all(isinstance(s, LowRankSegment) for layer in cache.layers for s in layer.segments)
+
+
+def test_error_decreases_with_rank(llama, prompt):
+    errors = []
+    for rank in (1, 2, 4, 8):
+        stats = _prefill(llama, prompt, kvslim.policy(f"lowrank(rank={rank})")).stats()["reconstruction_error"]
+        errors.append(sum(e["keys"] + e["values"] for e in stats))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
+
+
+def test_refusals(llama, prompt):
+    with pytest.raises(ValueError, match="at most head_dim"):
+        _prefill(llama, prompt, kvslim.policy("lowrank(rank=4096)"))
+    with pytest.raises(ValueError, match="positive"):
+        kvslim.policy("lowrank(rank=0)")
+    with pytest.raises(ValueError, match="must be None"):
+        kvslim.policy("lowrank(rank=4,bits=2)")
+    with pytest.raises(ValueError, match="must be even"):
+        kvslim.policy("lowrank(rank=5,bits=4)")
+    with pytest.raises(ValueError, match="comes last"):
+        kvslim.policy("lowrank(rank=4)+kivi4")
+    with pytest.raises(ValueError, match="use kvslim.Cache for lowrank"):
+        LLM(llama, policy="snapkv(keep=0.25)+lowrank(rank=4)", kv_memory=0.01)
