@@ -11,7 +11,6 @@ from transformers import DynamicCache
 import kvslim
 from kvslim.cache.layer import LayerKV
 from kvslim.methods import Observation
-from kvslim.methods.expected_attention import rotate_half
 
 SPECS = [
     "keydiff",

@@ -128,18 +128,8 @@ class BenchConfig:
             get_task(name)
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ValueError(f"lengths {self.lengths} must be positive token counts")
-        limit = getattr(model_config, "max_position_embeddings", None)
-        if limit and max(self.lengths) > limit:
-            raise ValueError(f"length {max(self.lengths)} exceeds {self.model}'s context of {limit} tokens")
-        for name, value in (("samples", self.samples), ("batch_size", self.batch_size), ("ppl_tokens", self.ppl_tokens)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"unknown device {self.device!r}; valid devices: cpu, cuda, cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+        check_settings(self.model, model_config, self.lengths, self.dtype, self.device,
+                       {"samples": self.samples, "batch_size": self.batch_size, "ppl_tokens": self.ppl_tokens})
         return runs
 
     @property
@@ -163,6 +153,24 @@ class BenchConfig:
             f"--batch-size {self.batch_size}", f"--ppl-tokens {self.ppl_tokens}",
         ]
         return " ".join(parts + (["--chat"] if self.chat else []))
+
+
+def check_settings(model: str, model_config: Any, lengths: list[int], dtype: str, device: str,
+                   counts: dict[str, int]) -> None:
+    """What every benchmark checks before loading weights: lengths within the model's context, positive counts,
+    a known dtype and a device that exists here; ``ValueError`` naming the fix."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and max(lengths) > limit:
+        raise ValueError(f"length {max(lengths)} exceeds {model}'s context of {limit} tokens")
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"unknown device {device!r}; valid devices: cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
 
 
 _IDENTITY = ("model", "device", "dtype", "seed", "chat", "ppl_tokens")

@@ -16,7 +16,7 @@ On CUDA the decode step replays CUDA graphs (:class:`DecodeGraphs`) unless ``enf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

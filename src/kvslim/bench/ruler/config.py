@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ...models import load_config
-from ..config import DTYPES, BenchConfig, Run
+from ..config import DTYPES, BenchConfig, Run, check_settings
 from .protocols import PROTOCOLS
 from .tasks import get_ruler_task, ruler_tasks
 
@@ -61,18 +61,8 @@ class RulerConfig:
         if not self.lengths or min(self.lengths) < shortest:
             raise ValueError(f"lengths {self.lengths}: RULER lengths count input and answer tokens; give at "
                              f"least {shortest}, e.g. 4k,8k")
-        limit = getattr(model_config, "max_position_embeddings", None)
-        if limit and max(self.lengths) > limit:
-            raise ValueError(f"length {max(self.lengths)} exceeds {self.model}'s context of {limit} tokens")
-        for name, value in (("samples", self.samples), ("batch_size", self.batch_size)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"unknown device {self.device!r}; valid devices: cpu, cuda, cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+        check_settings(self.model, model_config, self.lengths, self.dtype, self.device,
+                       {"samples": self.samples, "batch_size": self.batch_size})
         return runs
 
     @property
