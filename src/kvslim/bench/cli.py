@@ -14,7 +14,7 @@ from rich.console import Console
 
 from ..models import resolve
 from ..models.help import MODEL_HELP
-from .config import BenchConfig, parse_keeps, parse_lengths, parse_list
+from .config import BenchConfig, default_dtype, parse_keeps, parse_lengths, parse_list
 from .harness import run_benchmark
 from .report import print_summary
 from .ruler.cli import main as ruler_main
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ruler: query-aware, query-agnostic or both (default)")
     parser.add_argument("--out", default=None, help="run directory; rerunning with the same one resumes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="sample generation seed")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences generated together (default: 1, which gives per-sample latencies; ruler: 8)")
@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         model=get("model"), policies=parse_list(get("policies")), keeps=parse_keeps(get("keep")),
         tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=get("samples"),
-        out=args.out or "results/bench", device=args.device, dtype=args.dtype, seed=args.seed,
+        out=args.out or "results/bench", device=args.device, dtype=default_dtype(args.dtype, args.device), seed=args.seed,
         batch_size=get("batch_size"), chat=args.chat, ppl_tokens=args.ppl_tokens,
     )
 

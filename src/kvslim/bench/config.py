@@ -155,6 +155,11 @@ class BenchConfig:
         return " ".join(parts + (["--chat"] if self.chat else []))
 
 
+def default_dtype(dtype: str | None, device: str) -> str:
+    """``--dtype``, else bfloat16 on a GPU and float32 on the CPU (as every kvslim entry point loads models)."""
+    return dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
 def check_settings(model: str, model_config: Any, lengths: list[int], dtype: str, device: str,
                    counts: dict[str, int]) -> None:
     """What every benchmark checks before loading weights: lengths within the model's context, positive counts,

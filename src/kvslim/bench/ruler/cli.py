@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...models import resolve
-from ..config import parse_keeps, parse_lengths, parse_list
+from ..config import default_dtype, parse_keeps, parse_lengths, parse_list
 from ..store import check_config
 from .config import DEFAULT_POLICIES, DEFAULT_SAMPLES, LEADERBOARD_KEEPS, RulerConfig
 from .protocols import parse_protocols
@@ -36,7 +36,7 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
         model=get("model"), policies=parse_list(get("policies")), keeps=parse_keeps(get("keep")),
         tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=samples,
         protocols=parse_protocols(args.protocols), out=args.out or "results/ruler", device=args.device,
-        dtype=args.dtype, seed=args.seed, batch_size=get("batch_size"),
+        dtype=default_dtype(args.dtype, args.device), seed=args.seed, batch_size=get("batch_size"),
         chat=True if args.chat else False if args.no_chat else None,
     )
 
