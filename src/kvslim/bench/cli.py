@@ -6,19 +6,17 @@ code. Mistakes in names (policy, task, model, dtype) are reported as one line, b
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from ..models import resolve
 from ..models.help import MODEL_HELP
 from .config import BenchConfig, default_dtype, parse_keeps, parse_lengths, parse_list
 from .harness import run_benchmark
+from .launch import launch
 from .report import print_summary
 from .ruler.cli import main as ruler_main
-from .store import check_config
 
 DEFAULT_DEMO = ["--model", "smollm2-135m", "--policies", "full,snapkv,streaming,kivi4,snapkv+kivi4", "--keep", "0.25",
                 "--tasks", "passkey", "--lengths", "1k", "--samples", "5", "--out", "results/demo"]
@@ -95,22 +93,9 @@ def main_from_args(args: argparse.Namespace) -> int:
         add_arguments(parser)
         args = parser.parse_args(DEFAULT_DEMO + (["--no-progress"] if args.no_progress else []))
     console = Console()
-    try:
-        config = config_from_args(args)
-        config.validate()
-        check_config(Path(config.out), config.identity())
-        if not resolve(config.model).real_weights:
-            raise ValueError(f"model {config.model!r} has random weights and no tokenizer: benchmark a real model "
-                             "(smollm2-135m, qwen2.5-coder-0.5b, a model directory, a .gguf file)")
-    except ValueError as err:
-        print(f"kvslim bench: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        summary = run_benchmark(config, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished samples are kept in {config.out}; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    config, summary = launch(lambda: config_from_args(args), run_benchmark, not args.no_progress)
+    if isinstance(summary, int):
+        return summary
     settings = summary["settings"]
     print_summary(summary["rows"], f"{config.model} on {config.device}, {settings['prompt_format']} prompts",
                   console)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from ...models import resolve
 from ..config import default_dtype, parse_keeps, parse_lengths, parse_list
-from ..store import check_config
+from ..launch import launch
 from .config import DEFAULT_POLICIES, DEFAULT_SAMPLES, LEADERBOARD_KEEPS, RulerConfig
 from .protocols import parse_protocols
 from .report import leaderboard_md
@@ -43,22 +41,9 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Run RULER as the arguments describe and print the leaderboard; returns the exit code."""
-    try:
-        config = config_from_args(args)
-        config.validate()
-        check_config(Path(config.out), config.identity())
-        if not resolve(config.model).real_weights:
-            raise ValueError(f"model {config.model!r} has random weights and no tokenizer: run RULER on a real "
-                             "model (qwen2.5-coder-0.5b, smollm2-135m, a model directory, a .gguf file)")
-    except ValueError as err:
-        print(f"kvslim bench: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        summary = run_ruler(config, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished samples are kept in {config.out}; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    config, summary = launch(lambda: config_from_args(args), run_ruler, not args.no_progress)
+    if isinstance(summary, int):
+        return summary
     settings = summary["settings"]
     print(leaderboard_md(summary["leaderboard"], config.keeps, config.model))
     print(f"{settings['done']}/{settings['planned']} samples in {settings['elapsed_s']:.0f} s "
