@@ -65,12 +65,7 @@ def run_benchmark(config: BenchConfig, progress: bool = True, loader: Loader | N
             for task in map(get_task, config.tasks) for length in config.lengths]
     planned = [(task.name, length, s.id, run.policy, run.keep, None) for task, length, samples in work
                for run in runs for s in samples]
-    # A line counts as done only if it ran with today's full parameters: when a method's defaults change,
-    # its old lines are redone (the newer line wins) instead of being mixed into the summary.
-    specs = {(run.policy, run.keep): run.build().spec for run in runs}
-
-    def done(key: tuple[Any, ...]) -> bool:
-        return key in log.records and log.records[key]["policy_spec"] == specs[key[3:5]]
+    done = log.finished(runs)
 
     bar = tqdm(total=len(planned), initial=sum(map(done, planned)), disable=not progress, unit="sample",
                dynamic_ncols=True)

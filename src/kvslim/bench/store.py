@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SAMPLES = "samples.jsonl"
 CONFIG = "config.json"
@@ -51,6 +51,12 @@ class SampleLog:
             f.flush()
             os.fsync(f.fileno())
         self.records[key_of(record)] = record
+
+    def finished(self, runs: list[Any]) -> Callable[[Key], bool]:
+        """Whether a key's line is done: only if it ran with today's full parameters. When a method's defaults
+        change, its old lines are redone (the newer line wins) instead of being mixed into the summary."""
+        specs = {(run.policy, run.keep): run.build().spec for run in runs}
+        return lambda key: key in self.records and self.records[key]["policy_spec"] == specs[key[3:5]]
 
 
 def check_config(out: Path, identity: dict[str, Any]) -> None:

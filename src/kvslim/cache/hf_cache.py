@@ -276,13 +276,18 @@ class Cache(HFCache):
             if q_len > 1:
                 layer.state["prompt"] = layer.state["prompt"] + q_len
         phase = "prefill" if q_len > 1 or first else "decode"
-        if self.rope is not None and self.rope.device != query.device:
-            self.rope = self.rope.to(query.device)
+        rope = self._rope_on(query.device)
         if layer.window is not None:
-            self._expire(layer, Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, self.rope))
-        obs = Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, self.rope)
+            self._expire(layer, Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, rope))
+        obs = Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, rope)
         (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
         return out, None
+
+    def _rope_on(self, device: torch.device) -> Tensor | None:
+        """The RoPE frequencies on the queries' device (moved once, kept there)."""
+        if self.rope is not None and self.rope.device != device:
+            self.rope = self.rope.to(device)
+        return self.rope
 
     def _expire(self, layer: _Layer, obs: Observation) -> None:
         """Drop what a sliding-window layer's later queries cannot see, before the method acts on the rest;
@@ -310,9 +315,8 @@ class Cache(HFCache):
                              own[:, None].expand(batch, heads, q_len, q_len)], -1)
         out = routing.masked_attention(query, torch.cat([keys, own_keys], 2), torch.cat([values, own_values], 2),
                                        allowed, scaling, impl)
-        if self.rope is not None and self.rope.device != query.device:
-            self.rope = self.rope.to(query.device)
-        obs = Observation(layer, self.shape.num_layers, query, scaling, "probe", rope=self.rope)
+        rope = self._rope_on(query.device)
+        obs = Observation(layer, self.shape.num_layers, query, scaling, "probe", rope=rope)
         self.policy.on_probe(obs, own_keys, real)
         return out
 

@@ -59,10 +59,7 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
     setup_s = time.perf_counter() - started
     planned = [(task.name, length, s.id, run.policy, run.keep, protocol) for task, length, samples in work
                for run in runs for protocol in config.protocols for s in samples]
-    specs = {(run.policy, run.keep): run.build().spec for run in runs}
-
-    def done(key: tuple[Any, ...]) -> bool:
-        return key in log.records and log.records[key]["policy_spec"] == specs[key[3:5]]
+    done = log.finished(runs)
 
     bar = tqdm(total=len(planned), initial=sum(map(done, planned)), disable=not progress, unit="sample",
                dynamic_ncols=True)
