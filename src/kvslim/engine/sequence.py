@@ -90,7 +90,7 @@ class Sequence:
 
     @property
     def num_blocks_held(self) -> int:
-        return sum(b >= 0 for b in self.block_table)
+        return len(self.block_table) - self.block_table.count(-1)  # -1: a block a sliding window handed back
 
     def slot_lens(self, num_layers: int, num_heads: int) -> Tensor:
         """(L, H) slots held per layer and KV head."""
