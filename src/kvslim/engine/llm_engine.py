@@ -201,6 +201,18 @@ class LLMEngine:
         metrics.tier = None if self.tier is None else self.tier.stats.as_dict()
         return metrics
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (between requests): a benchmark that runs the same prompts again
+        measures them computed, not found."""
+        self.blocks.reset_prefix_cache()
+
+    def capture_graphs(self) -> None:
+        """Capture every decode CUDA graph the engine can replay now, instead of on the first step of each batch
+        size: a benchmark keeps capture time out of what it times. Nothing to do without graphs (CPU, eager)."""
+        runner = self.runner
+        if isinstance(runner, ModelRunner) and runner.graphs is not None and not runner.enforce_eager:
+            runner.graphs.capture(self.scheduler.max_num_seqs)
+
     def close(self) -> None:
         """Finish the KV tier's queued writes and release it; stop tensor-parallel workers."""
         if self.tier is not None:

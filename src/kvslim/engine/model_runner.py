@@ -386,6 +386,15 @@ class DecodeGraphs:
         self.graphs[size].replay()
         return self.hidden[:n]
 
+    def capture(self, max_batch: int) -> None:
+        """Capture now the graph of every size a batch of up to ``max_batch`` sequences runs in (each is otherwise
+        captured on its first step), between steps."""
+        for size in GRAPH_BATCHES:
+            if size not in self.graphs:
+                self._capture(size)
+            if size >= max_batch:
+                break
+
     def _kv_fields(self, kv: Any) -> list[Tensor]:
         return [kv] if isinstance(kv, Tensor) else [kv.rows, kv.ring_write, kv.ring_lens]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import count
 from typing import Any
 
@@ -36,36 +36,45 @@ class Refused(Exception):
     """The engine cannot run this policy (or this protocol with it); the message says why, in one line."""
 
 
-def _engine(model: Any, tokenizer: Any, run: Run, kv_memory: float) -> LLMEngine:
+Batch = tuple[str, int, Sequence[tuple[RulerTask, RulerSample]]]  # protocol, length, samples
+
+
+def run_batches(model: Any, tokenizer: Any, run: Run, batches: Sequence[Batch], stops: Sequence[int],
+                kv_memory: float) -> Iterator[tuple[str, int, "list[dict[str, Any]] | Refused"]]:
+    """Each batch's records (or why the engine refused it) through one engine for ``run`` with a ``kv_memory``
+    GiB pool: its decode graphs are captured before anything is timed, and it is freed (pool and graphs) before
+    the generator ends, so the next run's engine can allocate its own."""
     try:
-        return LLMEngine(model, tokenizer, policy=run.build(), kv_memory=kv_memory)
-    except RequestTooLarge:
-        raise
+        engine = LLMEngine(model, tokenizer, policy=run.build(), kv_memory=kv_memory)
     except ValueError as err:
-        raise Refused(str(err)) from None
-
-
-def engine_batch(model: Any, tokenizer: Any, work: Sequence[tuple[RulerTask, RulerSample]], run: Run,
-                 protocol: str, stops: Sequence[int], kv_memory: float) -> list[dict[str, Any]]:
-    """Submit every sample at once to a fresh engine for ``run`` with a ``kv_memory`` GiB pool, run it until all
-    are answered; one record per sample.
-
-    Raises :class:`Refused` when the engine refuses the policy or its requests (a suffix with a storage format),
-    and ``RequestTooLarge`` when a prompt cannot fit the pool even alone (raise ``kv_memory``).
-    """
-    engine = _engine(model, tokenizer, run, kv_memory)
+        for protocol, length, _ in batches:
+            yield protocol, length, Refused(str(err))
+        return
     try:
-        return _run(engine, tokenizer, work, run, protocol, stops, kv_memory)
+        engine.capture_graphs()
+        for protocol, length, work in batches:
+            try:
+                records: "list[dict[str, Any]] | Refused" = engine_batch(engine, tokenizer, work, run, protocol, stops,
+                                                                         kv_memory)
+            except Refused as err:
+                records = err
+            yield protocol, length, records
     finally:
-        engine.close()
-        del engine  # free the pool (and CUDA graphs) before the next batch's engine allocates its own
+        del engine
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _run(engine: LLMEngine, tokenizer: Any, work: Sequence[tuple[RulerTask, RulerSample]], run: Run,
-         protocol: str, stops: Sequence[int], kv_memory: float) -> list[dict[str, Any]]:
+def engine_batch(engine: LLMEngine, tokenizer: Any, work: Sequence[tuple[RulerTask, RulerSample]], run: Run,
+                 protocol: str, stops: Sequence[int], kv_memory: float) -> list[dict[str, Any]]:
+    """Submit every sample at once, run the engine until all are answered; one record per sample. The engine
+    forgets earlier batches' prefixes first (another protocol feeds full's same prompts).
+
+    Raises :class:`Refused` when the engine refuses the requests (a suffix with a storage format), and
+    ``RequestTooLarge`` when a prompt cannot fit the pool even alone (raise ``kv_memory``).
+    """
+    engine.reset_prefix_cache()
     started = time.perf_counter()
     requests: dict[str, tuple[RulerTask, RulerSample]] = {}
     try:
@@ -101,6 +110,6 @@ def _run(engine: LLMEngine, tokenizer: Any, work: Sequence[tuple[RulerTask, Rule
             "compression": full / peak if peak else None,
             "ttft_s": stats["ttft_s"], "tpot_s": stats["tpot_s"], "gen_s": stats["latency_s"],
             "tokens_per_s": stats["completion_tokens"] / stats["latency_s"] if stats["latency_s"] else None,
-            "preemptions": stats["preemptions"], **batch,
+            "preemptions": stats["preemptions"], "cached_prompt_tokens": stats["cached_prompt_tokens"], **batch,
         })
     return records

@@ -26,7 +26,7 @@ from ..config import Run
 from ..store import CONFIG, HF, Key, SampleLog, check_config, write_atomic, write_json
 from . import essays, leaderboard, plot, report
 from .config import RulerConfig
-from .engine import ENGINE, Refused, engine_batch
+from .engine import ENGINE, Refused, run_batches
 from .execute import generate_batch, stop_ids
 from .prompt import Framing
 from .tasks import RulerSample, RulerTask, get_ruler_task
@@ -113,18 +113,24 @@ def _engine_batches(model: Any, tokenizer: Any, config: RulerConfig, runs: list[
     """One engine batch per run, protocol and length: every task's samples not yet done, submitted at once; a run
     the engine refuses is noted in ``skipped`` (label, protocol, length, reason) and left out."""
     stops = stop_ids(model, tokenizer)
+    kv_memory: float = config.kv_memory  # type: ignore[assignment]  (RulerConfig.validate requires it with --engine)
+
+    def pending(run: Run, protocol: str, length: int) -> list[tuple[RulerTask, RulerSample]]:
+        return [(task, s) for task, at, samples in work if at == length for s in samples
+                if not done((task.name, length, s.id, run.policy, run.keep, protocol, ENGINE))]
+
     for run in runs:
-        for protocol in config.protocols:
-            for length in config.lengths:
-                batch = [(task, s) for task, at, samples in work if at == length for s in samples
-                         if not done((task.name, length, s.id, run.policy, run.keep, protocol, ENGINE))]
-                if not batch:
-                    continue
-                bar.set_description(f"engine {length} {run.label} {protocol} ({len(batch)} at once)")
-                try:
-                    yield engine_batch(model, tokenizer, batch, run, protocol, stops, config.kv_memory)
-                except Refused as err:
-                    skipped.append({"label": run.label, "protocol": protocol, "length": length, "reason": str(err)})
+        todo = [(protocol, length, pending(run, protocol, length)) for protocol in config.protocols
+                for length in config.lengths]
+        todo = [(protocol, length, batch) for protocol, length, batch in todo if batch]
+        if not todo:
+            continue
+        bar.set_description(f"engine {run.label}: {sum(len(b) for _, _, b in todo)} samples, a batch at once")
+        for protocol, length, records in run_batches(model, tokenizer, run, todo, stops, kv_memory):
+            if isinstance(records, Refused):
+                skipped.append({"label": run.label, "protocol": protocol, "length": length, "reason": str(records)})
+            else:
+                yield records
 
 
 def write_outputs(out: Path, config: RulerConfig, runs: list[Any], records: list[dict[str, Any]], chat: bool,
