@@ -127,7 +127,8 @@ def engine_rows(engine: Sequence[dict[str, Any]], hf: Sequence[dict[str, Any]], 
     """One row per protocol, length and policy run the engine ran: its RULER average and, on the samples the
     Hugging Face path also ran, that path's average and the share of samples answered identically; then what
     it cost in serving: the most sequences running at once, output tokens per second over its batches (wall
-    time, prefill included), time to first token (p50, p99, from submission) and preemptions."""
+    time, prefill included), time to first token (p50, p99, from submission), preemptions and the share of prompt
+    tokens found in the prefix cache (full's prompts share their openings; an evicting method's blocks never do)."""
     reference = {key_of(r)[:-1]: r for r in hf}
     by_run = _groups(engine, "protocol", "length", "policy", "keep")
     rows = []
@@ -150,6 +151,7 @@ def engine_rows(engine: Sequence[dict[str, Any]], hf: Sequence[dict[str, Any]], 
                 "ttft_p50_s": _percentile(ttft, 0.5) if ttft else None,
                 "ttft_p99_s": _percentile(ttft, 0.99) if ttft else None,
                 "preemptions": sum(b["engine_preemptions"] for b in batches),
+                "prefix_cached": sum(r["cached_prompt_tokens"] for r in group) / sum(r["prompt_tokens"] for r in group),
                 "kv_memory_gib": sorted({b["kv_memory_gib"] for b in batches}),
             })
     return rows

@@ -73,7 +73,7 @@ def length_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> 
 
 
 ENGINE_CSV = ["protocol", "length", "policy", "keep", "label", "n", "score", "paired", "hf_score", "same_answer",
-              "max_running", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "preemptions"]
+              "max_running", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "preemptions", "prefix_cached"]
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -88,9 +88,9 @@ def engine_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> 
     body = [[r["label"], str(r["n"]), f"{r['score']:.1f}", _num(r["hf_score"], ".1f"),
              "-" if r["same_answer"] is None else f"{100 * r['same_answer']:.0f}% of {r['paired']}",
              str(r["max_running"]), _num(r["output_tok_s"], ".0f"), _num(r["ttft_p50_s"], ".2f"),
-             _num(r["ttft_p99_s"], ".2f"), str(r["preemptions"])] for r in mine]
+             _num(r["ttft_p99_s"], ".2f"), str(r["preemptions"]), f"{100 * r['prefix_cached']:.0f}%"] for r in mine]
     return markdown_table(["run", "n", "score", "HF path's score", "same answer as HF", "max running",
-                           "output tok/s", "TTFT p50 (s)", "TTFT p99 (s)", "preemptions"], body)
+                           "output tok/s", "TTFT p50 (s)", "TTFT p99 (s)", "preemptions", "prefix-cached prompt"], body)
 
 
 def skipped_notes(skipped: Sequence[dict[str, Any]]) -> str:
@@ -163,8 +163,9 @@ def write_report(settings: dict[str, Any], board: Sequence[dict[str, Any]], task
                   "(query-agnostic: the question is the request's suffix, prefilled uncompressed after the compressed "
                   "context). *Same answer as HF*: share of the samples both paths ran with identical output text; "
                   "*output tok/s*: output tokens over the batch's wall time, prefill included; *TTFT*: from "
-                  "submission, queueing included; *max running*: most sequences the pool held at once. Engine rows' "
-                  "KV bytes are the peak bytes of a sequence's blocks."]
+                  "submission, queueing included; *max running*: most sequences the pool held at once; *prefix-cached "
+                  "prompt*: share of prompt tokens read from blocks an earlier request of the batch computed (only "
+                  "full shares blocks). Engine rows' KV bytes are the peak bytes of a sequence's blocks."]
         if skipped:
             parts.append(skipped_notes(skipped))
     for protocol, length in panels(board):
