@@ -60,3 +60,16 @@ def test_stop_token_ids_end_a_completion(llama) -> None:
     stopped = llm.generate([CONTEXTS[0]], SamplingParams(max_tokens=8, stop_token_ids=[free[2]]))[0]
     assert stopped.token_ids == free[:free.index(free[2])]
     assert stopped.completions[0].finish_reason == "stop"
+
+
+def test_a_preempted_suffix_request_resumes_where_it_was(llama) -> None:
+    """Preemption by recompute compresses the context again (the same tokens kept) and appends the suffix and the
+    output so far uncompressed: the answer is the one an unpreempted request gives."""
+    spec = "snapkv(keep=0.25,window=4)"
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # K and V x layers x block of 4 x KV heads x head dim x float32
+    llm = LLM(llama, policy=spec, kv_memory=22 * block_bytes / 2**30, block_size=4)
+    outs = llm.generate(CONTEXTS, SamplingParams(max_tokens=20, ignore_eos=True), suffixes=QUESTIONS)
+    assert llm.scheduler.preemptions > 0
+    for context, question, out in zip(CONTEXTS, QUESTIONS, outs):
+        hf, _, _ = kvslim.generate_ids(llama, [context], spec, max_new_tokens=20, suffix_ids=[question])
+        assert out.token_ids == hf[0]
