@@ -149,7 +149,8 @@ class BlockManager:
         """Forget every cached prefix, as if each free block were reused (a KV tier still gets its spill); only
         between requests: a block in use keeps its contents for its sequence."""
         if self.num_used:
-            raise RuntimeError(f"reset_prefix_cache with {self.num_used} blocks in use: finish or abort every request first")
+            raise RuntimeError(f"reset_prefix_cache with {self.num_used} blocks in use: finish or abort every request "
+                               "first")
         for block, key in enumerate(self.block_hash):
             if key is not None and self.hash_to_block.get(key) == block and self.on_forget is not None:
                 self.on_forget(block, key)

@@ -87,6 +87,7 @@ def engine_batch(engine: LLMEngine, tokenizer: Any, work: Sequence[tuple[RulerTa
     except ValueError as err:
         for request_id in requests:
             engine.abort(request_id)
+            engine.finished.pop(request_id, None)
         raise Refused(str(err)) from None
     preempted, most = engine.scheduler.preemptions, 0
     while engine.has_unfinished:
