@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="wrap prompts in the tokenizer's chat template (ruler does when the tokenizer has one)")
     parser.add_argument("--no-chat", action="store_true", help="ruler: plain prompts even for an instruct model")
+    parser.add_argument("--engine", action="store_true",
+                        help="ruler: generate through the paged engine (every prompt of a policy at once, continuous "
+                             "batching) and report max running sequences, output tok/s, TTFT and agreement with the "
+                             "Hugging Face path's answers in the same --out")
+    parser.add_argument("--kv-memory", type=float, default=None, help="ruler --engine: the KV pool in GiB, e.g. 2")
     parser.add_argument("--ppl-tokens", type=int, default=256, help="continuation tokens scored per perplexity sample")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--demo", action="store_true",

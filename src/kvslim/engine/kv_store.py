@@ -133,6 +133,13 @@ class DenseKV:
         write_heads(self.v_cache[layer], slots, values, lens)
         return lens, None
 
+    def write(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Store (H, T, D) keys/values at per-head flat ``slots`` (H, T): tokens appended after heads that hold
+        different numbers of slots (a suffix after a ragged compressed prefill)."""
+        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None].expand_as(slots)
+        self.k_cache[layer].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = keys
+        self.v_cache[layer].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = values
+
     # -- decoding -----------------------------------------------------------------------------------
     def grows(self, seq: Sequence) -> bool:
         """Whether the next decode step writes page slot ``seq.kv_slots`` (which must then be writable)."""

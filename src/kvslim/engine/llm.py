@@ -38,13 +38,18 @@ class LLM(LLMEngine):
         super().__init__(model_or_name, tokenizer, policy, kv_memory, block_size, tensor_parallel_size=tensor_parallel_size,
                          device=device if parallel else None, **engine_args)
 
-    def generate(self, prompts: "Sequence[str | list[int]] | str", params: SamplingParams | None = None
-                 ) -> list[RequestOutput]:
-        """Run every prompt to completion with continuous batching; outputs in prompt order."""
+    def generate(self, prompts: "Sequence[str | list[int]] | str", params: SamplingParams | None = None,
+                 suffixes: "Sequence[str | list[int]] | None" = None) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs in prompt order. ``suffixes``: one per
+        prompt, appended uncompressed after the prompt is compressed (see :meth:`LLMEngine.add_request`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+            suffixes = None if suffixes is None else [suffixes]  # type: ignore[list-item]
+        if suffixes is not None and len(suffixes) != len(prompts):
+            raise ValueError(f"{len(suffixes)} suffixes for {len(prompts)} prompts: give one suffix per prompt")
         params = params or SamplingParams()
-        ids = [self.add_request(p, params) for p in prompts]
+        ids = [self.add_request(p, params, suffix=None if suffixes is None else suffixes[i])
+               for i, p in enumerate(prompts)]
         while self.has_unfinished:
             self.step()
         return [self.finished.pop(i) for i in ids]

@@ -151,7 +151,10 @@ class ModelRunner:
     def _slots(self, table: list[int], first: int, count: int) -> Tensor:
         """Flat pool slots of a sequence's logical slots [first, first + count); -1 past its blocks (quantized
         pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
-        logical = torch.arange(first, first + count, device=self.device)
+        return self._flat(table, torch.arange(first, first + count, device=self.device))
+
+    def _flat(self, table: list[int], logical: Tensor) -> Tensor:
+        """Flat pool slots of logical slots (any shape); -1 past the sequence's blocks."""
         index = (logical // self.block_size).clamp(max=len(table))
         blocks = torch.tensor(table + [-1], device=self.device)[index]
         return torch.where(blocks >= 0, blocks * self.block_size + logical % self.block_size, -1)
@@ -193,9 +196,10 @@ class ModelRunner:
         Without ``compress`` (no evictor), tokens the prefix cache already holds (``seq.num_cached_tokens``)
         are read from the pool, not recomputed (the last token always runs, for its logits); quantized pages
         give them back dequantized. With it, every layer's keys/values go through the hook and only what it
-        keeps is stored.
+        keeps is stored; a suffix (tokens past ``seq.compressed_len``) then runs uncompressed (:meth:`_extend`)
+        and the logits are its last token's.
         """
-        tokens = seq.token_ids
+        tokens = seq.token_ids[: seq.compressed_len]
         cached = seq.num_cached_tokens if compress is None else 0
         first = min(cached, len(tokens) - 1)
         ids = torch.tensor(tokens[first:], device=self.device)
@@ -225,7 +229,40 @@ class ModelRunner:
                 tail[i] = ring.cpu()
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        if len(tokens) < len(seq):
+            return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
+
+    def _extend(self, seq: Sequence, held: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the tokens past ``seq.compressed_len`` uncompressed over what its prefill kept in model-dtype pages
+        (``held`` (L, H) slots per layer and KV head): each attends to every slot its head holds and to the tokens
+        before it, and is stored right after them. Returns the last token's logits and the slots held after.
+
+        Why: the query-agnostic protocol (a context compressed alone, then a question read from the compressed
+        cache, as ``kvslim.Cache.appended`` does) must neither compress the question nor let it choose what the
+        context keeps.
+        """
+        start = seq.compressed_len
+        ids = torch.tensor(seq.token_ids[start:], device=self.device)
+        cos, sin = self._rope(torch.arange(start, len(seq), device=self.device))
+        x = self.model.model.embed_tokens(ids)
+        lens = held.to(self.device)
+        width = int(held.max())
+        kept = self._slots(seq.block_table, 0, width)
+        new = self._flat(seq.block_table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
+        own = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
+        for i, layer in enumerate(self.layers):
+            h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
+            q, k, v = (t.transpose(0, 1) for t in self._qkv(i, h, cos, sin))  # heads first
+            past_k, past_v = self.kv.read(i, kept)
+            held_here = torch.arange(width, device=self.device)[None, None, :] < lens[i][:, None, None]
+            visible = torch.cat([held_here.expand(-1, len(ids), -1), own.expand(len(lens[i]), -1, -1)], -1)
+            out = self._masked_attention(q, torch.cat([past_k.transpose(0, 1), k], 1),
+                                         torch.cat([past_v.transpose(0, 1), v], 1), visible)
+            self.kv.write(i, new[i], k, v)
+            x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
+            x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        return self._logits(self._norm(x[-1:]))[0], held + len(ids)
 
     def _probe_input(self, ids: list[int], start: int) -> list[Tensor]:
         """A probe's hidden states and RoPE tables: its tokens sit at the positions after the prompt's."""
@@ -243,6 +280,13 @@ class ModelRunner:
         x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(x), -1))
         probe[0] = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
         return q_p, k_p
+
+    def _masked_attention(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
+        """SDPA of (Hq,T,D) queries over (H,S,D) keys where ``visible`` (H,T,S) allows (repeated to the query
+        heads, as :meth:`_attention` does)."""
+        group = self.num_heads // self.num_kv_heads
+        k, v, mask = (t.repeat_interleave(group, 0)[None] for t in (k, v, visible))
+        return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, scale=self.scaling)[0]
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """Causal SDPA of (Hq,T,D) queries over (H,offset+T,D) keys; query t sits at position offset + t.
@@ -363,6 +407,15 @@ class DecodeGraphs:
         self._load(batch, n)
         self.graphs[size].replay()
         return self.hidden[:n]
+
+    def capture(self, max_batch: int) -> None:
+        """Capture now the graph of every size a batch of up to ``max_batch`` sequences runs in (each is otherwise
+        captured on its first step), between steps."""
+        for size in GRAPH_BATCHES:
+            if size not in self.graphs:
+                self._capture(size)
+            if size >= max_batch:
+                break
 
     def _kv_fields(self, kv: Any) -> list[Tensor]:
         return [kv] if isinstance(kv, Tensor) else [kv.rows, kv.ring_write, kv.ring_lens]
