@@ -18,7 +18,9 @@ nothing here), then:
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import pstats
 import json
 import statistics
 import subprocess
@@ -153,9 +155,15 @@ def measure(model: Any, policy: str, batch: int, context: int, args: argparse.Na
         engine.step()
         steps.append((time.perf_counter() - t0) * 1e3)
     runner = engine.runner
+    profiler = cProfile.Profile()  # where the host's share of a step goes (Python functions, own time)
+    profiler.runcall(lambda: [engine.step() for _ in range(10)])
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    host_top = sorted(((f"{fn[0].split('/')[-1]}:{fn[2]}", tt / 10 * 1e3) for fn, (_, _, tt, _, _) in stats.items()),
+                      key=lambda kv: -kv[1])[:15]
     result: dict[str, Any] = {"policy": engine.policy.spec, "batch": batch, "context": context,
                               "block_size": engine.blocks.block_size, "step_ms": statistics.median(steps),
-                              "step_ms_p90": sorted(steps)[int(0.9 * len(steps))]}
+                              "step_ms_p90": sorted(steps)[int(0.9 * len(steps))],
+                              "host_top_ms_per_step": dict(host_top)}
     graphs = runner.graphs
     prepared = runner.prepare_decode(seqs)
     t0 = time.perf_counter()
@@ -224,7 +232,8 @@ def main() -> None:
                     gc.collect()
                     torch.cuda.empty_cache()
                 report["results"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_ms"}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("top_kernels_ms", "host_top_ms_per_step")}),
+                      flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(report, indent=2))
 
