@@ -8,9 +8,10 @@ tokens the sequence stores at its prefill, as :class:`kvslim.methods.fp8_static.
 decoding is coded, and clamped, under them. Each page block also keeps the scale of the sequence that wrote
 it (:mod:`kvslim.kernels.paged_quant`), which the decode kernel reads per block.
 
-A sequence that finds its prompt's first blocks in the prefix cache measures its scales over the tokens it
-computes (the cached blocks keep theirs); a preempted sequence that is recomputed measures them again over
-its prompt and the tokens it had generated.
+A sequence that finds its prompt's first blocks in the prefix cache (or a KV tier) measures its scales over
+those tokens as its blocks give them back and the tokens it computes (the cached blocks keep the scales they
+were written with); a preempted sequence that is recomputed measures them again over its prompt and the
+tokens it had generated.
 """
 from __future__ import annotations
 
@@ -49,12 +50,24 @@ class StaticFP8KV(QuantKV):
 
     def store_prefill(self, layer: int, seq: Sequence, slots: Tensor, keys: Tensor, values: Tensor, lens: Tensor
                       ) -> tuple[Tensor, Tensor]:
-        """Measure the sequence's scales over the (H, T, D) keys/values it stores, then pack under them."""
-        valid = (torch.arange(keys.shape[1], device=self.device) < lens[:, None])[None]
-        for tensor, x in enumerate((keys, values)):
-            self.scales[layer, seq.ring_row, tensor] = static_scales(x[None], valid, self.quantizer.per_head,
+        """Measure the sequence's scales over its prompt (the (H, T, D) keys/values it stores, after any cached
+        prefix read back from its blocks), then pack under them."""
+        measured = [keys, values]
+        valid = torch.arange(keys.shape[1], device=self.device) < lens[:, None]
+        if seq.num_cached_tokens:
+            prefix = self.read(layer, self._prefix_slots(seq))
+            measured = [torch.cat([p.transpose(0, 1), x], 1) for p, x in zip(prefix, measured)]
+            valid = torch.cat([valid.new_ones(keys.shape[0], seq.num_cached_tokens), valid], 1)
+        for tensor, x in enumerate(measured):
+            self.scales[layer, seq.ring_row, tensor] = static_scales(x[None], valid[None], self.quantizer.per_head,
                                                                      self.quantizer.fmt)[0]
         return super().store_prefill(layer, seq, slots, keys, values, lens)
+
+    def _prefix_slots(self, seq: Sequence) -> Tensor:
+        """Flat slots of the prompt tokens the prefix cache (or a KV tier) gave ``seq``."""
+        cached = seq.num_cached_tokens
+        blocks = torch.tensor(seq.block_table[: -(-cached // self.block_size)], device=self.device)
+        return (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=self.device)).flatten()[:cached]
 
     def _write(self, layers: Tensor | int, rows: Tensor | int, slots: Tensor, heads: Tensor, keys: Tensor,
                values: Tensor) -> None:
