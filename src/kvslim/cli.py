@@ -30,7 +30,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
           "fp8_e5m2 is appended to the policy (snapkv + fp8_e5m2 = snapkv+fp8_e5m2), with one float32 scale per "
           "sequence, layer and tensor (--kv-scale per-tensor) or KV head (per-head), measured at its prefill and "
           "kept while it decodes (larger values clamp). kvslim's own fp8 instead stores an fp16 scale with every "
-          "token and head (never clamps, 3x the bytes).")
+          "token and head (adapts to every token and never clamps, at 2 more bytes per token and head).")
 
 
 def _policy_params(args: argparse.Namespace) -> dict[str, Any]:

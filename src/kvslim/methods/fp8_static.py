@@ -4,9 +4,9 @@ Every key and value element is one fp8 byte; a sequence's keys (and its values) 
 float32 scale (``scale=per-tensor``) or one per KV head (``scale=per-head``), measured at its prefill as
 ``absmax / fp8 max`` (448 for e4m3, 57344 for e5m2) and kept for every token it decodes, a larger later
 value clamped (see :mod:`kvslim.cache.fp8`, which also says how this differs from vLLM's
-``calculate_kv_scales``). The scales cost 4 bytes per (layer, tensor[, head]) per sequence, so these hold
-2 bytes per token and head and layer, against ``fp8``'s 6 (one fp16 scale per token and head, never
-clamped). In a hybrid (``snapkv(keep=0.25)+fp8_e5m2``) the scales are measured over the tokens the
+``calculate_kv_scales``). The scales cost 4 bytes per (layer, tensor[, head]) per sequence, so a token holds
+``head_dim`` bytes per head for its key and as many for its value, against ``fp8``'s ``head_dim + 2`` (an fp16
+scale with every token and head, which adapts to each token and never clamps). In a hybrid (``snapkv(keep=0.25)+fp8_e5m2``) the scales are measured over the tokens the
 evictors keep.
 
 :func:`with_kv_cache_dtype` is vLLM's flag: ``--kv-cache-dtype {auto,fp8,fp8_e4m3,fp8_e5m2}`` (``fp8`` means

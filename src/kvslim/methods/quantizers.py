@@ -15,7 +15,7 @@ the cache appends new tokens.
   one group per head (``group=128``): 8 bits already resolve a whole head, and 128-channel groups keep its
   scales at 3% of the codes; ``int4`` needs finer groups (``group=32``).
 * ``fp8``: e4m3 codes with one fp16 scale per token and head (a scale measured for every token, so nothing
-  is ever clamped; 2 bytes of scale per 1-byte token and head). vLLM's ``--kv-cache-dtype`` formats with one
+  is ever clamped; 2 bytes of scale per ``head_dim`` bytes of codes). vLLM's ``--kv-cache-dtype`` formats with one
   static scale per sequence, ``fp8_e4m3`` and ``fp8_e5m2``, are in :mod:`kvslim.methods.fp8_static`.
 
 In a hybrid (``snapkv+kivi2``, ``h2o+int8``, ``streaming+kivi4``) the quantizer comes last and packs what the
