@@ -81,7 +81,8 @@ def test_the_cache_keeps_prefill_scales_while_decoding_and_clamps_beyond_them(ll
     scales = layer.state["fp8_key_scale"].clone(), layer.state["fp8_value_scale"].clone()
     for _ in range(3):
         llama(torch.randint(1, 256, (1, 1)), past_key_values=cache, use_cache=True)
-    assert torch.equal(layer.state["fp8_key_scale"], scales[0]) and torch.equal(layer.state["fp8_value_scale"], scales[1])
+    assert torch.equal(layer.state["fp8_key_scale"], scales[0])
+    assert torch.equal(layer.state["fp8_value_scale"], scales[1])
     (segment,) = layer.segments
     heads = segment.lengths.shape[1]
     assert isinstance(segment, QuantizedSegment) and segment.tokens == 51 * heads
@@ -89,7 +90,7 @@ def test_the_cache_keeps_prefill_scales_while_decoding_and_clamps_beyond_them(ll
     assert segment.keys.codes.dtype == FP8_FORMATS[method.fmt][0] and segment.keys.codes.element_size() == 1
     # a token far beyond the prefill range comes back clamped to the format's largest finite value
     loud = torch.full((1, heads, 1, segment.keys.codes.shape[-1]), 1e6)
-    packed = method.pack(layer, loud, loud, torch.ones(1, heads, 1, dtype=torch.bool))
+    packed = method.packed_segment(layer, loud, loud, torch.ones(1, heads, 1, dtype=torch.bool))
     keys, values, _ = packed.dense()
     for out, scale in ((keys, scales[0]), (values, scales[1])):
         want = (scale if method.per_head else scale.expand(-1, heads)) * FP8_FORMATS[method.fmt][1]

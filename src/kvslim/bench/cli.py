@@ -79,7 +79,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         return _option(args, name, CUSTOM_DEFAULTS)
 
     return BenchConfig(
-        model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale), keeps=parse_keeps(get("keep")),
+        model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),
+        keeps=parse_keeps(get("keep")),
         tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=get("samples"),
         out=args.out or "results/bench", device=args.device, dtype=default_dtype(args.dtype, args.device), seed=args.seed,
         batch_size=get("batch_size"), chat=args.chat, ppl_tokens=args.ppl_tokens,

@@ -67,12 +67,14 @@ class StaticFP8KV(QuantKV):
         """Flat slots of the prompt tokens the prefix cache (or a KV tier) gave ``seq``."""
         cached = seq.num_cached_tokens
         blocks = torch.tensor(seq.block_table[: -(-cached // self.block_size)], device=self.device)
-        return (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=self.device)).flatten()[:cached]
+        offsets = torch.arange(self.block_size, device=self.device)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:cached]
 
     def _write(self, layers: Tensor | int, rows: Tensor | int, slots: Tensor, heads: Tensor, keys: Tensor,
                values: Tensor) -> None:
         """Code rows (N, D) under their sequences' scales; each block records the scale it was written with."""
         scale_heads = heads if self.quantizer.per_head else torch.zeros_like(heads)
-        for tensor, (pages, x) in enumerate(((self.pages.keys, keys), (self.pages.values, values))):  # type: ignore[union-attr]
+        pages = self.pages.keys, self.pages.values  # type: ignore[union-attr]
+        for tensor, (page, x) in enumerate(zip(pages, (keys, values))):
             row_scale = self.scales[layers, rows, tensor, scale_heads]
-            pages.write_static(layers, slots, heads, to_fp8(x, row_scale, self.quantizer.fmt), row_scale)
+            page.write_static(layers, slots, heads, to_fp8(x, row_scale, self.quantizer.fmt), row_scale)

@@ -81,8 +81,8 @@ class Codes:
 
     def block_bytes(self, block_size: int, heads: int, head_dim: int) -> int:
         codes, scales = self.shapes(block_size, heads, head_dim)
-        scale_bytes = torch.empty((), dtype=self.scale_dtype).element_size()
-        return int(torch.Size(codes).numel()) + (2 if self.has_zero else 1) * scale_bytes * int(torch.Size(scales).numel())
+        scale_bytes = (2 if self.has_zero else 1) * torch.empty((), dtype=self.scale_dtype).element_size()
+        return int(torch.Size(codes).numel()) + scale_bytes * int(torch.Size(scales).numel())
 
 
 @dataclass
@@ -129,7 +129,8 @@ class CodePages:
         if self.zero is not None:
             flat(self.zero)[layers, slots, heads] = codec.zero  # type: ignore[union-attr]
 
-    def write_static(self, layers: Tensor | int, slots: Tensor, heads: Tensor, codes: Tensor, row_scale: Tensor) -> None:
+    def write_static(self, layers: Tensor | int, slots: Tensor, heads: Tensor, codes: Tensor,
+                     row_scale: Tensor) -> None:
         """Static fp8: store (N, D) fp8 ``codes`` at flat ``slots`` of ``heads`` (of ``layers``), and each row's (N,)
         scale (its sequence's) as the scale of the row's block."""
         layer_count, block_size = self.codes.shape[0], self.codes.shape[2]

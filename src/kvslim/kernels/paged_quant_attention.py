@@ -11,8 +11,9 @@ Codes are never interleaved back into channel order. A byte holds ``P = 8 // bit
 bytes as loaded, shifted by ``J * bits``, are *plane* ``J``: channels ``J, J + P, ...``. The kernel
 works plane by plane: the query is loaded as the same planes, a block's scores are the sum of the
 planes' products, and the output keeps one slice per plane, stored back to its channels at the end.
-Each plane is dequantized in registers with the scales of its groups, runs or tokens and rounded to
-the query's dtype, so the numbers are those the Hugging Face path attends over. Heads too small for
+Each plane is dequantized in registers with the scales of its groups, runs or tokens (static fp8: of its
+block, per head or one for all) and rounded to the query's dtype, so the numbers are those the Hugging
+Face path attends over. Heads too small for
 planes of 16 channels (``tl.dot``'s least size: 2-bit codes at head_dim 32, 4-bit at 16) unpack whole
 rows instead, by broadcasting each byte against its shifts.
 

@@ -6,8 +6,8 @@ float32 scale (``scale=per-tensor``) or one per KV head (``scale=per-head``), me
 value clamped (see :mod:`kvslim.cache.fp8`, which also says how this differs from vLLM's
 ``calculate_kv_scales``). The scales cost 4 bytes per (layer, tensor[, head]) per sequence, so a token holds
 ``head_dim`` bytes per head for its key and as many for its value, against ``fp8``'s ``head_dim + 2`` (an fp16
-scale with every token and head, which adapts to each token and never clamps). In a hybrid (``snapkv(keep=0.25)+fp8_e5m2``) the scales are measured over the tokens the
-evictors keep.
+scale with every token and head, which adapts to each token and never clamps). In a hybrid
+(``snapkv(keep=0.25)+fp8_e5m2``) the scales are measured over the tokens the evictors keep.
 
 :func:`with_kv_cache_dtype` is vLLM's flag: ``--kv-cache-dtype {auto,fp8,fp8_e4m3,fp8_e5m2}`` (``fp8`` means
 ``fp8_e4m3``, as in vLLM; ``auto`` keeps the model dtype) appends the format to a policy, so
@@ -61,7 +61,7 @@ class StaticFP8(Quantizer):
                 obs.layer.state[name] = static_scales(x, obs.valid, self.per_head, self.fmt)
         super().on_prefill(obs)
 
-    def pack(self, layer: LayerKV, keys: Tensor, values: Tensor, moving: Tensor) -> QuantizedSegment:
+    def packed_segment(self, layer: LayerKV, keys: Tensor, values: Tensor, moving: Tensor) -> QuantizedSegment:
         batch, heads = moving.shape[:2]
         counts = moving.sum(-1)
         row_heads = torch.arange(batch * heads, device=moving.device).repeat_interleave(counts.flatten())

@@ -124,7 +124,7 @@ class Quantizer(Method):
         if not bool(move.any()):
             return
         moving = valid & (valid.long().cumsum(-1) <= move.unsqueeze(-1))
-        packed = self.pack(layer, keys, values, moving)
+        packed = self.packed_segment(layer, keys, values, moving)
         head = segments[:cut]
         if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
             packed = head.pop().concat(packed)
@@ -133,7 +133,7 @@ class Quantizer(Method):
         _relayout_state(layer, stored)
         layer.replace(stored)
 
-    def pack(self, layer: LayerKV, keys: Tensor, values: Tensor, moving: Tensor) -> QuantizedSegment:
+    def packed_segment(self, layer: LayerKV, keys: Tensor, values: Tensor, moving: Tensor) -> QuantizedSegment:
         """The (B,H,T,D) keys/values where ``moving`` (B,H,T) is True, coded in this format."""
         return QuantizedSegment.from_padded(keys, values, moving, *self.encoders(keys.shape[-1], values.shape[-1]))
 

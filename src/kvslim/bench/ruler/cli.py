@@ -31,7 +31,8 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
         raise ValueError("--chat and --no-chat contradict each other: give one")
     samples = args.limit if args.limit is not None else get("samples")
     return RulerConfig(
-        model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale), keeps=parse_keeps(get("keep")),
+        model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),
+        keeps=parse_keeps(get("keep")),
         tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=samples,
         protocols=parse_protocols(args.protocols), out=args.out or "results/ruler", device=args.device,
         dtype=default_dtype(args.dtype, args.device), seed=args.seed, batch_size=get("batch_size"),
