@@ -6,11 +6,11 @@
 :class:`QuantKV` stores tokens as a kvslim quantizer packs them (``kivi2``, ``kivi4``, ``int8``, ``int4``,
 ``fp8``, vLLM's ``fp8_e4m3``/``fp8_e5m2`` in :mod:`kvslim.engine.fp8_kv`, and hybrids such as
 ``snapkv+kivi4``), so a block holds the same tokens in fewer bytes and the same ``kv_memory`` holds more of
-them. It keeps the Hugging Face path's rule (``Quantizer.store``): a head's tokens are packed in whole units of ``pack`` tokens (KIVI's key run, else one token) once more than
-``residual`` newer ones follow; until then they wait in full precision. Those newest tokens live
-outside the pool, in the sequence's row of a *ring* ``(layers, rows, residual + pack, H, D)``; the rows'
-bytes are taken out of ``kv_memory`` before the blocks are counted, and each sequence is charged for its
-row. Per-token formats keep ``residual = 0``, so their row holds just the token being decoded: like
+them. It keeps the Hugging Face path's rule (``Quantizer.store``): a head's tokens are packed in whole units
+of ``pack`` tokens (KIVI's key run, else one token) once more than ``residual`` newer ones follow; until
+then they wait in full precision. Those newest tokens live outside the pool, in the sequence's row of a
+*ring* ``(layers, rows, residual + pack, H, D)``; the rows' bytes are taken out of ``kv_memory`` before the
+blocks are counted, and each sequence is charged for its row. Per-token formats keep ``residual = 0``, so their row holds just the token being decoded: like
 ``kvslim.Cache``, a new token attends to its own key in full precision, and is packed right after.
 """
 from __future__ import annotations

@@ -69,7 +69,7 @@ class Codes:
         return torch.float32 if self.static else torch.float16
 
     def shapes(self, block_size: int, heads: int, head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-block shapes of the codes (bytes) and of the scales (fp16; zero points alike)."""
+        """Per-block shapes of the codes (bytes) and of the scales (fp16, static fp8's float32; zero points alike)."""
         codes = (block_size, heads, head_dim * self.bits // 8)
         if self.kind == "token":
             return codes, (block_size, heads, head_dim // self.group)

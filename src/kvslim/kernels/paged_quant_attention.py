@@ -13,9 +13,8 @@ works plane by plane: the query is loaded as the same planes, a block's scores a
 planes' products, and the output keeps one slice per plane, stored back to its channels at the end.
 Each plane is dequantized in registers with the scales of its groups, runs or tokens (static fp8: of its
 block, per head or one for all) and rounded to the query's dtype, so the numbers are those the Hugging
-Face path attends over. Heads too small for
-planes of 16 channels (``tl.dot``'s least size: 2-bit codes at head_dim 32, 4-bit at 16) unpack whole
-rows instead, by broadcasting each byte against its shifts.
+Face path attends over. Heads too small for planes of 16 channels (``tl.dot``'s least size: 2-bit codes
+at head_dim 32, 4-bit at 16) unpack whole rows instead, by broadcasting each byte against its shifts.
 
 Why planes: the first version interleaved shifted bytes with ``tl.join`` + ``tl.reshape``. That was
 exact under the interpreter, and exact on the H100 too as long as the tile was only stored; but fed
