@@ -10,8 +10,9 @@ them. It keeps the Hugging Face path's rule (``Quantizer.store``): a head's toke
 of ``pack`` tokens (KIVI's key run, else one token) once more than ``residual`` newer ones follow; until
 then they wait in full precision. Those newest tokens live outside the pool, in the sequence's row of a
 *ring* ``(layers, rows, residual + pack, H, D)``; the rows' bytes are taken out of ``kv_memory`` before the
-blocks are counted, and each sequence is charged for its row. Per-token formats keep ``residual = 0``, so their row holds just the token being decoded: like
-``kvslim.Cache``, a new token attends to its own key in full precision, and is packed right after.
+blocks are counted, and each sequence is charged for its row. Per-token formats keep ``residual = 0``, so
+their row holds just the token being decoded: like ``kvslim.Cache``, a new token attends to its own key in
+full precision, and is packed right after.
 """
 from __future__ import annotations
 
