@@ -5,9 +5,10 @@ Each key and value element is one fp8 byte (``torch.float8_e4m3fn``: finite max 
 its values) in one layer share a float32 scale: one for the whole tensor (``per-tensor``) or one per KV head
 (``per-head``). The scale is ``absmax / fp8 max`` over the tokens the sequence holds at its prefill, and is
 kept for every token it decodes later: a later value beyond the prompt's range is clamped to the format's
-largest finite number (as vLLM's static scales clamp). vLLM's ``calculate_kv_scales`` instead measures
-the first batch the engine runs and keeps those scales for every later request; kvslim measures each
-sequence at its own prefill, so one prompt's range never limits another's.
+largest finite number (as vLLM's static scales clamp); a prompt fed in chunks is measured on its first
+chunk. vLLM's ``calculate_kv_scales`` instead measures the first batch the engine runs and keeps those
+scales for every later request; kvslim measures each sequence at its own prefill, so one prompt's range
+never limits another's.
 
 A token dequantizes to ``code * scale`` in float32 (then the model dtype), the same number in
 ``kvslim.Cache`` (:class:`ScaledFloat8`) and in the engine's pages (:mod:`kvslim.kernels.paged_quant`).
@@ -40,6 +41,12 @@ def static_scales(x: Tensor, valid: Tensor, per_head: bool, fmt: str) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def row_scales(scale: Tensor, heads: int, row_heads: Tensor) -> Tensor:
+    """(N,) the scale of each row of (B, S) ``scale`` (S = 1 or ``heads``), from its flat (sequence, head) index."""
+    per_scale = heads // scale.shape[-1]  # heads sharing one scale: all of them (per-tensor) or 1
+    return scale.flatten()[row_heads // per_scale]
+
+
 def to_fp8(rows: Tensor, row_scale: Tensor, fmt: str) -> Tensor:
     """(N, D) rows divided by their (N,) scales, clamped to the format's finite range, as (N, D) fp8 codes."""
     dtype, top = FP8_FORMATS[fmt]
@@ -62,14 +69,11 @@ class ScaledFloat8:
     @classmethod
     def encode(cls, rows: Tensor, row_heads: Tensor, scale: Tensor, heads: int, fmt: str) -> "ScaledFloat8":
         """Code (N, D) rows whose flat (sequence, head) indices are ``row_heads`` under (B, S) ``scale``."""
-        codec = cls(rows.new_empty(0), scale, heads, fmt)
-        codec.codes = to_fp8(rows, codec.row_scale(row_heads), fmt)
-        return codec
+        return cls(to_fp8(rows, row_scales(scale, heads, row_heads), fmt), scale, heads, fmt)
 
     def row_scale(self, row_heads: Tensor) -> Tensor:
         """(N,) the scale of each row, from its flat (sequence, head) index."""
-        per_scale = self.heads // self.scale.shape[-1]  # heads sharing one scale: H (per-tensor) or 1
-        return self.scale.flatten()[row_heads // per_scale]
+        return row_scales(self.scale, self.heads, row_heads)
 
     def decode(self, heads: Tensor | None = None) -> Tensor:
         if heads is None:
