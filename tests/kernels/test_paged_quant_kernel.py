@@ -1,10 +1,11 @@
 """The Triton paged decode kernel over quantized pages matches its PyTorch reference for every page format.
 
 Every format the engine stores (kivi2/kivi4 with key runs and value groups of 32 and 16, int8 and int4
-with groups of 16 to 128, fp8, and vLLM's fp8_e4m3/fp8_e5m2 with a static scale per block or per block and head), GQA groups of 3 and 4, ragged per-head lengths (empty heads, a sliding
-window whose passed block was handed back, rings of 0 to 6 tokens) and several splits. On a GPU the whole
-sweep runs in process (``GPU_SHAPES``); on a CPU the groups of 16, the
-formats the H100 once got wrong, run at small sizes under Triton's interpreter in a child process.
+with groups of 16 to 128, fp8, and vLLM's fp8_e4m3/fp8_e5m2 with a static scale per block or per block and
+head), GQA groups of 3 and 4, ragged per-head lengths (empty heads, a sliding window whose passed block was
+handed back, rings of 0 to 6 tokens) and several splits. On a GPU the whole sweep runs in process
+(``GPU_SHAPES``); on a CPU the groups of 16, the formats the H100 once got wrong, and the static fp8 formats
+run at small sizes under Triton's interpreter in a child process.
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def test_kernel_matches_reference_on_gpu(spec: str) -> None:
 
 
 def test_interpreted_group_16() -> None:
-    """Groups of 16 under Triton's interpreter, which must be on before Triton is first imported: a child process."""
+    """Groups of 16, and vLLM's static-scale fp8 formats, under Triton's interpreter, which must be on before Triton is
+    first imported: a child process."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("the GPU runs the full sweep")
