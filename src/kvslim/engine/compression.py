@@ -29,9 +29,9 @@ What the engine supports, and why:
 * **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at
   prefill from the sequence's keys, values and queries; ExpectedAttention also gets the runner's RoPE
   frequencies.
-* **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
-  hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
-  :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
+* **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``, ``fp8_e4m3``,
+  ``fp8_e5m2``), alone or last in a hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as
+  their codes (see :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
   values in host pages (:mod:`kvslim.engine.offload_kv`), PQCache key codes in device pages and exact
   keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
   the store. ThinK's pruned channels are refused, and so is a sliding window over a storage format

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import default_dtype, parse_keeps, parse_lengths, parse_list
+from ..config import default_dtype, parse_keeps, parse_lengths, parse_list, parse_policies
 from ..launch import launch
 from .config import DEFAULT_POLICIES, DEFAULT_SAMPLES, LEADERBOARD_KEEPS, RulerConfig
 from .protocols import parse_protocols
@@ -31,7 +31,8 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
         raise ValueError("--chat and --no-chat contradict each other: give one")
     samples = args.limit if args.limit is not None else get("samples")
     return RulerConfig(
-        model=get("model"), policies=parse_list(get("policies")), keeps=parse_keeps(get("keep")),
+        model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),
+        keeps=parse_keeps(get("keep")),
         tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=samples,
         protocols=parse_protocols(args.protocols), out=args.out or "results/ruler", device=args.device,
         dtype=default_dtype(args.dtype, args.device), seed=args.seed, batch_size=get("batch_size"),
