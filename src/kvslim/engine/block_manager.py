@@ -114,11 +114,13 @@ class BlockManager:
         """Whether ``slots`` slots (and, with a ring, ``rows`` ring rows) are free."""
         return self.blocks_for(slots) <= self.num_free and (not self.rows or rows <= len(self.free_rows))
 
-    def allocate(self, seq: Sequence, slots: int, shareable: int = 0) -> None:
+    def allocate(self, seq: Sequence, slots: int, shareable: int = 0, register: bool = True) -> None:
         """Give ``seq`` blocks for ``slots`` slots; the full blocks within its first ``shareable`` tokens are
-        looked up by prefix hash (reused when present) and registered (0: no prefix sharing).
+        looked up by prefix hash (reused when present) and, with ``register``, registered (0: no prefix sharing).
 
         Sets ``seq.num_cached_tokens``: leading tokens whose keys/values are already in the shared blocks.
+        ``register=False`` when the prefill may not fill the new blocks in this step (chunked prefill): a later
+        prompt must not find a block before its keys are written; :meth:`register` then adds them as they are.
         """
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
@@ -135,7 +137,7 @@ class BlockManager:
                 hits += 1
             else:
                 block = self._take()
-                if key is not None:
+                if key is not None and register:
                     self.block_hash[block], self.block_tokens[block] = key, tuple(tokens)
                     self.hash_to_block[key] = block
             table.append(block)
@@ -144,6 +146,21 @@ class BlockManager:
         seq.num_cached_tokens = hits * self.block_size
         if self.rows:
             seq.ring_row = self.free_rows.popleft()
+
+    def register(self, seq: Sequence, tokens: int) -> None:
+        """Make ``seq``'s full blocks within its first ``tokens`` tokens findable by prefix hash (their keys and
+        values are written now). A block whose prefix another sequence registered first stays private."""
+        previous = 0
+        for i in range(min(tokens // self.block_size, len(seq.block_table))):
+            block = seq.block_table[i]
+            key = self.block_hash[block]
+            if key is None:
+                chunk = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+                key = chain_hash(previous, chunk)
+                if key not in self.hash_to_block:
+                    self.block_hash[block], self.block_tokens[block] = key, tuple(chunk)
+                    self.hash_to_block[key] = block
+            previous = key
 
     def prefix_hashes(self, seq: Sequence) -> list[int]:
         """Hashes of the leading run of ``seq``'s blocks that are registered for prefix sharing."""
