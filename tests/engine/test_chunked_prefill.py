@@ -197,3 +197,13 @@ def test_engine_metrics_report_ttft_and_itl_percentiles(llama) -> None:
     assert len(llm.latency.ttft) == 2 and len(llm.latency.itl) == 2 * (GREEDY.max_tokens - 1)
     assert 0 < latency["ttft_p50_s"] <= latency["ttft_p99_s"]
     assert 0 < latency["itl_p50_s"] <= latency["itl_p99_s"]
+
+
+def test_forked_completions_start_after_the_last_chunk(llama) -> None:
+    params = SamplingParams(max_tokens=8, n=2, temperature=0.8, seed=3)
+    prompts = _prompts(30, 13)
+    whole = LLM(llama, kv_memory=0.01, block_size=4).generate(prompts, params)
+    chunked = LLM(llama, kv_memory=0.01, block_size=4, chunked_prefill=True, max_num_batched_tokens=8)
+    outs = chunked.generate(prompts, params)
+    assert [[c.token_ids for c in o.completions] for o in outs] == [[c.token_ids for c in o.completions] for o in whole]
+    assert chunked.blocks.num_free == chunked.blocks.num_blocks
