@@ -192,7 +192,8 @@ def test_latency_stats_count_one_ttft_per_request_and_every_gap() -> None:
 def test_engine_metrics_report_ttft_and_itl_percentiles(llama) -> None:
     llm = LLM(llama, kv_memory=0.01, block_size=4, chunked_prefill=True, max_num_batched_tokens=16)
     assert llm.metrics().latency == {"ttft_p50_s": None, "ttft_p99_s": None, "itl_p50_s": None, "itl_p99_s": None}
-    llm.generate(_prompts(30, 9), GREEDY)
+    outs = llm.generate(_prompts(30, 9), GREEDY)
+    assert all(0 < o.stats["itl_p50_s"] <= o.stats["itl_p99_s"] for o in outs)
     latency = llm.metrics().latency
     assert len(llm.latency.ttft) == 2 and len(llm.latency.itl) == 2 * (GREEDY.max_tokens - 1)
     assert 0 < latency["ttft_p50_s"] <= latency["ttft_p99_s"]

@@ -14,7 +14,7 @@ from ..methods.kvzip import REPEAT_PROMPT
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
-from .latency import LatencyStats
+from .latency import LatencyStats, percentiles
 from .model_runner import ModelRunner
 from .outputs import Completion, RequestOutput
 from .parallel import ParallelRunner, RanksOutOfStep
@@ -398,6 +398,8 @@ class LLMEngine:
         ttft = (first.first_token_time - first.arrival) if first.first_token_time else None
         per_token = [(s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1)
                      for s in seqs if s.finish_time and s.first_token_time and len(s.output_token_ids) > 1]
+        gaps = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:])]
+        itl_p50, itl_p99 = percentiles(gaps)
         full_blocks = self.blocks.blocks_for(len(first))
         peak_bytes = max(s.peak_blocks for s in seqs) * self.block_bytes + self.runner.kv.row_bytes
         return RequestOutput(request_id, first.prompt_token_ids, completions, {
@@ -409,6 +411,8 @@ class LLMEngine:
             "ttft_s": ttft,
             "latency_s": end - first.arrival,
             "tpot_s": sum(per_token) / len(per_token) if per_token else None,
+            "itl_p50_s": itl_p50,
+            "itl_p99_s": itl_p99,
             "preemptions": sum(s.preemptions for s in seqs),
             "peak_kv_blocks": max(s.peak_blocks for s in seqs),
             "peak_kv_bytes": peak_bytes,
