@@ -5,7 +5,8 @@ scheduling decision (wait or preempt), never a crash. A block can be in several 
 
 * **prefix sharing**: a full block of prompt tokens is known by the hash of its tokens and of
   everything before it; a later prompt with the same prefix takes the same block instead of a new
-  one (and the runner skips recomputing it). A freed block keeps its hash until it is reused, so a
+  one (and the runner skips recomputing it). A block is registered under its hash once its keys are
+  written: at allocation when the whole prompt runs in the same step, after each chunk with chunked prefill. A freed block keeps its hash until it is reused, so a
   prefix survives its first owner as long as the memory is not needed. The hash is a BLAKE2b chain,
   the same in every process, so it also names the block in a shared KV tier (:mod:`kvslim.cache.tier`);
 * **fork**: ``n`` completions of one prompt start from the same blocks.
@@ -146,6 +147,14 @@ class BlockManager:
         seq.num_cached_tokens = hits * self.block_size
         if self.rows:
             seq.ring_row = self.free_rows.popleft()
+
+    def chain_hashes(self, tokens: list[int], count: int) -> list[int]:
+        """Prefix hashes of the full blocks within the first ``count`` of ``tokens`` (registered or not)."""
+        hashes, previous = [], 0
+        for i in range(count // self.block_size):
+            previous = chain_hash(previous, tokens[i * self.block_size : (i + 1) * self.block_size])
+            hashes.append(previous)
+        return hashes
 
     def register(self, seq: Sequence, tokens: int) -> None:
         """Make ``seq``'s full blocks within its first ``tokens`` tokens findable by prefix hash (their keys and

@@ -1,4 +1,5 @@
-"""The engine loop: add requests, step (prefill or batched decode), hand back tokens and finished requests."""
+"""The engine loop: add requests, step (prefill or batched decode; with chunked prefill, decode beside prompt chunks),
+hand back tokens and finished requests, and record their latencies."""
 from __future__ import annotations
 
 import time
@@ -119,7 +120,9 @@ class LLMEngine:
             check_policy(self.compression)
         self.tier = open_tier(kv_tier) if isinstance(kv_tier, str) else kv_tier
         self.tier_link = None if self.tier is None else TierLink(self.tier, self.blocks, kv, model, self.policy.spec)
-        self.last_step_prefill = False  # what the last step ran (benchmarks time prefill and decode apart)
+        #: whether the last step ran a prefill (with chunked prefill, perhaps beside decodes): benchmarks time
+        #: prefill and decode apart
+        self.last_step_prefill = False
 
     @staticmethod
     def _runner(model: Any, enforce_eager: bool, tensor_parallel_size: int, device: "str | torch.device | None",
@@ -271,7 +274,7 @@ class LLMEngine:
         else None (a chunk: its keys and values wait in the pages for the next one)."""
         if not seq.num_prefilled:  # its first chunk
             if self.tier_link is not None:
-                seq.num_tier_tokens = self.tier_link.load(seq)
+                seq.num_tier_tokens = self.tier_link.load(seq, self.compression.shareable(len(seq)))
             seq.num_prefilled = min(seq.num_cached_tokens, len(seq) - 1)
         start, end = seq.num_prefilled, min(seq.prefill_len, seq.num_prefilled + count)
         compress = None if self.compression.evict is None else self.compression
