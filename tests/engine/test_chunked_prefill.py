@@ -87,12 +87,26 @@ def test_a_prompt_token_runs_even_when_decodes_fill_the_budget() -> None:
 def test_an_unsplittable_prompt_runs_whole_as_the_steps_only_prefill() -> None:
     scheduler = _scheduler("kivi4", budget=8, blocks=256)
     small, big = _add(scheduler, 5), _add(scheduler, 40)
-    assert not scheduler.chunked
+    assert not scheduler.chunkable
     step = scheduler.schedule()
     assert step.prefill == [(small, 5)]  # 40 tokens do not fit in the 3 left: the big prompt waits
     _run(step)
     step = scheduler.schedule()
     assert step.decode == [small] and step.prefill == [(big, 40)]  # then runs whole, beside the decode
+
+
+def test_a_prompt_that_fits_in_the_step_runs_whole_and_takes_only_the_kept_blocks() -> None:
+    scheduler = _scheduler("snapkv(keep=0.25)", budget=64)
+    seq = _add(scheduler, 40)
+    assert scheduler.schedule().prefill == [(seq, 40)]
+    assert len(seq.block_table) == 3  # the 10 tokens kept, in blocks of 4: compressed before it is stored
+
+
+def test_a_prompt_the_pool_holds_only_compressed_runs_whole() -> None:
+    scheduler = _scheduler("snapkv(keep=0.25)", budget=8, blocks=8)
+    seq = Sequence(list(range(1, 61)), SamplingParams(max_tokens=4))  # 15 blocks uncompressed; 4 kept, +1 to decode
+    scheduler.add(seq)
+    assert scheduler.schedule().prefill == [(seq, 60)]
 
 
 def test_a_preempted_prefilling_sequence_starts_its_prompt_again() -> None:
@@ -135,6 +149,14 @@ def test_chunked_greedy_tokens_equal_whole_prompts(llama, spec: str) -> None:
     outs = chunked.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == [o.token_ids for o in whole]
     assert chunked.blocks.num_free == chunked.blocks.num_blocks
+
+
+def test_compression_still_lets_a_prompt_larger_than_the_pool_run(llama) -> None:
+    probe = LLM(llama, kv_memory=0.001, block_size=4)
+    llm = LLM(llama, policy="snapkv(keep=0.25,window=4)", kv_memory=8 * probe.block_bytes / 2**30, block_size=4,
+              chunked_prefill=True, max_num_batched_tokens=8)
+    out = llm.generate([_prompts(60)[0]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert out.stats["peak_kv_blocks"] <= 5 < out.stats["full_kv_bytes"] // llm.block_bytes
 
 
 def test_a_decoding_sequence_makes_progress_while_a_long_prompt_is_prefilled(llama) -> None:

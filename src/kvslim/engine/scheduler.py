@@ -14,15 +14,20 @@ it is added, so the engine never runs out of memory and never waits forever.
 **Chunked prefill** (``token_budget``, vLLM's ``max_num_batched_tokens``): a step runs every decoding
 sequence's next token *and* prompt chunks, up to ``token_budget`` tokens in all, so a 32k-token prompt no
 longer stalls the sequences decoding beside it. Decode tokens come first (each running sequence's one
-token, never cut); what is left goes to the sequences part-way through their prompt, oldest first, then to
-newly admitted ones; at least one prompt token runs each step even when decodes fill the budget. Every prefilling sequence is older than the ones admitted after it, so each step's
-chunks go first to the oldest unfinished prompt, and every prompt finishes. A chunk attends to its
-sequence's earlier chunks, read back from its blocks. A sequence takes the blocks for its whole prompt at
+token, never cut); what is left goes to the sequences part-way through their prompt, oldest first, then
+to newly admitted ones; at least one prompt token runs each step even when decodes fill the budget. Every
+prefilling sequence is older than the ones admitted after it, so each step's chunks go first to the oldest
+unfinished prompt, and every prompt finishes. A chunk attends to its sequence's earlier chunks, read back
+from its blocks.
+
+A prompt longer than what the step has left is split: it takes the blocks for its whole prompt at
 admission (an evictor compresses only after the last chunk, from the pages; see
-:mod:`kvslim.engine.compression`), so a chunk never waits for memory. A policy whose pages are not in
-the model dtype (``chunkable=False``: quantized or offloaded) cannot be chunked exactly, since a chunk
-would attend to its earlier chunks' dequantized keys: its prompts run whole, each as the only prefill of
-its step when it is larger than what the budget has left.
+:mod:`kvslim.engine.compression`), so a chunk never waits for memory. Other prompts run whole, compressed
+before they are stored, as without chunking: those that fit in what is left, those whose uncompressed
+keys the pool could never hold (so chunking refuses nothing the engine runs without it), and every prompt
+of a policy whose pages are not in the model dtype (``chunkable=False``: quantized or offloaded pages would
+give a chunk its earlier chunks' keys dequantized, not the keys a whole prefill attends to). A whole prompt
+larger than what is left waits to be its step's only prefill.
 """
 from __future__ import annotations
 
@@ -95,7 +100,7 @@ class Scheduler:
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
                 f"maximum context of {self.max_model_len} tokens"
             )
-        need = self.blocks.blocks_for(max(self._prefill_slots(n_prompt), self.compression.reserve(n_prompt) + max_tokens))
+        need = self.blocks.blocks_for(self.compression.reserve(n_prompt) + max_tokens)
         if need > self.blocks.num_blocks:
             raise RequestTooLarge(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs {need} KV blocks of "
@@ -114,16 +119,6 @@ class Scheduler:
     def metrics(self) -> Metrics:
         return Metrics(len(self.waiting), len(self.running), self.blocks.num_used, self.blocks.num_free, self.preemptions)
 
-    @property
-    def chunked(self) -> bool:
-        """Whether prompts are split into chunks that run beside decode steps."""
-        return self.token_budget is not None and self.chunkable
-
-    def _prefill_slots(self, n_tokens: int) -> int:
-        """Page slots a prompt of ``n_tokens`` holds while it is prefilled: all of them when chunks are stored
-        before the evictor runs, else only what the method keeps."""
-        return n_tokens if self.chunked else self.compression.reserve(n_tokens)
-
     def schedule(self) -> Step:
         """The next step: whole prompts or one decode step of every running sequence, or, with a token budget,
         decode tokens and prompt chunks together (see the module docstring).
@@ -139,7 +134,7 @@ class Scheduler:
             seq = self.waiting[0]
             if admitted and tokens + len(seq) > self.max_prefill_tokens:
                 break
-            if not self._admit(seq, register=True):
+            if not self._admit(seq, self.compression.reserve(len(seq)), register=True):
                 break
             admitted.append(seq)
             tokens += len(seq)
@@ -159,27 +154,32 @@ class Scheduler:
                 budget -= count
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            whole = not self.chunkable
-            if whole and prefill and len(seq) > budget:
-                break  # an unsplittable prompt larger than what is left waits to be a step's only prefill
-            if not self._admit(seq, register=False):
+            split = self._splits(seq, budget)
+            if not split and prefill and len(seq) > budget:
+                break  # a whole prompt larger than what is left waits to be a step's only prefill
+            if not self._admit(seq, len(seq) if split else self.compression.reserve(len(seq)), register=False):
                 break
-            count = self._remaining(seq) if whole else min(self._remaining(seq), budget)
+            count = min(self._remaining(seq), budget) if split else self._remaining(seq)
             prefill.append((seq, count))
             budget -= count
         return Step(decode, prefill, copies)
+
+    def _splits(self, seq: Sequence, budget: int) -> bool:
+        """Whether a waiting prompt runs in chunks: it is longer than ``budget``, the policy's pages allow it, and
+        the pool can hold it uncompressed until its evictor runs (and then its output)."""
+        peak = max(len(seq), self.compression.reserve(len(seq)) + seq.params.max_tokens)
+        return self.chunkable and len(seq) > budget and self.blocks.blocks_for(peak) <= self.blocks.num_blocks
 
     @staticmethod
     def _remaining(seq: Sequence) -> int:
         """Prompt tokens still to run (before its first chunk, the prefix cache's tokens do not count)."""
         return seq.prefill_len - (seq.num_prefilled or min(seq.num_cached_tokens, len(seq) - 1))
 
-    def _admit(self, seq: Sequence, register: bool) -> bool:
-        """Give the first waiting sequence its blocks and start its prefill, if they fit; ``register``: see
-        :meth:`BlockManager.allocate`."""
+    def _admit(self, seq: Sequence, slots: int, register: bool) -> bool:
+        """Give the first waiting sequence blocks for ``slots`` slots and start its prefill, if they fit;
+        ``register``: see :meth:`BlockManager.allocate`."""
         rows = 1 if seq.output_token_ids else seq.params.n  # forks of a fresh prompt take ring rows too
         headroom = len(self.running) * self.blocks.block_size  # a block of growth per running sequence
-        slots = self._prefill_slots(len(seq))
         if not self.blocks.can_allocate(slots + headroom, rows):
             return False
         self.blocks.allocate(seq, slots, self.compression.shareable(len(seq)), register)
