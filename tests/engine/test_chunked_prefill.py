@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvslim.engine import LLM, SamplingParams
+from kvslim.engine import LLM, SamplingParams, StepFailed
 from kvslim.engine.block_manager import BlockManager
 from kvslim.engine.compression import Compression
 from kvslim.engine.latency import LatencyStats, percentiles
@@ -28,7 +28,7 @@ def _scheduler(spec: str = "full", budget: int = 8, blocks: int = 64) -> Schedul
 
 
 def _add(scheduler: Scheduler, n_tokens: int) -> Sequence:
-    seq = Sequence(list(range(1, n_tokens + 1)), SamplingParams(max_tokens=50))
+    seq = Sequence(_prompts(n_tokens)[0], SamplingParams(max_tokens=50))  # prompts of one length are the same
     scheduler.add(seq)
     return seq
 
@@ -123,7 +123,6 @@ def test_a_later_prompt_shares_only_the_blocks_a_chunk_has_written() -> None:
     scheduler = _scheduler(budget=8)
     first = _add(scheduler, 16)
     _run(scheduler.schedule())
-    scheduler.blocks.register(first, first.num_prefilled)  # as the engine does after each chunk
     scheduler.preempt(first)  # its blocks keep their prefix hashes, but only 2 of 4 hold their keys
     scheduler.waiting.clear()
     second = _add(scheduler, 16)
@@ -184,9 +183,23 @@ def test_prefix_sharing_finds_only_blocks_whose_keys_are_written(llama) -> None:
     llm = LLM(llama, kv_memory=0.01, block_size=4, chunked_prefill=True, max_num_batched_tokens=8)
     together = llm.generate(prompts, GREEDY)  # the second starts in the step of the first's last chunk
     assert [o.token_ids for o in together] == fresh
+    assert together[1].stats["cached_prompt_tokens"] == 24  # the first's blocks, written earlier in that step
     later = llm.generate([prompts[1]], GREEDY)[0]  # now the prefix is written: it is shared
     assert later.stats["cached_prompt_tokens"] == 24
     assert later.token_ids == fresh[1]
+
+
+def test_a_failed_chunk_leaves_no_block_to_share(llama, monkeypatch) -> None:
+    prompt = _prompts(24)[0]
+    llm = LLM(llama, kv_memory=0.01, block_size=4, chunked_prefill=True, max_num_batched_tokens=8)
+    llm.add_request(prompt, GREEDY)
+    monkeypatch.setattr(llm.runner, "prefill", lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(StepFailed):
+        llm.step()  # its first two blocks were registered for this chunk, which wrote nothing
+    monkeypatch.undo()
+    again = llm.generate([prompt], GREEDY)[0]
+    assert again.stats["cached_prompt_tokens"] == 0
+    assert again.token_ids == LLM(llama, kv_memory=0.01, block_size=4).generate([prompt], GREEDY)[0].token_ids
 
 
 def test_budget_options_are_checked(llama) -> None:

@@ -5,8 +5,10 @@ scheduling decision (wait or preempt), never a crash. A block can be in several 
 
 * **prefix sharing**: a full block of prompt tokens is known by the hash of its tokens and of
   everything before it; a later prompt with the same prefix takes the same block instead of a new
-  one (and the runner skips recomputing it). A block is registered under its hash once its keys are
-  written: at allocation when the whole prompt runs in the same step, after each chunk with chunked prefill. A freed block keeps its hash until it is reused, so a
+  one (and the runner skips recomputing it). A block is registered under its hash when the step that
+  writes its keys is scheduled (the step runs its prefills in order, so a later prompt of the same step
+  reads it written): at allocation for whole prompts, chunk by chunk with chunked prefill. A step that
+  fails unregisters the blocks it may have left unwritten (:meth:`forget`). A freed block keeps its hash until it is reused, so a
   prefix survives its first owner as long as the memory is not needed. The hash is a BLAKE2b chain,
   the same in every process, so it also names the block in a shared KV tier (:mod:`kvslim.cache.tier`);
 * **fork**: ``n`` completions of one prompt start from the same blocks.
@@ -121,7 +123,7 @@ class BlockManager:
 
         Sets ``seq.num_cached_tokens``: leading tokens whose keys/values are already in the shared blocks.
         ``register=False`` when the prefill may not fill the new blocks in this step (chunked prefill): a later
-        prompt must not find a block before its keys are written; :meth:`register` then adds them as they are.
+        prompt must not find a block whose keys will not be written; :meth:`register` then adds them chunk by chunk.
         """
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
@@ -158,7 +160,8 @@ class BlockManager:
 
     def register(self, seq: Sequence, tokens: int) -> None:
         """Make ``seq``'s full blocks within its first ``tokens`` tokens findable by prefix hash (their keys and
-        values are written now). A block whose prefix another sequence registered first stays private."""
+        values are written by now, or by the step being scheduled). A block whose prefix another sequence
+        registered first stays private."""
         previous = 0
         for i in range(min(tokens // self.block_size, len(seq.block_table))):
             block = seq.block_table[i]
@@ -170,6 +173,17 @@ class BlockManager:
                     self.block_hash[block], self.block_tokens[block] = key, tuple(chunk)
                     self.hash_to_block[key] = block
             previous = key
+
+    def forget(self, seq: Sequence, tokens: int) -> None:
+        """Unregister ``seq``'s blocks past its first ``tokens`` tokens: a failed step may have left them unwritten
+        (a block holding some of those tokens that was written may lose its hash too: only a cache miss later)."""
+        for block in seq.block_table[tokens // self.block_size :]:
+            key = self.block_hash[block] if block >= 0 else None
+            if key is None:
+                continue
+            if self.hash_to_block.get(key) == block:
+                del self.hash_to_block[key]
+            self.block_hash[block] = self.block_tokens[block] = None
 
     def prefix_hashes(self, seq: Sequence) -> list[int]:
         """Hashes of the leading run of ``seq``'s blocks that are registered for prefix sharing."""

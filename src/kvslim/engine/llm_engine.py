@@ -224,6 +224,8 @@ class LLMEngine:
         except RanksOutOfStep:
             raise
         except Exception as err:
+            for seq, _ in step.prefill:  # blocks registered for this step's prefills may hold no keys
+                self.blocks.forget(seq, seq.num_prefilled)
             seqs = step.decode + [seq for seq, _ in step.prefill]
             raise StepFailed(self._drop({seq.request_id for seq in seqs}), err) from err
 
@@ -275,13 +277,12 @@ class LLMEngine:
         if not seq.num_prefilled:  # its first chunk
             if self.tier_link is not None:
                 seq.num_tier_tokens = self.tier_link.load(seq, self.compression.shareable(len(seq)))
+                self.blocks.register(seq, seq.num_cached_tokens)  # what the tier wrote
             seq.num_prefilled = min(seq.num_cached_tokens, len(seq) - 1)
         start, end = seq.num_prefilled, min(seq.prefill_len, seq.num_prefilled + count)
         compress = None if self.compression.evict is None else self.compression
         logits, held, seq.tail = self.runner.prefill(seq, compress, start, end)
         seq.num_prefilled = end
-        if self.scheduler.token_budget is not None:  # its blocks were not registered at admission
-            self.blocks.register(seq, min(end, self.compression.shareable(len(seq))))
         if end < seq.prefill_len:
             return None
         seq.prefill_queries = None

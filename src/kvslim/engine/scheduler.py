@@ -150,7 +150,7 @@ class Scheduler:
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 count = min(self._remaining(seq), budget)
-                prefill.append((seq, count))
+                prefill.append(self._chunk(seq, count))
                 budget -= count
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
@@ -160,9 +160,16 @@ class Scheduler:
             if not self._admit(seq, len(seq) if split else self.compression.reserve(len(seq)), register=False):
                 break
             count = min(self._remaining(seq), budget) if split else self._remaining(seq)
-            prefill.append((seq, count))
+            prefill.append(self._chunk(seq, count))
             budget -= count
         return Step(decode, prefill, copies)
+
+    def _chunk(self, seq: Sequence, count: int) -> tuple[Sequence, int]:
+        """A prefill of ``count`` tokens in this step; the blocks it fills become findable by prefix hash now, since
+        the step writes them before any prompt admitted after this one reads them."""
+        done = seq.prefill_len - self._remaining(seq)
+        self.blocks.register(seq, min(done + count, self.compression.shareable(len(seq))))
+        return seq, count
 
     def _splits(self, seq: Sequence, budget: int) -> bool:
         """Whether a waiting prompt runs in chunks: it is longer than ``budget``, the policy's pages allow it, and
