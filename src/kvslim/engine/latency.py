@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from itertools import pairwise
 
 import torch
 
@@ -41,7 +42,7 @@ class LatencyStats:
             if firsts:
                 self.ttft.append(min(firsts) - arrival)
             for times in token_times:
-                self.itl.extend(later - earlier for earlier, later in zip(times, times[1:]))
+                self.itl.extend(later - earlier for earlier, later in pairwise(times))
 
     def as_dict(self) -> dict[str, float | None]:
         with self.lock:

@@ -3,7 +3,7 @@ hand back tokens and finished requests, and record their latencies."""
 from __future__ import annotations
 
 import time
-from itertools import count
+from itertools import count, pairwise
 from typing import Any
 
 import torch
@@ -241,8 +241,8 @@ class LLMEngine:
                 self._evict_decoded(seq, row)
             seqs, rows = list(step.decode), list(logits)
         done, last = [], []
-        for seq, count in step.prefill:
-            row = self._prefill(seq, count)
+        for seq, tokens in step.prefill:
+            row = self._prefill(seq, tokens)
             if row is not None:
                 done.append(seq)
                 last.append(row)
@@ -271,15 +271,15 @@ class LLMEngine:
             dropped.append(request_id)
         return dropped
 
-    def _prefill(self, seq: Sequence, count: int) -> torch.Tensor | None:
-        """Run up to ``count`` more of the sequence's prompt; its last token's logits once the whole prompt has run,
+    def _prefill(self, seq: Sequence, tokens: int) -> torch.Tensor | None:
+        """Run up to ``tokens`` more of the sequence's prompt; its last token's logits once the whole prompt has run,
         else None (a chunk: its keys and values wait in the pages for the next one)."""
         if not seq.num_prefilled:  # its first chunk
             if self.tier_link is not None:
                 seq.num_tier_tokens = self.tier_link.load(seq, self.compression.shareable(len(seq)))
                 self.blocks.register(seq, seq.num_cached_tokens)  # what the tier wrote
             seq.num_prefilled = min(seq.num_cached_tokens, len(seq) - 1)
-        start, end = seq.num_prefilled, min(seq.prefill_len, seq.num_prefilled + count)
+        start, end = seq.num_prefilled, min(seq.prefill_len, seq.num_prefilled + tokens)
         compress = None if self.compression.evict is None else self.compression
         logits, held, seq.tail = self.runner.prefill(seq, compress, start, end)
         seq.num_prefilled = end
@@ -402,7 +402,7 @@ class LLMEngine:
         ttft = (first.first_token_time - first.arrival) if first.first_token_time else None
         per_token = [(s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1)
                      for s in seqs if s.finish_time and s.first_token_time and len(s.output_token_ids) > 1]
-        gaps = [b - a for s in seqs for a, b in zip(s.token_times, s.token_times[1:])]
+        gaps = [b - a for s in seqs for a, b in pairwise(s.token_times)]
         itl_p50, itl_p99 = percentiles(gaps)
         full_blocks = self.blocks.blocks_for(len(first))
         peak_bytes = max(s.peak_blocks for s in seqs) * self.block_bytes + self.runner.kv.row_bytes
