@@ -158,9 +158,39 @@ def test_compression_still_lets_a_prompt_larger_than_the_pool_run(llama) -> None
     assert out.stats["peak_kv_blocks"] <= 5 < out.stats["full_kv_bytes"] // llm.block_bytes
 
 
+@pytest.mark.parametrize("spec", ["full", "snapkv(keep=0.5,window=8)"])
+def test_preemption_in_the_middle_of_a_prompt_gives_the_same_tokens(llama, spec: str) -> None:
+    """Three sequences decode while a 60-token prompt is prefilled; when they need blocks, it is the newest and is
+    preempted part-way (and prefilled again later)."""
+    lengths = {5: 30, 6: 30, 7: 30, 60: 4}  # prompt tokens: output tokens
+    requests = [(p, SamplingParams(max_tokens=lengths[len(p)], ignore_eos=True)) for p in _prompts(*lengths)]
+    roomy = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
+    probe = LLM(llama, kv_memory=0.001, block_size=4)
+    tight = LLM(llama, policy=spec, kv_memory=27 * probe.block_bytes / 2**30, block_size=4, chunked_prefill=True,
+                max_num_batched_tokens=8)
+    preempted_while_prefilling = []
+    preempt = tight.scheduler.preempt
+
+    def watch(seq: Sequence) -> None:
+        preempted_while_prefilling.append(seq.prefilling)
+        preempt(seq)
+
+    tight.scheduler.preempt = watch
+    outputs = []
+    for llm in (roomy, tight):
+        ids = [llm.add_request(prompt, params) for prompt, params in requests]
+        while llm.has_unfinished:
+            llm.step()
+        outputs.append([llm.finished.pop(i).token_ids for i in ids])
+    assert outputs[0] == outputs[1]
+    assert any(preempted_while_prefilling)
+    assert tight.blocks.num_free == tight.blocks.num_blocks
+
+
 def test_a_decoding_sequence_makes_progress_while_a_long_prompt_is_prefilled(llama) -> None:
+    long_output = SamplingParams(max_tokens=30, ignore_eos=True)
     llm = LLM(llama, kv_memory=0.01, block_size=4, chunked_prefill=True, max_num_batched_tokens=8)
-    short = llm.add_request(_prompts(5)[0], SamplingParams(max_tokens=30, ignore_eos=True))
+    short = llm.add_request(_prompts(5)[0], long_output)
     llm.step()
     long = llm.add_request(_prompts(60)[0], GREEDY)
     long_seq = llm.requests[long][0]
@@ -172,7 +202,7 @@ def test_a_decoding_sequence_makes_progress_while_a_long_prompt_is_prefilled(lla
     assert steps >= 60 // 7  # the prompt took several steps (7 tokens a step beside one decode token)
     while llm.has_unfinished:
         llm.step()
-    alone = LLM(llama, kv_memory=0.01, block_size=4).generate(_prompts(5), SamplingParams(max_tokens=30, ignore_eos=True))
+    alone = LLM(llama, kv_memory=0.01, block_size=4).generate(_prompts(5), long_output)
     assert llm.finished[short].token_ids == alone[0].token_ids
 
 

@@ -131,5 +131,6 @@ class Sequence:
         child.pad, child.sinks, child.window_start = self.pad, self.sinks, self.window_start
         child.window_budget, child.arrival, child.first_token_time = self.window_budget, self.arrival, self.first_token_time
         child.tail = None if self.tail is None else self.tail.clone()
-        child.prefill_len, child.num_prefilled, child.token_times = self.prefill_len, self.num_prefilled, list(self.token_times)
+        child.prefill_len, child.num_prefilled = self.prefill_len, self.num_prefilled
+        child.token_times = list(self.token_times)
         return child
