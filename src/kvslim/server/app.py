@@ -174,7 +174,7 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
         lines = [
             ("kvslim_up", "gauge", "whether the engine loop runs (0: see /health)", int(runner.error is None)),
             ("kvslim_requests_waiting", "gauge", "requests waiting for KV blocks", m["waiting"]),
-            ("kvslim_requests_running", "gauge", "sequences decoding", m["running"]),
+            ("kvslim_requests_running", "gauge", "sequences admitted (decoding, or prefilling in chunks)", m["running"]),
             ("kvslim_kv_blocks_used", "gauge", "KV blocks held", m["blocks_used"]),
             ("kvslim_kv_blocks_free", "gauge", "KV blocks free", m["blocks_free"]),
             ("kvslim_preemptions_total", "counter", "sequences preempted (recomputed later)", m["preemptions"]),
