@@ -10,8 +10,14 @@ every running sequence's KV blocks and ring rows) over the device-to-device copy
 in the same run. Hugging Face ``generate`` with its default DynamicCache runs a few of the same
 requests one at a time, for its per-request throughput.
 
+Latency: every run reports time to first token (TTFT, from submission, queueing included) and
+inter-token latency (ITL) p50/p99 as the engine records them. ``--chunked-prefill`` runs prompts in
+chunks beside the decode steps (``--max-num-batched-tokens`` per step), so ITL p99 no longer includes
+whole 8k-32k prefills; a run with and one without it, appended to the same file, compare the two.
+
     python benchmarks/engine_throughput.py --out benchmarks/results/engine_throughput_h100_saturated.json
     python benchmarks/engine_throughput.py --policies kivi4 kivi2 --append --out ...   # a second call adds results
+    python benchmarks/engine_throughput.py --policies full snapkv --chunked-prefill --append --out ...
 """
 from __future__ import annotations
 
@@ -77,7 +83,8 @@ def kv_bytes_read(engine: LLMEngine, seqs: list[Any]) -> int:
 def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
                weights: int) -> dict[str, Any]:
     engine = LLMEngine(model, policy=policy, kv_memory=args.kv_memory, block_size=args.block_size,
-                       max_num_seqs=args.max_num_seqs)
+                       max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
     params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -92,7 +99,7 @@ def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse
         done = engine.step()  # sampling reads the tokens back, so the step has finished on the device
         elapsed = time.perf_counter() - t0
         max_running = max(max_running, len(engine.scheduler.running))
-        if engine.last_step_prefill:
+        if engine.last_step_prefill:  # with chunked prefill, also the steps that decode beside a chunk
             prefill_s += elapsed
         elif done:
             seqs = [seq for seq, _ in done]
@@ -104,8 +111,11 @@ def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse
     decode_s = sum(t for t, _, _ in steps)
     roofline_s = sum(b for _, _, b in steps) / bandwidth
     median_step = sorted(steps)[len(steps) // 2]
+    latency = engine.metrics().latency
     result = {
         "policy": engine.policy.spec,
+        "chunked_prefill": args.chunked_prefill,
+        "max_num_batched_tokens": engine.scheduler.token_budget,
         "block_size": engine.blocks.block_size,
         "kv_blocks": engine.blocks.num_blocks,
         "kv_block_bytes": engine.block_bytes,
@@ -129,6 +139,7 @@ def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse
         "median_decode_step": {"batch": median_step[1], "ms": median_step[0] * 1e3,
                                "roofline_ms": median_step[2] / bandwidth * 1e3, "bytes": median_step[2]},
         "mean_ttft_s": sum(o.stats["ttft_s"] for o in outputs) / len(outputs),
+        **latency,  # ttft_p50_s, ttft_p99_s, itl_p50_s, itl_p99_s
         "mean_peak_kv_bytes_per_request": sum(o.stats["peak_kv_bytes"] for o in outputs) / len(outputs),
         "mean_full_kv_bytes_per_request": sum(o.stats["full_kv_bytes"] for o in outputs) / len(outputs),
     }
@@ -182,6 +193,9 @@ def main() -> None:
     parser.add_argument("--max-prompt", type=int, default=32768)
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--policies", nargs="*", default=POLICIES)
+    parser.add_argument("--chunked-prefill", action="store_true", help="run prompt chunks beside decode steps")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step with --chunked-prefill (default: the engine's, 2048)")
     parser.add_argument("--hf-requests", type=int, default=3, help="requests (the first ones) run through HF generate; 0: none")
     parser.add_argument("--append", action="store_true", help="add the results to an existing --out of the same workload")
     parser.add_argument("--commit", default=None, help="git commit of the code (default: git rev-parse HEAD)")

@@ -66,3 +66,25 @@ def test_capture_graphs_captures_every_size_up_front() -> None:
     before = dict(llm.runner.graphs.graphs)
     _run(llm)
     assert llm.runner.graphs.graphs == before  # nothing captured while running
+
+
+@pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.5)"])
+def test_decode_beside_prompt_chunks_replays_graphs(policy: str) -> None:
+    """With chunked prefill a step decodes (a graph replay) and then runs prompt chunks eagerly: the same tokens as
+    an eager engine that prefills whole prompts."""
+    model = tiny_model("llama", "gqa").cuda()
+    chunked = LLM(model, policy=policy, kv_memory=0.02, chunked_prefill=True, max_num_batched_tokens=32)
+    replays = []
+    replay = chunked.runner.graphs.run
+
+    def counted(batch):
+        hidden = replay(batch)
+        replays.append(hidden is not None)
+        return hidden
+
+    chunked.runner.graphs.run = counted
+    outputs = _run(chunked)
+    assert any(replays) and all(replays)
+    eager = LLM(model, policy=policy, kv_memory=0.02)
+    eager.runner.enforce_eager = True
+    assert _run(eager) == outputs

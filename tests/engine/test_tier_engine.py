@@ -121,3 +121,13 @@ def test_evicted_prefix_block_spills_when_its_first_write_was_lost(llama) -> Non
     warm = _engine(llama, tier).generate([PREFIX], GREEDY)[0]
     assert warm.stats["tier_prompt_tokens"] == 40
     tier.close()
+
+
+def test_chunked_prefill_loads_the_prefix_from_the_tier(llama, tier: KVTier) -> None:
+    cold = _engine(llama, tier).generate([PREFIX + [3, 4]], GREEDY)[0]
+    tier.flush()
+    chunked = LLM(llama, kv_memory=0.01, block_size=8, kv_tier=tier, chunked_prefill=True, max_num_batched_tokens=16)
+    warm = chunked.generate([PREFIX + [3, 4]], GREEDY)[0]
+    assert warm.stats["tier_prompt_tokens"] == 40 and warm.token_ids == cold.token_ids
+    again = chunked.generate([PREFIX + [5]], GREEDY)[0]  # the loaded blocks were registered in device memory
+    assert again.stats["cached_prompt_tokens"] == 40 and again.stats["tier_prompt_tokens"] == 0

@@ -36,6 +36,15 @@ What the engine supports, and why:
   keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
   the store. ThinK's pruned channels are refused, and so is a sliding window over a storage format
   (``streaming+kivi4``).
+* **chunked prefill** (``max_num_batched_tokens``, see :mod:`kvslim.engine.scheduler`): chunks are stored
+  uncompressed in the sequence's pages, each attending to the earlier ones there; after the last chunk the
+  evictor runs once, over the whole prompt's keys and values (the pages, read back as decode-time compression
+  reads them, then the last chunk's own) and the newest :attr:`Compression.observed` queries, kept across
+  chunks. Every scorer looks only at that many newest queries (``ScoredEviction.observed``, the contract
+  decode-time compression already relies on), and KVzip's probes attend to the whole prompt at each layer
+  during the last chunk, so the kept tokens are those of an unchunked prefill. StreamingLLM also evicts after
+  the last chunk: dropping as it goes would change what the later prompt tokens attend to. Quantized and
+  offloaded stores are not chunked (a chunk would attend to dequantized keys): their prompts run whole.
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
   whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
@@ -92,6 +101,13 @@ class Compression:
                 "keys and values in the model dtype or as kivi/int/fp8 codes, so only eviction methods and a last "
                 f"quantizer run here (use kvslim.Cache for {', '.join(other)})"
             )
+        #: the newest prompt queries the evictors score with (their observation windows): all a chunked prefill
+        #: keeps of its earlier chunks' queries
+        self.observed = max((p.observed for p in parts if isinstance(p, ScoredEviction)), default=1)
+        #: whether a prompt may be prefilled in chunks with the same result: chunks are stored, then read back by the
+        #: next chunks and by the evictor, exactly only in the model dtype (quantized or offloaded pages would give
+        #: back other keys than the ones an unchunked prefill attends to and scores)
+        self.chunkable = self.storage is None
 
     def _decoding(self, policy: Method, parts: list[Method]) -> ScoredEviction | None:
         decoding = [p for p in parts if isinstance(p, ScoredEviction) and p.decodes]

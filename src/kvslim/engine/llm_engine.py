@@ -1,8 +1,9 @@
-"""The engine loop: add requests, step (prefill or batched decode), hand back tokens and finished requests."""
+"""The engine loop: add requests, step (prefill or batched decode; with chunked prefill, decode beside prompt chunks),
+hand back tokens and finished requests, and record their latencies."""
 from __future__ import annotations
 
 import time
-from itertools import count
+from itertools import count, pairwise
 from typing import Any
 
 import torch
@@ -14,12 +15,13 @@ from ..methods.kvzip import REPEAT_PROMPT
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
+from .latency import LatencyStats, percentiles
 from .model_runner import ModelRunner
 from .outputs import Completion, RequestOutput
 from .parallel import ParallelRunner, RanksOutOfStep
 from .sampler import sample
 from .sampling_params import SamplingParams
-from .scheduler import Metrics, Scheduler
+from .scheduler import Metrics, Scheduler, Step
 from .sequence import Sequence
 from .tier_link import TierLink, check_policy
 
@@ -60,12 +62,25 @@ class LLMEngine:
     ``device`` says where they run (``cuda``: rank r on ``cuda:r``; ``cpu``: gloo), by default where the
     model is. :meth:`close` stops them. KV byte counts (``block_bytes``, a request's ``peak_kv_bytes``...)
     are then per device.
+
+    ``chunked_prefill`` (vLLM's ``enable_chunked_prefill``) runs each step's decode tokens and prompt chunks
+    together, up to ``max_num_batched_tokens`` tokens (default 2048), so a long prompt does not stall the
+    sequences decoding beside it (see :mod:`kvslim.engine.scheduler`); greedy outputs are the same as without
+    it. It is off by default: each step then prefills whole prompts (up to ``max_prefill_tokens``) or decodes.
+    The decode part of a step still replays a CUDA graph; the chunks run eagerly after it.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
                  kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, device: "str | torch.device | None" = None):
+                 tensor_parallel_size: int = 1, device: "str | torch.device | None" = None,
+                 chunked_prefill: bool = False, max_num_batched_tokens: int | None = None):
+        if max_num_batched_tokens is not None and not chunked_prefill:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} is the token budget of a chunked-prefill "
+                             "step: pass chunked_prefill=True too (without it a step prefills whole prompts)")
+        if chunked_prefill and tensor_parallel_size > 1:
+            raise ValueError("chunked_prefill keeps each prompt's chunk state in one process: use it with "
+                             "tensor_parallel_size=1")
         self.runner = self._runner(model, enforce_eager, tensor_parallel_size, device, kv_tier)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.tokenizer = tokenizer
@@ -92,7 +107,11 @@ class LLMEngine:
         self.runner.allocate(num_blocks, block_size, rows)
         self.blocks = BlockManager(num_blocks, block_size, rows)
         self.scheduler = Scheduler(self.blocks, self.compression, min(max_num_seqs, rows or max_num_seqs),
-                                   max_prefill_tokens, self.runner.max_model_len, kv.grows)
+                                   max_prefill_tokens, self.runner.max_model_len, kv.grows,
+                                   token_budget=(2048 if max_num_batched_tokens is None else max_num_batched_tokens)
+                                   if chunked_prefill else None,
+                                   chunkable=self.compression.chunkable)
+        self.latency = LatencyStats()
         self.requests: dict[str, list[Sequence]] = {}
         self.finished: dict[str, RequestOutput] = {}
         self.eos = self._eos_ids(model, tokenizer)
@@ -101,7 +120,9 @@ class LLMEngine:
             check_policy(self.compression)
         self.tier = open_tier(kv_tier) if isinstance(kv_tier, str) else kv_tier
         self.tier_link = None if self.tier is None else TierLink(self.tier, self.blocks, kv, model, self.policy.spec)
-        self.last_step_prefill = False  # what the last step ran (benchmarks time prefill and decode apart)
+        #: whether the last step ran a prefill (with chunked prefill, perhaps beside decodes): benchmarks time
+        #: prefill and decode apart
+        self.last_step_prefill = False
 
     @staticmethod
     def _runner(model: Any, enforce_eager: bool, tensor_parallel_size: int, device: "str | torch.device | None",
@@ -199,6 +220,7 @@ class LLMEngine:
     def metrics(self) -> Metrics:
         metrics = self.scheduler.metrics()
         metrics.tier = None if self.tier is None else self.tier.stats.as_dict()
+        metrics.latency = self.latency.as_dict()
         return metrics
 
     def reset_prefix_cache(self) -> None:
@@ -222,35 +244,50 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one prefill or decode step; returns (sequence, new token) for every token produced.
+        """Run one step (prefills, a decode step, or with chunked prefill both); returns (sequence, new token) for
+        every token produced (a prompt chunk that is not its prompt's last produces none).
 
         If the step raises, the requests it ran are dropped (blocks freed) and :class:`StepFailed` names
         them; the engine stays usable for every other request. Only :class:`RanksOutOfStep` (tensor-parallel
         ranks left apart by an earlier failure) passes through as it is: nothing can run after it.
         """
-        seqs, is_prefill, copies = self.scheduler.schedule()
-        if not seqs:
+        step = self.scheduler.schedule()
+        if not step.decode and not step.prefill:
             return []
-        self.last_step_prefill = is_prefill
+        self.last_step_prefill = bool(step.prefill)
         try:
-            return self._run(seqs, is_prefill, copies)
+            return self._run(step)
         except RanksOutOfStep:
             raise
         except Exception as err:
+            for seq, _ in step.prefill:  # blocks registered for this step's prefills may hold no keys
+                self.blocks.forget(seq, seq.num_prefilled)
+            seqs = step.decode + [seq for seq, _ in step.prefill]
             raise StepFailed(self._drop({seq.request_id for seq in seqs}), err) from err
 
-    def _run(self, seqs: list[Sequence], is_prefill: bool, copies: list[tuple[int, int]]) -> list[tuple[Sequence, int]]:
-        if is_prefill:
-            rows = [self._prefill(seq) for seq in seqs]
-            logits = torch.stack(rows)
-            seqs, logits = self._fork(seqs, logits)
-        else:
-            self.runner.copy_blocks(copies)
-            logits = self.runner.decode(self.runner.prepare_decode(seqs))
-            for row, seq in enumerate(seqs):
+    def _run(self, step: Step) -> list[tuple[Sequence, int]]:
+        seqs: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        if step.decode:
+            self.runner.copy_blocks(step.copies)
+            logits = self.runner.decode(self.runner.prepare_decode(step.decode))
+            for row, seq in enumerate(step.decode):
                 self.runner.kv.advance(seq)
                 self._slide(seq)
                 self._evict_decoded(seq, row)
+            seqs, rows = list(step.decode), list(logits)
+        done, last = [], []
+        for seq, tokens in step.prefill:
+            row = self._prefill(seq, tokens)
+            if row is not None:
+                done.append(seq)
+                last.append(row)
+        if done:
+            forked, logits = self._fork(done, torch.stack(last))
+            seqs, rows = seqs + forked, rows + list(logits)
+        if not seqs:
+            return []
+        logits = torch.stack(rows)
         tokens = sample(logits, seqs)
         for seq, token in zip(seqs, tokens):
             self._append(seq, token)
@@ -270,10 +307,21 @@ class LLMEngine:
             dropped.append(request_id)
         return dropped
 
-    def _prefill(self, seq: Sequence) -> torch.Tensor:
-        if self.tier_link is not None:
-            seq.num_tier_tokens = self.tier_link.load(seq)
-        logits, held, seq.tail = self.runner.prefill(seq, None if self.compression.evict is None else self.compression)
+    def _prefill(self, seq: Sequence, tokens: int) -> torch.Tensor | None:
+        """Run up to ``tokens`` more of the sequence's prompt; its last token's logits once the whole prompt has run,
+        else None (a chunk: its keys and values wait in the pages for the next one)."""
+        if not seq.num_prefilled:  # its first chunk
+            if self.tier_link is not None:
+                seq.num_tier_tokens = self.tier_link.load(seq, self.compression.shareable(len(seq)))
+                self.blocks.register(seq, seq.num_cached_tokens)  # what the tier wrote
+            seq.num_prefilled = min(seq.num_cached_tokens, len(seq) - 1)
+        start, end = seq.num_prefilled, min(seq.prefill_len, seq.num_prefilled + tokens)
+        compress = None if self.compression.evict is None else self.compression
+        logits, held, seq.tail = self.runner.prefill(seq, compress, start, end)
+        seq.num_prefilled = end
+        if end < seq.prefill_len:
+            return None
+        seq.prefill_queries = None
         if self.tier_link is not None:
             self.tier_link.save(seq)
         seq.set_held(held)
@@ -350,6 +398,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         now = time.perf_counter()
+        seq.token_times.append(now)
         seq.first_token_time = seq.first_token_time or now
         params, produced = seq.params, len(seq.output_token_ids)
         reason = None
@@ -374,6 +423,7 @@ class LLMEngine:
             return
         del self.requests[request_id]
         self.finished[request_id] = self._output(request_id, seqs)
+        self.latency.add(seqs[0].arrival, [s.token_times for s in seqs])
 
     def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         completions = []
@@ -389,6 +439,8 @@ class LLMEngine:
         ttft = (first.first_token_time - first.arrival) if first.first_token_time else None
         per_token = [(s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1)
                      for s in seqs if s.finish_time and s.first_token_time and len(s.output_token_ids) > 1]
+        gaps = [b - a for s in seqs for a, b in pairwise(s.token_times)]
+        itl_p50, itl_p99 = percentiles(gaps)
         full_blocks = self.blocks.blocks_for(len(first))
         peak_bytes = max(s.peak_blocks for s in seqs) * self.block_bytes + self.runner.kv.row_bytes
         return RequestOutput(request_id, first.prompt_token_ids, completions, {
@@ -400,6 +452,8 @@ class LLMEngine:
             "ttft_s": ttft,
             "latency_s": end - first.arrival,
             "tpot_s": sum(per_token) / len(per_token) if per_token else None,
+            "itl_p50_s": itl_p50,
+            "itl_p99_s": itl_p99,
             "preemptions": sum(s.preemptions for s in seqs),
             "peak_kv_blocks": max(s.peak_blocks for s in seqs),
             "peak_kv_bytes": peak_bytes,

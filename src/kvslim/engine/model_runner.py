@@ -188,50 +188,74 @@ class ModelRunner:
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, compress: CompressHook | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Run a sequence's tokens, store their keys/values; last-token logits, page slots per (layer, head)
-        and, for stores with a ring (quantized pages, KCache, PQCache), the tokens per (layer, head) left in the
-        sequence's ring row.
+    def prefill(self, seq: Sequence, compress: CompressHook | None, start: int | None = None, end: int | None = None
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Run a sequence's tokens ``[start, end)`` (by default all of them), store their keys/values; the last
+        token's logits, page slots per (layer, head) and, for stores with a ring (quantized pages, KCache,
+        PQCache), the tokens per (layer, head) left in the sequence's ring row.
 
         Without ``compress`` (no evictor), tokens the prefix cache already holds (``seq.num_cached_tokens``)
         are read from the pool, not recomputed (the last token always runs, for its logits); quantized pages
         give them back dequantized. With it, every layer's keys/values go through the hook and only what it
         keeps is stored; a suffix (tokens past ``seq.compressed_len``) then runs uncompressed (:meth:`_extend`)
-        and the logits are its last token's.
+        and the logits are its last token's (a sequence with a suffix is never split into chunks).
+
+        Chunked prefill (``start``/``end`` inside the prompt): a chunk attends to the tokens before ``start``,
+        read from the sequence's pages, as a cached prefix is. Until the last chunk every token is stored as it
+        is and the newest queries the evictor observes are kept in ``seq.prefill_queries``; the last chunk runs
+        the hook over the whole prompt's keys/values (pages, then its own) and those queries, which is what one
+        unchunked prefill gives it, and its kept tokens overwrite the pages from slot 0.
         """
         tokens = seq.token_ids[: seq.compressed_len]
-        cached = seq.num_cached_tokens if compress is None else 0
-        first = min(cached, len(tokens) - 1)
-        ids = torch.tensor(tokens[first:], device=self.device)
-        positions = torch.arange(first, len(tokens), device=self.device)
+        end = len(tokens) if end is None else end
+        if start is None:
+            start = min(seq.num_cached_tokens, len(tokens) - 1) if compress is None else 0
+        compressing = compress is not None and end == len(tokens)
+        offset = 0 if compressing else max(start, seq.num_cached_tokens)  # first slot this call writes
+        ids = torch.tensor(tokens[start:end], device=self.device)
+        positions = torch.arange(start, end, device=self.device)
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
-        probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compress else [])]
+        probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compressing else [])]
         held = torch.empty(self.num_layers, self.num_kv_heads, dtype=torch.long)
         tail = torch.empty_like(held) if self.kv.ring else None
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(i, h, cos, sin)
-            if first:
-                past_k, past_v = self.kv.read(i, self._slots(seq.block_table, 0, first))  # type: ignore[union-attr]
+            if start:
+                past_k, past_v = self.kv.read(i, self._slots(seq.block_table, 0, start))  # type: ignore[union-attr]
                 k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
-            out = self._attention(q, k, v, first)
-            if compress is None:
-                fresh = torch.full((self.num_kv_heads,), len(tokens) - cached, device=self.device)
-                kept_k, kept_v, lens = k[:, cached:], v[:, cached:], fresh
+            out = self._attention(q, k, v, start)
+            if compressing:
+                queries = q if not start else torch.cat([seq.prefill_queries[i], q], 1)  # type: ignore[index]
+                kept_k, kept_v, lens = compress(i, queries, k, v, [self._probe_layer(i, p, k, v) for p in probes])
             else:
-                kept_k, kept_v, lens = compress(i, q, k, v, [self._probe_layer(i, p, k, v) for p in probes])
-            slots = self._slots(seq.block_table, cached, kept_k.shape[1])
+                fresh = torch.full((self.num_kv_heads,), end - offset, device=self.device)
+                kept_k, kept_v, lens = k[:, offset:], v[:, offset:], fresh
+                if compress is not None:
+                    self._observe(seq, i, q, compress.observed)
+            slots = self._slots(seq.block_table, offset, kept_k.shape[1])
             paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
-            held[i] = paged.cpu() + cached
+            held[i] = paged.cpu() + offset
             if tail is not None:
                 tail[i] = ring.cpu()
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
-        if len(tokens) < len(seq):
+        if end == len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
+
+    @staticmethod
+    def _observe(seq: Sequence, layer: int, queries: Tensor, window: int) -> None:
+        """Keep a chunk's newest ``window`` queries (Hq, w, D) after the earlier chunks' (chunked prefill)."""
+        if seq.prefill_queries is None:
+            seq.prefill_queries = []
+        if layer < len(seq.prefill_queries):
+            queries = torch.cat([seq.prefill_queries[layer], queries], 1)
+            seq.prefill_queries[layer] = queries[:, -window:].clone()  # a copy: the chunk's queries are freed
+        else:
+            seq.prefill_queries.append(queries[:, -window:].clone())
 
     def _extend(self, seq: Sequence, held: Tensor) -> tuple[Tensor, Tensor]:
         """Run the tokens past ``seq.compressed_len`` uncompressed over what its prefill kept in model-dtype pages
@@ -263,6 +287,16 @@ class ModelRunner:
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
         return self._logits(self._norm(x[-1:]))[0], held + len(ids)
+    @staticmethod
+    def _observe(seq: Sequence, layer: int, queries: Tensor, window: int) -> None:
+        """Keep a chunk's newest ``window`` queries (Hq, w, D) after the earlier chunks' (chunked prefill)."""
+        if seq.prefill_queries is None:
+            seq.prefill_queries = []
+        if layer < len(seq.prefill_queries):
+            queries = torch.cat([seq.prefill_queries[layer], queries], 1)
+            seq.prefill_queries[layer] = queries[:, -window:].clone()  # a copy: the chunk's queries are freed
+        else:
+            seq.prefill_queries.append(queries[:, -window:].clone())
 
     def _probe_input(self, ids: list[int], start: int) -> list[Tensor]:
         """A probe's hidden states and RoPE tables: its tokens sit at the positions after the prompt's."""

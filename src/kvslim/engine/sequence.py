@@ -40,6 +40,10 @@ class Sequence:
     A *suffix* (``suffix_tokens``, the query-agnostic protocol's question) is the end of the prompt that the
     method must not compress: the prefill compresses the tokens before it, then runs it uncompressed after
     what was kept (see :attr:`compressed_len`).
+
+    Prefill: from admission until its prompt (``prefill_len`` tokens: prompt and output so far, after a
+    preemption) has run, a sequence is *prefilling*; with chunked prefill that takes several steps, each
+    running tokens ``[num_prefilled, ...)`` (see :mod:`kvslim.engine.scheduler`).
     """
 
     prompt_token_ids: list[int]
@@ -69,6 +73,12 @@ class Sequence:
     #: per layer, the method's state for decode-time compression (budget, remembered queries); None: none
     method_state: list[dict] | None = None
     suffix_tokens: int = 0  # the prompt's last tokens, prefilled uncompressed after the rest is compressed
+    prefill_len: int = 0  # tokens the current prefill runs (len(seq) when admitted); 0 before admission
+    num_prefilled: int = 0  # of those, tokens whose keys/values are in pages (0 until its first chunk runs)
+    #: per layer, the newest queries (Hq, w, D) of the chunks run so far: an evictor's observation window, scored
+    #: with the whole prompt's keys after the last chunk (chunked prefill)
+    prefill_queries: list[Tensor] | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token was sampled (latencies)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -100,6 +110,11 @@ class Sequence:
         return self.status is Status.FINISHED
 
     @property
+    def prefilling(self) -> bool:
+        """Admitted, and part of its prompt has not run yet (chunked prefill spreads it over steps)."""
+        return self.num_prefilled < self.prefill_len
+
+    @property
     def num_blocks_held(self) -> int:
         return len(self.block_table) - self.block_table.count(-1)  # -1: a block a sliding window handed back
 
@@ -117,7 +132,8 @@ class Sequence:
         """Forget all storage (preemption by recompute): the next prefill runs prompt and output so far."""
         self.block_table = []
         self.num_cached_tokens = self.num_tier_tokens = self.kv_slots = self.sinks = self.window_start = 0
-        self.pad = self.window_budget = self.tail = self.method_state = None
+        self.pad = self.window_budget = self.tail = self.method_state = self.prefill_queries = None
+        self.prefill_len = self.num_prefilled = 0
 
     def fork(self) -> "Sequence":
         """A copy that continues separately; the block manager shares its blocks."""
@@ -127,4 +143,6 @@ class Sequence:
         child.pad, child.sinks, child.window_start = self.pad, self.sinks, self.window_start
         child.window_budget, child.arrival, child.first_token_time = self.window_budget, self.arrival, self.first_token_time
         child.tail = None if self.tail is None else self.tail.clone()
+        child.prefill_len, child.num_prefilled = self.prefill_len, self.num_prefilled
+        child.token_times = list(self.token_times)
         return child

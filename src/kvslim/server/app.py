@@ -174,7 +174,7 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
         lines = [
             ("kvslim_up", "gauge", "whether the engine loop runs (0: see /health)", int(runner.error is None)),
             ("kvslim_requests_waiting", "gauge", "requests waiting for KV blocks", m["waiting"]),
-            ("kvslim_requests_running", "gauge", "sequences decoding", m["running"]),
+            ("kvslim_requests_running", "gauge", "sequences admitted (decoding, or prefilling in chunks)", m["running"]),
             ("kvslim_kv_blocks_used", "gauge", "KV blocks held", m["blocks_used"]),
             ("kvslim_kv_blocks_free", "gauge", "KV blocks free", m["blocks_free"]),
             ("kvslim_preemptions_total", "counter", "sequences preempted (recomputed later)", m["preemptions"]),
@@ -182,6 +182,13 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
             ("kvslim_requests_finished_total", "counter", "requests finished", m["finished"]),
             ("kvslim_requests_aborted_total", "counter", "requests aborted (client gone)", m["aborted"]),
             ("kvslim_requests_failed_total", "counter", "requests failed by an engine error (500)", m["failed"]),
+        ]
+        latency = {k: "NaN" if v is None else v for k, v in m["latency"].items()}  # NaN: no request finished yet
+        lines += [
+            ("kvslim_ttft_p50_seconds", "gauge", "median time to first token of recent requests", latency["ttft_p50_s"]),
+            ("kvslim_ttft_p99_seconds", "gauge", "99th percentile time to first token", latency["ttft_p99_s"]),
+            ("kvslim_itl_p50_seconds", "gauge", "median inter-token latency of recent requests", latency["itl_p50_s"]),
+            ("kvslim_itl_p99_seconds", "gauge", "99th percentile inter-token latency", latency["itl_p99_s"]),
         ]
         tier = m["tier"]
         if tier is not None:
