@@ -207,7 +207,8 @@ class ModelRunner:
         unchunked prefill gives it, and its kept tokens overwrite the pages from slot 0.
         """
         tokens = seq.token_ids[: seq.compressed_len]
-        end = len(tokens) if end is None else end
+        whole = end is None or end >= len(tokens)  # the rest of the prompt (a suffix then runs after it)
+        end = len(tokens) if whole else end
         if start is None:
             start = min(seq.num_cached_tokens, len(tokens) - 1) if compress is None else 0
         compressing = compress is not None and end == len(tokens)
@@ -242,7 +243,7 @@ class ModelRunner:
                 tail[i] = ring.cpu()
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
-        if end == len(tokens) < len(seq):
+        if whole and len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
 
