@@ -1,6 +1,6 @@
 """Methods: what to keep and how to store it. Importing this package registers every method."""
 from . import (  # noqa: F401
-    adakv, expected_attention, full, h2o, kcache, keydiff, knorm, kvzip, lagkv, lowrank, merge, pqcache, pyramidkv,
+    adakv, auto, expected_attention, full, h2o, kcache, keydiff, knorm, kvzip, lagkv, lowrank, merge, pqcache, pyramidkv,
     quantizers, random_keep, rkv, snapkv, streaming, think, tova,
 )
 from .base import Method, Observation, ScoredEviction, keep_top
