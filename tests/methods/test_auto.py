@@ -71,6 +71,15 @@ def test_memory_target_gives_diffuse_layers_more_and_holds_the_request_mean():
     assert sum(kept) == 4 * 2 * math.ceil(T * 0.25)
     assert kept[1] < kept[0] and kept[1] < kept[2]  # a peaked layer after diffuse ones gives its tokens away
     assert [k.sum().item() for k in policy.chosen] == kept
+    assert all(int(obs.layer.lengths.min()) >= math.ceil(math.ceil(T * 0.25) * 0.2) for obs in layers)  # the floor
+
+
+@pytest.mark.parametrize("spec", ["auto(keep=0.25)", "auto(tolerance=0.2)"])
+def test_a_padded_batch_budgets_each_request_as_alone(llama, spec):
+    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 71)]
+    _, batched, _ = kvslim.generate_ids(llama, prompts, spec, max_new_tokens=1)
+    alone = [kvslim.generate_ids(llama, [p], spec, max_new_tokens=1)[1].tokens_per_sequence()[0] for p in prompts]
+    assert batched.tokens_per_sequence() == alone
 
 
 @pytest.mark.parametrize("keep", [0.25, 0.5])

@@ -86,6 +86,8 @@ class Compression:
         #: the evictor that compresses while decoding (rescored from pages every ``interval`` steps), or None
         self.decoding = self._decoding(policy, parts) if self.window is None else None
         self.ragged_heads = any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
+        #: budgets weighed over every KV head of a layer and every layer of a request (auto): one process only
+        self.whole_request = any(isinstance(p, AutoBudget) for p in parts)
         other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
         if other:
             raise ValueError(

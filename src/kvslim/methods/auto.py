@@ -25,8 +25,9 @@ is left, so the request's mean share is ``keep`` (to the token, unless a layer c
 
 Per head (memory target): the layer's tokens go to the heads' tokens of highest normalised mass across all the
 layer's heads (AdaKV's rule, over mass rather than scores: it covers the most attention), each head first
-keeping its ``floor`` share of the layer's mean per-head budget and its protected tokens. Under tolerance the
-same floor holds against the layer's mean. At least one token per head always stays.
+keeping ``floor`` x the fixed budget (so no layer or head is starved by a misjudged observation) and its
+protected tokens. Under a tolerance each head keeps at least ``floor`` x its layer's mean budget. At least one
+token per head always stays.
 
 Which tokens a head keeps is its scorer's: ``auto`` scores with SnapKV's window votes; ``auto(SCORER, ...)``
 (``auto(keydiff,keep=0.25)``, ``auto(expected_attention(history=16),tolerance=0.1)``) with any token scorer,
@@ -105,6 +106,7 @@ class AutoBudget(ScoredEviction):
     """Budgets per request, layer and KV head from the observed attention (see the module docstring)."""
 
     tolerance: float | None = None
+    #: every head keeps at least this share of the fixed budget (memory target) or of its layer's mean (tolerance)
     floor: float = 0.2
     #: the layers' budgets (B,H) of the last forward, in layer order: what ``auto`` chose
     chosen: list[Tensor] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -125,8 +127,8 @@ class AutoBudget(ScoredEviction):
             raise ValueError(f"{self.name}: tolerance={self.tolerance} must be in [0, 1): the share of each head's "
                              "observed attention mass it may drop, e.g. 0.05")
         if not 0 <= self.floor <= 1:
-            raise ValueError(f"{self.name}: floor={self.floor} must be in [0, 1]: the share of the layer's mean "
-                             "per-head budget every head keeps")
+            raise ValueError(f"{self.name}: floor={self.floor} must be in [0, 1]: the share of the fixed budget "
+                             "(memory target) or of its layer's mean budget (tolerance) every head keeps")
 
     def on_prefill(self, obs: Observation) -> None:
         raw = self.score(obs).float()
@@ -155,21 +157,20 @@ class AutoBudget(ScoredEviction):
             zero = torch.zeros(held.shape[0], dtype=torch.float64, device=held.device)
             self.ledger = Ledger(zero, zero.clone(), zero.clone())
         prompt = obs.layer.state["prompt"].unsqueeze(-1).expand_as(held)
-        fixed = torch.minimum(self.tokens_for(prompt), held).sum(-1).double()  # type: ignore[arg-type]
+        fixed = torch.minimum(self.tokens_for(prompt), held)  # type: ignore[arg-type]
+        least = torch.minimum(torch.ceil(fixed * self.floor).long().clamp(min=1), held)
         need = effective_share(mass, held).double()
-        wanted = self.ledger.share(fixed, need, obs.layer_idx, obs.num_layers)
-        heads = held.shape[-1]
-        total = torch.minimum(wanted.round().long().clamp(min=heads), held.sum(-1))
-        k = self.spread(ranked, mass, total, held)
+        wanted = self.ledger.share(fixed.sum(-1).double(), need, obs.layer_idx, obs.num_layers)
+        total = torch.minimum(torch.maximum(wanted.round().long(), least.sum(-1)), held.sum(-1))
+        k = self.spread(ranked, mass, total, least)
         self.ledger.spent = self.ledger.spent + k.sum(-1)
         return k
 
-    def spread(self, ranked: Tensor, mass: Tensor, total: Tensor, held: Tensor) -> Tensor:
-        """(B,H) how many of a layer's ``total`` (B,) tokens each head keeps: each head's floor first, then its
+    def spread(self, ranked: Tensor, mass: Tensor, total: Tensor, least: Tensor) -> Tensor:
+        """(B,H) how many of a layer's ``total`` (B,) tokens each head keeps: its ``least`` (B,H) first, then its
         protected tokens, then the tokens of highest mass across the layer's heads."""
         batch, heads, length = ranked.shape
-        least = torch.ceil(total.float() / heads * self.floor).long().clamp(min=1)[:, None]
-        first = keep_top(ranked, torch.minimum(least, held))
+        first = keep_top(ranked, least)
         order = mass + 2.0 * (ranked == float("inf")) + 4.0 * first
         order = order.masked_fill(ranked == float("-inf"), float("-inf"))
         picked = keep_top(order.view(batch, 1, heads * length), total[:, None]).view(batch, heads, length)
