@@ -14,8 +14,8 @@ its query group), and sets the budgets in one of two modes:
   request's layers and heads is ``keep``, so the bytes equal a fixed ``keep`` method's, but layers whose
   attention is diffuse get more and focused ones less, and within a layer the heads share it out.
 
-Per layer (memory target): a layer's *need* is the mean over its heads of the effective number of tokens
-attended, ``exp(entropy)`` of the head's normalised mass, as a share of the tokens it holds. Layer ``l`` is
+Per layer (memory target): a layer's *need* is the mean over its heads of the entropy of the head's normalised
+mass over its largest, ``log(tokens held)`` (:func:`dispersion`, as CAKE's spatial dispersion). Layer ``l`` is
 compressed as soon as its attention is seen (the engine writes each layer's kept tokens into pages before the
 next layer runs), so its budget cannot wait for the later layers: a *ledger* carried across the layers of the
 request's forward keeps what earlier layers were owed and spent. Layer ``l`` gets the fixed budget scaled by
@@ -74,11 +74,15 @@ def coverage(ranked: Tensor, mass: Tensor, share: float) -> Tensor:
     return ((covered < wanted).sum(-1) + 1).clamp(max=ranked.shape[-1])
 
 
-def effective_share(mass: Tensor, held: Tensor) -> Tensor:
-    """(B,) a layer's need: the mean over heads of ``exp(entropy)`` of each head's mass (the number of tokens it
-    effectively attends to: 1 for one token, all for uniform) over the tokens it holds ``held`` (B,H)."""
+def dispersion(mass: Tensor, held: Tensor) -> Tensor:
+    """(B,) a layer's need: the mean over heads of the entropy of each head's mass over its most, ``log(held)``
+    (0 when a head attends to one token, 1 when evenly to all ``held`` (B,H) tokens it holds).
+
+    Entropy rather than the number of tokens attended (its exponential): attention concentration spans orders of
+    magnitude across a model's layers (the first layers attend nearly evenly), and budgets in proportion to
+    token counts would starve every other layer for the first ones."""
     entropy = -(mass * mass.clamp(min=torch.finfo(mass.dtype).tiny).log()).sum(-1)
-    return (entropy.exp() / held.clamp(min=1)).clamp(max=1).mean(-1)
+    return (entropy / held.clamp(min=2).log()).clamp(0, 1).mean(-1)
 
 
 @dataclass
@@ -159,7 +163,7 @@ class AutoBudget(ScoredEviction):
         prompt = obs.layer.state["prompt"].unsqueeze(-1).expand_as(held)
         fixed = torch.minimum(self.tokens_for(prompt), held)  # type: ignore[arg-type]
         least = torch.minimum(torch.ceil(fixed * self.floor).long().clamp(min=1), held)
-        need = effective_share(mass, held).double()
+        need = dispersion(mass, held).double()
         wanted = self.ledger.share(fixed.sum(-1).double(), need, obs.layer_idx, obs.num_layers)
         total = torch.minimum(torch.maximum(wanted.round().long(), least.sum(-1)), held.sum(-1))
         k = self.spread(ranked, mass, total, least)
