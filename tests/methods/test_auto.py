@@ -10,6 +10,7 @@ import kvslim
 from kvslim.cache.layer import LayerKV
 from kvslim.cli import main
 from kvslim.methods import Observation
+from kvslim.models import tiny_model
 
 T, D, WINDOW = 64, 8, 4
 
@@ -128,3 +129,21 @@ def test_kvslim_methods_lists_auto(capsys):
     assert main(["methods"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("auto "))
     assert "tolerance" in line and "keep" in line
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_sliding_window_layers_budget_within_what_they_hold(arch):
+    """A sliding layer holds at most W - 1 tokens: its fixed budget is a share of those, and the request's mean
+    holds over the layers' fixed budgets; decoding then runs within the windows."""
+    model = tiny_model(arch, "gqa", attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = kvslim.Cache(kvslim.policy("auto(keep=0.5,window=4)"), model.config)
+    with torch.no_grad():
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        kept = sum(int(layer.lengths.sum()) for layer in cache.layers)
+        heads = cache.layers[0].lengths.shape[-1]
+        held = [40 if layer.window is None else min(40, layer.window - 1) for layer in cache.layers]
+        assert kept == sum(heads * math.ceil(n * 0.5) for n in held)
+        for _ in range(8):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    assert all((layer.lengths < layer.window).all() for layer in cache.layers if layer.window)
