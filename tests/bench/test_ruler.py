@@ -243,3 +243,26 @@ def test_cli_names_the_fix_in_one_line(argv: list[str], message: str, tmp_path: 
     assert main_from_args(_args(*argv, "--out", str(tmp_path / "run"))) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_a_run_that_sets_its_own_budget_is_placed_against_fixed_keeps_by_bytes() -> None:
+    """auto(tolerance=...) has no keep column: the report sets it beside the best fixed keep at no more bytes."""
+    from kvslim.bench.ruler.leaderboard import board, placed
+    from kvslim.bench.ruler.report import placed_table
+
+    def records(policy: str, keep: float | None, kv_bytes: int, scores: list[float]) -> list[dict[str, Any]]:
+        return [{"protocol": QUERY_AWARE, "length": 4096, "policy": policy, "keep": keep, "task": "vt",
+                 "sample_id": f"vt-{i}", "score": score, "output_tokens": 8, "kv_bytes_prefill": kv_bytes,
+                 "compression": None} for i, score in enumerate(scores)]
+
+    runs = [Run("full", None), Run("snapkv", 0.5), Run("snapkv", 0.25), Run("adakv", 0.25),
+            Run("auto(tolerance=0.1)", None)]
+    rows = board(records("full", None, 1000, [1, 1]) + records("snapkv", 0.5, 500, [1, 1])
+                 + records("snapkv", 0.25, 250, [0, 1]) + records("adakv", 0.25, 250, [1, 0.5])
+                 + [r | {"kv_bytes_prefill": b} for r, b in zip(records("auto(tolerance=0.1)", None, 0, [1, 1]),
+                                                                 (300, 340))], runs)
+    (row,) = placed(rows)
+    assert row["label"] == "auto(tolerance=0.1)" and row["byte_share"] == pytest.approx(0.32)
+    assert row["fixed"] == "adakv@0.25" and row["fixed_score"] == 75.0  # snapkv@0.5 holds more bytes
+    table = placed_table(rows, QUERY_AWARE, 4096)
+    assert "| auto(tolerance=0.1) | 0.320 | 100.0 | adakv@0.25 | 0.250 | 75.0 |" in table

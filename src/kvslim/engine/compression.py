@@ -7,7 +7,7 @@ into the sequence's blocks, so a compressed sequence holds fewer blocks.
 
 What the engine supports, and why:
 
-* **ragged heads and layers** (AdaKV, PyramidKV): every (layer, KV head) keeps its own length,
+* **ragged heads and layers** (AdaKV, auto, PyramidKV): every (layer, KV head) keeps its own length,
   padded within the sequence's blocks; a sequence takes blocks for its *longest* head, so the
   memory saved is set by the longest head, not the mean (AdaKV saves less here than its bytes
   accounting in the Hugging Face path says).
@@ -58,6 +58,7 @@ from torch import Tensor
 from ..cache.layer import LayerKV
 from ..methods import Chain, Method, Observation, ScoredEviction
 from ..methods.adakv import AdaptiveHeads
+from ..methods.auto import AutoBudget
 from ..methods.full import Full
 from ..methods.kcache import KCache
 from ..methods.kvzip import chunk_size
@@ -93,7 +94,9 @@ class Compression:
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
         #: the evictor that compresses while decoding (rescored from pages every ``interval`` steps), or None
         self.decoding = self._decoding(policy, parts) if self.window is None else None
-        self.ragged_heads = any(isinstance(p, AdaptiveHeads) for p in parts)
+        self.ragged_heads = any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
+        #: budgets weighed over every KV head of a layer and every layer of a request (auto): one process only
+        self.whole_request = any(isinstance(p, AutoBudget) for p in parts)
         other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
         if other:
             raise ValueError(

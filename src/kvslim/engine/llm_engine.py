@@ -87,10 +87,12 @@ class LLMEngine:
         self.policy = build_policy(policy)
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
                                        _repeat_ids(tokenizer) if self.policy.probes else [])
-        if isinstance(self.runner, ParallelRunner) and (self.policy.probes or self.compression.decoding is not None):
+        if isinstance(self.runner, ParallelRunner) and (self.policy.probes or self.compression.decoding is not None
+                                                        or self.compression.whole_request):
             self.runner.shutdown()
-            raise ValueError(f"{self.policy.spec} under tensor parallelism: KVzip's probes and decode-time compression "
-                             "run in one process only; use tensor_parallel_size=1 or a prefill-time method")
+            raise ValueError(f"{self.policy.spec} under tensor parallelism: KVzip's probes, decode-time compression and "
+                             "auto's budgets (weighed over all KV heads) run in one process only; use "
+                             "tensor_parallel_size=1 or another method")
         self.runner.set_format(self.compression.storage)
         if self.compression.decoding is not None:  # decode-time compression scores from each step's queries
             self.runner.enforce_eager, self.runner.decode_queries = True, []

@@ -49,13 +49,15 @@ def task_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def board(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per protocol, length and policy run: RULER average, ratio to full, tasks and samples counted,
-    mean KV bytes held after the prompt (question included) and mean compression."""
+    mean KV bytes held after the prompt (question included), their share of full's and mean compression."""
     per_task = _groups(task_rows(records), "protocol", "length", "policy", "keep")
     by_run = _groups(records, "protocol", "length", "policy", "keep")
     rows = []
     for protocol, length in settings(records):
         full = per_task.get((protocol, length, FULL, None))
         full_avg = fmean(t["score"] for t in full) if full else None
+        full_records = by_run.get((protocol, length, FULL, None))
+        full_bytes = fmean(r["kv_bytes_prefill"] for r in full_records) if full_records else None
         for run in runs:
             tasks = per_task.get((protocol, length, run.policy, run.keep))
             if not tasks:
@@ -63,11 +65,30 @@ def board(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> list[dict[s
             avg = fmean(t["score"] for t in tasks)
             group = by_run[(protocol, length, run.policy, run.keep)]
             compression = [r["compression"] for r in group if r["compression"]]
+            kv_bytes = fmean(r["kv_bytes_prefill"] for r in group)
             rows.append({"protocol": protocol, "length": length, "policy": run.policy, "keep": run.keep,
                          "label": run.label, "score": avg, "ratio": avg / full_avg if full_avg else None,
-                         "tasks": len(tasks), "n": len(group),
-                         "kv_bytes": fmean(r["kv_bytes_prefill"] for r in group),
+                         "tasks": len(tasks), "n": len(group), "kv_bytes": kv_bytes,
+                         "byte_share": kv_bytes / full_bytes if full_bytes else None,
                          "compression": fmean(compression) if compression else None})
+    return rows
+
+
+def placed(board_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that set their own memory (no keep: ``auto(tolerance=...)``, a quantizer), each beside the best-scoring
+    run with a fixed keep that holds no more mean KV bytes on the same protocol and length: an adaptive budget
+    against the best fixed one at equal (or fewer) mean bytes."""
+    rows = []
+    for r in board_rows:
+        if r["keep"] is not None or r["policy"] == FULL:
+            continue
+        fixed = [f for f in board_rows if (f["protocol"], f["length"]) == (r["protocol"], r["length"])
+                 and f["keep"] is not None and f["kv_bytes"] <= r["kv_bytes"]]
+        best = max(fixed, key=lambda f: f["score"], default=None)
+        rows.append({"protocol": r["protocol"], "length": r["length"], "label": r["label"], "score": r["score"],
+                     "kv_bytes": r["kv_bytes"], "byte_share": r["byte_share"],
+                     "fixed": best and best["label"], "fixed_score": best and best["score"],
+                     "fixed_kv_bytes": best and best["kv_bytes"], "fixed_byte_share": best and best["byte_share"]})
     return rows
 
 

@@ -10,13 +10,13 @@ from typing import Any
 
 from ..config import Run
 from ..report import markdown_table
-from .leaderboard import FULL, settings as panels
+from .leaderboard import FULL, placed, settings as panels
 from .protocols import DESCRIPTIONS
 from .tasks import QA_NOTE
 
 _IDS = 6
 BOARD_CSV = ["protocol", "length", "policy", "keep", "label", "score", "ratio", "tasks", "n", "kv_bytes",
-             "compression"]
+             "byte_share", "compression"]
 
 
 def _cell(row: dict[str, Any] | None) -> str:
@@ -48,6 +48,31 @@ def task_table(rows: Sequence[dict[str, Any]], runs: Sequence[Run], tasks: Seque
                            else "-" for t in present] for run in runs
             if any((run.policy, run.keep, t) in cell for t in present)]
     return markdown_table(["run"] + present, body)
+
+
+def _share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.3f}"
+
+
+def placed_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> str | None:
+    """Runs that set their own budget (``auto(tolerance=...)``) against the best fixed keep at no more bytes;
+    None when there is no such run."""
+    mine = [r for r in placed(rows) if (r["protocol"], r["length"]) == (protocol, length)]
+    if not mine:
+        return None
+    body = [[r["label"], _share(r["byte_share"]), f"{r['score']:.1f}", r["fixed"] or "none at these bytes",
+             _share(r["fixed_byte_share"]), "-" if r["fixed_score"] is None else f"{r['fixed_score']:.1f}"]
+            for r in mine]
+    return markdown_table(["run", "KV bytes / full's", "score", "best fixed keep at no more bytes", "its bytes / full's",
+                           "its score"], body)
+
+
+def _placed_section(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> list[str]:
+    table = placed_table(rows, protocol, length)
+    return [] if table is None else [
+        "### Budgets set per request, against fixed budgets at equal mean bytes",
+        "Runs without a keep choose their bytes per prompt; each is set beside the best run with a fixed keep "
+        "that holds no more mean KV bytes after the prompt.", table]
 
 
 def _ids(ids: Sequence[str]) -> str:
@@ -117,7 +142,8 @@ def leaderboard_md(board: Sequence[dict[str, Any]], keeps: Sequence[float], mode
              "Cells: RULER average score over the tasks (0-100), in parentheses its ratio to full's on the same "
              "protocol and length."]
     for protocol, length in panels(board):
-        parts += [f"## {protocol}, {length} tokens", leaderboard_table(board, protocol, length, keeps)]
+        parts += [f"## {protocol}, {length} tokens", leaderboard_table(board, protocol, length, keeps),
+                  *_placed_section(board, protocol, length)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -171,7 +197,7 @@ def write_report(settings: dict[str, Any], board: Sequence[dict[str, Any]], task
     for protocol, length in panels(board):
         parts += [f"## {protocol}, {length} tokens", "### Leaderboard",
                   "Cells: RULER average, in parentheses the ratio to full.",
-                  leaderboard_table(board, protocol, length, keeps),
+                  leaderboard_table(board, protocol, length, keeps), *_placed_section(board, protocol, length),
                   "### Per task (mean score, 0-100)", task_table(tasks_, runs, tasks, protocol, length),
                   "### Losses against full, by task",
                   "Samples full answers entirely (score 1) and the method does not (*lost*), and the reverse "
