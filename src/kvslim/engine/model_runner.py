@@ -288,16 +288,6 @@ class ModelRunner:
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
         return self._logits(self._norm(x[-1:]))[0], held + len(ids)
-    @staticmethod
-    def _observe(seq: Sequence, layer: int, queries: Tensor, window: int) -> None:
-        """Keep a chunk's newest ``window`` queries (Hq, w, D) after the earlier chunks' (chunked prefill)."""
-        if seq.prefill_queries is None:
-            seq.prefill_queries = []
-        if layer < len(seq.prefill_queries):
-            queries = torch.cat([seq.prefill_queries[layer], queries], 1)
-            seq.prefill_queries[layer] = queries[:, -window:].clone()  # a copy: the chunk's queries are freed
-        else:
-            seq.prefill_queries.append(queries[:, -window:].clone())
 
     def _probe_input(self, ids: list[int], start: int) -> list[Tensor]:
         """A probe's hidden states and RoPE tables: its tokens sit at the positions after the prompt's."""

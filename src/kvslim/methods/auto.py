@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .adakv import AdaptiveHeads
-from .base import Observation, ScoredEviction, keep_top
+from .base import Observation, ScoredEviction, keep_top, scorer_with
 from .registry import register
 from .snapkv import SnapKV
 
@@ -227,6 +227,5 @@ def _auto(scorer: type[ScoredEviction]) -> type[ScoredEviction]:
     """The subclass of ``scorer`` whose budgets ``auto`` sets (one per scorer class)."""
     if scorer is SnapKV:
         return Auto
-    namespace = {"name": "auto", "scorer": scorer, "__module__": __name__}
-    return dataclass(type(f"Auto{scorer.__name__}", (scorer, AutoBudget), namespace))
+    return scorer_with(scorer, AutoBudget, "Auto", name="auto", scorer=scorer)
 

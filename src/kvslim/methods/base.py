@@ -334,3 +334,10 @@ class ScoredEviction(Method):
         due = self.due(obs)
         if due is not None:
             self.evict(*due)
+
+
+def scorer_with(scorer: type[ScoredEviction], mixin: type, prefix: str, **namespace: object) -> type[ScoredEviction]:
+    """A dataclass subclass of ``scorer`` and a wrapper's ``mixin`` (``adakv(SCORER)``, ``merge(SCORER)``...): the mixin
+    comes after the scorer, so the scorer's parameter defaults stand; ``namespace`` sets the wrapper's name and hooks.
+    Wrappers cache it, one class per scorer."""
+    return dataclass(type(f"{prefix}{scorer.__name__}", (scorer, mixin), {"__module__": mixin.__module__, **namespace}))
