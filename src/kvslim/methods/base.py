@@ -336,8 +336,8 @@ class ScoredEviction(Method):
             self.evict(*due)
 
 
-def scorer_with(scorer: type[ScoredEviction], mixin: type, prefix: str, **namespace: object) -> type[ScoredEviction]:
-    """A dataclass subclass of ``scorer`` and a wrapper's ``mixin`` (``adakv(SCORER)``, ``merge(SCORER)``...): the mixin
-    comes after the scorer, so the scorer's parameter defaults stand; ``namespace`` sets the wrapper's name and hooks.
-    Wrappers cache it, one class per scorer."""
-    return dataclass(type(f"{prefix}{scorer.__name__}", (scorer, mixin), {"__module__": mixin.__module__, **namespace}))
+def scorer_with(base: type[ScoredEviction], mixin: type, prefix: str, **namespace: object) -> type[ScoredEviction]:
+    """A dataclass subclass of the scorer ``base`` and a wrapper's ``mixin`` (``adakv(SCORER)``, ``merge(SCORER)``...):
+    the mixin comes after the scorer, so the scorer's parameter defaults stand; ``namespace`` sets the wrapper's name
+    and hooks. Wrappers cache it, one class per scorer."""
+    return dataclass(type(f"{prefix}{base.__name__}", (base, mixin), {"__module__": mixin.__module__, **namespace}))
