@@ -1,0 +1,84 @@
+"""Quest's page selection and sparse paged decode in plain PyTorch: the references the Triton kernels
+(:mod:`kvslim.kernels.quest`) are tested against, the engine's CPU path, and the rule the Hugging Face
+path (:mod:`kvslim.cache.quest`) runs, so both paths select the same pages.
+
+Quest (Tang et al. 2024) keeps, per page of ``P`` tokens and KV head, the element-wise minimum and maximum
+of its keys. For a query ``q`` no key ``k`` of the page can score more than
+``sum_d max(q_d * min_d, q_d * max_d)``: an upper bound of ``q·k`` read from two vectors instead of ``P``
+keys. A KV head's bound is the largest over its group's query heads (GQA: the page must be read if any of
+them may attend to it). Each decoding step reads the ``top`` pages of highest bound, always including the
+newest page (it holds the token being decoded) and the first ``sinks`` pages (attention sinks).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: the bound given to pages that are always read (newest, sinks): above any real bound
+FORCED = float("inf")
+
+
+def page_bounds(queries: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
+    """Upper bounds (B, H, N) float32 of ``q·k`` per page: queries (B, H, G, D) grouped per KV head, page key
+    minima and maxima (B, H, N, D); the largest over the G query heads of each group."""
+    q = queries.float()[:, :, :, None, :]
+    low, high = kmin.float()[:, :, None], kmax.float()[:, :, None]
+    return torch.maximum(q * low, q * high).sum(-1).amax(2)
+
+
+def choose_pages(bounds: Tensor, newest: Tensor, top: int, sinks: int) -> Tensor:
+    """The pages (B, H, k) each KV head reads, ascending, -1 where it has fewer than ``k = min(top, N)`` pages.
+
+    ``bounds`` (B, H, N) scores pages 0..N-1 (-inf: no such page); ``newest`` (B, H) is the page holding the token
+    being decoded (pages past it do not exist). The newest page and the first ``sinks`` pages are always read.
+    The shape depends on ``top`` and ``N`` only (a CUDA graph can replay it); reading pages in time order keeps
+    the attention's summation order that of a full read when every page is selected.
+    """
+    page = torch.arange(bounds.shape[-1], device=bounds.device)
+    exists = page <= newest.unsqueeze(-1)
+    forced = exists & ((page < sinks) | (page == newest.unsqueeze(-1)))
+    scores = torch.where(forced, FORCED, bounds.float()).masked_fill(~exists, float("-inf"))
+    best, index = scores.topk(min(top, bounds.shape[-1]), dim=-1)
+    index = torch.where(best > float("-inf"), index, bounds.shape[-1])  # none: sorts last
+    index = index.sort(-1).values
+    return torch.where(index < bounds.shape[-1], index, -1)
+
+
+def quest_block_scores_ref(query: Tensor, kmin: Tensor, kmax: Tensor, block_tables: Tensor, lens: Tensor,
+                           block_size: int) -> Tensor:
+    """Bounds (B, H, M) of each sequence's blocks in the engine's paged pool.
+
+    query (B, Hq, D); kmin/kmax (num_blocks, H, D) one layer's block minima and maxima; block_tables (B, M);
+    lens (B, H) tokens held per KV head, the one being decoded included. Blocks past a head's tokens get -inf.
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads = kmin.shape[1]
+    tables = block_tables.clamp(min=0).long()
+    low, high = (x[tables].transpose(1, 2) for x in (kmin, kmax))  # (B, H, M, D)
+    bounds = page_bounds(query.view(batch, kv_heads, q_heads // kv_heads, dim), low, high)
+    block = torch.arange(tables.shape[1], device=query.device)
+    held = block * block_size < lens.unsqueeze(-1)
+    return bounds.masked_fill(~held, float("-inf"))
+
+
+def paged_sparse_decode_ref(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: Tensor, selected: Tensor,
+                            lens: Tensor, scale: float) -> Tensor:
+    """Attention of one new query per sequence over the selected blocks only: the blocks are gathered first, so
+    only their keys and values are read.
+
+    query (B, Hq, D); pages (N, bs, H, D); block_tables (B, M); selected (B, H, k) block positions in the table
+    (ascending, -1: none); lens (B, H) tokens held per KV head. Returns (B, Hq, D) in the query's dtype.
+    """
+    batch, q_heads, dim = query.shape
+    block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    picked = selected.clamp(min=0).long()
+    blocks = block_tables.long().gather(1, picked.flatten(1)).view_as(picked).clamp(min=0)  # (B, H, k)
+    head = torch.arange(kv_heads, device=query.device)[None, :, None]
+    keys = k_pages[blocks, :, head].float().flatten(2, 3)  # (B, H, k * bs, D)
+    values = v_pages[blocks, :, head].float().flatten(2, 3)
+    slot = picked[..., None] * block_size + torch.arange(block_size, device=query.device)
+    visible = ((selected[..., None] >= 0) & (slot < lens[..., None, None])).flatten(2)  # (B, H, k * bs)
+    q = query.float().view(batch, kv_heads, q_heads // kv_heads, dim)
+    scores = torch.einsum("bhgd,bhtd->bhgt", q, keys) * scale
+    probs = scores.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(-1)
+    return torch.einsum("bhgt,bhtd->bhgd", probs, values).reshape(batch, q_heads, -1).to(query.dtype)
