@@ -27,7 +27,7 @@ def _run(llm: LLM) -> list[list[int]]:
     return [llm.finished.pop(i).token_ids for i in ids]
 
 
-@pytest.mark.parametrize("policy", ["full", "kivi2", "int4(group=16)", "fp8", "snapkv(keep=0.5)"])
+@pytest.mark.parametrize("policy", ["full", "kivi2", "int4(group=16)", "fp8", "snapkv(keep=0.5)", "quest(budget=64)"])
 def test_graph_decode_equals_eager(policy: str) -> None:
     model = tiny_model("llama", "gqa").cuda()
     graphed = LLM(model, policy=policy, kv_memory=0.02)

@@ -89,7 +89,7 @@ class QuestSegment(DenseSegment):
             return super().attend(query, allowed, scaling)
         selected = self.selected_pages(query)  # (B, H, k)
         keys, values, _ = self.dense()
-        batch, heads, length, dim = keys.shape
+        batch, heads, length = keys.shape[:3]
         count = selected.shape[-1]
         width = max(int(selected.max()) + 1, -(-length // self.page))
         pad = width * self.page - length

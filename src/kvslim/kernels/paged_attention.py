@@ -51,14 +51,14 @@ def _paged_decode_kernel(
     chunk = tl.cdiv(steps, splits)  # this sequence's blocks spread evenly over the splits
     for i in range(split * chunk, tl.minimum(steps, (split + 1) * chunk)):  # the sink blocks, then the window's
         j = tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
-        picked = j >= 0
-        if SELECT:  # this head's i-th selected block (-1: none)
+        held = length
+        if SELECT:  # this head's i-th selected block; -1 (none) reads nothing
             j = tl.load(sel_ptr + b * stride_sb + h * stride_sh + i)
-            picked = j >= 0
+            held = tl.where(j >= 0, length, 0)
             j = tl.maximum(j, 0)
         block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
         slot = j * BLOCK_SIZE + s
-        visible = (slot < length) & ((slot < sinks) | (slot >= start)) & picked
+        visible = (slot < held) & ((slot < sinks) | (slot >= start))
         offs = block * stride_kn + s[:, None] * stride_ks + h * stride_kh + d[None, :]
         k = tl.load(k_ptr + offs, mask=visible[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=visible[:, None], other=0.0).to(tl.float32)
