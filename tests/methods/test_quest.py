@@ -111,3 +111,22 @@ def test_listed_by_kvslim_methods() -> None:
     (entry,) = [m for m in kvslim.methods.describe() if m["name"] == "quest"]
     assert "bandwidth" in entry["summary"] and [p["name"] for p in entry["parameters"]] == ["budget", "page", "sink_pages"]
     assert isinstance(kvslim.policy("snapkv(keep=0.5)+quest(budget=64)").parts[-1], Quest)
+
+
+@pytest.mark.parametrize("suffix", [False, True])
+def test_a_padded_batch_answers_as_each_sequence_alone(llama, suffix: bool) -> None:
+    """Left padding is dropped, so each row's pages start at its own first token; with a question appended after
+    the context (query-agnostic), the question is attended in full and joins the pages at the first step."""
+    gen = torch.Generator().manual_seed(5)
+    contexts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (70, 41, 90)]
+    questions = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (7, 2, 5)] if suffix else None
+    kw = {"max_new_tokens": 12, "suffix_ids": questions}
+    batch, cache, _ = kvslim.generate_ids(llama, contexts, "quest(budget=32)", **kw)
+    for i, context in enumerate(contexts):
+        alone, _, _ = kvslim.generate_ids(llama, [context], "quest(budget=32)", max_new_tokens=12,
+                                          suffix_ids=None if questions is None else [questions[i]])
+        assert batch[i] == alone[0]
+    full, _, _ = kvslim.generate_ids(llama, contexts, "full", **kw)
+    assert batch != full
+    assert cache.tokens_per_sequence() == [2 * 2 * (len(c) + len(q) + 11)
+                                           for c, q in zip(contexts, questions or [[]] * 3)]
