@@ -90,3 +90,33 @@ def test_a_block_pays_for_its_extrema(llama) -> None:
 def test_block_size_other_than_the_page_is_refused(llama) -> None:
     with pytest.raises(ValueError, match="block_size=16"):
         LLM(llama, policy="quest(budget=64,page=16)", kv_memory=0.01, block_size=32)
+
+
+def check_engine_with_triton_kernels() -> None:
+    """The engine's store with the Triton scorer, extrema fold and sparse decode in place of the references (what
+    it runs on CUDA) decodes what it decodes with the references."""
+    from kvslim.kernels import quest
+    from kvslim.models import tiny_model
+
+    model = tiny_model("llama", "gqa", seed=0)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = PROMPTS[1:3]
+    reference = LLM(model, policy="quest(budget=32)", kv_memory=0.01)
+    kernels = LLM(model, policy="quest(budget=32)", kv_memory=0.01)
+    store: QuestKV = kernels.runner.kv  # type: ignore[assignment]
+    store._score, store._fold, store._sparse = quest.quest_block_scores, quest.fold_block_extrema, quest.paged_sparse_decode
+    want = [o.token_ids for o in reference.generate(prompts, params)]
+    assert [o.token_ids for o in kernels.generate(prompts, params)] == want
+    for mine, theirs in ((store.kmin, reference.runner.kv.kmin), (store.kmax, reference.runner.kv.kmax)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)  # keys differ by the decode's rounding only
+
+
+def test_engine_runs_the_triton_kernels_as_the_references() -> None:
+    pytest.importorskip("triton")
+    from interpreted import run_interpreted
+
+    run_interpreted(__file__, timeout_s=600)
+
+
+if __name__ == "__main__":
+    check_engine_with_triton_kernels()

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from kvslim.kernels.paged_attention_ref import paged_decode_ref
-from kvslim.kernels.quest_ref import choose_pages, paged_sparse_decode_ref, quest_block_scores_ref
+from kvslim.kernels.quest_ref import (
+    fold_block_extrema_ref,
+    force_pages,
+    paged_sparse_decode_ref,
+    pick_pages,
+    quest_block_scores_ref,
+)
 from interpreted import run_interpreted
 
 BLOCK, DIM, Q_HEADS, KV_HEADS, WIDTH = 16, 16, 4, 2, 5
@@ -47,8 +53,12 @@ def _brute_bounds(query, k_pages, tables, lens):
 
 def test_block_bound_is_an_upper_bound_of_every_score_and_matches_brute_force() -> None:
     query, k_pages, _, tables, lens, kmin, kmax = _pool(0)
-    bounds = quest_block_scores_ref(query, kmin, kmax, tables, lens, BLOCK)
-    torch.testing.assert_close(bounds, _brute_bounds(query, k_pages, tables, lens))
+    bounds = quest_block_scores_ref(query, kmin, kmax, tables, lens, BLOCK, sinks=0)
+    brute = _brute_bounds(query, k_pages, tables, lens)
+    newest = (lens - 1) // BLOCK
+    assert bool((bounds.gather(-1, newest[..., None]) == float("inf")).all())  # the newest block is always read
+    bounds.scatter_(-1, newest[..., None], brute.gather(-1, newest[..., None]))
+    torch.testing.assert_close(bounds, brute)
     group = Q_HEADS // KV_HEADS
     for b, h, j in [(0, 0, 4), (2, 1, 1), (0, 1, 3)]:
         keys = k_pages[int(tables[b, j]), :, h]
@@ -56,12 +66,27 @@ def test_block_bound_is_an_upper_bound_of_every_score_and_matches_brute_force() 
         assert bool((scores <= bounds[b, h, j] + 1e-5).all())
 
 
-def test_choose_pages_forces_newest_and_sinks_and_takes_the_highest_bounds() -> None:
-    bounds = torch.tensor([[[0.0, 5.0, 1.0, 4.0, 3.0, float("-inf")]]])
-    newest = torch.tensor([[4]])
-    assert choose_pages(bounds, newest, 3, 1).tolist() == [[[0, 1, 4]]]  # sink 0, newest 4, then the best: 1
-    assert choose_pages(bounds, newest, 3, 0).tolist() == [[[1, 3, 4]]]
-    assert choose_pages(bounds, torch.tensor([[1]]), 4, 1).tolist() == [[[0, 1, -1, -1]]]  # two pages exist
+def test_pages_read_are_newest_and_sinks_then_the_highest_bounds() -> None:
+    bounds = torch.tensor([[[0.0, 5.0, 1.0, 4.0, 3.0, 9.0]]])
+    newest = torch.tensor([[4]])  # page 5 does not exist yet, whatever its bound
+    assert pick_pages(force_pages(bounds, newest, 1), 3).tolist() == [[[0, 1, 4]]]  # sink 0, newest 4, best 1
+    assert pick_pages(force_pages(bounds, newest, 0), 3).tolist() == [[[1, 3, 4]]]
+    assert pick_pages(force_pages(bounds, torch.tensor([[1]]), 1), 4).tolist() == [[[0, 1, -1, -1]]]  # two pages
+
+
+def test_folding_keys_one_by_one_gives_each_blocks_extrema() -> None:
+    """Blocks written slot by slot, the first slot of a block overwriting what a former owner left."""
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(40, 2, KV_HEADS, DIM, generator=gen)  # 40 steps of 2 sequences
+    kmin, kmax = torch.randn(2, 6, KV_HEADS, DIM, generator=gen)  # stale contents
+    tables = torch.tensor([[3, 0, 5], [1, 4, 2]])
+    for t in range(40):
+        slots = (tables[:, t // BLOCK] * BLOCK + t % BLOCK)[:, None].expand(-1, KV_HEADS)
+        fold_block_extrema_ref(kmin, kmax, slots, keys[t], BLOCK)
+    for b in range(2):
+        for j, count in enumerate((16, 16, 8)):
+            torch.testing.assert_close(kmin[tables[b, j]], keys[j * BLOCK : j * BLOCK + count, b].amin(0), rtol=0, atol=0)
+            torch.testing.assert_close(kmax[tables[b, j]], keys[j * BLOCK : j * BLOCK + count, b].amax(0), rtol=0, atol=0)
 
 
 def test_sparse_reference_selecting_every_block_equals_full_paged_decode() -> None:
@@ -92,14 +117,22 @@ def test_sparse_reference_attends_over_the_selected_blocks_only() -> None:
 
 
 def check_triton_kernels(dtype: torch.dtype) -> None:
-    from kvslim.kernels.quest import paged_sparse_decode, quest_block_scores
+    from kvslim.kernels.quest import fold_block_extrema, paged_sparse_decode, quest_block_scores
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     query, k_pages, v_pages, tables, lens, kmin, kmax = (t.to(device) for t in _pool(3, dtype))
-    want = quest_block_scores_ref(query, kmin, kmax, tables, lens, BLOCK)
-    got = quest_block_scores(query, kmin, kmax, tables, lens, BLOCK)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    selected = choose_pages(want, (lens - 1) // BLOCK, 3, 1)
+    for sinks in (0, 1):
+        want = quest_block_scores_ref(query, kmin, kmax, tables, lens, BLOCK, sinks)
+        got = quest_block_scores(query, kmin, kmax, tables, lens, BLOCK, sinks)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    selected = pick_pages(want, 3)
+    slots = torch.tensor([[16, 17], [35, 62], [80, 95]], device=device)  # flat slots of distinct (block, head)s
+    new = torch.randn(3, KV_HEADS, DIM, device=device).to(dtype)
+    mins, maxs = kmin.clone(), kmax.clone()
+    fold_block_extrema_ref(mins, maxs, slots, new, BLOCK)
+    fold_block_extrema(kmin, kmax, slots, new, BLOCK)
+    torch.testing.assert_close(kmin, mins, rtol=0, atol=0)
+    torch.testing.assert_close(kmax, maxs, rtol=0, atol=0)
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-3
     reference = paged_sparse_decode_ref(query, k_pages, v_pages, tables, selected, lens, 0.25).float()
     for splits in (None, 2):  # one program per head's selected blocks; then the blocks split and merged

@@ -9,7 +9,7 @@ How the query reaches the selection: a segment that overrides :meth:`Segment.att
 itself, with the step's queries (``Cache.attend`` then merges every segment's partial attention), so no
 hook on the attention module is needed. At a decoding step (one query) the segment bounds its pages for
 that query (:func:`kvslim.kernels.quest_ref.page_bounds`), picks the pages to read
-(:func:`kvslim.kernels.quest_ref.choose_pages`), gathers only their keys and values and attends over them.
+(:func:`kvslim.kernels.quest_ref.force_pages`, :func:`kvslim.kernels.quest_ref.pick_pages`), gathers only their keys and values and attends over them.
 The step's own token is still in the layer's open tail segment, attended in full and merged; its page
 counts as the newest page, always read, and the method folds the tail into this segment right after.
 Prompt chunks (several queries) attend over every token: Quest is a decoding-time method.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.quest_ref import choose_pages, page_bounds
+from ..kernels.quest_ref import force_pages, page_bounds, pick_pages
 from .offload import concat_ragged
 from .segments import DenseSegment, partial_attention, ragged_to_padded
 
@@ -72,17 +72,15 @@ class QuestSegment(DenseSegment):
         return DenseSegment.select(self, keep)
 
     def selected_pages(self, query: Tensor) -> Tensor:
-        """Pages (B, H, k) each KV head reads for one query (B, Hq, 1, D): :func:`choose_pages` over this segment's
-        pages plus the newest one, which holds the token being decoded (its page index is the row's length // page)."""
+        """Pages (B, H, k) each KV head reads for one query (B, Hq, 1, D): the best of this segment's pages and the
+        newest one, which holds the token being decoded (its page index is the row's length // page)."""
         batch, q_heads, _, dim = query.shape
         heads = self.lengths.shape[1]
         newest = self.lengths // self.page
         width = int(newest.max()) + 1
         pad = (0, 0, 0, width - self.kmin.shape[2])
         bounds = page_bounds(query.view(batch, heads, q_heads // heads, dim), F.pad(self.kmin, pad), F.pad(self.kmax, pad))
-        page = torch.arange(width, device=query.device)
-        bounds = bounds.masked_fill(page > newest.unsqueeze(-1), float("-inf"))
-        return choose_pages(bounds, newest, self.top, self.sinks)
+        return pick_pages(force_pages(bounds, newest, self.sinks), self.top)
 
     def attend(self, query: Tensor, allowed: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         if query.shape[2] != 1:

@@ -3,11 +3,13 @@ selected blocks of each KV head.
 
 The method object is the Hugging Face path's (:class:`kvslim.methods.quest.Quest`), and so is its rule: a page
 is a block (``block_size`` = ``page``), bounded by :func:`kvslim.kernels.quest_ref.page_bounds` and chosen by
-:func:`kvslim.kernels.quest_ref.choose_pages`, so both paths read the same pages.
+:func:`kvslim.kernels.quest_ref.force_pages` and :func:`kvslim.kernels.quest_ref.pick_pages`, so both paths
+read the same pages.
 
 Layout. ``kmin``/``kmax`` (L, blocks, H, D) in the model dtype beside the pages. The prefill writes each
 touched block's extrema from the tokens it stores; every decode write folds its key into its block's
-extrema (a write at a block's first slot starts them afresh, so a reused block never carries stale ones).
+extrema (:func:`kvslim.kernels.quest.fold_block_extrema`; a write at a block's first slot starts them afresh,
+so a reused block never carries stale ones).
 A step then scores every block of each (sequence, KV head) (Triton: :func:`kvslim.kernels.quest.quest_block_scores`),
 picks ``budget // page`` of them and runs the paged decode over those alone
 (:func:`kvslim.kernels.quest.paged_sparse_decode`). Every shape is fixed by the block table's width and the
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..kernels.quest_ref import choose_pages, paged_sparse_decode_ref, quest_block_scores_ref
+from ..kernels.quest_ref import fold_block_extrema_ref, paged_sparse_decode_ref, pick_pages, quest_block_scores_ref
 from ..methods.quest import Quest
 from .kv_store import DenseKV, _backend, heads_expand
 from .sequence import Sequence
@@ -37,6 +39,7 @@ class QuestKV(DenseKV):
         self.kmin = self.kmax = torch.empty(0)
         self._score = _backend(device, "quest", "quest_block_scores", quest_block_scores_ref)
         self._sparse = _backend(device, "quest", "paged_sparse_decode", paged_sparse_decode_ref)
+        self._fold = _backend(device, "quest", "fold_block_extrema", fold_block_extrema_ref)
 
     def default_block_size(self) -> int:
         return self.method.page
@@ -87,12 +90,9 @@ class QuestKV(DenseKV):
         flat = (-1, self.num_kv_heads, self.head_dim)
         self.k_cache[layer].view(flat)[slots, heads] = k
         self.v_cache[layer].view(flat)[slots, heads] = v
-        block = slots // self.block_size
-        starts = (slots % self.block_size == 0)[..., None]
-        low, high = self.kmin[layer], self.kmax[layer]
-        low[block, heads] = torch.where(starts, k, torch.minimum(low[block, heads], k))
-        high[block, heads] = torch.where(starts, k, torch.maximum(high[block, heads], k))
+        self._fold(self.kmin[layer], self.kmax[layer], slots, k, self.block_size)
         lens = batch.lens[:, layer] + 1
-        bounds = self._score(q, low, high, batch.block_tables, lens, self.block_size)
-        selected = choose_pages(bounds, (lens - 1) // self.block_size, self.method.top, self.method.sink_pages)
+        scores = self._score(q, self.kmin[layer], self.kmax[layer], batch.block_tables, lens, self.block_size,
+                             self.method.sink_pages)
+        selected = pick_pages(scores, self.method.top)
         return self._sparse(q, self.k_cache[layer], self.v_cache[layer], batch.block_tables, selected, lens, scale)

@@ -7,7 +7,8 @@ of its keys. For a query ``q`` no key ``k`` of the page can score more than
 ``sum_d max(q_d * min_d, q_d * max_d)``: an upper bound of ``q·k`` read from two vectors instead of ``P``
 keys. A KV head's bound is the largest over its group's query heads (GQA: the page must be read if any of
 them may attend to it). Each decoding step reads the ``top`` pages of highest bound, always including the
-newest page (it holds the token being decoded) and the first ``sinks`` pages (attention sinks).
+newest page (it holds the token being decoded) and the first ``sinks`` pages (attention sinks):
+:func:`force_pages` scores them, :func:`pick_pages` takes the best.
 """
 from __future__ import annotations
 
@@ -26,39 +27,50 @@ def page_bounds(queries: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
     return torch.maximum(q * low, q * high).sum(-1).amax(2)
 
 
-def choose_pages(bounds: Tensor, newest: Tensor, top: int, sinks: int) -> Tensor:
-    """The pages (B, H, k) each KV head reads, ascending, -1 where it has fewer than ``k = min(top, N)`` pages.
-
-    ``bounds`` (B, H, N) scores pages 0..N-1 (-inf: no such page); ``newest`` (B, H) is the page holding the token
-    being decoded (pages past it do not exist). The newest page and the first ``sinks`` pages are always read.
-    The shape depends on ``top`` and ``N`` only (a CUDA graph can replay it); reading pages in time order keeps
-    the attention's summation order that of a full read when every page is selected.
-    """
+def force_pages(bounds: Tensor, newest: Tensor, sinks: int) -> Tensor:
+    """Scores (B, H, N) float32 from page bounds: the newest page ``newest`` (B, H) (it holds the token being
+    decoded) and the first ``sinks`` pages are always read (+inf); pages past the newest do not exist (-inf)."""
     page = torch.arange(bounds.shape[-1], device=bounds.device)
     exists = page <= newest.unsqueeze(-1)
     forced = exists & ((page < sinks) | (page == newest.unsqueeze(-1)))
-    scores = torch.where(forced, FORCED, bounds.float()).masked_fill(~exists, float("-inf"))
-    best, index = scores.topk(min(top, bounds.shape[-1]), dim=-1)
-    index = torch.where(best > float("-inf"), index, bounds.shape[-1])  # none: sorts last
-    index = index.sort(-1).values
-    return torch.where(index < bounds.shape[-1], index, -1)
+    return torch.where(forced, FORCED, bounds.float()).masked_fill(~exists, float("-inf"))
+
+
+def pick_pages(scores: Tensor, top: int) -> Tensor:
+    """The ``k = min(top, N)`` pages (B, H, k) of highest score per KV head, ascending; -1 where a head has fewer.
+
+    The shape depends on ``top`` and ``N`` only (a CUDA graph can replay it); reading pages in time order keeps
+    the attention's summation order that of a full read when every page is selected.
+    """
+    width = scores.shape[-1]
+    best, index = scores.topk(min(top, width), dim=-1)
+    index = torch.where(best > float("-inf"), index, width).sort(-1).values  # no page: sorts last
+    return torch.where(index < width, index, -1)
 
 
 def quest_block_scores_ref(query: Tensor, kmin: Tensor, kmax: Tensor, block_tables: Tensor, lens: Tensor,
-                           block_size: int) -> Tensor:
-    """Bounds (B, H, M) of each sequence's blocks in the engine's paged pool.
+                           block_size: int, sinks: int) -> Tensor:
+    """Scores (B, H, M) of each sequence's blocks in the engine's paged pool, as :func:`force_pages` gives them.
 
     query (B, Hq, D); kmin/kmax (num_blocks, H, D) one layer's block minima and maxima; block_tables (B, M);
-    lens (B, H) tokens held per KV head, the one being decoded included. Blocks past a head's tokens get -inf.
+    lens (B, H) tokens held per KV head, the one being decoded included.
     """
     batch, q_heads, dim = query.shape
     kv_heads = kmin.shape[1]
     tables = block_tables.clamp(min=0).long()
     low, high = (x[tables].transpose(1, 2) for x in (kmin, kmax))  # (B, H, M, D)
     bounds = page_bounds(query.view(batch, kv_heads, q_heads // kv_heads, dim), low, high)
-    block = torch.arange(tables.shape[1], device=query.device)
-    held = block * block_size < lens.unsqueeze(-1)
-    return bounds.masked_fill(~held, float("-inf"))
+    return force_pages(bounds, (lens - 1) // block_size, sinks)
+
+
+def fold_block_extrema_ref(kmin: Tensor, kmax: Tensor, slots: Tensor, keys: Tensor, block_size: int) -> None:
+    """Fold each head's new key (B, H, D) into the extrema (num_blocks, H, D) of the block holding its flat slot
+    (B, H); a key at a block's first slot starts them afresh (a reused block carries nothing stale)."""
+    heads = torch.arange(keys.shape[1], device=keys.device).expand_as(slots)
+    block = slots // block_size
+    first = (slots % block_size == 0)[..., None]
+    kmin[block, heads] = torch.where(first, keys, torch.minimum(kmin[block, heads], keys))
+    kmax[block, heads] = torch.where(first, keys, torch.maximum(kmax[block, heads], keys))
 
 
 def paged_sparse_decode_ref(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: Tensor, selected: Tensor,
