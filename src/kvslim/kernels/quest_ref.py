@@ -21,10 +21,14 @@ FORCED = float("inf")
 
 def page_bounds(queries: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
     """Upper bounds (B, H, N) float32 of ``q·k`` per page: queries (B, H, G, D) grouped per KV head, page key
-    minima and maxima (B, H, N, D); the largest over the G query heads of each group."""
-    q = queries.float()[:, :, :, None, :]
-    low, high = kmin.float()[:, :, None], kmax.float()[:, :, None]
-    return torch.maximum(q * low, q * high).sum(-1).amax(2)
+    minima and maxima (B, H, N, D); the largest over the G query heads of each group.
+
+    ``max(q_d * min_d, q_d * max_d) = q_d * c_d + |q_d| * r_d`` with the page's centre ``c = (max + min) / 2`` and
+    radius ``r = (max - min) / 2``: two matrix products instead of a (G, N, D) product tensor.
+    """
+    q, low, high = queries.float(), kmin.float(), kmax.float()
+    centre, radius = (high + low) / 2, (high - low) / 2
+    return (q @ centre.transpose(-1, -2) + q.abs() @ radius.transpose(-1, -2)).amax(2)
 
 
 def force_pages(bounds: Tensor, newest: Tensor, sinks: int) -> Tensor:
