@@ -43,7 +43,8 @@ def random_model(name: str) -> Any:
     """``name``'s architecture with seeded random bf16 weights made on the GPU."""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(load_config(name), dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        config = load_config(name)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
 
 
 def wall(fn: Callable[[], Any], iters: int) -> float:
@@ -87,7 +88,8 @@ def measure(model: Any, shape: KVShape, policy: str, batch: int, args: argparse.
     budget = getattr(llm.compression.storage, "budget", None)
     page = getattr(llm.compression.storage, "page", llm.blocks.block_size)
     return {"policy": policy, "batch": batch, "context": args.context, "step_ms": step_ms, "forward_ms": forward_ms,
-            "attend_ms": attend_ms, "kv_read_bytes_per_step": batch * step_read_bytes(shape, args.context, budget, page),
+            "attend_ms": attend_ms,
+            "kv_read_bytes_per_step": batch * step_read_bytes(shape, args.context, budget, page),
             "kv_held_bytes": llm.blocks.num_used * llm.block_bytes, "graphs": runner.graphs is not None}
 
 
@@ -124,7 +126,8 @@ def main() -> None:
         f = full[r["batch"]]
         print(f"{r['policy']:20} {r['batch']:3d} {r['step_ms']:8.2f} {r['forward_ms']:8.2f} {r['attend_ms']:8.3f} "
               f"{f['step_ms'] / r['step_ms']:7.2f} {f['attend_ms'] / r['attend_ms']:7.2f} "
-              f"{r['kv_read_bytes_per_step'] / f['kv_read_bytes_per_step']:9.3f} {r['kv_held_bytes'] / f['kv_held_bytes']:9.3f}")
+              f"{r['kv_read_bytes_per_step'] / f['kv_read_bytes_per_step']:9.3f} "
+              f"{r['kv_held_bytes'] / f['kv_held_bytes']:9.3f}")
 
 
 if __name__ == "__main__":

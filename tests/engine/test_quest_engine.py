@@ -104,7 +104,8 @@ def check_engine_with_triton_kernels() -> None:
     reference = LLM(model, policy="quest(budget=32)", kv_memory=0.01)
     kernels = LLM(model, policy="quest(budget=32)", kv_memory=0.01)
     store: QuestKV = kernels.runner.kv  # type: ignore[assignment]
-    store._score, store._fold, store._sparse = quest.quest_block_scores, quest.fold_block_extrema, quest.paged_sparse_decode
+    store._score, store._fold = quest.quest_block_scores, quest.fold_block_extrema
+    store._sparse = quest.paged_sparse_decode
     want = [o.token_ids for o in reference.generate(prompts, params)]
     assert [o.token_ids for o in kernels.generate(prompts, params)] == want
     for mine, theirs in ((store.kmin, reference.runner.kv.kmin), (store.kmax, reference.runner.kv.kmax)):

@@ -109,7 +109,8 @@ def test_invalid_specs_are_refused(spec: str, message: str) -> None:
 
 def test_listed_by_kvslim_methods() -> None:
     (entry,) = [m for m in kvslim.methods.describe() if m["name"] == "quest"]
-    assert "bandwidth" in entry["summary"] and [p["name"] for p in entry["parameters"]] == ["budget", "page", "sink_pages"]
+    assert "bandwidth" in entry["summary"]
+    assert [p["name"] for p in entry["parameters"]] == ["budget", "page", "sink_pages"]
     assert isinstance(kvslim.policy("snapkv(keep=0.5)+quest(budget=64)").parts[-1], Quest)
 
 

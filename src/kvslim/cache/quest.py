@@ -9,7 +9,8 @@ How the query reaches the selection: a segment that overrides :meth:`Segment.att
 itself, with the step's queries (``Cache.attend`` then merges every segment's partial attention), so no
 hook on the attention module is needed. At a decoding step (one query) the segment bounds its pages for
 that query (:func:`kvslim.kernels.quest_ref.page_bounds`), picks the pages to read
-(:func:`kvslim.kernels.quest_ref.force_pages`, :func:`kvslim.kernels.quest_ref.pick_pages`), gathers only their keys and values and attends over them.
+(:func:`kvslim.kernels.quest_ref.force_pages`, :func:`kvslim.kernels.quest_ref.pick_pages`), gathers only
+their keys and values and attends over them.
 The step's own token is still in the layer's open tail segment, attended in full and merged; its page
 counts as the newest page, always read, and the method folds the tail into this segment right after.
 Prompt chunks (several queries) attend over every token: Quest is a decoding-time method.
@@ -79,7 +80,8 @@ class QuestSegment(DenseSegment):
         newest = self.lengths // self.page
         width = int(newest.max()) + 1
         pad = (0, 0, 0, width - self.kmin.shape[2])
-        bounds = page_bounds(query.view(batch, heads, q_heads // heads, dim), F.pad(self.kmin, pad), F.pad(self.kmax, pad))
+        grouped = query.view(batch, heads, q_heads // heads, dim)
+        bounds = page_bounds(grouped, F.pad(self.kmin, pad), F.pad(self.kmax, pad))
         return pick_pages(force_pages(bounds, newest, self.sinks), self.top)
 
     def attend(self, query: Tensor, allowed: Tensor, scaling: float) -> tuple[Tensor, Tensor]:

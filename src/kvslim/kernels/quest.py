@@ -98,4 +98,5 @@ def paged_sparse_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_t
                         lens: Tensor, scale: float, splits: int | None = None) -> Tensor:
     """query (B, Hq, D); pages (N, bs, H, D); block_tables (B, M); selected (B, H, k); lens (B, H) -> (B, Hq, D)."""
     none = torch.zeros(query.shape[0], dtype=torch.int32, device=query.device)  # no sliding window
-    return paged_decode(query, k_pages, v_pages, block_tables, lens, none, none, scale, splits=splits, selected=selected)
+    return paged_decode(query, k_pages, v_pages, block_tables, lens, none, none, scale, splits=splits,
+                        selected=selected)
