@@ -27,7 +27,7 @@ def _prompts() -> list[list[int]]:
 
 
 @pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.25)", "kivi4", "adakv(keep=0.25)", "adakv(keep=0.6)",
-                                    "pyramidkv(keep=0.3)"])
+                                    "pyramidkv(keep=0.3)", "quest(budget=32)"])
 def test_two_ranks_match_one_process(policy: str) -> None:
     prompts = _prompts()
     single = LLM(tiny_model(), policy=policy, kv_memory=0.01)

@@ -34,8 +34,9 @@ What the engine supports, and why:
   their codes (see :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
   values in host pages (:mod:`kvslim.engine.offload_kv`), PQCache key codes in device pages and exact
   keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
-  the store. ThinK's pruned channels are refused, and so is a sliding window over a storage format
-  (``streaming+kivi4``).
+  the store. Quest (``quest``, ``snapkv+quest``) keeps every token in model-dtype pages plus each block's key
+  extrema, and each step reads only the selected blocks (:mod:`kvslim.engine.quest_kv`). ThinK's pruned
+  channels are refused, and so is a sliding window over a storage format (``streaming+kivi4``).
 * **chunked prefill** (``max_num_batched_tokens``, see :mod:`kvslim.engine.scheduler`): chunks are stored
   uncompressed in the sequence's pages, each attending to the earlier ones there; after the last chunk the
   evictor runs once, over the whole prompt's keys and values (the pages, read back as decode-time compression
@@ -48,7 +49,8 @@ What the engine supports, and why:
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
   whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
-  do not share either (their blocks are split between device and host).
+  do not share either (their blocks are split between device and host), nor does Quest (any storage format
+  but a quantizer's keeps its blocks to one sequence).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ from ..methods.kcache import KCache
 from ..methods.kvzip import chunk_size
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
+from ..methods.quest import Quest
 from ..methods.streaming import Streaming
 
 
@@ -82,7 +85,8 @@ class Compression:
         self.states: list[dict] = []  # per layer, the last prefill's method state (see take_states)
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
-        self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
+        stores = (Quantizer, KCache, PQCache, Quest)
+        self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], stores) else None
         self.quantizer = self.storage if isinstance(self.storage, Quantizer) else None
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
         #: whether stored blocks depend only on their own and earlier tokens (prefix sharing, KV tiers)

@@ -30,11 +30,13 @@ from ..methods.fp8_static import StaticFP8
 from ..methods.kcache import KCache
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
+from ..methods.quest import Quest
 from .sequence import Sequence
 
-if TYPE_CHECKING:  # the offloading stores build on this module, so it imports them only when called
+if TYPE_CHECKING:  # the offloading and Quest stores build on this module, so it imports them only when called
     from .offload_kv import KCacheKV
     from .pq_kv import PQCacheKV
+    from .quest_kv import QuestKV
 
 #: the residual rows take at most this share of ``kv_memory`` (it caps running sequences on small pools)
 MAX_RING_SHARE = 0.25
@@ -357,11 +359,12 @@ def _backend(device: torch.device, module: str, name: str, reference: Callable[.
 
 
 def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> "DenseKV | QuantKV | KCacheKV | PQCacheKV":
+               device: torch.device) -> "DenseKV | QuantKV | KCacheKV | PQCacheKV | QuestKV":
     """The store for a policy's storage format (:attr:`Compression.storage`): None keeps the model dtype."""
     from .fp8_kv import StaticFP8KV  # the other stores build on this module, so they import it
     from .offload_kv import KCacheKV
     from .pq_kv import PQCacheKV
+    from .quest_kv import QuestKV
 
     args = (num_layers, num_kv_heads, head_dim, dtype, device)
     if storage is None:
@@ -374,4 +377,6 @@ def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_
         return KCacheKV(storage, *args)
     if isinstance(storage, PQCache):
         return PQCacheKV(storage, *args)  # type: ignore[return-value]
+    if isinstance(storage, Quest):
+        return QuestKV(storage, *args)
     raise ValueError(f"the engine has no store for {storage.spec}")
