@@ -99,7 +99,8 @@ def check_triton_kernel(spec: str, dtype: torch.dtype) -> None:
         # to nearest (twice the error); float32: the GPU's tf32 products
         error = float((out - want).norm() / want.norm())
         bf16 = 1e-2 if device.type == "cuda" else 2e-2
-        assert error < (bf16 if dtype == torch.bfloat16 else 2e-3), f"{spec} {dtype} splits={splits} {shape}: error {error:.2e}"
+        limit = bf16 if dtype == torch.bfloat16 else 2e-3
+        assert error < limit, f"{spec} {dtype} splits={splits} {shape}: error {error:.2e}"
 
 
 DTYPES = (torch.bfloat16, torch.float32)

@@ -33,10 +33,13 @@ dtype as flash attention does; 8 programs per multiprocessor. 1.8-2.8x faster fo
 for int4/int8/fp8 (the "planes_v2" section of the results file).
 
 On the H200 that launch still reached only 15-19% of the byte floor for kivi4 (issue 14,
-benchmarks/results/engine_speed_h200/decode_profile_before.json). So nothing in a step now waits on a
-load issued in that step: the tile's block ids (a vector over its pages, and over its KIVI runs) are loaded
-one step ahead, and every load of the tile (codes, token scales, each plane's run scales) is issued at the
-top of the step, before the first product. The tile, warps and stages are arguments, swept by
+benchmarks/results/engine_speed_h200/decode_profile_before.json). Compiled for sm_90 (Triton 3.9), the codes
+and block ids were streamed a stage ahead by Triton's pipeliner (cp.async), but the fp16 scales are 16-bit
+loads, which it leaves in place: every step waited a full memory latency on them, with only two programs of
+4 warps per multiprocessor to cover it (ptxas takes 200-250 registers a thread at every tile). So the scales
+(token groups, fp8, each plane's KIVI run scales) are now loaded a step ahead in registers, from block ids
+loaded two steps ahead, and a register cap is an argument. The tile (a power of two of whole blocks, a
+vector of block ids per load), warps, stages, programs per multiprocessor and register cap are all swept by
 benchmarks/engine_decode_kernels.py ``--sweep-formats``.
 """
 from __future__ import annotations
@@ -102,8 +105,8 @@ def _scales(s_ptr, z_ptr, row, mask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
 
 @triton.jit
 def _run_scales(s_ptr, z_ptr, run_row, J: tl.constexpr, P: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr):
-    """KIVI keys: plane ``J``'s (run, channel) scales and zeros of the tile's runs, (RUNS, HEAD_DIM // P); every plane's
-    are loaded at the top of a step, with the codes, so no load waits inside the products (other kinds: unused)."""
+    """KIVI keys: plane ``J``'s (run, channel) scales and zeros of a tile's runs, (RUNS, HEAD_DIM // P) (other kinds:
+    unused)."""
     if KIND == 1:
         offs = run_row[:, None] * HEAD_DIM + (tl.arange(0, HEAD_DIM // P) * P + J)[None, :]
         scale = tl.load(s_ptr + offs).to(tl.float32)
@@ -112,6 +115,14 @@ def _run_scales(s_ptr, z_ptr, run_row, J: tl.constexpr, P: tl.constexpr, HEAD_DI
         scale = 0.0
         zero = 0.0
     return scale, zero
+
+
+@triton.jit
+def _visible(i, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE: tl.constexpr):
+    """Which of a tile's tokens (logical block ``i``, slot ``sl`` in it) this split attends to: within its blocks,
+    written, and not passed by a sliding window."""
+    slot = _columns(i, sink_blocks, first_window) * BLOCK_SIZE + sl
+    return (i < hi) & (slot < length) & ((slot < sinks) | (slot >= start))
 
 
 @triton.jit
@@ -177,12 +188,11 @@ def _paged_quant_decode_kernel(
 ):
     """Everything runs per plane (see :func:`_plane`): scores add up the planes' products, and each plane
     keeps its own slice of the output, written back to its channels at the end. Keys and values have the
-    same code width ``BITS``, hence the same planes. Each step reads a tile of ``PAGES`` blocks: their codes,
-    token scales and KIVI run scales are all loaded at the top of the step, at addresses from block ids loaded
-    one step ahead (a vector over the tile's pages), so no load waits on another inside the loop; every plane is
-    shifted out of the whole tile. With ``LOWP`` (a 16-bit query) the products take the query and the rounded
-    tokens as they are (bf16/fp16 operands, float32 sums, the scale applied to the scores) and the weights in the
-    query's dtype, as flash attention does."""
+    same code width ``BITS``, hence the same planes. Each step reads a tile of ``PAGES`` blocks (their ids as
+    one vector load): the codes once for every plane, which is shifted out of the whole tile; the scales were
+    loaded the step before (see the module doc). With ``LOWP`` (a 16-bit query) the products take the query and
+    the rounded tokens as they are (bf16/fp16 operands, float32 sums, the scale applied to the scores) and the
+    weights in the query's dtype, as flash attention does."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -223,33 +233,54 @@ def _paged_quant_decode_kernel(
     chunk = tl.cdiv(tl.cdiv(steps, splits), PAGES) * PAGES  # this sequence's blocks spread over the splits, whole tiles
     lo = split * chunk
     hi = tl.minimum(steps, lo + chunk)
-    block = _block_ids(tables_ptr, b, stride_tb, lo + page, hi, sink_blocks, first_window, IDX64)  # per token
-    run_block = run
+    # Triton's pipeliner streams the block ids and the codes a stage ahead (loads of 32 bits or more), but leaves the
+    # fp16 scales (16-bit loads) where they are, and each step would wait on them: they are loaded a step ahead here,
+    # from block ids loaded two steps ahead (``ahead``: per token; ``run_ahead``: per KIVI run)
+    ahead = _block_ids(tables_ptr, b, stride_tb, lo + page, hi, sink_blocks, first_window, IDX64)
+    run_ahead = run
     if K_KIND == 1:
-        run_block = _block_ids(tables_ptr, b, stride_tb, lo + run // RUN_BLOCK, hi, sink_blocks, first_window, IDX64)
+        run_ahead = _block_ids(tables_ptr, b, stride_tb, lo + run // RUN_BLOCK, hi, sink_blocks, first_window, IDX64)
+    row = (ahead * BLOCK_SIZE + sl) * H + h  # (slot, head) row of the codes and per-token scales
+    mask = _visible(lo + page, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE)
+    run_row = (run_ahead * RUN_BLOCK + run % RUN_BLOCK) * H + h  # (run, head) row of the KIVI run scales
+    ks, kz = _scales(ks_ptr, kz_ptr, row, mask, K_KIND, HEAD_DIM, K_GROUP)
+    vs, vz = _scales(vs_ptr, vz_ptr, row, mask, V_KIND, HEAD_DIM, V_GROUP)
+    rs0, rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, K_KIND)
+    rs1, rz1, rs2, rz2, rs3, rz3 = rs0, rz0, rs0, rz0, rs0, rz0
+    if PER >= 2:
+        rs1, rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, K_KIND)
+    if PER == 4:
+        rs2, rz2 = _run_scales(ks_ptr, kz_ptr, run_row, 2, PER, HEAD_DIM, K_KIND)
+        rs3, rz3 = _run_scales(ks_ptr, kz_ptr, run_row, 3, PER, HEAD_DIM, K_KIND)
+    ahead = _block_ids(tables_ptr, b, stride_tb, lo + PAGES + page, hi, sink_blocks, first_window, IDX64)
+    if K_KIND == 1:
+        run_ahead = _block_ids(tables_ptr, b, stride_tb, lo + PAGES + run // RUN_BLOCK, hi, sink_blocks, first_window,
+                               IDX64)
     for i0 in range(lo, hi, PAGES):  # the sink blocks, then the window's, a tile of PAGES blocks at a time
         i = i0 + page
-        slot = _columns(i, sink_blocks, first_window) * BLOCK_SIZE + sl
-        visible = (i < hi) & (slot < length) & ((slot < sinks) | (slot >= start))
-        row = (block * BLOCK_SIZE + sl) * H + h  # (slot, head) row of the codes and per-token scales
-        run_row = (run_block * RUN_BLOCK + run % RUN_BLOCK) * H + h
+        block = _block_ids(tables_ptr, b, stride_tb, i, hi, sink_blocks, first_window, IDX64)
+        visible = _visible(i, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE)
+        row = (block * BLOCK_SIZE + sl) * H + h
         k_raw = _widen(tl.load(kc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0), PER,
                        K_KIND, BITS)
         v_raw = _widen(tl.load(vc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0), PER,
                        V_KIND, BITS)
-        ks, kz = _scales(ks_ptr, kz_ptr, row, visible, K_KIND, HEAD_DIM, K_GROUP)
-        vs, vz = _scales(vs_ptr, vz_ptr, row, visible, V_KIND, HEAD_DIM, V_GROUP)
-        rs0, rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, K_KIND)
-        rs1, rz1, rs2, rz2, rs3, rz3 = rs0, rz0, rs0, rz0, rs0, rz0
+        # the next tile's scales, from the ids loaded a step ago; then the ids of the tile after it
+        row = (ahead * BLOCK_SIZE + sl) * H + h
+        mask = _visible(i + PAGES, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE)
+        run_row = (run_ahead * RUN_BLOCK + run % RUN_BLOCK) * H + h
+        next_ks, next_kz = _scales(ks_ptr, kz_ptr, row, mask, K_KIND, HEAD_DIM, K_GROUP)
+        next_vs, next_vz = _scales(vs_ptr, vz_ptr, row, mask, V_KIND, HEAD_DIM, V_GROUP)
+        next_rs0, next_rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, K_KIND)
+        next_rs1, next_rz1, next_rs2, next_rz2, next_rs3, next_rz3 = rs1, rz1, rs2, rz2, rs3, rz3
         if PER >= 2:
-            rs1, rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, K_KIND)
+            next_rs1, next_rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, K_KIND)
         if PER == 4:
-            rs2, rz2 = _run_scales(ks_ptr, kz_ptr, run_row, 2, PER, HEAD_DIM, K_KIND)
-            rs3, rz3 = _run_scales(ks_ptr, kz_ptr, run_row, 3, PER, HEAD_DIM, K_KIND)
-        # the next tile's block ids, used only by the next step: its loads need not wait for them
-        block = _block_ids(tables_ptr, b, stride_tb, i + PAGES, hi, sink_blocks, first_window, IDX64)
+            next_rs2, next_rz2 = _run_scales(ks_ptr, kz_ptr, run_row, 2, PER, HEAD_DIM, K_KIND)
+            next_rs3, next_rz3 = _run_scales(ks_ptr, kz_ptr, run_row, 3, PER, HEAD_DIM, K_KIND)
+        ahead = _block_ids(tables_ptr, b, stride_tb, i + 2 * PAGES, hi, sink_blocks, first_window, IDX64)
         if K_KIND == 1:
-            run_block = _block_ids(tables_ptr, b, stride_tb, i0 + PAGES + run // RUN_BLOCK, hi, sink_blocks,
+            run_ahead = _block_ids(tables_ptr, b, stride_tb, i0 + 2 * PAGES + run // RUN_BLOCK, hi, sink_blocks,
                                    first_window, IDX64)
         k = _plane(k_raw, ks, kz, rs0, rz0, 0, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
         scores = tl.dot(q0, tl.trans(k))
@@ -278,6 +309,15 @@ def _paged_quant_decode_kernel(
             v = _plane(v_raw, vs, vz, 0.0, 0.0, 3, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
             acc3 = acc3 * alpha[:, None] + tl.dot(p, v)
         m_i = m_new
+        vs, vz = next_vs, next_vz  # values: token groups or fp8, never runs
+        if K_KIND == 1:
+            rs0, rz0 = next_rs0, next_rz0
+            if PER >= 2:
+                rs1, rz1 = next_rs1, next_rz1
+            if PER == 4:
+                rs2, rz2, rs3, rz3 = next_rs2, next_rz2, next_rs3, next_rz3
+        else:
+            ks, kz = next_ks, next_kz
     row = tl.load(rows_ptr + b).to(tl.int64)
     ring_len = tl.where(split == 0, tl.load(ring_lens_ptr + b * stride_rlb + h), 0)
     r = tl.arange(0, RING_T)
@@ -348,14 +388,17 @@ def _lowp(dtype: torch.dtype) -> bool:
 def paged_quant_decode(query: Tensor, pages: QuantPages, block_tables: Tensor, lens: Tensor, starts: Tensor,
                        sinks: Tensor, ring_k: Tensor, ring_v: Tensor, rows: Tensor, ring_lens: Tensor,
                        scale: float, splits: int | None = None, tile_tokens: int = TILE_TOKENS, num_warps: int = 4,
-                       num_stages: int | None = None, programs_per_sm: int = PROGRAMS_PER_SM) -> Tensor:
+                       num_stages: int | None = None, programs_per_sm: int = PROGRAMS_PER_SM,
+                       max_registers: int | None = None) -> Tensor:
     """query (B, Hq, D); one layer's ``pages``; block_tables (B, M); lens, ring_lens (B, H); starts, sinks, rows (B,);
     ring_k/ring_v (S, C, H, D) -> (B, Hq, D).
 
     ``splits``: programs sharing each (sequence, KV head)'s blocks (None: ``programs_per_sm`` per multiprocessor,
     each split walking at least ``MIN_CHUNK`` steps); ``tile_tokens`` (rounded down to a power of two of whole
-    blocks), ``num_warps``, ``num_stages`` (None: :func:`default_stages`): the launch's shape
-    (benchmarks/engine_decode_kernels.py ``--sweep-formats`` sweeps them).
+    blocks), ``num_warps``, ``num_stages`` (None: :func:`default_stages`): the launch's shape;
+    ``max_registers``: a cap on registers per thread (None: as ptxas likes, which for this kernel is 200-250 at
+    every tile and warp count, so only two programs of 4 warps fit on a multiprocessor; 168 fits three, 128 four,
+    at the price of spills). benchmarks/engine_decode_kernels.py ``--sweep-formats`` sweeps them all.
     """
     batch, q_heads, dim = query.shape
     block_size, kv_heads = pages.keys.codes.shape[1], pages.keys.codes.shape[2]
@@ -388,5 +431,6 @@ def paged_quant_decode(query: Tensor, pages: QuantPages, block_tables: Tensor, l
         BITS=keys.bits, K_KIND=_KINDS[keys.kind], K_GROUP=keys.group, V_KIND=_KINDS[values.kind], V_GROUP=values.group,
         PAGES=pages_per_step, LOWP=_lowp(query.dtype), IDX64=idx64,
         num_warps=num_warps, num_stages=default_stages(keys.bits) if num_stages is None else num_stages,
+        maxnreg=max_registers,
     )
     return combine(scratch, query.new_empty(batch, q_heads, dim), kv_heads, splits, block_g)
