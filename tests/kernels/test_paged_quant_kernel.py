@@ -118,3 +118,5 @@ if __name__ == "__main__":
         check(spec, 16, 2, 3, 32, torch.bfloat16, "cpu")
     # KIVI runs of 16 in blocks of 32: two runs a block, one to four blocks a step
     check("kivi4(group=16)", 32, 2, 3, 32, torch.bfloat16, "cpu", ((3, 32), (2, 64), (1, 128)))
+    # 2-bit codes in four planes of 16 channels (head_dim 64), whose run scales are loaded in their own step
+    check("kivi2", 32, 2, 3, 64, torch.bfloat16, "cpu", ((None, None), (3, 32), (2, 64)))

@@ -37,8 +37,8 @@ benchmarks/results/engine_speed_h200/decode_profile_before.json). Compiled for s
 and block ids were streamed a stage ahead by Triton's pipeliner (cp.async), but the fp16 scales are 16-bit
 loads, which it leaves in place: every step waited a full memory latency on them, with only two programs of
 4 warps per multiprocessor to cover it (ptxas takes 200-250 registers a thread at every tile). So the scales
-(token groups, fp8, each plane's KIVI run scales) are now loaded a step ahead in registers, from block ids
-loaded two steps ahead, and a register cap is an argument. The tile (a power of two of whole blocks, a
+(token groups, fp8, each plane's KIVI run scales but kivi2's) are now loaded a step ahead in registers, from
+block ids loaded two steps ahead, and a register cap is an argument. The tile (a power of two of whole blocks, a
 vector of block ids per load), warps, stages, programs per multiprocessor and register cap are all swept by
 benchmarks/engine_decode_kernels.py ``--sweep-formats``.
 """
@@ -235,25 +235,26 @@ def _paged_quant_decode_kernel(
     hi = tl.minimum(steps, lo + chunk)
     # Triton's pipeliner streams the block ids and the codes a stage ahead (loads of 32 bits or more), but leaves the
     # fp16 scales (16-bit loads) where they are, and each step would wait on them: they are loaded a step ahead here,
-    # from block ids loaded two steps ahead (``ahead``: per token; ``run_ahead``: per KIVI run)
+    # from block ids loaded two steps ahead (``ahead``: per token; ``run_ahead``: per KIVI run). Not kivi2's run
+    # scales: four planes of them held a step (in the codes' layout, replicated) took 255 registers and spilled, so
+    # they are loaded at the top of their own step, with the codes
+    RUNS_AHEAD: tl.constexpr = K_KIND == 1 and PER <= 2
+    AHEAD_KIND: tl.constexpr = 1 if RUNS_AHEAD else 0  # what _run_scales loads a step ahead (0: nothing)
     ahead = _block_ids(tables_ptr, b, stride_tb, lo + page, hi, sink_blocks, first_window, IDX64)
     run_ahead = run
-    if K_KIND == 1:
+    if RUNS_AHEAD:
         run_ahead = _block_ids(tables_ptr, b, stride_tb, lo + run // RUN_BLOCK, hi, sink_blocks, first_window, IDX64)
     row = (ahead * BLOCK_SIZE + sl) * H + h  # (slot, head) row of the codes and per-token scales
     mask = _visible(lo + page, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE)
     run_row = (run_ahead * RUN_BLOCK + run % RUN_BLOCK) * H + h  # (run, head) row of the KIVI run scales
     ks, kz = _scales(ks_ptr, kz_ptr, row, mask, K_KIND, HEAD_DIM, K_GROUP)
     vs, vz = _scales(vs_ptr, vz_ptr, row, mask, V_KIND, HEAD_DIM, V_GROUP)
-    rs0, rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, K_KIND)
-    rs1, rz1, rs2, rz2, rs3, rz3 = rs0, rz0, rs0, rz0, rs0, rz0
+    rs0, rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, AHEAD_KIND)
+    rs1, rz1 = rs0, rz0
     if PER >= 2:
-        rs1, rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, K_KIND)
-    if PER == 4:
-        rs2, rz2 = _run_scales(ks_ptr, kz_ptr, run_row, 2, PER, HEAD_DIM, K_KIND)
-        rs3, rz3 = _run_scales(ks_ptr, kz_ptr, run_row, 3, PER, HEAD_DIM, K_KIND)
+        rs1, rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, AHEAD_KIND)
     ahead = _block_ids(tables_ptr, b, stride_tb, lo + PAGES + page, hi, sink_blocks, first_window, IDX64)
-    if K_KIND == 1:
+    if RUNS_AHEAD:
         run_ahead = _block_ids(tables_ptr, b, stride_tb, lo + PAGES + run // RUN_BLOCK, hi, sink_blocks, first_window,
                                IDX64)
     for i0 in range(lo, hi, PAGES):  # the sink blocks, then the window's, a tile of PAGES blocks at a time
@@ -271,26 +272,35 @@ def _paged_quant_decode_kernel(
         run_row = (run_ahead * RUN_BLOCK + run % RUN_BLOCK) * H + h
         next_ks, next_kz = _scales(ks_ptr, kz_ptr, row, mask, K_KIND, HEAD_DIM, K_GROUP)
         next_vs, next_vz = _scales(vs_ptr, vz_ptr, row, mask, V_KIND, HEAD_DIM, V_GROUP)
-        next_rs0, next_rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, K_KIND)
-        next_rs1, next_rz1, next_rs2, next_rz2, next_rs3, next_rz3 = rs1, rz1, rs2, rz2, rs3, rz3
+        next_rs0, next_rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, AHEAD_KIND)
+        next_rs1, next_rz1 = next_rs0, next_rz0
         if PER >= 2:
-            next_rs1, next_rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, K_KIND)
-        if PER == 4:
-            next_rs2, next_rz2 = _run_scales(ks_ptr, kz_ptr, run_row, 2, PER, HEAD_DIM, K_KIND)
-            next_rs3, next_rz3 = _run_scales(ks_ptr, kz_ptr, run_row, 3, PER, HEAD_DIM, K_KIND)
+            next_rs1, next_rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, AHEAD_KIND)
         ahead = _block_ids(tables_ptr, b, stride_tb, i + 2 * PAGES, hi, sink_blocks, first_window, IDX64)
-        if K_KIND == 1:
+        if RUNS_AHEAD:
             run_ahead = _block_ids(tables_ptr, b, stride_tb, i0 + 2 * PAGES + run // RUN_BLOCK, hi, sink_blocks,
                                    first_window, IDX64)
-        k = _plane(k_raw, ks, kz, rs0, rz0, 0, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+        # this step's run scales: held from the step before, or (kivi2) loaded now
+        cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3 = rs0, rz0, rs1, rz1, rs1, rz1, rs1, rz1
+        if K_KIND == 1 and not RUNS_AHEAD:
+            run_block = _block_ids(tables_ptr, b, stride_tb, i0 + run // RUN_BLOCK, hi, sink_blocks, first_window,
+                                   IDX64)
+            run_row = (run_block * RUN_BLOCK + run % RUN_BLOCK) * H + h
+            cs0, cz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, K_KIND)
+            if PER >= 2:
+                cs1, cz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, K_KIND)
+            if PER == 4:
+                cs2, cz2 = _run_scales(ks_ptr, kz_ptr, run_row, 2, PER, HEAD_DIM, K_KIND)
+                cs3, cz3 = _run_scales(ks_ptr, kz_ptr, run_row, 3, PER, HEAD_DIM, K_KIND)
+        k = _plane(k_raw, ks, kz, cs0, cz0, 0, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
         scores = tl.dot(q0, tl.trans(k))
         if PER >= 2:
-            k = _plane(k_raw, ks, kz, rs1, rz1, 1, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+            k = _plane(k_raw, ks, kz, cs1, cz1, 1, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
             scores += tl.dot(q1, tl.trans(k))
         if PER == 4:
-            k = _plane(k_raw, ks, kz, rs2, rz2, 2, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+            k = _plane(k_raw, ks, kz, cs2, cz2, 2, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
             scores += tl.dot(q2, tl.trans(k))
-            k = _plane(k_raw, ks, kz, rs3, rz3, 3, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+            k = _plane(k_raw, ks, kz, cs3, cz3, 3, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
             scores += tl.dot(q3, tl.trans(k))
         scores = tl.where(visible[None, :], scores * scale, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -310,13 +320,11 @@ def _paged_quant_decode_kernel(
             acc3 = acc3 * alpha[:, None] + tl.dot(p, v)
         m_i = m_new
         vs, vz = next_vs, next_vz  # values: token groups or fp8, never runs
-        if K_KIND == 1:
+        if RUNS_AHEAD:
             rs0, rz0 = next_rs0, next_rz0
             if PER >= 2:
                 rs1, rz1 = next_rs1, next_rz1
-            if PER == 4:
-                rs2, rz2, rs3, rz3 = next_rs2, next_rz2, next_rs3, next_rz3
-        else:
+        if K_KIND != 1:
             ks, kz = next_ks, next_kz
     row = tl.load(rows_ptr + b).to(tl.int64)
     ring_len = tl.where(split == 0, tl.load(ring_lens_ptr + b * stride_rlb + h), 0)
