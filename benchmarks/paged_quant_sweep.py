@@ -27,7 +27,7 @@ import kvslim
 from kvslim.cache.fp8 import FP8_FORMATS, to_fp8
 from kvslim.kernels.paged_attention import paged_decode
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
-from kvslim.kernels.paged_quant_attention import Launch, launch_for, paged_quant_decode
+from kvslim.kernels.paged_quant_attention import paged_quant_decode
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
 from kvslim.methods.fp8_static import StaticFP8
 
@@ -143,15 +143,16 @@ def main() -> None:
             args, nbytes = case(fmt, batch, context)
             want = paged_quant_decode_ref(*args).float()
             block_size = args[1].keys.codes.shape[1]
-            variants = {"default": None}
+            variants = {"default": {}}
             if shape in a.sweep_shapes:
                 for blocks, warps, stages, ppsm in itertools.product(a.blocks, a.warps, a.stages, a.ppsm):
-                    variants[f"b{blocks}w{warps}s{stages}p{ppsm}"] = Launch(blocks, warps, stages, ppsm)
+                    variants[f"b{blocks}w{warps}s{stages}p{ppsm}"] = dict(
+                        tile_tokens=blocks * block_size, num_warps=warps, num_stages=stages, programs_per_sm=ppsm)
             runs = {}
             if old is not None:
                 runs["old"] = lambda: old.paged_quant_decode(*args)
             for name, launch in variants.items():
-                runs[name] = lambda launch=launch: paged_quant_decode(*args, launch=launch)
+                runs[name] = lambda launch=launch: paged_quant_decode(*args, **launch)
             for name, fn in runs.items():
                 try:
                     err = rel(fn(), want)
@@ -160,7 +161,7 @@ def main() -> None:
                     print(fmt, shape, name, "failed:", repr(exc)[:200], flush=True)
                     continue
                 row = {"format": fmt, "batch": batch, "context": context, "block_size": block_size, "variant": name,
-                       "launch": str(variants.get(name) or (launch_for(block_size, 0, DIM) if name == "default" else "")),
+                       "launch": str(variants.get(name, "")),
                        "ms": ms, "bytes": nbytes, "GBps": nbytes / ms / 1e6, "of_copy": nbytes / ms / 1e6 / (bw / 1e9),
                        "rel_err": err}
                 result["rows"].append(row)

@@ -89,13 +89,19 @@ def check_triton_kernel(spec: str, dtype: torch.dtype) -> None:
                          for p in (pages.keys, pages.values)))
     args = [query.to(device), pages, *(t.to(device) for t in rest)]
     want = paged_quant_decode_ref(*args, scale=0.25).float()
-    for splits in (None, 3):  # as many as fill the device; the blocks shared by several programs, then merged
-        out = paged_quant_decode(*args, scale=0.25, splits=splits).float()
+    # as many splits as fill the device; the blocks shared by several programs, then merged; with the engine's
+    # dtype also one block a step (a KIVI run a step), and a tile wider than a sequence's 4 blocks
+    launches = [(None, {}), (3, {})]
+    if dtype == torch.bfloat16:
+        launches += [(3, {"tile_tokens": BLOCK_SIZE}), (2, {"tile_tokens": 4 * BLOCK_SIZE, "num_warps": 8})]
+    for splits, shape in launches:
+        out = paged_quant_decode(*args, scale=0.25, splits=splits, **shape).float()
         # bf16: both round the dequantized tokens to bf16, but the interpreter truncates where a GPU rounds
         # to nearest (twice the error); float32: the GPU's tf32 products
         error = float((out - want).norm() / want.norm())
         bf16 = 1e-2 if device.type == "cuda" else 2e-2
-        assert error < (bf16 if dtype == torch.bfloat16 else 2e-3), f"{spec} {dtype} splits={splits}: error {error:.2e}"
+        limit = bf16 if dtype == torch.bfloat16 else 2e-3
+        assert error < limit, f"{spec} {dtype} splits={splits} {shape}: error {error:.2e}"
 
 
 DTYPES = (torch.bfloat16, torch.float32)

@@ -6,6 +6,7 @@ head), GQA groups of 3 and 4, ragged per-head lengths (empty heads, a sliding wi
 handed back, rings of 0 to 6 tokens) and several splits. On a GPU the whole sweep runs in process
 (``GPU_SHAPES``); on a CPU the groups of 16, the formats the H100 once got wrong, and the static fp8 formats
 run at small sizes under Triton's interpreter in a child process.
+Each runs at several tiles of blocks per loop step (``TILES``): one block, partial last tiles, empty splits.
 """
 from __future__ import annotations
 
@@ -91,20 +92,28 @@ def _case(spec: str, block_size: int, kv_heads: int, group: int, dim: int, dtype
     return [query.to(device), pages, *(t.to(device) for t in rest)]
 
 
-def check(spec: str, block_size: int, kv_heads: int, group: int, dim: int, dtype: torch.dtype, device: str) -> None:
+#: (splits, tokens per loop step) beside the default tile: one block a step; two with a partial last tile and an
+#: empty split (5 blocks over 3 splits of 2); a tile wider than the whole table
+TILES = ((None, None), (1, None), (3, None), (3, 16), (3, 32), (2, 128))
+
+
+def check(spec: str, block_size: int, kv_heads: int, group: int, dim: int, dtype: torch.dtype, device: str,
+          launches=TILES) -> None:
     from kvslim.kernels.paged_quant_attention import paged_quant_decode, triton_supports
 
     args = _case(spec, block_size, kv_heads, group, dim, dtype, device, seed=len(spec) + block_size + dim)
     assert triton_supports(args[1].keys.spec, args[1].values.spec), f"{spec}: the engine would not use this kernel"
     want = paged_quant_decode_ref(*args, scale=dim**-0.5).float()
-    for splits in (None, 1, 3):
-        out = paged_quant_decode(*args, scale=dim**-0.5, splits=splits).float()
+    for splits, tile in launches:
+        shape = {} if tile is None else {"tile_tokens": tile}
+        out = paged_quant_decode(*args, scale=dim**-0.5, splits=splits, **shape).float()
         assert torch.isfinite(out).all()
         # both round the dequantized tokens to bf16, but the interpreter truncates where a GPU rounds to
         # nearest (twice the error); float32: the GPU's tf32 products
         error = float((out - want).norm() / want.norm())
         limit = (1e-2 if device == "cuda" else 2e-2) if dtype == torch.bfloat16 else 2e-3
-        assert error < limit, f"{spec} bs={block_size} D={dim} G={group} {dtype} splits={splits}: error {error:.2e}"
+        assert error < limit, (f"{spec} bs={block_size} D={dim} G={group} {dtype} splits={splits} tile={tile}: "
+                               f"error {error:.2e}")
 
 
 def _fits(spec: str, block_size: int) -> bool:
@@ -135,3 +144,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for spec in INTERPRETED:
         check(spec, 16, 2, 3, 32, torch.bfloat16, "cpu")
+    # KIVI runs of 16 in blocks of 32: two runs a block, one to four blocks a step
+    check("kivi4(group=16)", 32, 2, 3, 32, torch.bfloat16, "cpu", ((3, 32), (2, 64), (1, 128)))
+    # 2-bit codes in four planes of 16 channels (head_dim 64), whose run scales are loaded in their own step
+    check("kivi2", 32, 2, 3, 64, torch.bfloat16, "cpu", ((None, None), (3, 32), (2, 64)))

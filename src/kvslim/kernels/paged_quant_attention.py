@@ -31,15 +31,24 @@ turns codes into floats by the 2**23 trick instead of a quarter-rate conversion,
 multiplies bf16/fp16 operands (exact products, float32 sums) instead of tf32, the weights in the query's
 dtype as flash attention does; 8 programs per multiprocessor. 1.8-2.8x faster for kivi4/kivi2, 1.6-3.5x
 for int4/int8/fp8 (the "planes_v2" section of the results file).
+
+On the H200 that launch still reached only 15-19% of the byte floor for kivi4 (issue 14,
+benchmarks/results/engine_speed_h200/decode_profile_before.json). Compiled for sm_90 (Triton 3.9), the codes
+and block ids were streamed a stage ahead by Triton's pipeliner (cp.async), but the fp16 scales are 16-bit
+loads, which it leaves in place: every step waited a full memory latency on them, with only two programs of
+4 warps per multiprocessor to cover it (ptxas takes 200-250 registers a thread at every tile). So the scales
+(token groups, fp8, each plane's KIVI run scales but kivi2's) are now loaded a step ahead in registers, from
+block ids loaded two steps ahead, and a register cap is an argument. The tile (a power of two of whole blocks, a
+vector of block ids per load), warps, stages, programs per multiprocessor and register cap are all swept by
+benchmarks/engine_decode_kernels.py ``--sweep-formats``.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
-import torch
 from torch import Tensor
 
 from .paged_quant import CodePages, Codes, QuantPages
@@ -59,15 +68,21 @@ def _unpack(packed, BITS: tl.constexpr):
 
 
 @triton.jit
-def _blocks(tables_ptr, b, stride_tb, i, hi, sink_blocks, first_window, IDX64: tl.constexpr):
-    """Logical block positions ``i`` (any shape) of this split -> (physical block, table column, in range):
-    the sink blocks come first, then the window's; positions past ``hi`` read block 0 (masked later)."""
-    ok = i < hi
-    j = tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
-    block = tl.maximum(tl.load(tables_ptr + b * stride_tb + j, mask=ok, other=0), 0)
+def _columns(i, sink_blocks, first_window):
+    """Logical block positions ``i`` of this sequence's walk -> block table columns: the sink blocks come first,
+    then the window's."""
+    return tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
+
+
+@triton.jit
+def _block_ids(tables_ptr, b, stride_tb, i, hi, sink_blocks, first_window, IDX64: tl.constexpr):
+    """Physical blocks at logical positions ``i`` (a vector: a tile's tokens or runs) in one load; positions past
+    ``hi`` read block 0 (their slots are masked later)."""
+    j = _columns(i, sink_blocks, first_window)
+    block = tl.maximum(tl.load(tables_ptr + b * stride_tb + j, mask=i < hi, other=0), 0)
     if IDX64:
         block = block.to(tl.int64)
-    return block, j, ok
+    return block
 
 
 @triton.jit
@@ -75,7 +90,7 @@ def _scales(s_ptr, z_ptr, row, block, h, mask, KIND: tl.constexpr, HEAD_DIM: tl.
             SCALES: tl.constexpr):
     """Per-token scales (and zeros) of a tile's rows, loaded once for every plane: (T, groups) for token groups,
     (T,) for fp8, and (T,) for static fp8 (each row's block's scale: ``SCALES`` per block, 1 or one per head);
-    KIVI keys' per-run scales are loaded per plane (:func:`_plane`)."""
+    KIVI keys' per-run scales are :func:`_run_scales`."""
     if KIND == 0:
         NG: tl.constexpr = HEAD_DIM // GROUP
         offs = row[:, None] * NG + tl.arange(0, NG)[None, :]
@@ -98,17 +113,48 @@ def _scales(s_ptr, z_ptr, row, block, h, mask, KIND: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
-def _plane(raw, s_ptr, z_ptr, scale, zero, run_row, J: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
+def _run_scales(s_ptr, z_ptr, run_row, J: tl.constexpr, P: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr):
+    """KIVI keys: plane ``J``'s (run, channel) scales and zeros of a tile's runs, (RUNS, HEAD_DIM // P) (other kinds:
+    unused)."""
+    if KIND == 1:
+        offs = run_row[:, None] * HEAD_DIM + (tl.arange(0, HEAD_DIM // P) * P + J)[None, :]
+        scale = tl.load(s_ptr + offs).to(tl.float32)
+        zero = tl.load(z_ptr + offs).to(tl.float32)
+    else:
+        scale = 0.0
+        zero = 0.0
+    return scale, zero
+
+
+@triton.jit
+def _visible(i, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE: tl.constexpr):
+    """Which of a tile's tokens (logical block ``i``, slot ``sl`` in it) this split attends to: within its blocks,
+    written, and not passed by a sliding window."""
+    slot = _columns(i, sink_blocks, first_window) * BLOCK_SIZE + sl
+    return (i < hi) & (slot < length) & ((slot < sinks) | (slot >= start))
+
+
+@triton.jit
+def _widen(raw, P: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    """A tile's code bytes as int32, once for every plane that shifts them; fp8 bytes and whole-row unpacking
+    (:func:`_unpack`) keep the bytes."""
+    if KIND != 2 and (P > 1 or BITS == 8):
+        raw = raw.to(tl.int32)
+    return raw
+
+
+@triton.jit
+def _plane(raw, scale, zero, run_scale, run_zero, J: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
            HEAD_DIM: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, dtype: tl.constexpr,
            LOWP: tl.constexpr):
     """Plane ``J`` of ``P`` of a tile of ``T`` token rows, dequantized: (T, HEAD_DIM // P) in ``dtype``, channels
     J, J + P, J + 2P... (masked rows: finite).
 
-    ``raw`` is the rows' bytes as loaded (T, HEAD_DIM * BITS // 8), once for every plane; ``P`` the codes per
-    byte (8 // BITS): byte ``w`` holds channel ``w * P + J`` at bit ``J * BITS``, so a plane is one shift of
-    the bytes. ``P == 1`` with sub-byte codes (heads too small for planes of 16 channels) unpacks whole rows
-    instead (:func:`_unpack`). Rounded to ``dtype`` (the query's), as the Hugging Face path attends over them, and
-    kept there for a 16-bit ``tl.dot`` (``LOWP``), else returned as float32.
+    ``raw`` is the whole tile's bytes (T, HEAD_DIM * BITS // 8) as :func:`_widen` leaves them, once for every plane;
+    ``P`` the codes per byte (8 // BITS): byte ``w`` holds channel ``w * P + J`` at bit
+    ``J * BITS``, so a plane is one shift of the whole tile. ``P == 1`` with sub-byte codes (heads too small for
+    planes of 16 channels) unpacks whole rows instead (:func:`_unpack`). Rounded to ``dtype`` (the query's), as the
+    Hugging Face path attends over them, and kept there for a 16-bit ``tl.dot`` (``LOWP``), else returned as float32.
     """
     W: tl.constexpr = HEAD_DIM // P
     if KIND == 2 or KIND == 3:  # e4m3 bytes times the token's (fp8) or its block's (fp8_e4m3) scale
@@ -117,11 +163,13 @@ def _plane(raw, s_ptr, z_ptr, scale, zero, run_row, J: tl.constexpr, P: tl.const
         x = raw.to(tl.float8e5, bitcast=True).to(tl.float32) * scale[:, None]
     else:
         if P > 1:
-            codes = (raw.to(tl.int32) >> (J * BITS)) & ((1 << BITS) - 1)
+            codes = raw >> (J * BITS)
+            if J < P - 1:  # the top plane's codes are the byte's top bits already
+                codes = codes & ((1 << BITS) - 1)
         elif BITS < 8:
             codes = _unpack(raw, BITS).to(tl.int32)
         else:
-            codes = raw.to(tl.int32)
+            codes = raw
         # code -> float32 without an integer conversion (a quarter-rate instruction, the kernel's bottleneck):
         # 2**23 + code has the code as its low mantissa bits, exactly
         codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -129,11 +177,7 @@ def _plane(raw, s_ptr, z_ptr, scale, zero, run_row, J: tl.constexpr, P: tl.const
             NG: tl.constexpr = HEAD_DIM // GROUP
             x = tl.reshape(codes, (T, NG, GROUP // P)) * scale[:, :, None] + zero[:, :, None]
         else:  # KIVI keys: (run, channel) scales for the tile's runs of GROUP slots
-            RUNS: tl.constexpr = T // GROUP
-            offs = run_row[:, None] * HEAD_DIM + (tl.arange(0, W) * P + J)[None, :]
-            rs = tl.load(s_ptr + offs).to(tl.float32)
-            rz = tl.load(z_ptr + offs).to(tl.float32)
-            x = tl.reshape(codes, (RUNS, GROUP, W)) * rs[:, None, :] + rz[:, None, :]
+            x = tl.reshape(codes, (T // GROUP, GROUP, W)) * run_scale[:, None, :] + run_zero[:, None, :]
         x = tl.reshape(x, (T, W))
     x = x.to(dtype)
     if not LOWP:
@@ -151,21 +195,22 @@ def _paged_quant_decode_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     RING_T: tl.constexpr, BITS: tl.constexpr,
     K_KIND: tl.constexpr, K_GROUP: tl.constexpr, V_KIND: tl.constexpr, V_GROUP: tl.constexpr,
-    K_SCALES: tl.constexpr, V_SCALES: tl.constexpr, BLOCKS: tl.constexpr, LOWP: tl.constexpr, IDX64: tl.constexpr,
+    K_SCALES: tl.constexpr, V_SCALES: tl.constexpr, PAGES: tl.constexpr, LOWP: tl.constexpr, IDX64: tl.constexpr,
 ):
     """Everything runs per plane (see :func:`_plane`): scores add up the planes' products, and each plane
     keeps its own slice of the output, written back to its channels at the end. Keys and values have the
-    same code width ``BITS``, hence the same planes. Each step reads a tile of ``BLOCKS`` blocks (their codes
-    once for every plane); with ``LOWP`` (a 16-bit query) the products take the query and the rounded tokens
-    as they are (bf16/fp16 operands, float32 sums, the scale applied to the scores) and the weights in the
-    query's dtype, as flash attention does."""
+    same code width ``BITS``, hence the same planes. Each step reads a tile of ``PAGES`` blocks (their ids as
+    one vector load): the codes once for every plane, which is shifted out of the whole tile; the scales were
+    loaded the step before (see the module doc). With ``LOWP`` (a 16-bit query) the products take the query and
+    the rounded tokens as they are (bf16/fp16 operands, float32 sums, the scale applied to the scores) and the
+    weights in the query's dtype, as flash attention does."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     PER: tl.constexpr = 8 // BITS if HEAD_DIM * BITS // 8 >= 16 else 1  # planes of at least 16 channels, for tl.dot
     W: tl.constexpr = HEAD_DIM // PER
     BYTES: tl.constexpr = HEAD_DIM * BITS // 8
-    T: tl.constexpr = BLOCKS * BLOCK_SIZE
+    T: tl.constexpr = PAGES * BLOCK_SIZE
     g = tl.arange(0, BLOCK_G)
     w = tl.arange(0, W)
     q_at = q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + w[None, :] * PER
@@ -188,40 +233,85 @@ def _paged_quant_decode_kernel(
     acc0 = tl.zeros((BLOCK_G, W), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
     t = tl.arange(0, T)
-    sl = t % BLOCK_SIZE
+    page, sl = t // BLOCK_SIZE, t % BLOCK_SIZE
     wb = tl.arange(0, BYTES)
-    RUNS_T: tl.constexpr = T // K_GROUP if K_KIND == 1 else 1
+    RUNS: tl.constexpr = T // K_GROUP if K_KIND == 1 else 1  # KIVI key runs in a tile
     RUN_BLOCK: tl.constexpr = BLOCK_SIZE // K_GROUP if K_KIND == 1 else 1
-    run = tl.arange(0, RUNS_T)
+    run = tl.arange(0, RUNS)
     sink_blocks = tl.minimum(tl.cdiv(sinks, BLOCK_SIZE), tl.cdiv(length, BLOCK_SIZE))
     first_window = tl.maximum(start // BLOCK_SIZE, sink_blocks)
     steps = sink_blocks + tl.cdiv(length, BLOCK_SIZE) - first_window
-    chunk = tl.cdiv(tl.cdiv(steps, splits), BLOCKS) * BLOCKS  # this sequence's blocks spread over the splits
+    chunk = tl.cdiv(tl.cdiv(steps, splits), PAGES) * PAGES  # this sequence's blocks spread over the splits, whole tiles
     lo = split * chunk
     hi = tl.minimum(steps, lo + chunk)
-    for i0 in range(lo, hi, BLOCKS):  # the sink blocks, then the window's, a tile of BLOCKS at a time
-        block, j, ok = _blocks(tables_ptr, b, stride_tb, i0 + t // BLOCK_SIZE, hi, sink_blocks, first_window, IDX64)
-        slot = j * BLOCK_SIZE + sl
-        visible = ok & (slot < length) & ((slot < sinks) | (slot >= start))
-        row = (block * BLOCK_SIZE + sl) * H + h  # (slot, head) row of the codes and per-token scales
-        run_row = run
-        if K_KIND == 1:
-            run_block, _, _ = _blocks(tables_ptr, b, stride_tb, i0 + run // RUN_BLOCK, hi, sink_blocks, first_window,
-                                      IDX64)
+    # Triton's pipeliner streams the block ids and the codes a stage ahead (loads of 32 bits or more), but leaves the
+    # fp16 scales (16-bit loads) where they are, and each step would wait on them: they are loaded a step ahead here,
+    # from block ids loaded two steps ahead (``ahead``: per token; ``run_ahead``: per KIVI run). Not kivi2's run
+    # scales: four planes of them held a step (in the codes' layout, replicated) took 255 registers and spilled, so
+    # they are loaded at the top of their own step, with the codes
+    RUNS_AHEAD: tl.constexpr = K_KIND == 1 and PER <= 2
+    AHEAD_KIND: tl.constexpr = 1 if RUNS_AHEAD else 0  # what _run_scales loads a step ahead (0: nothing)
+    ahead = _block_ids(tables_ptr, b, stride_tb, lo + page, hi, sink_blocks, first_window, IDX64)
+    run_ahead = run
+    if RUNS_AHEAD:
+        run_ahead = _block_ids(tables_ptr, b, stride_tb, lo + run // RUN_BLOCK, hi, sink_blocks, first_window, IDX64)
+    row = (ahead * BLOCK_SIZE + sl) * H + h  # (slot, head) row of the codes and per-token scales
+    mask = _visible(lo + page, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE)
+    run_row = (run_ahead * RUN_BLOCK + run % RUN_BLOCK) * H + h  # (run, head) row of the KIVI run scales
+    ks, kz = _scales(ks_ptr, kz_ptr, row, ahead, h, mask, K_KIND, HEAD_DIM, K_GROUP, K_SCALES)
+    vs, vz = _scales(vs_ptr, vz_ptr, row, ahead, h, mask, V_KIND, HEAD_DIM, V_GROUP, V_SCALES)
+    rs0, rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, AHEAD_KIND)
+    rs1, rz1 = rs0, rz0
+    if PER >= 2:
+        rs1, rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, AHEAD_KIND)
+    ahead = _block_ids(tables_ptr, b, stride_tb, lo + PAGES + page, hi, sink_blocks, first_window, IDX64)
+    if RUNS_AHEAD:
+        run_ahead = _block_ids(tables_ptr, b, stride_tb, lo + PAGES + run // RUN_BLOCK, hi, sink_blocks, first_window,
+                               IDX64)
+    for i0 in range(lo, hi, PAGES):  # the sink blocks, then the window's, a tile of PAGES blocks at a time
+        i = i0 + page
+        block = _block_ids(tables_ptr, b, stride_tb, i, hi, sink_blocks, first_window, IDX64)
+        visible = _visible(i, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE)
+        row = (block * BLOCK_SIZE + sl) * H + h
+        k_raw = _widen(tl.load(kc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0), PER,
+                       K_KIND, BITS)
+        v_raw = _widen(tl.load(vc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0), PER,
+                       V_KIND, BITS)
+        # the next tile's scales, from the ids loaded a step ago; then the ids of the tile after it
+        row = (ahead * BLOCK_SIZE + sl) * H + h
+        mask = _visible(i + PAGES, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_SIZE)
+        run_row = (run_ahead * RUN_BLOCK + run % RUN_BLOCK) * H + h
+        next_ks, next_kz = _scales(ks_ptr, kz_ptr, row, ahead, h, mask, K_KIND, HEAD_DIM, K_GROUP, K_SCALES)
+        next_vs, next_vz = _scales(vs_ptr, vz_ptr, row, ahead, h, mask, V_KIND, HEAD_DIM, V_GROUP, V_SCALES)
+        next_rs0, next_rz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, AHEAD_KIND)
+        next_rs1, next_rz1 = next_rs0, next_rz0
+        if PER >= 2:
+            next_rs1, next_rz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, AHEAD_KIND)
+        ahead = _block_ids(tables_ptr, b, stride_tb, i + 2 * PAGES, hi, sink_blocks, first_window, IDX64)
+        if RUNS_AHEAD:
+            run_ahead = _block_ids(tables_ptr, b, stride_tb, i0 + 2 * PAGES + run // RUN_BLOCK, hi, sink_blocks,
+                                   first_window, IDX64)
+        # this step's run scales: held from the step before, or (kivi2) loaded now
+        cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3 = rs0, rz0, rs1, rz1, rs1, rz1, rs1, rz1
+        if K_KIND == 1 and not RUNS_AHEAD:
+            run_block = _block_ids(tables_ptr, b, stride_tb, i0 + run // RUN_BLOCK, hi, sink_blocks, first_window,
+                                   IDX64)
             run_row = (run_block * RUN_BLOCK + run % RUN_BLOCK) * H + h
-        k_raw = tl.load(kc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0)
-        v_raw = tl.load(vc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0)
-        ks, kz = _scales(ks_ptr, kz_ptr, row, block, h, visible, K_KIND, HEAD_DIM, K_GROUP, K_SCALES)
-        vs, vz = _scales(vs_ptr, vz_ptr, row, block, h, visible, V_KIND, HEAD_DIM, V_GROUP, V_SCALES)
-        k = _plane(k_raw, ks_ptr, kz_ptr, ks, kz, run_row, 0, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+            cs0, cz0 = _run_scales(ks_ptr, kz_ptr, run_row, 0, PER, HEAD_DIM, K_KIND)
+            if PER >= 2:
+                cs1, cz1 = _run_scales(ks_ptr, kz_ptr, run_row, 1, PER, HEAD_DIM, K_KIND)
+            if PER == 4:
+                cs2, cz2 = _run_scales(ks_ptr, kz_ptr, run_row, 2, PER, HEAD_DIM, K_KIND)
+                cs3, cz3 = _run_scales(ks_ptr, kz_ptr, run_row, 3, PER, HEAD_DIM, K_KIND)
+        k = _plane(k_raw, ks, kz, cs0, cz0, 0, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
         scores = tl.dot(q0, tl.trans(k))
         if PER >= 2:
-            k = _plane(k_raw, ks_ptr, kz_ptr, ks, kz, run_row, 1, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+            k = _plane(k_raw, ks, kz, cs1, cz1, 1, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
             scores += tl.dot(q1, tl.trans(k))
         if PER == 4:
-            k = _plane(k_raw, ks_ptr, kz_ptr, ks, kz, run_row, 2, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+            k = _plane(k_raw, ks, kz, cs2, cz2, 2, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
             scores += tl.dot(q2, tl.trans(k))
-            k = _plane(k_raw, ks_ptr, kz_ptr, ks, kz, run_row, 3, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
+            k = _plane(k_raw, ks, kz, cs3, cz3, 3, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
             scores += tl.dot(q3, tl.trans(k))
         scores = tl.where(visible[None, :], scores * scale, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -229,17 +319,24 @@ def _paged_quant_decode_kernel(
         p = tl.where(visible[None, :], tl.exp(scores - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(q0.dtype)
-        v = _plane(v_raw, vs_ptr, vz_ptr, vs, vz, run_row, 0, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
+        v = _plane(v_raw, vs, vz, 0.0, 0.0, 0, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
         acc0 = acc0 * alpha[:, None] + tl.dot(p, v)
         if PER >= 2:
-            v = _plane(v_raw, vs_ptr, vz_ptr, vs, vz, run_row, 1, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
+            v = _plane(v_raw, vs, vz, 0.0, 0.0, 1, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
             acc1 = acc1 * alpha[:, None] + tl.dot(p, v)
         if PER == 4:
-            v = _plane(v_raw, vs_ptr, vz_ptr, vs, vz, run_row, 2, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
+            v = _plane(v_raw, vs, vz, 0.0, 0.0, 2, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
             acc2 = acc2 * alpha[:, None] + tl.dot(p, v)
-            v = _plane(v_raw, vs_ptr, vz_ptr, vs, vz, run_row, 3, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
+            v = _plane(v_raw, vs, vz, 0.0, 0.0, 3, PER, T, HEAD_DIM, V_KIND, BITS, V_GROUP, dtype, LOWP)
             acc3 = acc3 * alpha[:, None] + tl.dot(p, v)
         m_i = m_new
+        vs, vz = next_vs, next_vz  # values: token groups or fp8, never runs
+        if RUNS_AHEAD:
+            rs0, rz0 = next_rs0, next_rz0
+            if PER >= 2:
+                rs1, rz1 = next_rs1, next_rz1
+        if K_KIND != 1:
+            ks, kz = next_ks, next_kz
     row = tl.load(rows_ptr + b).to(tl.int64)
     ring_len = tl.where(split == 0, tl.load(ring_lens_ptr + b * stride_rlb + h), 0)
     r = tl.arange(0, RING_T)
@@ -279,9 +376,11 @@ def _paged_quant_decode_kernel(
 
 
 def triton_supports(keys: Codes, values: Codes) -> bool:
-    """Whether this kernel reads the format: every page format (token groups, KIVI runs, fp8 with scales per token
-    or static per block) of 2, 4 or 8 bits, keys and values of one width (the planes are shared)."""
-    return keys.bits == values.bits and all(c.kind in _KINDS and c.bits in (2, 4, 8) for c in (keys, values))
+    """Whether this kernel reads the format: token groups, KIVI key runs, fp8 with scales per token or static per
+    block, of 2, 4 or 8 bits, keys and values of one width (the planes are shared); values in runs (no quantizer
+    makes them) are not read."""
+    return (keys.bits == values.bits and values.kind != "channel"
+            and all(c.kind in _KINDS and c.bits in (2, 4, 8) for c in (keys, values)))
 
 
 def _pointers(pages: CodePages) -> tuple[Tensor, Tensor, Tensor]:
@@ -293,22 +392,16 @@ def _scales_per_block(codes: Codes, kv_heads: int) -> int:
     return kv_heads if codes.static and codes.per_head else 1
 
 
-@dataclass(frozen=True)
-class Launch:
-    """How the kernel is launched: ``blocks`` per step (a tile of ``blocks * block_size`` tokens), the warps and
-    pipelining stages per program, and programs in flight per multiprocessor (sets the splits)."""
-
-    blocks: int = 2
-    num_warps: int = 4
-    num_stages: int = 2
-    programs_per_sm: int = 8
+#: tokens each loop step of a program reads per KV head (whole blocks; the H100 sweep's best, as for the bf16 kernel)
+TILE_TOKENS = 64
+#: programs in flight per multiprocessor, which sets the splits (H100 sweep: 8 beat 4 for every format)
+PROGRAMS_PER_SM = 8
 
 
-def launch_for(block_size: int, bits: int, head_dim: int) -> Launch:
-    """The default launch for a page format (H100 sweep at the Llama-3.1-8B shape, batches 14-32 of 8k-20k tokens:
-    benchmarks/results/paged_quant_kernel_h100.json): tiles of 64 tokens, 4 warps, 8 programs per multiprocessor;
-    two stages for sub-byte codes, three for bytes."""
-    return Launch(blocks=max(1, 64 // block_size), num_stages=3 if bits == 8 else 2)
+def default_stages(bits: int) -> int:
+    """Pipelining stages by code width (H100 sweep, benchmarks/results/paged_quant_kernel_h100.json): three for
+    bytes, two for sub-byte codes (whose dequantized tiles take more registers)."""
+    return 3 if bits == 8 else 2
 
 
 def _lowp(dtype: torch.dtype) -> bool:
@@ -319,10 +412,19 @@ def _lowp(dtype: torch.dtype) -> bool:
 
 def paged_quant_decode(query: Tensor, pages: QuantPages, block_tables: Tensor, lens: Tensor, starts: Tensor,
                        sinks: Tensor, ring_k: Tensor, ring_v: Tensor, rows: Tensor, ring_lens: Tensor,
-                       scale: float, splits: int | None = None, launch: Launch | None = None) -> Tensor:
+                       scale: float, splits: int | None = None, tile_tokens: int = TILE_TOKENS, num_warps: int = 4,
+                       num_stages: int | None = None, programs_per_sm: int = PROGRAMS_PER_SM,
+                       max_registers: int | None = None) -> Tensor:
     """query (B, Hq, D); one layer's ``pages``; block_tables (B, M); lens, ring_lens (B, H); starts, sinks, rows (B,);
-    ring_k/ring_v (S, C, H, D) -> (B, Hq, D). ``splits``: programs sharing each (sequence, KV head)'s blocks
-    (None: enough to fill the GPU); ``launch``: tile and launch settings (None: :func:`launch_for`)."""
+    ring_k/ring_v (S, C, H, D) -> (B, Hq, D).
+
+    ``splits``: programs sharing each (sequence, KV head)'s blocks (None: ``programs_per_sm`` per multiprocessor,
+    each split walking at least ``MIN_CHUNK`` steps); ``tile_tokens`` (rounded down to a power of two of whole
+    blocks), ``num_warps``, ``num_stages`` (None: :func:`default_stages`): the launch's shape;
+    ``max_registers``: a cap on registers per thread (None: as ptxas likes, which for this kernel is 200-250 at
+    every tile and warp count, so only two programs of 4 warps fit on a multiprocessor; 168 fits three, 128 four,
+    at the price of spills). benchmarks/engine_decode_kernels.py ``--sweep-formats`` sweeps them all.
+    """
     batch, q_heads, dim = query.shape
     block_size, kv_heads = pages.keys.codes.shape[1], pages.keys.codes.shape[2]
     for name, value in (("block_size", block_size), ("head_dim", dim)):
@@ -333,14 +435,14 @@ def paged_quant_decode(query: Tensor, pages: QuantPages, block_tables: Tensor, l
     keys, values = pages.keys.spec, pages.values.spec
     if not triton_supports(keys, values):
         raise ValueError(f"the Triton quantized paged kernel cannot read {keys} keys with {values} values")
-    launch = launch or launch_for(block_size, keys.bits, dim)
     query = query.contiguous()
     tables = block_tables.contiguous()
+    pages_per_step = 1 << (max(1, tile_tokens // block_size).bit_length() - 1)  # whole blocks, a power of two
     if splits is None and query.device.type == "cuda":
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        splits = min(triton.cdiv(launch.programs_per_sm * sms, max(1, batch * kv_heads)),
-                     triton.cdiv(tables.shape[1], MIN_CHUNK))
-    splits = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
+        splits = min(triton.cdiv(programs_per_sm * sms, max(1, batch * kv_heads)),
+                     triton.cdiv(tables.shape[1], MIN_CHUNK * pages_per_step))
+    splits = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits, pages_per_step)
     block_g = max(16, triton.next_power_of_2(q_heads // kv_heads))
     scratch = partials(batch, kv_heads, splits, block_g, dim, query.device)
     idx64 = max(t.numel() for t in pages.tensors()) >= 2**31
@@ -353,7 +455,8 @@ def paged_quant_decode(query: Tensor, pages: QuantPages, block_tables: Tensor, l
         H=kv_heads, GROUP=q_heads // kv_heads, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, RING_T=16,
         BITS=keys.bits, K_KIND=_KINDS[keys.kind], K_GROUP=keys.group, V_KIND=_KINDS[values.kind], V_GROUP=values.group,
         K_SCALES=_scales_per_block(keys, kv_heads), V_SCALES=_scales_per_block(values, kv_heads),
-        BLOCKS=launch.blocks, LOWP=_lowp(query.dtype), IDX64=idx64,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        PAGES=pages_per_step, LOWP=_lowp(query.dtype), IDX64=idx64,
+        num_warps=num_warps, num_stages=default_stages(keys.bits) if num_stages is None else num_stages,
+        maxnreg=max_registers,
     )
     return combine(scratch, query.new_empty(batch, q_heads, dim), kv_heads, splits, block_g)
