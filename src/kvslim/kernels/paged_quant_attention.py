@@ -138,7 +138,7 @@ def _visible(i, sl, hi, sink_blocks, first_window, length, sinks, start, BLOCK_S
 def _widen(raw, P: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
     """A tile's code bytes as int32, once for every plane that shifts them; fp8 bytes and whole-row unpacking
     (:func:`_unpack`) keep the bytes."""
-    if KIND != 2 and (P > 1 or BITS == 8):
+    if KIND < 2 and (P > 1 or BITS == 8):  # kinds 2-4 are fp8 bytes
         raw = raw.to(tl.int32)
     return raw
 
