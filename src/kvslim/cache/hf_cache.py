@@ -263,12 +263,13 @@ class Cache(HFCache):
                 out = _attend_by_segment(layer, query, scaling, window, new_real)
             else:  # one attention call over the layer's dense copy: the fast path
                 keys, values, valid = layer.dense(query.dtype)
-                obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
-                # the new tokens are the last q columns of the layout (see LayerKV.select)
-                allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
-                allowed = allowed if window is None else allowed & window
-                out = routing.masked_attention(query, keys, values, _mask_new(allowed, new_real), scaling, impl,
-                                               softcap)
+                if q_len == 1 and window is None and new_real is None and layer.whole:
+                    allowed = None  # every held token, no mask to build: SDPA's flash kernel may serve it
+                else:  # the new tokens are the last q columns of the layout (see LayerKV.select)
+                    obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
+                    allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
+                    allowed = _mask_new(allowed if window is None else allowed & window, new_real)
+                out = routing.masked_attention(query, keys, values, allowed, scaling, impl, softcap)
             if self._appending:
                 _append_as_is(layer, q_len, new_real)
                 return out, None

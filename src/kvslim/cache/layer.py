@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .segments import DenseSegment, Segment, ragged_to_padded
+from .segments import DenseSegment, GrowingSegment, Segment, ragged_to_padded
 
 
 def compact(x: Tensor, keep: Tensor) -> Tensor:
@@ -39,6 +39,12 @@ class LayerKV:
         """Tokens held per (sequence, KV head)."""
         return sum(s.lengths for s in self.segments)  # type: ignore[return-value]
 
+    @property
+    def whole(self) -> bool:
+        """Whether every (sequence, head) holds a token in every column of the dense layout, known without a host
+        sync: one growing tail (see :class:`GrowingSegment`) and nothing else. Attention then needs no mask."""
+        return len(self.segments) == 1 and isinstance(self.segments[0], GrowingSegment)
+
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.segments)
 
@@ -54,7 +60,13 @@ class LayerKV:
         self.seen += keys.shape[2]
 
     def dense(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded."""
+        """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded.
+
+        A layer of one segment hands out that segment's own tensors (views of a growing tail: read-only).
+        """
+        if len(self.segments) == 1:
+            keys, values, valid = self.segments[0].dense()
+            return keys.to(dtype), values.to(dtype), valid
         parts = [s.dense() for s in self.segments]
         keys = torch.cat([p[0].to(dtype) for p in parts], 2)
         values = torch.cat([p[1].to(dtype) for p in parts], 2)
@@ -106,9 +118,10 @@ class LayerKV:
         return torch.cat([compact(xp, kp) for xp, kp in zip(self._run_slices(x), self._run_slices(keep))], 2)
 
     def replace(self, segments: list[Segment]) -> None:
-        """Swap the storage (e.g. for quantized or channel-pruned segments) holding the same tokens."""
+        """Swap the storage (e.g. for quantized or channel-pruned segments) holding the same tokens; new tokens go to
+        a last :class:`GrowingSegment` (it holds every row alike), or else to a fresh segment."""
         self.segments = segments
-        self._tail_open = False
+        self._tail_open = bool(segments) and isinstance(segments[-1], GrowingSegment)
 
 
 def _dense_run(segments: list[Segment]) -> tuple[Tensor, Tensor, Tensor]:

@@ -177,9 +177,12 @@ class DenseSegment(Segment):
         return keys, values, valid
 
     def append(self, keys: Tensor, values: Tensor) -> "DenseSegment":
-        """Add q new tokens (B,H,q,D) to every row; only the open (uniform) tail segment grows."""
+        """Add q new tokens (B,H,q,D) to every row; only the open (uniform) tail segment grows.
+
+        The result is a :class:`GrowingSegment`: the copy into its buffer is paid once, later steps write in place.
+        """
         old_k, old_v, _ = self.dense()
-        return DenseSegment.from_padded(torch.cat([old_k, keys], 2), torch.cat([old_v, values], 2))
+        return GrowingSegment.holding(old_k, old_v).append(keys, values)
 
     def select(self, keep: Tensor) -> "DenseSegment":
         keys, values, valid = self.dense()
@@ -187,3 +190,102 @@ class DenseSegment(Segment):
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+def grown_capacity(needed: int) -> int:
+    """Tokens a growing buffer reserves to hold ``needed``: an eighth more (and 64), so regrowing (a copy of what is
+    held) happens once per ~needed/8 appended tokens and costs O(1) copied tokens per step amortized."""
+    return needed + needed // 8 + 64
+
+
+class GrowingSegment(DenseSegment):
+    """The open tail of a layer: every (sequence, head) holds the same ``filled`` tokens, in padded buffers
+    (B, H, capacity, D) with spare room at the end.
+
+    Why: decoding appends one token per step. Rebuilding the rows (``torch.cat`` of everything held) copies the
+    whole layer every step, which is what made the cache slower than transformers' own; here an append writes its
+    token in place and ``dense()`` returns views, with no allocation, no copy and no host sync, until the
+    capacity runs out and the buffers regrow geometrically (:func:`grown_capacity`). ``fixed`` buffers never regrow
+    instead (static mode: shapes stay constant for CUDA graphs) and going past it is a ValueError.
+    ``nbytes`` counts the held tokens; the spare room is at most an eighth more (plus 64 tokens).
+    """
+
+    def __init__(self, key_buffer: Tensor, value_buffer: Tensor, filled: int, fixed: bool = False):
+        self.key_buffer, self.value_buffer, self.filled, self.fixed = key_buffer, value_buffer, filled, fixed
+        self._valid = torch.ones(key_buffer.shape[:3], dtype=torch.bool, device=key_buffer.device)
+        self._lengths: tuple[int, Tensor] | None = None
+
+    @classmethod
+    def holding(cls, keys: Tensor, values: Tensor, room: int | None = None, fixed: bool = False) -> "GrowingSegment":
+        """A segment holding (B,H,T,D) ``keys``/``values`` in buffers of ``room`` tokens (grown room by default)."""
+        batch, heads, length = keys.shape[:3]
+        room = grown_capacity(length) if room is None else room
+        if length > room:
+            raise ValueError(f"the cache would hold {length} tokens per head, more than max_length={room}: "
+                             "build kvslim.Cache with a larger max_length")
+        key_buffer = keys.new_empty(batch, heads, room, keys.shape[-1])
+        value_buffer = values.new_empty(batch, heads, room, values.shape[-1])
+        key_buffer[:, :, :length] = keys
+        value_buffer[:, :, :length] = values
+        return cls(key_buffer, value_buffer, length, fixed)
+
+    @property
+    def capacity(self) -> int:
+        return self.key_buffer.shape[2]
+
+    @property
+    def lengths(self) -> Tensor:  # type: ignore[override]
+        """(B, H) ``filled`` everywhere; built only when asked for (decoding alone never asks)."""
+        if self._lengths is None or self._lengths[0] != self.filled:
+            batch, heads = self.key_buffer.shape[:2]
+            self._lengths = (self.filled, torch.full((batch, heads), self.filled, dtype=torch.long,
+                                                     device=self.key_buffer.device))
+        return self._lengths[1]
+
+    @property
+    def keys(self) -> Tensor:  # type: ignore[override]
+        """Held key rows (N, D) in (sequence, head, token) order, as :class:`DenseSegment` stores them (a copy)."""
+        return self.key_buffer[:, :, : self.filled].reshape(-1, self.key_buffer.shape[-1])
+
+    @property
+    def values(self) -> Tensor:  # type: ignore[override]
+        return self.value_buffer[:, :, : self.filled].reshape(-1, self.value_buffer.shape[-1])
+
+    @property
+    def uniform(self) -> bool:
+        return True
+
+    @property
+    def longest(self) -> int:
+        return self.filled
+
+    @property
+    def tokens(self) -> int:
+        return self.filled * self.key_buffer.shape[0] * self.key_buffer.shape[1]
+
+    def valid_mask(self) -> Tensor:
+        return self._valid[:, :, : self.filled]
+
+    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the buffers: callers must not write to them."""
+        n = self.filled
+        return self.key_buffer[:, :, :n], self.value_buffer[:, :, :n], self._valid[:, :, :n]
+
+    def append(self, keys: Tensor, values: Tensor) -> "GrowingSegment":
+        """Write q new tokens (B,H,q,D) after the held ones, in place while there is room."""
+        end = self.filled + keys.shape[2]
+        if end > self.capacity and self.fixed:
+            raise ValueError(f"the cache would hold {end} tokens per head, more than max_length={self.capacity}: "
+                             "build kvslim.Cache with a larger max_length")
+        if end > self.capacity:  # move to buffers with room: one copy of what is held per ~filled/8 tokens
+            held_k, held_v, _ = self.dense()
+            return GrowingSegment.holding(held_k, held_v, grown_capacity(end)).append(keys, values)
+        self.key_buffer[:, :, self.filled : end] = keys
+        self.value_buffer[:, :, self.filled : end] = values
+        self.filled = end
+        return self
+
+    def nbytes(self) -> int:
+        per_token = self.key_buffer.shape[-1] * self.key_buffer.element_size() \
+            + self.value_buffer.shape[-1] * self.value_buffer.element_size()
+        return self.tokens * per_token

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..cache.layer import LayerKV
 from ..cache.quantized import ChannelGroups, Encoder, Float8, QuantizedSegment, TokenGroups
-from ..cache.segments import DenseSegment, Segment
+from ..cache.segments import DenseSegment, GrowingSegment, Segment
 from ..shape import KVShape
 from .base import Method, Observation
 from .registry import register
@@ -116,6 +116,9 @@ class Quantizer(Method):
             cut -= 1
         if cut == len(segments):
             return
+        if cut == len(segments) - 1 and isinstance(segments[-1], GrowingSegment):
+            self._store_tail(layer, segments[:cut], segments[-1])
+            return
         keys, values, valid = (torch.cat(parts, 2) for parts in zip(*(s.dense() for s in segments[cut:])))
         held = valid.sum(-1)
         move = (held - self.residual).clamp(min=0) // self.block() * self.block()
@@ -128,6 +131,29 @@ class Quantizer(Method):
             packed = head.pop().concat(packed)
         rest = valid & ~moving
         stored = head + [packed] + ([DenseSegment.from_padded(keys, values, rest)] if bool(rest.any()) else [])
+        _relayout_state(layer, stored)
+        layer.replace(stored)
+
+    def _store_tail(self, layer: LayerKV, head: list[Segment], tail: GrowingSegment) -> None:
+        """:meth:`store` for a layer whose full-precision tokens are one growing tail (every row holds ``filled``).
+
+        Why: this runs after every decoding step, and on most steps nothing is due; the count is a Python int here,
+        so those steps cost no host sync and no copy. When a block is due, the oldest ``move`` columns are packed
+        and the rest stay in a new growing tail.
+        """
+        move = max(0, tail.filled - self.residual) // self.block() * self.block()
+        if move == 0:
+            return
+        keys, values, _ = tail.dense()
+        batch, heads = keys.shape[:2]
+        encode_keys, encode_values = self.encoders(keys.shape[-1], values.shape[-1])
+        packed = QuantizedSegment(encode_keys(keys[:, :, :move].reshape(-1, keys.shape[-1])),
+                                  encode_values(values[:, :, :move].reshape(-1, values.shape[-1])),
+                                  torch.full((batch, heads), move, dtype=torch.long, device=keys.device), keys.dtype)
+        if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
+            packed = head.pop().concat(packed)
+        rest = [GrowingSegment.holding(keys[:, :, move:], values[:, :, move:])] if move < tail.filled else []
+        stored = head + [packed] + rest
         _relayout_state(layer, stored)
         layer.replace(stored)
 
