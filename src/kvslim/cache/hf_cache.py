@@ -28,7 +28,7 @@ from ..shape import KVShape
 from . import attention as routing
 from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
-from .segments import DenseSegment, Segment, merge_partials
+from .segments import DenseSegment, GrowingSegment, Segment, merge_partials, partial_attention
 from .window import SlotTracker
 
 if TYPE_CHECKING:
@@ -256,7 +256,10 @@ class Cache(HFCache):
         else:
             window = layer.in_window(q_len)
             new_real = self._append_real if self._appending else None
-            if any(type(seg).attend is not Segment.attend for seg in layer.segments):
+            packed = _packed_decode(layer, query, scaling, softcap) if window is None and new_real is None else None
+            if packed is not None:
+                out = packed
+            elif any(type(seg).attend is not Segment.attend for seg in layer.segments):
                 if softcap is not None:
                     raise ValueError(f"{self.policy.spec} attends segment by segment, which cannot softcap logits "
                                      "(Gemma 2): use an evicting method or a quantizer")
@@ -415,6 +418,47 @@ def _append_as_is(layer: LayerKV, q_len: int, new_real: Tensor | None) -> None:
     layer.state["real"] = layer.state["real"] + real
     if "budget" in layer.state:
         layer.state["budget"] = layer.state["budget"] + real[:, None]
+
+
+def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
+    """A decoding step's attention read straight from packed codes, (B, 1, Hq, Dv); None where it does not apply.
+
+    Why: attending through ``dense()`` dequantizes the layer's whole packed history on every step, more work and
+    memory traffic than a full cache's attention, so KIVI decoded slower than the full cache. On a GPU, a layer
+    holding one packed segment of integer codes (KIVI, int4/int8) and a full-precision tail is answered by the
+    Triton kernel over the codes (:func:`kvslim.kernels.quant_decode.quant_decode_partial`), merged exactly with
+    the tail's attention. Its launch plan is built once per packed segment (they change once per packed block).
+    """
+    from .quantized import QuantizedSegment
+
+    segments = layer.segments
+    if query.shape[2] != 1 or not query.is_cuda or softcap is not None or not isinstance(segments[0], QuantizedSegment):
+        return None
+    if len(segments) > 2 or (len(segments) == 2 and not isinstance(segments[1], GrowingSegment)):
+        return None
+    packed = segments[0]
+    plan = getattr(packed, "decode_plan", None)
+    if plan is None:
+        from ..kernels.quant_decode import plan_decode
+
+        dim = query.shape[-1]
+        readable = query.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and not dim & (dim - 1)
+        try:
+            plan = plan_decode(packed, query.shape[1]) if readable else False
+        except ValueError:  # a format the kernel does not read (fp8, odd groups): the dense path serves it
+            plan = False
+        packed.decode_plan = plan  # type: ignore[attr-defined]
+    if plan is False:
+        return None
+    from ..kernels.quant_decode import quant_decode_partial
+
+    out, lse = quant_decode_partial(query[:, :, 0], packed, scaling, plan)
+    parts = [(out[:, :, None], lse[:, :, None])]
+    if len(segments) == 2:
+        keys, values, valid = segments[1].dense()
+        parts.append(partial_attention(query, keys, values, valid[:, :, None, :], scaling))
+    merged, _ = merge_partials(parts)
+    return merged.to(query.dtype).transpose(1, 2).contiguous()
 
 
 def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Tensor | None,

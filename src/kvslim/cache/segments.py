@@ -21,10 +21,13 @@ import torch
 from torch import Tensor
 
 
-def ragged_to_padded(rows: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Scatter rows ordered by (batch, head, token) into a padded (B, H, T, ...) tensor and its valid mask."""
+def ragged_to_padded(rows: Tensor, lengths: Tensor, longest: int | None = None) -> tuple[Tensor, Tensor]:
+    """Scatter rows ordered by (batch, head, token) into a padded (B, H, T, ...) tensor and its valid mask.
+
+    ``longest``: ``lengths.max()`` when the caller knows it (reading it is a host sync)."""
     batch, heads = lengths.shape
-    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest is None:
+        longest = int(lengths.max()) if lengths.numel() else 0
     valid = torch.arange(longest, device=lengths.device) < lengths.unsqueeze(-1)
     if rows.shape[0] == batch * heads * longest:  # uniform lengths: a free view
         return rows.view(batch, heads, longest, *rows.shape[1:]), valid
