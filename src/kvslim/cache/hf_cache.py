@@ -15,6 +15,7 @@ and quantizers pack the window's tokens as they would any others.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable
@@ -432,7 +433,8 @@ def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float
     from .quantized import QuantizedSegment
 
     segments = layer.segments
-    if query.shape[2] != 1 or not query.is_cuda or softcap is not None or not isinstance(segments[0], QuantizedSegment):
+    triton_runs = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs it on the CPU
+    if query.shape[2] != 1 or not triton_runs or softcap is not None or not isinstance(segments[0], QuantizedSegment):
         return None
     if len(segments) > 2 or (len(segments) == 2 and not isinstance(segments[1], GrowingSegment)):
         return None
