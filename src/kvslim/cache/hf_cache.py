@@ -29,7 +29,8 @@ from ..shape import KVShape
 from . import attention as routing
 from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
-from .segments import DenseSegment, GrowingSegment, Segment, merge_partials, partial_attention
+from .buffers import GrowingSegment, StaticSegment
+from .segments import DenseSegment, Segment, merge_partials, partial_attention
 from .window import SlotTracker
 
 if TYPE_CHECKING:
@@ -57,9 +58,9 @@ class _Layer(LayerKV, CacheLayerMixin):
 
     is_sliding = False  # the mask transformers builds is used for a first prefill only, where it is exact
 
-    def __init__(self, layer_idx: int, window: int | None = None):
+    def __init__(self, layer_idx: int, window: int | None = None, capacity: int | None = None):
         CacheLayerMixin.__init__(self)
-        LayerKV.__init__(self, layer_idx)
+        LayerKV.__init__(self, layer_idx, capacity)
         self.window = window
         self.tracker = SlotTracker(window) if window else None
         self.is_initialized = True
@@ -118,7 +119,7 @@ class _Layer(LayerKV, CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        _Layer.__init__(self, self.layer_idx, self.window)
+        _Layer.__init__(self, self.layer_idx, self.window, self.capacity)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("kvslim.Cache supports greedy decoding and sampling, not beam search: use num_beams=1")
@@ -140,14 +141,22 @@ class Cache(HFCache):
     ``kvslim.Cache(kvslim.policy("snapkv", keep=0.25), model.config)``. Building it routes the
     config's attention through kvslim (same math when no kvslim cache is in use). A model whose layers
     are not all softmax attention (see :mod:`.architecture`) is a ValueError.
+
+    ``max_length=N`` is static mode (see :mod:`.buffers`): each layer writes new tokens into buffers of N tokens
+    per head allocated once, and a decoding step attends over the whole buffer under a mask, so its shapes and
+    operations are the same at every step and it makes no host sync (what ``torch.compile`` and CUDA graphs
+    need). The greedy tokens are those of the default (growing) mode. Holding more than N tokens is a ValueError.
     """
 
-    def __init__(self, policy: Any, config: Any):
+    def __init__(self, policy: Any, config: Any, max_length: int | None = None):
         from ..methods import Method, policy as build
 
         self.policy: Method = policy if isinstance(policy, Method) else build(policy)
         self.config = getattr(config, "config", config)  # a model is accepted too
         windows = layer_windows(self.config)
+        if max_length is not None and (max_length < 1 or any(windows)):
+            raise ValueError(f"max_length={max_length}: static mode needs a positive token count and a model without "
+                             "sliding-window layers; leave max_length=None (growing buffers) for this model")
         self.shape = KVShape.from_config(self.config)
         routing.route(self.config)
         routing.clear_pending()
@@ -157,7 +166,7 @@ class Cache(HFCache):
         self._probe: dict[int, tuple[Tensor, Tensor]] | None = None
         self._appending = False
         self._append_real: Tensor | None = None
-        super().__init__(layers=[_Layer(i, w) for i, w in enumerate(windows)])
+        super().__init__(layers=[_Layer(i, w, max_length) for i, w in enumerate(windows)])
 
     @contextmanager
     def probing(self) -> Iterator[None]:
@@ -249,6 +258,7 @@ class Cache(HFCache):
         first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
+            keys, values = keys[:, :, :q_len], values[:, :, :q_len]  # static buffers are wider than what they hold
             out = base(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
             real = routing.key_padding(attention_mask, keys.shape[0], q_len, keys.device)
             layer.state["prompt"] = layer.state["real"] = real.sum(-1)
@@ -436,7 +446,7 @@ def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float
     triton_runs = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs it on the CPU
     if query.shape[2] != 1 or not triton_runs or softcap is not None or not isinstance(segments[0], QuantizedSegment):
         return None
-    if len(segments) > 2 or (len(segments) == 2 and not isinstance(segments[1], GrowingSegment)):
+    if len(segments) > 2 or (len(segments) == 2 and not isinstance(segments[1], (GrowingSegment, StaticSegment))):
         return None
     packed = segments[0]
     plan = getattr(packed, "decode_plan", None)

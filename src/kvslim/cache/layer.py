@@ -6,7 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .segments import DenseSegment, GrowingSegment, Segment, ragged_to_padded
+from .buffers import GrowingSegment, StaticSegment, grown_capacity
+from .segments import DenseSegment, Segment, ragged_to_padded
 
 
 def compact(x: Tensor, keep: Tensor) -> Tensor:
@@ -22,8 +23,10 @@ class LayerKV:
     layout along the token axis; methods score and select tokens in that layout.
     """
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, capacity: int | None = None):
         self.layer_idx = layer_idx
+        #: static mode (see :mod:`.buffers`): the tail's fixed room in tokens per head; None: it grows as needed
+        self.capacity = capacity
         self.segments: list[Segment] = []
         self.seen = 0  # tokens that went through this layer (incl. padding): positions stay true
         self.state: dict[str, Any] = {}  # per-layer method state (budgets, accumulated scores)
@@ -54,10 +57,22 @@ class LayerKV:
     def append(self, keys: Tensor, values: Tensor) -> None:
         """Add new tokens (B,H,q,D) for every sequence and head."""
         if not self._tail_open:
-            self.segments.append(DenseSegment.empty_like(keys, values))
+            none = keys[:, :, :0], values[:, :, :0]
+            self.segments.append(GrowingSegment.holding(*none, grown_capacity(keys.shape[2]))
+                                 if self.capacity is None else StaticSegment.holding(*none, None, self.capacity))
             self._tail_open = True
-        self.segments[-1] = self.segments[-1].append(keys, values)  # type: ignore[union-attr]
+        tail = self.segments[-1]
+        if not isinstance(tail, (GrowingSegment, StaticSegment)):  # kept rows of an eviction: one copy into buffers
+            tail = self._buffered(tail)  # type: ignore[arg-type]
+        self.segments[-1] = tail.append(keys, values)
         self.seen += keys.shape[2]
+
+    def _buffered(self, segment: DenseSegment) -> GrowingSegment | StaticSegment:
+        """``segment``'s tokens in buffers that new tokens are written into (see :mod:`.buffers`)."""
+        if self.capacity is not None:
+            return StaticSegment.buffering(segment, self.capacity)
+        keys, values, _ = segment.dense()
+        return GrowingSegment.holding(keys, values)
 
     def dense(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded.
@@ -111,7 +126,11 @@ class LayerKV:
             else:
                 kept.append(self.segments[a].select(part))
         self.segments = [s for s in kept if s.tokens] or kept[-1:]
-        self._tail_open = isinstance(self.segments[-1], DenseSegment) and self.segments[-1].uniform  # type: ignore[union-attr]
+        last = self.segments[-1]
+        if self.capacity is not None and isinstance(last, DenseSegment):  # static: ragged rows stay open, padded
+            self.segments[-1] = StaticSegment.buffering(last, self.capacity)
+        self._tail_open = isinstance(self.segments[-1], (GrowingSegment, StaticSegment)) or (
+            isinstance(last, DenseSegment) and last.uniform)
 
     def compact_like(self, x: Tensor, keep: Tensor) -> Tensor:
         """Apply to a per-token tensor (B,H,T,...) the same re-layout that :meth:`select` applies to the cache."""
@@ -119,9 +138,9 @@ class LayerKV:
 
     def replace(self, segments: list[Segment]) -> None:
         """Swap the storage (e.g. for quantized or channel-pruned segments) holding the same tokens; new tokens go to
-        a last :class:`GrowingSegment` (it holds every row alike), or else to a fresh segment."""
+        a last buffered segment (see :mod:`.buffers`), or else to a fresh one."""
         self.segments = segments
-        self._tail_open = bool(segments) and isinstance(segments[-1], GrowingSegment)
+        self._tail_open = bool(segments) and isinstance(segments[-1], (GrowingSegment, StaticSegment))
 
 
 def _dense_run(segments: list[Segment]) -> tuple[Tensor, Tensor, Tensor]:

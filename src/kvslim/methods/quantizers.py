@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..cache.layer import LayerKV
 from ..cache.quantized import ChannelGroups, Encoder, Float8, QuantizedSegment, TokenGroups
-from ..cache.segments import DenseSegment, GrowingSegment, Segment
+from ..cache.buffers import GrowingSegment, StaticSegment
+from ..cache.segments import DenseSegment, Segment
 from ..shape import KVShape
 from .base import Method, Observation
 from .registry import register
@@ -116,7 +117,9 @@ class Quantizer(Method):
             cut -= 1
         if cut == len(segments):
             return
-        if cut == len(segments) - 1 and isinstance(segments[-1], GrowingSegment):
+        tail = segments[-1]
+        if cut == len(segments) - 1 and (isinstance(tail, GrowingSegment) or
+                                         (isinstance(tail, StaticSegment) and tail.filled is not None)):
             self._store_tail(layer, segments[:cut], segments[-1])
             return
         keys, values, valid = (torch.cat(parts, 2) for parts in zip(*(s.dense() for s in segments[cut:])))
@@ -134,17 +137,19 @@ class Quantizer(Method):
         _relayout_state(layer, stored)
         layer.replace(stored)
 
-    def _store_tail(self, layer: LayerKV, head: list[Segment], tail: GrowingSegment) -> None:
-        """:meth:`store` for a layer whose full-precision tokens are one growing tail (every row holds ``filled``).
+    def _store_tail(self, layer: LayerKV, head: list[Segment], tail: GrowingSegment | StaticSegment) -> None:
+        """:meth:`store` for a layer whose full-precision tokens are one buffered tail, every row holding ``filled``.
 
         Why: this runs after every decoding step, and on most steps nothing is due; the count is a Python int here,
         so those steps cost no host sync and no copy. When a block is due, the oldest ``move`` columns are packed
-        and the rest stay in a new growing tail.
+        and the rest stay in a new tail; a static one (``kvslim.Cache(max_length=...)``) has fixed room for the
+        ``residual + block`` tokens that accumulate between packings.
         """
-        move = max(0, tail.filled - self.residual) // self.block() * self.block()
+        filled = int(tail.filled)  # type: ignore[arg-type]  # known: the caller checked
+        move = max(0, filled - self.residual) // self.block() * self.block()
         if move == 0:
             return
-        keys, values, _ = tail.dense()
+        keys, values = tail.key_buffer[:, :, :filled], tail.value_buffer[:, :, :filled]
         batch, heads = keys.shape[:2]
         encode_keys, encode_values = self.encoders(keys.shape[-1], values.shape[-1])
         packed = QuantizedSegment(encode_keys(keys[:, :, :move].reshape(-1, keys.shape[-1])),
@@ -152,7 +157,9 @@ class Quantizer(Method):
                                   torch.full((batch, heads), move, dtype=torch.long, device=keys.device), keys.dtype)
         if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
             packed = head.pop().concat(packed)
-        rest = [GrowingSegment.holding(keys[:, :, move:], values[:, :, move:])] if move < tail.filled else []
+        rest_k, rest_v = keys[:, :, move:], values[:, :, move:]
+        rest = [] if move == filled else [GrowingSegment.holding(rest_k, rest_v) if isinstance(tail, GrowingSegment)
+                                          else StaticSegment.holding(rest_k, rest_v, None, self.residual + self.block())]
         stored = head + [packed] + rest
         _relayout_state(layer, stored)
         layer.replace(stored)
