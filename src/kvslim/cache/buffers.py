@@ -131,6 +131,8 @@ class StaticSegment(DenseSegment):
         self.key_buffer, self.value_buffer, self.lengths, self.filled = key_buffer, value_buffer, lengths, filled
         self._bound = bound  # no row holds more: overflow is checked on the host without reading ``lengths``
         self._slots = torch.arange(key_buffer.shape[2], device=key_buffer.device)
+        for tensor in (key_buffer, value_buffer, lengths, self._slots):  # written in place by captured steps
+            torch._dynamo.mark_static_address(tensor)
 
     @classmethod
     def holding(cls, keys: Tensor, values: Tensor, valid: Tensor | None, capacity: int) -> "StaticSegment":

@@ -287,9 +287,11 @@ class Cache(HFCache):
             if self._appending:
                 _append_as_is(layer, q_len, new_real)
                 return out, None
-            layer.state["real"] = layer.state["real"] + q_len
             if q_len > 1:
+                layer.state["real"] = layer.state["real"] + q_len
                 layer.state["prompt"] = layer.state["prompt"] + q_len
+            else:  # counted on the host: a decoding step makes no tensor the next step reads (CUDA graphs)
+                layer.state["decoded"] = layer.state.get("decoded", 0) + 1
         phase = "prefill" if q_len > 1 or first else "decode"
         rope = self._rope_on(query.device)
         if layer.window is not None:
@@ -402,8 +404,9 @@ class Cache(HFCache):
 
     def tokens_seen(self) -> list[int]:
         """Real (unpadded) tokens each sequence has passed through the cache."""
-        real = self.layers[0].state.get("real")
-        return [] if real is None else [int(n) for n in real]
+        state = self.layers[0].state
+        real = state.get("real")
+        return [] if real is None else [int(n) + state.get("decoded", 0) for n in real]
 
 
 def _mask_new(allowed: Tensor, new_real: Tensor | None) -> Tensor:
