@@ -3,16 +3,24 @@
 For each context length, one random prompt is prefilled and then ``--steps`` tokens are decoded greedily by:
 
 * ``DynamicCache``: transformers' default cache (the baseline kvslim's full cache must stay near);
-* ``StaticCache+compile``: transformers' preallocated cache with ``torch.compile(mode="reduce-overhead")`` on the
-  decode forward (CUDA graphs; eager in ``--smoke``, where compiling would dominate a CPU run);
-* ``kvslim:<policy>``: :class:`kvslim.Cache` with full, snapkv(keep=0.25), kivi4 and kivi2;
+* ``StaticCache``, ``StaticCache+compile``: transformers' preallocated cache, eager and with
+  ``torch.compile(mode="reduce-overhead")`` on the decode forward (CUDA graphs);
+* ``kvslim:<policy>``: :class:`kvslim.Cache` with full, snapkv(keep=0.25), kivi4 and kivi2 (growing buffers);
+* ``kvslim:<policy> static``: the same in static mode (``max_length``: fixed shapes), eager, and for full and
+  snapkv also compiled like StaticCache (``static+compile``);
 * ``engine:full``: kvslim's own engine (:class:`kvslim.engine.LLM`, paged cache, CUDA graphs) on the same model.
+
+Compiled rows run on a GPU only (skipped by ``--smoke`` and ``--no-compile``); each compiles afresh (~1 min for an
+8B model). A row that fails records its error instead of a number and the run goes on; the JSON is rewritten
+after every row, so a run cut short keeps what it measured.
 
 Every decode step is timed from launch to a synchronized end (the greedy token is read back, as generation
 does); the reported number is the median over the steps after ``--warmup`` untimed ones. Weights are RANDOM
-(seeded): timing only. The GPU run (random-weight Llama-3.1-8B, bf16, 8k and 32k contexts, ~5 min on an H200):
+(seeded): timing only. The GPU run (random-weight Llama-3.1-8B, bf16), one context per command so each stays
+within ~6 minutes on an H200:
 
-    python benchmarks/hf_decode.py --out benchmarks/results/hf_decode_h200.json
+    python benchmarks/hf_decode.py --contexts 8192 --out benchmarks/results/hf_decode_h200_8k.json
+    python benchmarks/hf_decode.py --contexts 32768 --out benchmarks/results/hf_decode_h200_32k.json
 
 ``--smoke`` runs a tiny float32 Llama on the CPU with short contexts (what the test runs).
 """
@@ -35,6 +43,8 @@ from kvslim.engine import LLM, SamplingParams
 from kvslim.models import load_config
 
 POLICIES = ("full", "snapkv(keep=0.25)", "kivi4", "kivi2")
+#: compiled in static mode too; a quantizer's packing every ``group`` steps changes shapes (a recompile each time)
+COMPILED = ("full", "snapkv(keep=0.25)")
 
 
 def smoke_config() -> LlamaConfig:
@@ -100,32 +110,55 @@ def engine_decode(model: Any, prompt: torch.Tensor, steps: int, warmup: int, dev
     return time_steps(llm.step, steps, warmup, device)
 
 
-def measure(model: Any, context: int, args: argparse.Namespace, device: str) -> dict[str, float]:
+def compiled(model: Any) -> Callable[..., Any]:
+    """A fresh ``torch.compile(mode="reduce-overhead")`` of the forward (CUDA graphs), forgetting earlier caches'
+    compilations, so each cache gets its own graphs and never falls back to eager on dynamo's recompile limit."""
+    torch._dynamo.reset()
+    return torch.compile(model.forward, mode="reduce-overhead")
+
+
+def measure(model: Any, context: int, args: argparse.Namespace, device: str, rows: dict[str, float | str],
+            save: Callable[[], None]) -> None:
+    """Every cache's ms per token at this context into ``rows`` (``save`` after each); a cache that fails records
+    its error and the run goes on."""
     gen = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=gen).to(device)
     room = context + args.steps + args.warmup + 1
-    rows: dict[str, float] = {}
+    compile_too = device == "cuda" and not args.no_compile
 
     def record(name: str, run: Callable[[], float]) -> None:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-        rows[name] = run()
-        print(f"  context {context:6d}  {name:26s} {rows[name]:8.2f} ms/token", flush=True)
+        try:
+            rows[name] = run()
+            print(f"  context {context:6d}  {name:36s} {rows[name]:8.2f} ms/token", flush=True)
+        except Exception as error:  # noqa: BLE001  (one failing cache must not lose the others' numbers)
+            rows[name] = f"error: {type(error).__name__}: {str(error)[:300]}"
+            print(f"  context {context:6d}  {name:36s} {rows[name]}", flush=True)
+        model.config._attn_implementation = "sdpa"  # kvslim.Cache routes it; every cache starts from the original
+        save()
 
-    record("DynamicCache", lambda: hf_decode(model, prompt, DynamicCache(config=model.config), args.steps,
-                                             args.warmup, device))
-    compile_static = device == "cuda" and not args.smoke
-    forward = torch.compile(model.forward, mode="reduce-overhead") if compile_static else None
-    record("StaticCache+compile" if compile_static else "StaticCache",
-           lambda: hf_decode(model, prompt, StaticCache(config=model.config, max_cache_len=room), args.steps,
-                             args.warmup, device, forward))
+    def hf(cache: Callable[[], Any], forward: Callable[[], Any] | None = None) -> Callable[[], float]:
+        return lambda: hf_decode(model, prompt, cache(), args.steps, args.warmup, device,
+                                 None if forward is None else forward())
+
+    def kvslim_cache(policy: str, max_length: int | None = None) -> Callable[[], Any]:
+        return lambda: kvslim.Cache(kvslim.policy(policy), model.config, max_length=max_length)
+
+    record("DynamicCache", hf(lambda: DynamicCache(config=model.config)))
+    static = lambda: StaticCache(config=model.config, max_cache_len=room)  # noqa: E731
+    record("StaticCache", hf(static))
+    if compile_too:
+        record("StaticCache+compile", hf(static, lambda: compiled(model)))
     for policy in POLICIES:
-        record(f"kvslim:{policy}", lambda: hf_decode(model, prompt, kvslim.Cache(kvslim.policy(policy), model.config),
-                                                      args.steps, args.warmup, device))
-        model.config._attn_implementation = "sdpa"  # kvslim.Cache routed it; the next cache starts from the original
+        record(f"kvslim:{policy}", hf(kvslim_cache(policy)))
+    for policy in POLICIES:
+        record(f"kvslim:{policy} static", hf(kvslim_cache(policy, room)))
+    if compile_too:
+        for policy in COMPILED:
+            record(f"kvslim:{policy} static+compile", hf(kvslim_cache(policy, room), lambda: compiled(model)))
     record("engine:full", lambda: engine_decode(model, prompt, args.steps, args.warmup, device))
-    return rows
 
 
 def main() -> None:
@@ -135,6 +168,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps per cache")
     parser.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (compiles, graph capture)")
     parser.add_argument("--smoke", action="store_true", help="tiny float32 Llama on the CPU, short contexts")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (they compile ~1 min each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hf_decode.json"))
     args = parser.parse_args()
     if args.smoke:
@@ -153,14 +187,15 @@ def main() -> None:
         "torch": torch.__version__, "commit": commit, "batch": 1, "steps": args.steps, "warmup": args.warmup,
         "unit": "ms per decoded token (median step)", "results": {},
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for context in args.contexts:
-        report["results"][str(context)] = measure(model, context, args, device)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        rows = report["results"][str(context)] = {}
+        measure(model, context, args, device, rows, lambda: args.out.write_text(json.dumps(report, indent=1)))
     names = list(next(iter(report["results"].values())))
-    print(f"{'cache':26s}" + "".join(f"{c:>10s}" for c in report["results"]))
+    print(f"{'cache':36s}" + "".join(f"{c:>10s}" for c in report["results"]))
     for name in names:
-        print(f"{name:26s}" + "".join(f"{r[name]:10.2f}" for r in report["results"].values()))
+        cells = (r.get(name) for r in report["results"].values())
+        print(f"{name:36s}" + "".join(f"{c:10.2f}" if isinstance(c, float) else f"{'error':>10s}" for c in cells))
 
 
 if __name__ == "__main__":
