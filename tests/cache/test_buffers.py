@@ -88,3 +88,28 @@ def test_static_mode_errors(llama):
         _prefill(llama, "full", max_length=99)
     with pytest.raises(ValueError, match="sliding-window"):
         kvslim.Cache(kvslim.policy("full"), tiny_model("mistral", "gqa", seed=0).config, max_length=64)
+
+
+@pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.25)"])
+def test_static_decode_step_compiles_as_one_graph(llama, policy):
+    """torch.compile traces a static decoding step whole (fullgraph) and stops recompiling once the step counters
+    are dynamic, with the tokens of the eager cache. The eager backend keeps the check to tracing (no codegen)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    forward = torch.compile(llama.forward, backend="eager", fullgraph=True)
+    eager_tokens = _greedy(llama, policy, max_length=160, steps=12)
+    cache, token = _prefill(llama, policy, max_length=160)
+    tokens, compiled = [], []
+    with torch.no_grad():
+        for step in range(12):
+            tokens.append(int(token))
+            where = torch.tensor([100 + step])
+            logits = forward(token, past_key_values=cache, use_cache=True, position_ids=where[None],
+                             cache_position=where).logits
+            token = logits[:, -1:].argmax(-1)
+            compiled.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert tokens == eager_tokens
+    assert compiled[-1] == compiled[3] <= 3  # a first trace, then a dynamic one for the growing counters
