@@ -110,7 +110,9 @@ class _Layer(LayerKV, CacheLayerMixin):
         raise RuntimeError("update kvslim layers through kvslim.Cache.update")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        """Columns of the mask the model builds: every position so far, or in static mode the fixed ``capacity``
+        (as transformers' StaticCache), so a compiled step builds a mask of one shape; column ``p`` is position ``p``."""
+        return (self.seen + query_length if self.capacity is None else self.capacity), 0
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -325,7 +327,7 @@ class Cache(HFCache):
         keys, values, valid = layer.dense(query.dtype)
         batch, heads, held = valid.shape
         q_len = query.shape[2]
-        tail = None if attention_mask is None else attention_mask[..., -q_len:]
+        tail = None if attention_mask is None else attention_mask[..., layer.seen : layer.seen + q_len]
         real = routing.key_padding(tail, batch, q_len, query.device)
         own = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril() & real[:, None, :]  # (B, q, q)
         allowed = torch.cat([valid[:, :, None, :].expand(batch, heads, q_len, held),
