@@ -20,7 +20,8 @@ IN_PROCESS = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _decode(policy: str, fused: bool, monkeypatch: pytest.MonkeyPatch, steps: int = 20) -> tuple[list[int], list]:
+def _decode(policy: str, fused: bool, monkeypatch: pytest.MonkeyPatch, max_length: int | None = None,
+            steps: int = 20) -> tuple[list[int], list, list[bool]]:
     model = tiny_model("llama", "gqa", seed=0).to(DEVICE, torch.bfloat16)
     calls = []
     real = hf_cache._packed_decode
@@ -32,7 +33,7 @@ def _decode(policy: str, fused: bool, monkeypatch: pytest.MonkeyPatch, steps: in
 
     monkeypatch.setattr(hf_cache, "_packed_decode", counted)
     ids = torch.randint(1, 256, (1, 100), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    cache = kvslim.Cache(kvslim.policy(policy), model.config)
+    cache = kvslim.Cache(kvslim.policy(policy), model.config, max_length=max_length)
     tokens, logits = [], []
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True).logits
@@ -45,11 +46,15 @@ def _decode(policy: str, fused: bool, monkeypatch: pytest.MonkeyPatch, steps: in
 
 
 @pytest.mark.skipif(not IN_PROCESS, reason="CPU: runs in a child process (test_under_the_interpreter)")
-@pytest.mark.parametrize("policy", ["kivi4(residual=16,group=32)", "kivi2(residual=16,group=32)", "int4"])
-def test_packed_decode_matches_the_dequantized_copy(policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    fused_tokens, fused_logits, calls = _decode(policy, True, monkeypatch)
+@pytest.mark.parametrize(("policy", "max_length"), [("kivi4(residual=16,group=32)", None),
+                                                     ("kivi2(residual=16,group=32)", None), ("int4", None),
+                                                     ("kivi4(residual=16,group=32)", 128)])
+def test_packed_decode_matches_the_dequantized_copy(policy: str, max_length: int | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing tails, and a static one (``max_length``: the tail is a fixed buffer read under its mask)."""
+    fused_tokens, fused_logits, calls = _decode(policy, True, monkeypatch, max_length)
     assert calls and all(calls)  # every decoding step of every layer read the codes
-    dense_tokens, dense_logits, _ = _decode(policy, False, monkeypatch)
+    dense_tokens, dense_logits, _ = _decode(policy, False, monkeypatch, max_length)
     assert fused_tokens == dense_tokens
     for a, b in zip(fused_logits, dense_logits):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
@@ -61,4 +66,4 @@ def test_under_the_interpreter() -> None:
     done = subprocess.run([sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "3 passed" in done.stdout.splitlines()[-1]
+    assert "4 passed" in done.stdout.splitlines()[-1]
