@@ -178,6 +178,52 @@ def test_suite_writes_leaderboard_plot_and_report(tmp_path: Path) -> None:
     assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
 
 
+def _engine_config(out: Path, **changes: Any) -> RulerConfig:
+    """``kvslim bench --suite ruler --engine --kv-memory 0.05 --limit 1`` on tiny-llama, with a policy the engine
+    refuses (H2O) and one it refuses a suffix for (a storage format, under query-agnostic only)."""
+    settings = {"model": "tiny-llama", "policies": ["full", "snapkv", "h2o", "snapkv+int8"], "keeps": [0.5],
+                "tasks": ["niah_single_1", "vt"], "lengths": [SUITE_LENGTH], "samples": 1, "out": str(out),
+                "batch_size": 2, "engine": True, "kv_memory": 0.05}
+    return RulerConfig(**{**settings, **changes})
+
+
+def test_engine_smoke_run_reports_throughput_and_skips_what_it_refuses(tmp_path: Path) -> None:
+    summary = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    ran = {(r["policy"], r["protocol"]) for r in records}
+    assert ran == {("full", p) for p in PROTOCOLS} | {("snapkv", p) for p in PROTOCOLS} | {("snapkv+int8", QUERY_AWARE)}
+    assert len(records) == 2 * len(ran) and all(r["backend"] == "engine" for r in records)
+    for r in records:
+        assert r["engine_requests"] == 2 and r["engine_max_running"] >= 1 and r["engine_output_tokens"] >= 2
+        assert 0.0 <= r["score"] <= 1.0 and r["ttft_s"] > 0 and r["kv_memory_gib"] == 0.05
+    rows = {(r["label"], r["protocol"]): r for r in summary["engine"]}
+    assert set(rows) == {(f"{p}@0.5" if p != "full" else p, q) for p, q in ran}
+    assert all(r["paired"] == 0 and r["same_answer"] is None and r["output_tok_s"] > 0 for r in rows.values())
+    skipped = {(s["label"], s["protocol"]) for s in summary["engine_skipped"]}
+    assert skipped == {("h2o@0.5", p) for p in PROTOCOLS} | {("snapkv+int8@0.5", QUERY_AGNOSTIC)}
+    report = (tmp_path / "report.md").read_text()
+    assert "### Engine: quality and throughput" in report and "| run | n | score | HF path's score |" in report
+    assert "- `h2o@0.5` (query-aware, query-agnostic): skipped, the engine refuses it: " in report
+    assert "- `snapkv+int8@0.5` (query-agnostic): skipped" in report and "model-dtype pages only" in report
+    assert (tmp_path / "engine.csv").read_text().startswith("protocol,length,policy,keep,label,n,score")
+    again = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)  # resumes: nothing reruns
+    assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
+
+
+def test_engine_answers_as_the_hf_path_in_the_same_directory(tmp_path: Path) -> None:
+    """Float32 on the CPU: the engine's answers are the Hugging Face path's, sample for sample, under both
+    protocols (query-agnostic through the engine's suffix), and the report pairs them."""
+    policies = {"policies": ["full", "snapkv"]}
+    hf = run_ruler(_engine_config(tmp_path, engine=False, kv_memory=None, **policies), progress=False, loader=_tiny)
+    summary = run_ruler(_engine_config(tmp_path, **policies), progress=False, loader=_tiny)
+    assert summary["settings"]["ran_now"] == 2 * 2 * 2  # samples (a task each) x runs x protocols, beside the HF path's
+    for row in summary["engine"]:
+        assert row["paired"] == 2 and row["same_answer"] == 1.0
+        assert row["score"] == row["hf_score"] == next(
+            r["score"] for r in hf["leaderboard"] if (r["label"], r["protocol"]) == (row["label"], row["protocol"]))
+    assert "100% of 2" in (tmp_path / "report.md").read_text()
+
+
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -189,6 +235,8 @@ def _args(*argv: str) -> argparse.Namespace:
     (["--protocols", "aware"], "unknown protocol(s) ['aware']"),
     (["--limit", "1"], "random weights"),
     (["--lengths", "100"], "give at least"),
+    (["--engine"], "--engine runs every policy in a fixed KV pool; give its size in GiB, e.g. --kv-memory 2"),
+    (["--kv-memory", "2"], "add --engine"),
 ])
 def test_cli_names_the_fix_in_one_line(argv: list[str], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:

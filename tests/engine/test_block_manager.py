@@ -120,3 +120,18 @@ def test_double_free_is_detected() -> None:
     seq.block_table = table
     with pytest.raises(RuntimeError, match="freed twice"):
         manager.free_seq(seq)
+
+
+def test_reset_prefix_cache_forgets_prefixes_between_requests() -> None:
+    manager = BlockManager(num_blocks=8, block_size=BLOCK)
+    a, b, c = (Sequence(list(range(10)), SamplingParams()) for _ in range(3))
+    manager.allocate(a, 10, 10)
+    with pytest.raises(RuntimeError, match="blocks in use"):
+        manager.reset_prefix_cache()
+    manager.free_seq(a)
+    manager.allocate(b, 10, 10)
+    assert b.num_cached_tokens == 8  # a's freed blocks still hold its prefix
+    manager.free_seq(b)
+    manager.reset_prefix_cache()
+    manager.allocate(c, 10, 10)
+    assert c.num_cached_tokens == 0 and manager.num_free == 5

@@ -27,7 +27,8 @@ def _run(llm: LLM) -> list[list[int]]:
     return [llm.finished.pop(i).token_ids for i in ids]
 
 
-@pytest.mark.parametrize("policy", ["full", "kivi2", "int4(group=16)", "fp8", "snapkv(keep=0.5)"])
+@pytest.mark.parametrize("policy", ["full", "kivi2", "int4(group=16)", "fp8", "fp8_e5m2(scale=per-head)",
+                                    "snapkv(keep=0.5)"])
 def test_graph_decode_equals_eager(policy: str) -> None:
     model = tiny_model("llama", "gqa").cuda()
     graphed = LLM(model, policy=policy, kv_memory=0.02)
@@ -55,3 +56,13 @@ def test_enforce_eager_captures_nothing() -> None:
     llm.runner.enforce_eager = True
     _run(llm)
     assert llm.runner.graphs is not None and not llm.runner.graphs.graphs
+
+
+def test_capture_graphs_captures_every_size_up_front() -> None:
+    """A benchmark captures before it times: every size a batch of up to max_num_seqs runs in, and no larger."""
+    llm = LLM(tiny_model("llama", "gqa").cuda(), kv_memory=0.02, max_num_seqs=20)
+    llm.capture_graphs()
+    assert sorted(llm.runner.graphs.graphs) == [1, 2, 4, 8, 16, 32]
+    before = dict(llm.runner.graphs.graphs)
+    _run(llm)
+    assert llm.runner.graphs.graphs == before  # nothing captured while running

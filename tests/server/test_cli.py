@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kvslim.cli import main
+from kvslim.methods import policy as build_policy
 from kvslim.server.cli import add_arguments, build_app
 
 
@@ -46,11 +47,21 @@ def test_arguments_build_a_serving_app() -> None:
     (["--dtype", "int8"], "not a floating-point torch dtype"),
     (["--kv-tier", "s3://bucket"], "use memory, disk:PATH or redis://HOST:PORT"),
     (["--kv-tier", "memory", "--policy", "snapkv", "--keep", "0.5"], "never shared"),
+    (["--kv-cache-dtype", "fp8_e4m3fn"], "--kv-cache-dtype 'fp8_e4m3fn' is not one of auto, fp8, fp8_e4m3, fp8_e5m2"),
+    (["--kv-cache-dtype", "fp8", "--kv-scale", "per-channel"], "--kv-scale 'per-channel' is not one of"),
+    (["--policy", "kivi4", "--kv-cache-dtype", "fp8"], "already stores the KV as kivi4"),
 ])
 def test_bad_input_is_one_clear_error_before_loading_a_model(argv: list[str], message: str, capsys) -> None:
     assert main(["serve", "--model", "tiny-llama", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_kv_cache_dtype_appends_the_fp8_format_to_the_served_policy() -> None:
+    from kvslim.server.cli import _policy
+
+    args = _args("--policy", "snapkv", "--keep", "0.5", "--kv-cache-dtype", "fp8_e5m2", "--kv-scale", "per-head")
+    assert _policy(args).spec == build_policy("snapkv+fp8_e5m2(scale=per-head)", keep=0.5).spec
 
 
 def test_kv_tier_counts_show_in_metrics(tmp_path) -> None:

@@ -164,12 +164,6 @@ class DenseSegment(Segment):
             return cls(keys.reshape(-1, keys.shape[-1]), values.reshape(-1, values.shape[-1]), lengths)
         return cls(keys[keep], values[keep], keep.sum(-1))
 
-    @classmethod
-    def empty_like(cls, keys: Tensor, values: Tensor) -> "DenseSegment":
-        batch, heads = keys.shape[:2]
-        lengths = torch.zeros(batch, heads, dtype=torch.long, device=keys.device)
-        return cls(keys.new_empty(0, keys.shape[-1]), values.new_empty(0, values.shape[-1]), lengths)
-
     @property
     def uniform(self) -> bool:
         return bool((self.lengths == self.lengths.flatten()[0]).all()) if self.lengths.numel() else True

@@ -145,6 +145,19 @@ class BlockManager:
         if self.rows:
             seq.ring_row = self.free_rows.popleft()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, as if each free block were reused (a KV tier still gets its spill); only
+        between requests: a block in use keeps its contents for its sequence."""
+        if self.num_used:
+            raise RuntimeError(f"reset_prefix_cache with {self.num_used} blocks in use: finish or abort every request "
+                               "first")
+        for block, key in enumerate(self.block_hash):
+            if key is not None and self.hash_to_block.get(key) == block and self.on_forget is not None:
+                self.on_forget(block, key)
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+
     def prefix_hashes(self, seq: Sequence) -> list[int]:
         """Hashes of the leading run of ``seq``'s blocks that are registered for prefix sharing."""
         hashes = []

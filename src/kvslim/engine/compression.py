@@ -29,9 +29,9 @@ What the engine supports, and why:
 * **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at
   prefill from the sequence's keys, values and queries; ExpectedAttention also gets the runner's RoPE
   frequencies.
-* **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
-  hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
-  :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
+* **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``, ``fp8_e4m3``,
+  ``fp8_e5m2``), alone or last in a hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as
+  their codes (see :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
   values in host pages (:mod:`kvslim.engine.offload_kv`), PQCache key codes in device pages and exact
   keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
   the store. ThinK's pruned channels are refused, and so is a sliding window over a storage format
@@ -111,10 +111,15 @@ class Compression:
             )
         return method
 
-    def take_states(self) -> list[dict]:
+    def take_states(self, appended: int = 0) -> list[dict]:
         """Each layer's method state after the last prefill (budget, remembered queries): a sequence keeps it for
-        decode-time compression."""
+        decode-time compression. ``appended`` tokens run uncompressed after the compressed ones (a suffix) widen
+        the budget, as ``kvslim.Cache.appended`` does, so the first decoding step does not squeeze them out."""
         states, self.states = self.states, []
+        if appended:
+            for state in states:
+                if "budget" in state:
+                    state["budget"] = state["budget"] + appended
         return states
 
     def decode_step(self, layer_idx: int, state: dict, query: Tensor) -> tuple[Observation, Tensor] | None:
@@ -133,8 +138,11 @@ class Compression:
         layer.state["prompt"] = layer.state["real"] = prompt
         return layer
 
-    def reserve(self, n_tokens: int) -> int:
-        """Page slots a sequence of ``n_tokens`` needs right after its prefill (the blocks admission must find)."""
+    def reserve(self, n_tokens: int, appended: int = 0) -> int:
+        """Page slots a sequence of ``n_tokens`` compressed tokens and ``appended`` uncompressed ones after them (a
+        suffix) needs right after its prefill (the blocks admission must find)."""
+        if appended:
+            return self.reserve(n_tokens) + appended
         kept = n_tokens
         if self.evict is not None and not self.ragged_heads:
             planned = max(self.evict.planned_tokens(n_tokens, i, self.num_layers) for i in range(self.num_layers))
@@ -180,10 +188,12 @@ class Compression:
         kept_k, kept_v, valid = layer.dense(keys.dtype)
         return kept_k[0], kept_v[0], valid[0].sum(-1)
 
-    def start_window(self, seq_len: int) -> tuple[int, int] | None:
-        """(sinks, budget) of a sliding window for a prefill of ``seq_len`` tokens, or None."""
+    def start_window(self, seq_len: int, appended: int = 0) -> tuple[int, int] | None:
+        """(sinks, budget) of a sliding window for a prefill of ``seq_len`` compressed tokens and ``appended``
+        uncompressed ones after them, or None."""
         if self.window is None:
             return None
-        # as its decode_limit: a prompt shorter than ``budget`` grows up to it
-        budget = self.window.budget or int(self.window.tokens_for(seq_len))
+        # as its decode_limit: what the prefill kept, widened by the appended tokens, and at least ``budget`` (a
+        # prompt shorter than it grows up to it)
+        budget = max(int(self.window.tokens_for(seq_len)) + appended, self.window.budget or 0)
         return min(self.window.sinks, budget), budget

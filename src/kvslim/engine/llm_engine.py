@@ -141,22 +141,46 @@ class LLMEngine:
                              f"token ids are 0..{self.vocab_size - 1}")
         return ids
 
-    def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Raise RequestTooLarge (a ValueError) if such a request could never run; reads no mutable state, so
-        a server may call it from any thread before queuing the request."""
+    def check(self, num_prompt_tokens: int, params: SamplingParams, suffix_tokens: int = 0) -> None:
+        """Raise RequestTooLarge (a ValueError) if such a request (the last ``suffix_tokens`` of its prompt a suffix)
+        could never run; reads no mutable state, so a server may call it from any thread before queuing the request."""
         if params.n > 1 and self.compression.decoding is not None:
             raise ValueError(f"n={params.n}: {self.policy.spec} compacts a sequence's blocks while decoding, which "
                              "completions sharing the prompt's blocks cannot; send n=1 requests")
-        self.scheduler.check(num_prompt_tokens, params.max_tokens, params.n)
+        self.scheduler.check(num_prompt_tokens, params.max_tokens, params.n, suffix_tokens)
 
-    def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None) -> str:
+    def encode_suffix(self, suffix: "str | list[int]") -> list[int]:
+        """A suffix's token ids (text without the tokenizer's special tokens: it continues a prompt); raises
+        ValueError where the policy cannot keep a suffix apart from what it compresses."""
+        if self.compression.storage is not None:
+            raise ValueError(f"suffix: {self.policy.spec} stores pages as {self.compression.storage.name} codes; a "
+                             "suffix is appended uncompressed over model-dtype pages only: use an eviction method alone "
+                             "here, or kvslim.Cache.appended() for the hybrid")
+        if isinstance(self.runner, ParallelRunner):
+            raise ValueError("suffix: requests with a suffix run in one process only; use tensor_parallel_size=1")
+        if isinstance(suffix, str) and self.tokenizer is not None:
+            suffix = list(self.tokenizer.encode(suffix, add_special_tokens=False))
+        return self.encode(suffix)
+
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None,
+                    suffix: "str | list[int] | None" = None) -> str:
         """Queue a request; raises ValueError for a bad prompt and RequestTooLarge (a ValueError) if it could
-        never fit."""
+        never fit.
+
+        ``suffix``: tokens after the prompt that the policy does not compress: the prompt is prefilled and
+        compressed alone, then the suffix is prefilled uncompressed after what was kept, attending to it, and the
+        answer follows (the query-agnostic protocol: a context compressed once, a question read from it; what
+        ``kvslim.generate_ids(suffix_ids=...)`` does through ``kvslim.Cache.appended``). Without an evictor (the
+        full cache) that is the same computation as one prompt, and it runs as one.
+        """
         ids = self.encode(prompt)
-        self.check(len(ids), params)
+        suffix_ids = [] if suffix is None else self.encode_suffix(suffix)
+        kept_apart = len(suffix_ids) if self.compression.evict is not None else 0
+        ids += suffix_ids
+        self.check(len(ids), params, kept_apart)
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seq = Sequence(ids, params, request_id, generator=generator)
+        seq = Sequence(ids, params, request_id, generator=generator, suffix_tokens=kept_apart)
         self.scheduler.add(seq)
         self.requests[request_id] = [seq]
         return request_id
@@ -176,6 +200,18 @@ class LLMEngine:
         metrics = self.scheduler.metrics()
         metrics.tier = None if self.tier is None else self.tier.stats.as_dict()
         return metrics
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (between requests): a benchmark that runs the same prompts again
+        measures them computed, not found."""
+        self.blocks.reset_prefix_cache()
+
+    def capture_graphs(self) -> None:
+        """Capture every decode CUDA graph the engine can replay now, instead of on the first step of each batch
+        size: a benchmark keeps capture time out of what it times. Nothing to do without graphs (CPU, eager)."""
+        runner = self.runner
+        if isinstance(runner, ModelRunner) and runner.graphs is not None and not runner.enforce_eager:
+            runner.graphs.capture(self.scheduler.max_num_seqs)
 
     def close(self) -> None:
         """Finish the KV tier's queued writes and release it; stop tensor-parallel workers."""
@@ -242,9 +278,10 @@ class LLMEngine:
             self.tier_link.save(seq)
         seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
+        appended = len(seq) - seq.compressed_len
         if self.compression.decoding is not None:
-            seq.method_state = self.compression.take_states()
-        window = self.compression.start_window(len(seq))
+            seq.method_state = self.compression.take_states(appended)
+        window = self.compression.start_window(seq.compressed_len, appended)
         if window is not None:
             seq.sinks, seq.window_budget = window
             seq.window_start = seq.sinks
@@ -321,7 +358,7 @@ class LLMEngine:
             cut = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 seq.text, reason = seq.text[:cut], "stop"
-        if reason is None and token in self.eos and not params.ignore_eos:
+        if reason is None and (token in self.eos or token in params.stop_token_ids) and not params.ignore_eos:
             reason = "stop"
         if reason is None and produced >= params.max_tokens:
             reason = "length"
@@ -342,7 +379,7 @@ class LLMEngine:
         completions = []
         for seq in seqs:
             ids = seq.output_token_ids
-            if seq.finish_reason == "stop" and ids and ids[-1] in self.eos:
+            if seq.finish_reason == "stop" and ids and (ids[-1] in self.eos or ids[-1] in seq.params.stop_token_ids):
                 ids = ids[:-1]
             text = seq.text if seq.params.stop and seq.finish_reason == "stop" else self.detokenize(ids)
             completions.append(Completion(text, ids, seq.finish_reason or "abort"))

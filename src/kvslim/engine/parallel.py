@@ -69,12 +69,13 @@ class SeqView:
     window_start: int
     sinks: int
     ring_row: int
+    compressed_len: int
 
     @classmethod
     def of(cls, seq: Sequence) -> "SeqView":
         """A sequence about to be prefilled."""
         return cls(list(seq.token_ids), len(seq), list(seq.block_table), seq.num_cached_tokens, seq.kv_slots, seq.pad,
-                   seq.tail, seq.window_start, seq.sinks, seq.ring_row)
+                   seq.tail, seq.window_start, seq.sinks, seq.ring_row, seq.compressed_len)
 
     def heads(self, lo: int, hi: int) -> "SeqView":
         cut = lambda t: None if t is None else t[:, lo:hi]  # noqa: E731
@@ -131,7 +132,7 @@ class DecodeStep:
         columns = zip(self.tokens.tolist(), self.lengths.tolist(), self.kv_slots.tolist(), self.window_start.tolist(),
                       self.sinks.tolist(), self.ring_rows.tolist())
         return [SeqView([token], length, tables[i][: widths[i]], 0, slots, cut(self.pads, i), cut(self.tails, i), start,
-                        sinks, row) for i, (token, length, slots, start, sinks, row) in enumerate(columns)]
+                        sinks, row, length) for i, (token, length, slots, start, sinks, row) in enumerate(columns)]
 
 
 class Rank:

@@ -47,8 +47,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
 
-    def check(self, n_prompt: int, max_tokens: int, n: int = 1) -> None:
-        """Raise :class:`RequestTooLarge` if a request of this size cannot run even with the whole pool.
+    def check(self, n_prompt: int, max_tokens: int, n: int = 1, suffix: int = 0) -> None:
+        """Raise :class:`RequestTooLarge` if a request of this size (the prompt's last ``suffix`` tokens kept
+        uncompressed) cannot run even with the whole pool.
 
         The ``n`` completions of a prompt are forked together right after its prefill, so they must fit
         in one batch (and, with a residual ring, in its rows) at the same time: a larger ``n`` would wait
@@ -66,7 +67,7 @@ class Scheduler:
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
                 f"maximum context of {self.max_model_len} tokens"
             )
-        need = self.blocks.blocks_for(self.compression.reserve(n_prompt) + max_tokens)
+        need = self.blocks.blocks_for(self.compression.reserve(n_prompt - suffix, suffix) + max_tokens)
         if need > self.blocks.num_blocks:
             raise RequestTooLarge(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs {need} KV blocks of "
@@ -75,7 +76,7 @@ class Scheduler:
             )
 
     def add(self, seq: Sequence) -> None:
-        self.check(seq.num_prompt_tokens, seq.params.max_tokens, seq.params.n)
+        self.check(seq.num_prompt_tokens, seq.params.max_tokens, seq.params.n, seq.suffix_tokens)
         self.waiting.append(seq)
 
     @property
@@ -95,7 +96,7 @@ class Scheduler:
         tokens = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            slots = self.compression.reserve(len(seq))
+            slots = self.compression.reserve(seq.compressed_len, len(seq) - seq.compressed_len)
             if admitted and tokens + len(seq) > self.max_prefill_tokens:
                 break
             rows = 1 if seq.output_token_ids else seq.params.n  # forks of a fresh prompt take ring rows too

@@ -24,6 +24,7 @@ def _paged_decode_kernel(
     stride_qb, stride_qh, stride_tb,
     stride_kn, stride_ks, stride_kh, stride_lb,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGES: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -39,17 +40,20 @@ def _paged_decode_kernel(
     m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
-    s = tl.arange(0, BLOCK_SIZE)
+    t = tl.arange(0, PAGES * BLOCK_SIZE)  # the tile's tokens: PAGES pages of BLOCK_SIZE slots
+    page, s = t // BLOCK_SIZE, t % BLOCK_SIZE
     sink_blocks = tl.minimum(tl.cdiv(sinks, BLOCK_SIZE), tl.cdiv(length, BLOCK_SIZE))
     first_window = tl.maximum(start // BLOCK_SIZE, sink_blocks)
     steps = sink_blocks + tl.cdiv(length, BLOCK_SIZE) - first_window
     chunk = tl.cdiv(steps, splits)  # this sequence's blocks spread evenly over the splits
-    for i in range(split * chunk, tl.minimum(steps, (split + 1) * chunk)):  # the sink blocks, then the window's
+    end = tl.minimum(steps, (split + 1) * chunk)
+    for i0 in range(split * chunk, end, PAGES):  # the sink blocks, then the window's, PAGES at a time
+        i = i0 + page
         j = tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
-        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
+        block = tl.load(tables_ptr + b * stride_tb + j, mask=i < end, other=0).to(tl.int64)
         slot = j * BLOCK_SIZE + s
-        visible = (slot < length) & ((slot < sinks) | (slot >= start))
-        offs = block * stride_kn + s[:, None] * stride_ks + h * stride_kh + d[None, :]
+        visible = (i < end) & (slot < length) & ((slot < sinks) | (slot >= start))
+        offs = block[:, None] * stride_kn + s[:, None] * stride_ks + h * stride_kh + d[None, :]
         k = tl.load(k_ptr + offs, mask=visible[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=visible[:, None], other=0.0).to(tl.float32)
         scores = tl.where(visible[None, :], tl.dot(q, tl.trans(k)), -1.0e30)
@@ -62,11 +66,17 @@ def _paged_decode_kernel(
     store_partial(m_ptr, l_ptr, acc_ptr, m_i, l_i, acc, b, h, split, splits, H, BLOCK_G, HEAD_DIM)
 
 
+#: tokens each loop iteration of a program reads per KV head (whole pages): enough bytes in flight per load
+TILE_TOKENS = 64
+
+
 def paged_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: Tensor, lens: Tensor,
-                 starts: Tensor, sinks: Tensor, scale: float, splits: int | None = None) -> Tensor:
+                 starts: Tensor, sinks: Tensor, scale: float, splits: int | None = None, tile_tokens: int = TILE_TOKENS,
+                 num_warps: int = 4, num_stages: int = 3) -> Tensor:
     """query (B, Hq, D); pages (N, bs, H, D); block_tables (B, M); lens (B, H); starts, sinks (B,) -> (B, Hq, D).
 
-    ``splits``: programs sharing each (sequence, KV head)'s blocks (None: enough to fill the GPU).
+    ``splits``: programs sharing each (sequence, KV head)'s blocks (None: enough to fill the GPU);
+    ``tile_tokens``, ``num_warps``, ``num_stages``: the launch's shape (benchmarks/engine_decode_kernels.py sweeps them).
     """
     batch, q_heads, dim = query.shape
     block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
@@ -76,13 +86,15 @@ def paged_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: 
             raise ValueError(f"the Triton paged kernel needs a power-of-two {name}, got {value}")
     query = query.contiguous()
     tables = block_tables.contiguous()
-    splits = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
+    pages = 1 << (max(1, tile_tokens // block_size).bit_length() - 1)  # whole pages, a power of two of them
+    splits = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits, pages)
     block_g = max(16, triton.next_power_of_2(group))
     scratch = partials(batch, kv_heads, splits, block_g, dim, query.device)
     _paged_decode_kernel[(batch, kv_heads, splits)](
         query, k_pages, v_pages, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), scale, splits,
         query.stride(0), query.stride(1), tables.stride(0),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), lens.stride(0),
-        H=kv_heads, GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim,
+        H=kv_heads, GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, PAGES=pages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return combine(scratch, query.new_empty(batch, q_heads, dim), kv_heads, splits, block_g)

@@ -14,7 +14,9 @@ the cache appends new tokens.
   format needs no run to fill, so ``residual`` defaults to 0: every token is packed at once. ``int8`` takes
   one group per head (``group=128``): 8 bits already resolve a whole head, and 128-channel groups keep its
   scales at 3% of the codes; ``int4`` needs finer groups (``group=32``).
-* ``fp8``: e4m3 codes with one fp16 scale per token and head, as vLLM's fp8 KV cache with scales.
+* ``fp8``: e4m3 codes with one fp16 scale per token and head (a scale measured for every token, so nothing
+  is ever clamped; 2 bytes of scale per ``head_dim`` bytes of codes). vLLM's ``--kv-cache-dtype`` formats with one
+  static scale per sequence, ``fp8_e4m3`` and ``fp8_e5m2``, are in :mod:`kvslim.methods.fp8_static`.
 
 In a hybrid (``snapkv+kivi2``, ``h2o+int8``, ``streaming+kivi4``) the quantizer comes last and packs what the
 evictors keep; evicting a packed token only drops its codes (see ``QuantizedSegment.select``).
@@ -29,9 +31,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..cache.buffers import GrowingSegment, StaticSegment
 from ..cache.layer import LayerKV
 from ..cache.quantized import ChannelGroups, Encoder, Float8, QuantizedSegment, TokenGroups
-from ..cache.buffers import GrowingSegment, StaticSegment
 from ..cache.segments import DenseSegment, Segment
 from ..shape import KVShape
 from .base import Method, Observation
@@ -128,7 +130,7 @@ class Quantizer(Method):
         if not bool(move.any()):
             return
         moving = valid & (valid.long().cumsum(-1) <= move.unsqueeze(-1))
-        packed = QuantizedSegment.from_padded(keys, values, moving, *self.encoders(keys.shape[-1], values.shape[-1]))
+        packed = self.packed_segment(layer, keys, values, moving)
         head = segments[:cut]
         if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
             packed = head.pop().concat(packed)
@@ -136,6 +138,10 @@ class Quantizer(Method):
         stored = head + [packed] + ([DenseSegment.from_padded(keys, values, rest)] if bool(rest.any()) else [])
         _relayout_state(layer, stored)
         layer.replace(stored)
+
+    def packed_segment(self, layer: LayerKV, keys: Tensor, values: Tensor, moving: Tensor) -> QuantizedSegment:
+        """The (B,H,T,D) keys/values where ``moving`` (B,H,T) is True, coded in this format."""
+        return QuantizedSegment.from_padded(keys, values, moving, *self.encoders(keys.shape[-1], values.shape[-1]))
 
     def _store_tail(self, layer: LayerKV, head: list[Segment], tail: GrowingSegment | StaticSegment) -> None:
         """:meth:`store` for a layer whose full-precision tokens are one buffered tail, every row holding ``filled``.
@@ -150,11 +156,8 @@ class Quantizer(Method):
         if move == 0:
             return
         keys, values = tail.key_buffer[:, :, :filled], tail.value_buffer[:, :, :filled]
-        batch, heads = keys.shape[:2]
-        encode_keys, encode_values = self.encoders(keys.shape[-1], values.shape[-1])
-        packed = QuantizedSegment(encode_keys(keys[:, :, :move].reshape(-1, keys.shape[-1])),
-                                  encode_values(values[:, :, :move].reshape(-1, values.shape[-1])),
-                                  torch.full((batch, heads), move, dtype=torch.long, device=keys.device), keys.dtype)
+        moving = torch.ones(keys.shape[:2] + (move,), dtype=torch.bool, device=keys.device)
+        packed = self.packed_segment(layer, keys[:, :, :move], values[:, :, :move], moving)
         if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
             packed = head.pop().concat(packed)
         rest_k, rest_v = keys[:, :, move:], values[:, :, move:]
@@ -263,7 +266,7 @@ class FP8(Quantizer):
 
     residual: int = 0
     name = "fp8"
-    summary = "fp8 (e4m3) KV with one fp16 scale per token and head"
+    summary = "fp8 (e4m3) KV with one fp16 scale per token and head (not vLLM's fp8: see fp8_e4m3)"
     paper = "vLLM's fp8 (e4m3) KV cache with scales (docs.vllm.ai, Quantized KV Cache)"
 
     def encoders(self, key_dim: int, value_dim: int) -> tuple[Encoder, Encoder]:

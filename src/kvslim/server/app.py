@@ -221,11 +221,13 @@ async def _sse(watch: _Watch, item: "Delta | RequestOutput | APIError | None", c
 
 
 def app_from_env() -> FastAPI:
-    """For uvicorn's --factory: KVSLIM_MODEL (anything ``--model`` takes), KVSLIM_POLICY, KVSLIM_KV_MEMORY (GiB), KVSLIM_DEVICE."""
+    """For uvicorn's --factory: KVSLIM_MODEL (anything ``--model`` takes), KVSLIM_POLICY, KVSLIM_KV_MEMORY (GiB), KVSLIM_DEVICE,
+    KVSLIM_KV_CACHE_DTYPE and KVSLIM_KV_SCALE (``--kv-cache-dtype``, ``--kv-scale``)."""
     from ..engine import LLM
 
     name = os.environ.get("KVSLIM_MODEL", "smollm2-135m")
     memory = os.environ.get("KVSLIM_KV_MEMORY")
     llm = LLM(name, policy=os.environ.get("KVSLIM_POLICY", "full"), kv_memory=float(memory) if memory else None,
-              device=os.environ.get("KVSLIM_DEVICE", "cpu"))
+              device=os.environ.get("KVSLIM_DEVICE", "cpu"),
+              kv_cache_dtype=os.environ.get("KVSLIM_KV_CACHE_DTYPE", "auto"), kv_scale=os.environ.get("KVSLIM_KV_SCALE"))
     return create_app(llm, name)

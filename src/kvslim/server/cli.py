@@ -11,7 +11,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from ..cli import add_kv_cache_dtype_args
 from ..methods import Method, policy as build_policy
+from ..methods.fp8_static import kv_cache_dtype_spec
 from ..models.help import MODEL_HELP
 
 POLICY_PARAMS = ("keep", "budget", "window", "sinks")
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, help="tokens kept per KV head (instead of --keep)")
     parser.add_argument("--window", type=int, help="observation / recent window in tokens")
     parser.add_argument("--sinks", type=int, help="attention-sink tokens always kept")
+    add_kv_cache_dtype_args(parser)
     parser.add_argument("--kv-memory", type=float,
                         help="GiB for the KV pool (default: on a GPU 90%% of its free memory; on CPU 4 GiB, or a "
                              "quarter of the free RAM if that is less)")
@@ -45,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _policy(args: argparse.Namespace) -> Method:
     params = {k: getattr(args, k) for k in POLICY_PARAMS if getattr(args, k, None) is not None}
-    return build_policy(args.policy, **params)
+    return build_policy(kv_cache_dtype_spec(args.policy, args.kv_cache_dtype, args.kv_scale), **params)
 
 
 def _dtype(name: str | None) -> Any:
