@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .segments import DenseSegment, ragged_to_padded
+from .segments import DenseSegment
 
 
 def grown_capacity(needed: int) -> int:
@@ -131,8 +131,9 @@ class StaticSegment(DenseSegment):
         self.key_buffer, self.value_buffer, self.lengths, self.filled = key_buffer, value_buffer, lengths, filled
         self._bound = bound  # no row holds more: overflow is checked on the host without reading ``lengths``
         self._slots = torch.arange(key_buffer.shape[2], device=key_buffer.device)
-        for tensor in (key_buffer, value_buffer, lengths, self._slots):  # written in place by captured steps
-            torch._dynamo.mark_static_address(tensor)
+        if not torch.compiler.is_compiling():  # written in place by captured steps: CUDA graphs keep their address
+            for tensor in (key_buffer, value_buffer, lengths, self._slots):
+                torch._dynamo.mark_static_address(tensor)
 
     @classmethod
     def holding(cls, keys: Tensor, values: Tensor, valid: Tensor | None, capacity: int) -> "StaticSegment":
@@ -149,11 +150,9 @@ class StaticSegment(DenseSegment):
 
     @classmethod
     def buffering(cls, segment: DenseSegment, capacity: int) -> "StaticSegment":
-        """The tokens of ``segment`` (ragged rows) in static buffers."""
-        keys, valid = ragged_to_padded(segment.keys, segment.lengths)
-        values, _ = ragged_to_padded(segment.values, segment.lengths)
-        uniform = segment.uniform
-        return cls.holding(keys, values, None if uniform else valid, capacity)
+        """The tokens of ``segment`` (ragged rows or a growing tail) in static buffers."""
+        keys, values, valid = segment.dense()
+        return cls.holding(keys, values, None if segment.uniform else valid, capacity)
 
     @property
     def capacity(self) -> int:

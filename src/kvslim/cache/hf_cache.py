@@ -110,9 +110,12 @@ class _Layer(LayerKV, CacheLayerMixin):
         raise RuntimeError("update kvslim layers through kvslim.Cache.update")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Columns of the mask the model builds: every position so far, or in static mode the fixed ``capacity``
-        (as transformers' StaticCache), so a compiled step builds a mask of one shape; column ``p`` is position ``p``."""
-        return (self.seen + query_length if self.capacity is None else self.capacity), 0
+        """Columns of the mask the model builds (column ``p`` is position ``p``): every position so far; for a
+        decoding step in static mode the fixed ``capacity`` instead (as transformers' StaticCache), so a compiled
+        step builds a mask of one shape (decoding reads its own mask, never this one)."""
+        if self.capacity is not None and query_length == 1:
+            return self.capacity, 0
+        return self.seen + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -144,10 +147,12 @@ class Cache(HFCache):
     config's attention through kvslim (same math when no kvslim cache is in use). A model whose layers
     are not all softmax attention (see :mod:`.architecture`) is a ValueError.
 
-    ``max_length=N`` is static mode (see :mod:`.buffers`): each layer writes new tokens into buffers of N tokens
-    per head allocated once, and a decoding step attends over the whole buffer under a mask, so its shapes and
-    operations are the same at every step and it makes no host sync (what ``torch.compile`` and CUDA graphs
-    need). The greedy tokens are those of the default (growing) mode. Holding more than N tokens is a ValueError.
+    ``max_length=N`` is static mode (see :mod:`.buffers`): from the first decoding step, each layer writes new
+    tokens into buffers of N tokens per head allocated once, and a step attends over the whole buffer under a mask,
+    so its shapes and operations are the same at every step and it makes no host sync (what ``torch.compile`` and
+    CUDA graphs need). N bounds what decoding holds (the kept prompt plus the new tokens), not the prompt, which
+    is read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N
+    held tokens is a ValueError.
     """
 
     def __init__(self, policy: Any, config: Any, max_length: int | None = None):
@@ -260,7 +265,6 @@ class Cache(HFCache):
         first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
-            keys, values = keys[:, :, :q_len], values[:, :, :q_len]  # static buffers are wider than what they hold
             out = base(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
             real = routing.key_padding(attention_mask, keys.shape[0], q_len, keys.device)
             layer.state["prompt"] = layer.state["real"] = real.sum(-1)
@@ -300,6 +304,8 @@ class Cache(HFCache):
             self._expire(layer, Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, rope))
         obs = Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, rope)
         (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
+        if phase == "prefill":
+            layer.settle()
         return out, None
 
     def _rope_on(self, device: torch.device) -> Tensor | None:
@@ -327,7 +333,7 @@ class Cache(HFCache):
         keys, values, valid = layer.dense(query.dtype)
         batch, heads, held = valid.shape
         q_len = query.shape[2]
-        tail = None if attention_mask is None else attention_mask[..., layer.seen : layer.seen + q_len]
+        tail = None if attention_mask is None else attention_mask[..., -q_len:]
         real = routing.key_padding(tail, batch, q_len, query.device)
         own = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril() & real[:, None, :]  # (B, q, q)
         allowed = torch.cat([valid[:, :, None, :].expand(batch, heads, q_len, held),

@@ -55,24 +55,31 @@ class LayerKV:
         return [s.longest for s in self.segments]
 
     def append(self, keys: Tensor, values: Tensor) -> None:
-        """Add new tokens (B,H,q,D) for every sequence and head."""
+        """Add new tokens (B,H,q,D) for every sequence and head.
+
+        In static mode (``capacity``) a decoding step's token goes to a :class:`StaticSegment`: the prompt is read
+        and compressed in growing buffers and the tail moves there (one copy) when the prefill ends (:meth:`settle`)
+        or at the latest at the next decoding step, so ``capacity`` bounds what decoding holds (a quarter of a long
+        prompt for ``keep=0.25``), not the prompt.
+        """
         if not self._tail_open:
             none = keys[:, :, :0], values[:, :, :0]
-            self.segments.append(GrowingSegment.holding(*none, grown_capacity(keys.shape[2]))
-                                 if self.capacity is None else StaticSegment.holding(*none, None, self.capacity))
+            self.segments.append(GrowingSegment.holding(*none, grown_capacity(keys.shape[2])))
             self._tail_open = True
         tail = self.segments[-1]
-        if not isinstance(tail, (GrowingSegment, StaticSegment)):  # kept rows of an eviction: one copy into buffers
-            tail = self._buffered(tail)  # type: ignore[arg-type]
-        self.segments[-1] = tail.append(keys, values)
+        if self.capacity is not None and keys.shape[2] == 1 and not isinstance(tail, StaticSegment):
+            tail = StaticSegment.buffering(tail, self.capacity)  # type: ignore[arg-type]
+        elif not isinstance(tail, (GrowingSegment, StaticSegment)):  # kept rows of an eviction: one copy
+            tail = GrowingSegment.holding(*tail.dense()[:2])
+        self.segments[-1] = tail.append(keys, values)  # type: ignore[union-attr]
         self.seen += keys.shape[2]
 
-    def _buffered(self, segment: DenseSegment) -> GrowingSegment | StaticSegment:
-        """``segment``'s tokens in buffers that new tokens are written into (see :mod:`.buffers`)."""
-        if self.capacity is not None:
-            return StaticSegment.buffering(segment, self.capacity)
-        keys, values, _ = segment.dense()
-        return GrowingSegment.holding(keys, values)
+    def settle(self) -> None:
+        """Static mode: move the open tail into its fixed buffers now (called after a prefill), so the first decoding
+        step, which may be the one compiled, finds them made."""
+        tail = self.segments[-1] if self._tail_open else None
+        if self.capacity is not None and isinstance(tail, DenseSegment) and not isinstance(tail, StaticSegment):
+            self.segments[-1] = StaticSegment.buffering(tail, self.capacity)
 
     def dense(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded.
@@ -127,10 +134,8 @@ class LayerKV:
                 kept.append(self.segments[a].select(part))
         self.segments = [s for s in kept if s.tokens] or kept[-1:]
         last = self.segments[-1]
-        if self.capacity is not None and isinstance(last, DenseSegment):  # static: ragged rows stay open, padded
-            self.segments[-1] = StaticSegment.buffering(last, self.capacity)
-        self._tail_open = isinstance(self.segments[-1], (GrowingSegment, StaticSegment)) or (
-            isinstance(last, DenseSegment) and last.uniform)
+        # static buffers take ragged rows too (padded, masked): the tail stays open for the next step
+        self._tail_open = isinstance(last, DenseSegment) and (self.capacity is not None or last.uniform)
 
     def compact_like(self, x: Tensor, keep: Tensor) -> Tensor:
         """Apply to a per-token tensor (B,H,T,...) the same re-layout that :meth:`select` applies to the cache."""
