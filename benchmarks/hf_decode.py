@@ -6,8 +6,10 @@ For each context length, one random prompt is prefilled and then ``--steps`` tok
 * ``StaticCache``, ``StaticCache+compile``: transformers' preallocated cache, eager and with
   ``torch.compile(mode="reduce-overhead")`` on the decode forward (CUDA graphs);
 * ``kvslim:<policy>``: :class:`kvslim.Cache` with full, snapkv(keep=0.25), kivi4 and kivi2 (growing buffers);
-* ``kvslim:<policy> static``: the same in static mode (``max_length``: fixed shapes), eager, and for full and
-  snapkv also compiled like StaticCache (``static+compile``);
+* ``kvslim:<policy> static``: the same in static mode (``max_length``: fixed shapes), eager; for full and
+  snapkv also compiled without CUDA graphs (``static+compile``: the step's host-side counters are symbolic ints
+  the graph takes as inputs, and CUDA graph trees record a new graph for every new value of those), and the
+  full cache with them (``static+compile+graphs``, which shows that cost);
 * ``engine:full``: kvslim's own engine (:class:`kvslim.engine.LLM`, paged cache, CUDA graphs) on the same model.
 
 Compiled rows run on a GPU only (skipped by ``--smoke`` and ``--no-compile``); each compiles afresh (~1 min for an
@@ -111,11 +113,11 @@ def engine_decode(model: Any, prompt: torch.Tensor, steps: int, warmup: int, dev
     return time_steps(llm.step, steps, warmup, device)
 
 
-def compiled(model: Any) -> Callable[..., Any]:
-    """A fresh ``torch.compile(mode="reduce-overhead")`` of the forward (CUDA graphs), forgetting earlier caches'
+def compiled(model: Any, mode: str = "reduce-overhead") -> Callable[..., Any]:
+    """A fresh ``torch.compile`` of the forward (``reduce-overhead``: CUDA graphs), forgetting earlier caches'
     compilations, so each cache gets its own graphs and never falls back to eager on dynamo's recompile limit."""
     torch._dynamo.reset()
-    return torch.compile(model.forward, mode="reduce-overhead")
+    return torch.compile(model.forward, mode=mode)
 
 
 def measure(model: Any, context: int, args: argparse.Namespace, device: str, rows: dict[str, float | str],
@@ -160,7 +162,8 @@ def measure(model: Any, context: int, args: argparse.Namespace, device: str, row
     if compile_too:
         for policy in COMPILED:
             record(f"kvslim:{policy} static+compile", hf(kvslim_cache(policy, held.get(policy, room)),
-                                                          lambda: compiled(model)))
+                                                          lambda: compiled(model, "default")))
+        record("kvslim:full static+compile+graphs", hf(kvslim_cache("full", room), lambda: compiled(model)))
     record("engine:full", lambda: engine_decode(model, prompt, args.steps, args.warmup, device))
 
 
