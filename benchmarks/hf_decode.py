@@ -7,9 +7,9 @@ For each context length, one random prompt is prefilled and then ``--steps`` tok
   ``torch.compile(mode="reduce-overhead")`` on the decode forward (CUDA graphs);
 * ``kvslim:<policy>``: :class:`kvslim.Cache` with full, snapkv(keep=0.25), kivi4 and kivi2 (growing buffers);
 * ``kvslim:<policy> static``: the same in static mode (``max_length``: fixed shapes), eager; for full and
-  snapkv also compiled without CUDA graphs (``static+compile``: the step's host-side counters are symbolic ints
-  the graph takes as inputs, and CUDA graph trees record a new graph for every new value of those), and the
-  full cache with them (``static+compile+graphs``, which shows that cost);
+  snapkv also compiled, one graph per step, without CUDA graphs (``static+compile``, ``mode="default"``): the
+  cache's host-side counts (tokens seen, held) are symbolic ints the compiled step takes as inputs, and CUDA
+  graph trees would record a new graph for every new value of those;
 * ``engine:full``: kvslim's own engine (:class:`kvslim.engine.LLM`, paged cache, CUDA graphs) on the same model.
 
 Compiled rows run on a GPU only (skipped by ``--smoke`` and ``--no-compile``); each compiles afresh (~1 min for an
@@ -163,7 +163,6 @@ def measure(model: Any, context: int, args: argparse.Namespace, device: str, row
         for policy in COMPILED:
             record(f"kvslim:{policy} static+compile", hf(kvslim_cache(policy, held.get(policy, room)),
                                                           lambda: compiled(model, "default")))
-        record("kvslim:full static+compile+graphs", hf(kvslim_cache("full", room), lambda: compiled(model)))
     record("engine:full", lambda: engine_decode(model, prompt, args.steps, args.warmup, device))
 
 

@@ -10,8 +10,8 @@ slower than transformers' own. The tail lives instead in padded (B, H, capacity,
   buffers regrow geometrically (:func:`grown_capacity`).
 * :class:`StaticSegment` (``kvslim.Cache(..., max_length=N)``): buffers of a fixed capacity whose ``dense()`` is
   always the whole buffer, with a mask built on the device from per-(sequence, head) lengths, and appends that
-  scatter at each row's length. A decoding step then has the same shapes and no host sync every time, which is
-  what ``torch.compile``/CUDA graphs need (as transformers' ``StaticCache``). Rows may hold different counts
+  scatter at each row's length. A decoding step then has the same shapes and no host sync every time, so
+  ``torch.compile`` traces it as one graph (as transformers' ``StaticCache``). Rows may hold different counts
   (an eviction left heads ragged): padding is masked, never attended.
 """
 from __future__ import annotations

@@ -149,8 +149,10 @@ class Cache(HFCache):
 
     ``max_length=N`` is static mode (see :mod:`.buffers`): from the first decoding step, each layer writes new
     tokens into buffers of N tokens per head allocated once, and a step attends over the whole buffer under a mask,
-    so its shapes and operations are the same at every step and it makes no host sync (what ``torch.compile`` and
-    CUDA graphs need). N bounds what decoding holds (the kept prompt plus the new tokens), not the prompt, which
+    so its shapes and operations are the same at every step and it makes no host sync: ``torch.compile`` traces a
+    step as one graph. (CUDA graphs are not yet usable: the layers' host counts, such as tokens seen, are
+    symbolic inputs of that graph, and CUDA graph trees record a graph per value.) N bounds what decoding holds
+    (the kept prompt plus the new tokens), not the prompt, which
     is read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N
     held tokens is a ValueError.
     """
