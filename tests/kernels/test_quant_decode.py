@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("triton")
 
 from kvslim.cache.quantized import ChannelGroups, Float8, QuantizedSegment, TokenGroups  # noqa: E402
-from kvslim.kernels.quant_decode import plan_decode, quant_decode  # noqa: E402
+from kvslim.cache.segments import partial_attention  # noqa: E402
+from kvslim.kernels.quant_decode import plan_decode, quant_decode, quant_decode_partial  # noqa: E402
 from kvslim.kernels.quant_decode_ref import quant_decode_ref  # noqa: E402
 
 IN_PROCESS = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -99,6 +100,25 @@ def test_empty_head_gives_zeros_and_fp8_is_refused() -> None:
         quant_decode(torch.randn(1, 1, 32, dtype=torch.bfloat16), fp8, 0.1)
     with pytest.raises(ValueError, match="at least 64"):
         plan_decode(seg, HKV * GROUP, block_t=16)
+
+
+@in_process
+@pytest.mark.parametrize("splits", [1, 3])
+def test_partial_matches_attention_over_the_dense_copy(splits: int) -> None:
+    """Output and log-sum-exp, what the HF cache merges with its full-precision tail; a head with no token
+    has lse -inf and output 0."""
+    seg = build(True, 4, torch.bfloat16)
+    seg = seg.select(torch.arange(seg.longest, device=DEVICE) < torch.tensor([[6, 0], [4, 1]], device=DEVICE)
+                     .mul(32).unsqueeze(-1))
+    query = torch.randn(B, HKV * GROUP, D, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    keys, values, valid = seg.dense()
+    ref_out, ref_lse = partial_attention(query[:, :, None], keys, values, valid[:, :, None], D**-0.5)
+    out, lse = quant_decode_partial(query, seg, D**-0.5, plan_decode(seg, HKV * GROUP, splits=splits))
+    assert rel_err(out, ref_out[:, :, 0]) < 1e-2
+    real = torch.isfinite(ref_lse[:, :, 0])
+    assert not real.all() and torch.equal(torch.isfinite(lse), real)
+    torch.testing.assert_close(lse[real], ref_lse[:, :, 0][real], atol=2e-2, rtol=1e-3)
+    assert (out[~real] == 0).all()
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the kernel tests above run in this process")

@@ -104,14 +104,24 @@ def base_impl(config: Any) -> str:
     return (getattr(config, "_attn_implementation", None) or "eager").removeprefix(PREFIX)
 
 
-def masked_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scaling: float,
+def masked_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | None, scaling: float,
                      impl: str, softcap: float | None = None) -> Tensor:
-    """Attention of (B,Hq,q,D) queries over (B,H,T,D) keys with a per-head boolean mask (B,H,q,T).
+    """Attention of (B,Hq,q,D) queries over (B,H,T,D) keys with a per-head boolean mask (B,H,q,T); None: all keys.
 
     Returns (B, q, Hq, D) like Hugging Face's attention functions. Softcapped logits take the eager path
-    (SDPA cannot cap them).
+    (SDPA cannot cap them). A decoding step's single query (SDPA) is answered per KV head with its query group as
+    the rows, so keys are never repeated to the query heads (a copy of the whole layer per step otherwise), and
+    without a mask SDPA may use its flash kernel.
     """
-    group = query.shape[1] // keys.shape[1]
+    batch, q_heads, q_len, dim = query.shape
+    heads = keys.shape[1]
+    group = q_heads // heads
+    if q_len == 1 and impl != "eager" and softcap is None:  # query head h*G+g reads KV head h
+        rows = query.reshape(batch, heads, group, dim)
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=allowed, scale=scaling)
+        return out.reshape(batch, 1, q_heads, -1)
+    if allowed is None:
+        allowed = torch.ones(batch, heads, q_len, keys.shape[2], dtype=torch.bool, device=keys.device)
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     allowed = allowed.repeat_interleave(group, 1)
     if impl == "eager" or softcap is not None:

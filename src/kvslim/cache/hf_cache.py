@@ -15,6 +15,7 @@ and quantizers pack the window's tokens as they would any others.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,7 +29,8 @@ from ..shape import KVShape
 from . import attention as routing
 from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
-from .segments import DenseSegment, Segment, merge_partials
+from .buffers import GrowingSegment, StaticSegment
+from .segments import DenseSegment, Segment, merge_partials, partial_attention
 from .window import SlotTracker
 
 if TYPE_CHECKING:
@@ -56,9 +58,9 @@ class _Layer(LayerKV, CacheLayerMixin):
 
     is_sliding = False  # the mask transformers builds is used for a first prefill only, where it is exact
 
-    def __init__(self, layer_idx: int, window: int | None = None):
+    def __init__(self, layer_idx: int, window: int | None = None, capacity: int | None = None):
         CacheLayerMixin.__init__(self)
-        LayerKV.__init__(self, layer_idx)
+        LayerKV.__init__(self, layer_idx, capacity)
         self.window = window
         self.tracker = SlotTracker(window) if window else None
         self.is_initialized = True
@@ -108,6 +110,11 @@ class _Layer(LayerKV, CacheLayerMixin):
         raise RuntimeError("update kvslim layers through kvslim.Cache.update")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Columns of the mask the model builds (column ``p`` is position ``p``): every position so far; for a
+        decoding step in static mode the fixed ``capacity`` instead (as transformers' StaticCache), so a compiled
+        step builds a mask of one shape (decoding reads its own mask, never this one)."""
+        if self.capacity is not None and query_length == 1:
+            return self.capacity, 0
         return self.seen + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -117,7 +124,7 @@ class _Layer(LayerKV, CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        _Layer.__init__(self, self.layer_idx, self.window)
+        _Layer.__init__(self, self.layer_idx, self.window, self.capacity)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("kvslim.Cache supports greedy decoding and sampling, not beam search: use num_beams=1")
@@ -139,14 +146,26 @@ class Cache(HFCache):
     ``kvslim.Cache(kvslim.policy("snapkv", keep=0.25), model.config)``. Building it routes the
     config's attention through kvslim (same math when no kvslim cache is in use). A model whose layers
     are not all softmax attention (see :mod:`.architecture`) is a ValueError.
+
+    ``max_length=N`` is static mode (see :mod:`.buffers`): from the first decoding step, each layer writes new
+    tokens into buffers of N tokens per head allocated once, and a step attends over the whole buffer under a mask,
+    so its shapes and operations are the same at every step and it makes no host sync: ``torch.compile`` traces a
+    step as one graph. (CUDA graphs are not yet usable: the layers' host counts, such as tokens seen, are
+    symbolic inputs of that graph, and CUDA graph trees record a graph per value.) N bounds what decoding holds
+    (the kept prompt plus the new tokens), not the prompt, which
+    is read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N
+    held tokens is a ValueError.
     """
 
-    def __init__(self, policy: Any, config: Any):
+    def __init__(self, policy: Any, config: Any, max_length: int | None = None):
         from ..methods import Method, policy as build
 
         self.policy: Method = policy if isinstance(policy, Method) else build(policy)
         self.config = getattr(config, "config", config)  # a model is accepted too
         windows = layer_windows(self.config)
+        if max_length is not None and (max_length < 1 or any(windows)):
+            raise ValueError(f"max_length={max_length}: static mode needs a positive token count and a model without "
+                             "sliding-window layers; leave max_length=None (growing buffers) for this model")
         self.shape = KVShape.from_config(self.config)
         routing.route(self.config)
         routing.clear_pending()
@@ -156,7 +175,7 @@ class Cache(HFCache):
         self._probe: dict[int, tuple[Tensor, Tensor]] | None = None
         self._appending = False
         self._append_real: Tensor | None = None
-        super().__init__(layers=[_Layer(i, w) for i, w in enumerate(windows)])
+        super().__init__(layers=[_Layer(i, w, max_length) for i, w in enumerate(windows)])
 
     @contextmanager
     def probing(self) -> Iterator[None]:
@@ -256,31 +275,39 @@ class Cache(HFCache):
         else:
             window = layer.in_window(q_len)
             new_real = self._append_real if self._appending else None
-            if any(type(seg).attend is not Segment.attend for seg in layer.segments):
+            packed = _packed_decode(layer, query, scaling, softcap) if window is None and new_real is None else None
+            if packed is not None:
+                out = packed
+            elif any(type(seg).attend is not Segment.attend for seg in layer.segments):
                 if softcap is not None:
                     raise ValueError(f"{self.policy.spec} attends segment by segment, which cannot softcap logits "
                                      "(Gemma 2): use an evicting method or a quantizer")
                 out = _attend_by_segment(layer, query, scaling, window, new_real)
             else:  # one attention call over the layer's dense copy: the fast path
                 keys, values, valid = layer.dense(query.dtype)
-                obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
-                # the new tokens are the last q columns of the layout (see LayerKV.select)
-                allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
-                allowed = allowed if window is None else allowed & window
-                out = routing.masked_attention(query, keys, values, _mask_new(allowed, new_real), scaling, impl,
-                                               softcap)
+                if q_len == 1 and window is None and new_real is None and layer.whole:
+                    allowed = None  # every held token, no mask to build: SDPA's flash kernel may serve it
+                else:  # the new tokens are the last q columns of the layout (see LayerKV.select)
+                    obs_visible = Observation(layer, self.shape.num_layers, query, scaling, "decode").visible
+                    allowed = obs_visible(q_len) if q_len > 1 else valid[:, :, None, :]
+                    allowed = _mask_new(allowed if window is None else allowed & window, new_real)
+                out = routing.masked_attention(query, keys, values, allowed, scaling, impl, softcap)
             if self._appending:
                 _append_as_is(layer, q_len, new_real)
                 return out, None
-            layer.state["real"] = layer.state["real"] + q_len
             if q_len > 1:
+                layer.state["real"] = layer.state["real"] + q_len
                 layer.state["prompt"] = layer.state["prompt"] + q_len
+            else:  # counted on the host: a decoding step makes no tensor the next step reads (CUDA graphs)
+                layer.state["decoded"] = layer.state.get("decoded", 0) + 1
         phase = "prefill" if q_len > 1 or first else "decode"
         rope = self._rope_on(query.device)
         if layer.window is not None:
             self._expire(layer, Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, rope))
         obs = Observation(layer, self.shape.num_layers, query, scaling, phase, softcap, rope)
         (self.policy.on_prefill if phase == "prefill" else self.policy.on_decode)(obs)
+        if phase == "prefill":
+            layer.settle()
         return out, None
 
     def _rope_on(self, device: torch.device) -> Tensor | None:
@@ -387,8 +414,9 @@ class Cache(HFCache):
 
     def tokens_seen(self) -> list[int]:
         """Real (unpadded) tokens each sequence has passed through the cache."""
-        real = self.layers[0].state.get("real")
-        return [] if real is None else [int(n) for n in real]
+        state = self.layers[0].state
+        real = state.get("real")
+        return [] if real is None else [int(n) + state.get("decoded", 0) for n in real]
 
 
 def _mask_new(allowed: Tensor, new_real: Tensor | None) -> Tensor:
@@ -414,6 +442,48 @@ def _append_as_is(layer: LayerKV, q_len: int, new_real: Tensor | None) -> None:
     layer.state["real"] = layer.state["real"] + real
     if "budget" in layer.state:
         layer.state["budget"] = layer.state["budget"] + real[:, None]
+
+
+def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
+    """A decoding step's attention read straight from packed codes, (B, 1, Hq, Dv); None where it does not apply.
+
+    Why: attending through ``dense()`` dequantizes the layer's whole packed history on every step, more work and
+    memory traffic than a full cache's attention, so KIVI decoded slower than the full cache. On a GPU, a layer
+    holding one packed segment of integer codes (KIVI, int4/int8) and a full-precision tail is answered by the
+    Triton kernel over the codes (:func:`kvslim.kernels.quant_decode.quant_decode_partial`), merged exactly with
+    the tail's attention. Its launch plan is built once per packed segment (they change once per packed block).
+    """
+    from .quantized import QuantizedSegment
+
+    segments = layer.segments
+    triton_runs = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs it on the CPU
+    if query.shape[2] != 1 or not triton_runs or softcap is not None or not isinstance(segments[0], QuantizedSegment):
+        return None
+    if len(segments) > 2 or (len(segments) == 2 and not isinstance(segments[1], (GrowingSegment, StaticSegment))):
+        return None
+    packed = segments[0]
+    plan = getattr(packed, "decode_plan", None)
+    if plan is None:
+        from ..kernels.quant_decode import plan_decode
+
+        dim = query.shape[-1]
+        readable = query.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and not dim & (dim - 1)
+        try:
+            plan = plan_decode(packed, query.shape[1]) if readable else False
+        except ValueError:  # a format the kernel does not read (fp8, odd groups): the dense path serves it
+            plan = False
+        packed.decode_plan = plan  # type: ignore[attr-defined]
+    if plan is False:
+        return None
+    from ..kernels.quant_decode import quant_decode_partial
+
+    out, lse = quant_decode_partial(query[:, :, 0], packed, scaling, plan)
+    parts = [(out[:, :, None], lse[:, :, None])]
+    if len(segments) == 2:
+        keys, values, valid = segments[1].dense()
+        parts.append(partial_attention(query, keys, values, valid[:, :, None, :], scaling))
+    merged, _ = merge_partials(parts)
+    return merged.to(query.dtype).transpose(1, 2).contiguous()
 
 
 def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Tensor | None,

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .buffers import GrowingSegment, StaticSegment, grown_capacity
 from .segments import DenseSegment, Segment, ragged_to_padded
 
 
@@ -22,8 +23,10 @@ class LayerKV:
     layout along the token axis; methods score and select tokens in that layout.
     """
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, capacity: int | None = None):
         self.layer_idx = layer_idx
+        #: static mode (see :mod:`.buffers`): the tail's fixed room in tokens per head; None: it grows as needed
+        self.capacity = capacity
         self.segments: list[Segment] = []
         self.seen = 0  # tokens that went through this layer (incl. padding): positions stay true
         self.state: dict[str, Any] = {}  # per-layer method state (budgets, accumulated scores)
@@ -39,6 +42,12 @@ class LayerKV:
         """Tokens held per (sequence, KV head)."""
         return sum(s.lengths for s in self.segments)  # type: ignore[return-value]
 
+    @property
+    def whole(self) -> bool:
+        """Whether every (sequence, head) holds a token in every column of the dense layout, known without a host
+        sync: one growing tail (see :class:`GrowingSegment`) and nothing else. Attention then needs no mask."""
+        return len(self.segments) == 1 and isinstance(self.segments[0], GrowingSegment)
+
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.segments)
 
@@ -46,15 +55,40 @@ class LayerKV:
         return [s.longest for s in self.segments]
 
     def append(self, keys: Tensor, values: Tensor) -> None:
-        """Add new tokens (B,H,q,D) for every sequence and head."""
+        """Add new tokens (B,H,q,D) for every sequence and head.
+
+        In static mode (``capacity``) a decoding step's token goes to a :class:`StaticSegment`: the prompt is read
+        and compressed in growing buffers and the tail moves there (one copy) when the prefill ends (:meth:`settle`)
+        or at the latest at the next decoding step, so ``capacity`` bounds what decoding holds (a quarter of a long
+        prompt for ``keep=0.25``), not the prompt.
+        """
         if not self._tail_open:
-            self.segments.append(DenseSegment.empty_like(keys, values))
+            none = keys[:, :, :0], values[:, :, :0]
+            self.segments.append(GrowingSegment.holding(*none, grown_capacity(keys.shape[2])))
             self._tail_open = True
-        self.segments[-1] = self.segments[-1].append(keys, values)  # type: ignore[union-attr]
+        tail = self.segments[-1]
+        if self.capacity is not None and keys.shape[2] == 1 and not isinstance(tail, StaticSegment):
+            tail = StaticSegment.buffering(tail, self.capacity)  # type: ignore[arg-type]
+        elif not isinstance(tail, (GrowingSegment, StaticSegment)):  # kept rows of an eviction: one copy
+            tail = GrowingSegment.holding(*tail.dense()[:2])
+        self.segments[-1] = tail.append(keys, values)  # type: ignore[union-attr]
         self.seen += keys.shape[2]
 
+    def settle(self) -> None:
+        """Static mode: move the open tail into its fixed buffers now (called after a prefill), so the first decoding
+        step, which may be the one compiled, finds them made."""
+        tail = self.segments[-1] if self._tail_open else None
+        if self.capacity is not None and isinstance(tail, DenseSegment) and not isinstance(tail, StaticSegment):
+            self.segments[-1] = StaticSegment.buffering(tail, self.capacity)
+
     def dense(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded."""
+        """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded.
+
+        A layer of one segment hands out that segment's own tensors (views of a growing tail: read-only).
+        """
+        if len(self.segments) == 1:
+            keys, values, valid = self.segments[0].dense()
+            return keys.to(dtype), values.to(dtype), valid
         parts = [s.dense() for s in self.segments]
         keys = torch.cat([p[0].to(dtype) for p in parts], 2)
         values = torch.cat([p[1].to(dtype) for p in parts], 2)
@@ -99,16 +133,19 @@ class LayerKV:
             else:
                 kept.append(self.segments[a].select(part))
         self.segments = [s for s in kept if s.tokens] or kept[-1:]
-        self._tail_open = isinstance(self.segments[-1], DenseSegment) and self.segments[-1].uniform  # type: ignore[union-attr]
+        last = self.segments[-1]
+        # static buffers take ragged rows too (padded, masked): the tail stays open for the next step
+        self._tail_open = isinstance(last, DenseSegment) and (self.capacity is not None or last.uniform)
 
     def compact_like(self, x: Tensor, keep: Tensor) -> Tensor:
         """Apply to a per-token tensor (B,H,T,...) the same re-layout that :meth:`select` applies to the cache."""
         return torch.cat([compact(xp, kp) for xp, kp in zip(self._run_slices(x), self._run_slices(keep))], 2)
 
     def replace(self, segments: list[Segment]) -> None:
-        """Swap the storage (e.g. for quantized or channel-pruned segments) holding the same tokens."""
+        """Swap the storage (e.g. for quantized or channel-pruned segments) holding the same tokens; new tokens go to
+        a last buffered segment (see :mod:`.buffers`), or else to a fresh one."""
         self.segments = segments
-        self._tail_open = False
+        self._tail_open = bool(segments) and isinstance(segments[-1], (GrowingSegment, StaticSegment))
 
 
 def _dense_run(segments: list[Segment]) -> tuple[Tensor, Tensor, Tensor]:

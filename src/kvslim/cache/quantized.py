@@ -185,8 +185,12 @@ class ChannelGroups:
         return ChannelGroups(codes, scale, zero, None if whole else sizes.to(torch.int16), self.bits, self.group)
 
     def decode(self, heads: Tensor | None = None) -> Tensor:
+        codes = unpack(self.codes, self.bits).float()
+        if self.sizes is None:  # whole runs: broadcast each run's scales over its tokens, no per-token gather
+            runs = codes.view(-1, self.group, codes.shape[-1])
+            return (runs * self.scale.float().unsqueeze(1) + self.zero.float().unsqueeze(1)).view_as(codes)
         runs = self.token_runs()
-        return unpack(self.codes, self.bits).float() * self.scale[runs].float() + self.zero[runs].float()
+        return codes * self.scale[runs].float() + self.zero[runs].float()
 
     def take(self, rows: Tensor) -> "ChannelGroups":
         counts = torch.bincount(self.token_runs()[rows], minlength=self.scale.shape[0])
@@ -263,10 +267,17 @@ class QuantizedSegment(Segment):
         heads = torch.arange(self.lengths.numel(), device=self.lengths.device)
         return heads.repeat_interleave(self.lengths.flatten())
 
+    @property
+    def longest(self) -> int:
+        """Read once (a host sync): a packed segment's lengths never change, and decoding reads it every step."""
+        if getattr(self, "_longest", None) is None:
+            self._longest = super().longest
+        return self._longest
+
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
         heads = self.row_heads()
-        keys, valid = ragged_to_padded(self.keys.decode(heads).to(self.dtype), self.lengths)
-        values, _ = ragged_to_padded(self.values.decode(heads).to(self.dtype), self.lengths)
+        keys, valid = ragged_to_padded(self.keys.decode(heads).to(self.dtype), self.lengths, self.longest)
+        values, _ = ragged_to_padded(self.values.decode(heads).to(self.dtype), self.lengths, self.longest)
         return keys, values, valid
 
     def select(self, keep: Tensor) -> "QuantizedSegment":

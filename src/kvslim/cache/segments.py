@@ -21,10 +21,13 @@ import torch
 from torch import Tensor
 
 
-def ragged_to_padded(rows: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Scatter rows ordered by (batch, head, token) into a padded (B, H, T, ...) tensor and its valid mask."""
+def ragged_to_padded(rows: Tensor, lengths: Tensor, longest: int | None = None) -> tuple[Tensor, Tensor]:
+    """Scatter rows ordered by (batch, head, token) into a padded (B, H, T, ...) tensor and its valid mask.
+
+    ``longest``: ``lengths.max()`` when the caller knows it (reading it is a host sync)."""
     batch, heads = lengths.shape
-    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest is None:
+        longest = int(lengths.max()) if lengths.numel() else 0
     valid = torch.arange(longest, device=lengths.device) < lengths.unsqueeze(-1)
     if rows.shape[0] == batch * heads * longest:  # uniform lengths: a free view
         return rows.view(batch, heads, longest, *rows.shape[1:]), valid
@@ -161,12 +164,6 @@ class DenseSegment(Segment):
             return cls(keys.reshape(-1, keys.shape[-1]), values.reshape(-1, values.shape[-1]), lengths)
         return cls(keys[keep], values[keep], keep.sum(-1))
 
-    @classmethod
-    def empty_like(cls, keys: Tensor, values: Tensor) -> "DenseSegment":
-        batch, heads = keys.shape[:2]
-        lengths = torch.zeros(batch, heads, dtype=torch.long, device=keys.device)
-        return cls(keys.new_empty(0, keys.shape[-1]), values.new_empty(0, values.shape[-1]), lengths)
-
     @property
     def uniform(self) -> bool:
         return bool((self.lengths == self.lengths.flatten()[0]).all()) if self.lengths.numel() else True
@@ -176,14 +173,10 @@ class DenseSegment(Segment):
         values, _ = ragged_to_padded(self.values, self.lengths)
         return keys, values, valid
 
-    def append(self, keys: Tensor, values: Tensor) -> "DenseSegment":
-        """Add q new tokens (B,H,q,D) to every row; only the open (uniform) tail segment grows."""
-        old_k, old_v, _ = self.dense()
-        return DenseSegment.from_padded(torch.cat([old_k, keys], 2), torch.cat([old_v, values], 2))
-
     def select(self, keep: Tensor) -> "DenseSegment":
         keys, values, valid = self.dense()
         return DenseSegment.from_padded(keys, values, keep & valid)
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+

@@ -214,15 +214,9 @@ def plan_decode(segment: QuantizedSegment, q_heads: int, splits: int | None = No
     return DecodePlan(rows, runs, lengths, shared_runs, chunk, splits, block_h, block_t, partials)
 
 
-def quant_decode(query: Tensor, segment: QuantizedSegment, scaling: float, plan: DecodePlan | None = None,
-                 num_warps: int = 4) -> Tensor:
-    """Attention (B, Hq, D) of one query (B, Hq, D) per sequence over the packed ``segment`` (GQA).
-
-    Pass a :func:`plan_decode` plan to skip recomputing offsets (and a host sync) on every call.
-    On CPU tensors (``TRITON_INTERPRET=1``, for tests) the products take float32 operands, because the
-    interpreter's ``tl.dot`` mishandles bf16 and its casts to bf16 truncate: results differ from the GPU's
-    only by the rounding of dequantized values and probabilities to the query dtype.
-    """
+def _launch_splits(query: Tensor, segment: QuantizedSegment, scaling: float, plan: DecodePlan | None,
+                   num_warps: int) -> DecodePlan:
+    """Run the split kernel: every split's running max (log2 units), denominator and output land in ``plan.partials``."""
     if query.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant_decode takes bf16 or fp16 queries, not {query.dtype}")
     batch, q_heads, dim = query.shape
@@ -241,7 +235,42 @@ def quant_decode(query: Tensor, segment: QuantizedSegment, scaling: float, plan:
         RUNS=plan.shared_runs, VBITS=vbits, VGROUP=vgroup, BLOCK_H=plan.block_h, BLOCK_T=plan.block_t,
         SPLITS=plan.splits, FP32_DOT=not query.is_cuda, num_warps=num_warps,
     )
+    return plan
+
+
+def quant_decode(query: Tensor, segment: QuantizedSegment, scaling: float, plan: DecodePlan | None = None,
+                 num_warps: int = 4) -> Tensor:
+    """Attention (B, Hq, D) of one query (B, Hq, D) per sequence over the packed ``segment`` (GQA).
+
+    Pass a :func:`plan_decode` plan to skip recomputing offsets (and a host sync) on every call.
+    On CPU tensors (``TRITON_INTERPRET=1``, for tests) the products take float32 operands, because the
+    interpreter's ``tl.dot`` mishandles bf16 and its casts to bf16 truncate: results differ from the GPU's
+    only by the rounding of dequantized values and probabilities to the query dtype.
+    """
+    plan = _launch_splits(query, segment, scaling, plan, num_warps)
+    batch, q_heads, dim = query.shape
+    m, l, acc = plan.partials
     out = torch.empty_like(query)
-    _combine[(batch * q_heads,)](m, l, acc, out, GQ=group, D=dim, BLOCK_H=plan.block_h, SPLITS=plan.splits,
+    _combine[(batch * q_heads,)](m, l, acc, out, GQ=q_heads // segment.lengths.shape[1], D=dim,
+                                 BLOCK_H=plan.block_h, SPLITS=plan.splits,
                                  SPLITS_P2=triton.next_power_of_2(plan.splits))
     return out
+
+
+def quant_decode_partial(query: Tensor, segment: QuantizedSegment, scaling: float, plan: DecodePlan | None = None,
+                         num_warps: int = 4) -> tuple[Tensor, Tensor]:
+    """The same attention as a partial, (out (B, Hq, Dv), lse (B, Hq)) in float32 with a natural-log ``lse``
+    (``-inf`` for a head holding no token): the contract of ``Segment.attend``, so the cache can merge it with the
+    attention over its full-precision tail (:func:`kvslim.cache.segments.merge_partials`)."""
+    plan = _launch_splits(query, segment, scaling, plan, num_warps)
+    batch, q_heads, dim = query.shape
+    kv_heads = segment.lengths.shape[1]
+    group = q_heads // kv_heads
+    m, l, acc = (t.view(batch, kv_heads, plan.splits, plan.block_h, -1)[:, :, :, :group] for t in plan.partials)
+    m, l = m.squeeze(-1), l.squeeze(-1)  # (B, H, splits, G), log2 units
+    top = m.amax(2, keepdim=True)
+    weight = torch.exp2(m - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    total = (weight * l).sum(2)  # (B, H, G)
+    out = (weight.unsqueeze(-1) * acc).sum(2) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    lse = (top.squeeze(2) + torch.log2(total)) * math.log(2.0)
+    return out.reshape(batch, q_heads, dim), lse.reshape(batch, q_heads)

@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..cache.buffers import GrowingSegment, StaticSegment
 from ..cache.layer import LayerKV
 from ..cache.quantized import ChannelGroups, Encoder, Float8, QuantizedSegment, TokenGroups
 from ..cache.segments import DenseSegment, Segment
@@ -118,6 +119,11 @@ class Quantizer(Method):
             cut -= 1
         if cut == len(segments):
             return
+        tail = segments[-1]
+        if cut == len(segments) - 1 and (isinstance(tail, GrowingSegment) or
+                                         (isinstance(tail, StaticSegment) and tail.filled is not None)):
+            self._store_tail(layer, segments[:cut], segments[-1])
+            return
         keys, values, valid = (torch.cat(parts, 2) for parts in zip(*(s.dense() for s in segments[cut:])))
         held = valid.sum(-1)
         move = (held - self.residual).clamp(min=0) // self.block() * self.block()
@@ -136,6 +142,30 @@ class Quantizer(Method):
     def packed_segment(self, layer: LayerKV, keys: Tensor, values: Tensor, moving: Tensor) -> QuantizedSegment:
         """The (B,H,T,D) keys/values where ``moving`` (B,H,T) is True, coded in this format."""
         return QuantizedSegment.from_padded(keys, values, moving, *self.encoders(keys.shape[-1], values.shape[-1]))
+
+    def _store_tail(self, layer: LayerKV, head: list[Segment], tail: GrowingSegment | StaticSegment) -> None:
+        """:meth:`store` for a layer whose full-precision tokens are one buffered tail, every row holding ``filled``.
+
+        Why: this runs after every decoding step, and on most steps nothing is due; the count is a Python int here,
+        so those steps cost no host sync and no copy. When a block is due, the oldest ``move`` columns are packed
+        and the rest stay in a new tail; a static one (``kvslim.Cache(max_length=...)``) has fixed room for the
+        ``residual + block`` tokens that accumulate between packings.
+        """
+        filled = int(tail.filled)  # type: ignore[arg-type]  # known: the caller checked
+        move = max(0, filled - self.residual) // self.block() * self.block()
+        if move == 0:
+            return
+        keys, values = tail.key_buffer[:, :, :filled], tail.value_buffer[:, :, :filled]
+        moving = torch.ones(keys.shape[:2] + (move,), dtype=torch.bool, device=keys.device)
+        packed = self.packed_segment(layer, keys[:, :, :move], values[:, :, :move], moving)
+        if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
+            packed = head.pop().concat(packed)
+        rest_k, rest_v = keys[:, :, move:], values[:, :, move:]
+        rest = [] if move == filled else [GrowingSegment.holding(rest_k, rest_v) if isinstance(tail, GrowingSegment)
+                                          else StaticSegment.holding(rest_k, rest_v, None, self.residual + self.block())]
+        stored = head + [packed] + rest
+        _relayout_state(layer, stored)
+        layer.replace(stored)
 
     def storage_bytes(self, shape: KVShape, tokens: list[float]) -> int:
         dense = 2 * shape.head_dim * shape.element_bytes
