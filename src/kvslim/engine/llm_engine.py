@@ -11,6 +11,7 @@ from ..cache.segments import DenseSegment
 from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
 from ..methods.kvzip import REPEAT_PROMPT
+from .admission import LengthAwareAdmission
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
@@ -60,12 +61,15 @@ class LLMEngine:
     ``device`` says where they run (``cuda``: rank r on ``cuda:r``; ``cpu``: gloo), by default where the
     model is. :meth:`close` stops them. KV byte counts (``block_bytes``, a request's ``peak_kv_bytes``...)
     are then per device.
+
+    ``length_aware`` admits a request only when the pool also holds the output every running sequence is still
+    expected to write (see :mod:`kvslim.engine.admission`): fewer preemptions when outputs run long.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
                  kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, device: "str | torch.device | None" = None):
+                 tensor_parallel_size: int = 1, device: "str | torch.device | None" = None, length_aware: bool = False):
         self.runner = self._runner(model, enforce_eager, tensor_parallel_size, device, kv_tier)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.tokenizer = tokenizer
@@ -91,8 +95,9 @@ class LLMEngine:
         num_blocks = num_blocks_for(self.block_bytes, budget - rows * kv.row_bytes)
         self.runner.allocate(num_blocks, block_size, rows)
         self.blocks = BlockManager(num_blocks, block_size, rows)
+        admission = LengthAwareAdmission(self.blocks, self.compression) if length_aware else None
         self.scheduler = Scheduler(self.blocks, self.compression, min(max_num_seqs, rows or max_num_seqs),
-                                   max_prefill_tokens, self.runner.max_model_len, kv.grows)
+                                   max_prefill_tokens, self.runner.max_model_len, kv.grows, admission)
         self.requests: dict[str, list[Sequence]] = {}
         self.finished: dict[str, RequestOutput] = {}
         self.eos = self._eos_ids(model, tokenizer)
