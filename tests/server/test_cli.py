@@ -71,3 +71,9 @@ def test_kv_tier_counts_show_in_metrics(tmp_path) -> None:
 
 def test_kv_tier_flag_without_value_means_memory() -> None:
     assert _args("--kv-tier").kv_tier == "memory" and _args().kv_tier is None
+
+
+def test_length_aware_flag_reaches_the_scheduler() -> None:
+    common = ("--model", "tiny-llama", "--kv-memory", "0.01", "--device", "cpu")
+    assert build_app(_args(*common, "--length-aware")).state.engine.engine.scheduler.admission is not None
+    assert build_app(_args(*common)).state.engine.engine.scheduler.admission is None
