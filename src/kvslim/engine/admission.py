@@ -30,7 +30,9 @@ def block_cap(compression: Compression, n_prompt: int, block_size: int) -> int |
     decode-time scorer holds its limit (``decode_budget``, else what the prefill kept, at least ``budget``) and
     grows by up to ``interval`` tokens between evictions.
     """
-    blocks = lambda slots: -(-slots // block_size)  # noqa: E731
+    def blocks(slots: int) -> int:
+        return -(-slots // block_size)
+
     window = compression.start_window(n_prompt)
     if window is not None:
         return blocks(window[1]) + 2
