@@ -63,7 +63,8 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
     memory.reset()
     method = run.build()
     repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False) if method.probes else []  # KVzip's instruction
-    new_ids, cache, timing = generate_ids(model, prompts, method, task.max_new_tokens, sorted(eos),
+    max_new = max(task.new_tokens(s) for s in samples)
+    new_ids, cache, timing = generate_ids(model, prompts, method, max_new, sorted(eos),
                                           pad_token_id=pad, repeat_ids=repeat)
     peak = memory.read()
     end_bytes, full_bytes = cache.bytes_per_sequence(), cache.full_bytes_per_sequence()
@@ -79,6 +80,7 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
             "answer": sample.answer, "output": text, "score": score, "correct": score >= 1.0,
             "output_tokens": len(ids), "perplexity": None, "scored_tokens": None, "nll_sum": None,
             **cost_fields(timing["kv_bytes_prefill"][i], end_bytes[i], host_bytes[i], full_bytes[i], kept[i]),
+            "peak_tokens_per_head": timing["peak_tokens_per_head"][i],
             "ttft_s": timing["ttft_s"], "tpot_s": timing["tpot_s"], "gen_s": gen_s,
             "tokens_per_s": len(ids) / gen_s if gen_s > 0 else None,
             "peak_mem_bytes": peak, "peak_mem_kind": memory.kind, "batch_size": len(samples),
