@@ -43,7 +43,7 @@ def test_registry_lists_every_task() -> None:
 
 
 def test_unknown_task_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="valid tasks: fwe, multikey"):
+    with pytest.raises(ValueError, match="valid tasks: fwe, longgen, multikey"):
         get_task("nope")
 
 
