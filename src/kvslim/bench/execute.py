@@ -131,6 +131,7 @@ def perplexity_sample(model: Any, tokenizer: Any, sample: Sample, run: Run, conf
         "perplexity": math.exp(mean_nll), "scored_tokens": n_cont, "nll_sum": float(nll),
         **cost_fields(prefill_bytes, cache.bytes_per_sequence()[0], cache.bytes_per_sequence(host=True)[0],
                 cache.full_bytes_per_sequence()[0], cache.tokens_per_sequence()[0]),
+        "peak_tokens_per_head": None,  # tracked while generating; here the continuation is fed, not generated
         "ttft_s": ttft, "tpot_s": tpot, "gen_s": ttft + decode_s, "tokens_per_s": n_cont / (ttft + decode_s),
         "peak_mem_bytes": peak, "peak_mem_kind": memory.kind, "batch_size": 1,
     }
