@@ -103,4 +103,5 @@ def test_harness_holds_a_decode_time_budget_while_writing(tmp_path, budget: int)
     assert records[f"rkv(budget={budget})"]["peak_tokens_per_head"] <= budget
     full = records["full"]
     assert full["peak_tokens_per_head"] == full["prompt_tokens"] + full["output_tokens"] - 1
-    assert {row["policy"] for row in summary["rows"]} == {"full", f"rkv(budget={budget})"}
+    rows = {row["policy"]: row for row in summary["rows"]}
+    assert rows[f"rkv(budget={budget})"]["peak_tokens_per_head"] <= budget < rows["full"]["peak_tokens_per_head"]
