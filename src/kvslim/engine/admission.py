@@ -105,7 +105,8 @@ class LengthAwareAdmission:
         added), and waiting would not free anything."""
         if not running:
             return 0
-        reserve = self.future_blocks(seq, self.blocks.blocks_for(slots))
+        forks = 1 if seq.output_token_ids else seq.params.n  # a fresh prompt's n completions each grow apart
+        reserve = forks * self.future_blocks(seq, self.blocks.blocks_for(slots))
         reserve += sum(self.future_blocks(s, s.num_blocks_held) for s in running)
         return reserve * self.blocks.block_size
 
