@@ -69,3 +69,13 @@ def test_the_predictor_learns_from_completed_requests(llama) -> None:
     assert admission.expected_output(seq) == 6  # the learnt length, not its max_tokens
     seq.token_ids += [7] * 5
     assert admission.expected_output(seq) == 5 + 4  # past the prediction: at least a block more than written
+
+
+def test_forks_reserve_their_growth_each(llama) -> None:
+    """n completions of one prompt grow apart after the fork: admission reserves for each of them."""
+    prompts = _prompts(10, 13, 9)
+    params = SamplingParams(max_tokens=40, n=2, temperature=0.8, seed=5, ignore_eos=True)
+    plain, aware = _pool(llama, 40), _pool(llama, 40, length_aware=True)
+    base = [[c.token_ids for c in o.completions] for o in plain.generate(prompts, params)]
+    assert [[c.token_ids for c in o.completions] for o in aware.generate(prompts, params)] == base
+    assert plain.scheduler.preemptions > 0 and aware.scheduler.preemptions == 0

@@ -105,10 +105,14 @@ class LengthAwareAdmission:
         added), and waiting would not free anything."""
         if not running:
             return 0
-        forks = 1 if seq.output_token_ids else seq.params.n  # a fresh prompt's n completions each grow apart
-        reserve = forks * self.future_blocks(seq, self.blocks.blocks_for(slots))
-        reserve += sum(self.future_blocks(s, s.num_blocks_held) for s in running)
+        reserve = self._growth(seq, self.blocks.blocks_for(slots))
+        reserve += sum(self._growth(s, s.num_blocks_held) for s in running)
         return reserve * self.blocks.block_size
+
+    def _growth(self, seq: Sequence, held: int) -> int:
+        """:meth:`future_blocks` of ``seq``, once for each completion it forks into: a prompt not yet prefilled
+        (admitted, or about to be) becomes ``n`` sequences that grow apart."""
+        return (1 if seq.output_token_ids else seq.params.n) * self.future_blocks(seq, held)
 
     def completed(self, seq: Sequence, reason: str) -> None:
         """Learn from a request that ended by itself (EOS, stop string or max_tokens); aborts say nothing."""
