@@ -11,10 +11,12 @@ preempting (and recomputing) when the pool runs out. Per mode it reports output 
 cache's in the same run, the most sequences decoded at once, preemptions, time to first token and inter-token
 latency (p50, p99), and the KV bytes a request held at its peak against what a full cache needs for it.
 
-On the GPU it builds a **random-weight** Llama-3.1-8B in bfloat16 (speed and memory, not quality):
+On the GPU it builds a **random-weight** Llama-3.1-8B in bfloat16 (speed and memory, not quality). Every mode
+decodes until its longest request ends (8k steps at most), and the full cache's queue takes about three times
+that, so the modes are best run a few per call, each call adding to the same report:
 
-    python benchmarks/decode_heavy.py --out benchmarks/results/decode_heavy_h200.json
-    python benchmarks/decode_heavy.py --modes kivi2 'rkv(budget=1024,interval=64)' --append --out ...
+    python benchmarks/decode_heavy.py --modes full --out benchmarks/results/decode_heavy_h200.json
+    python benchmarks/decode_heavy.py --modes kivi2 'streaming(budget=1024,sinks=4)' --length-aware --append --out ...
 
 ``--smoke`` runs a few short requests through ``tiny-llama`` on the CPU (the test suite runs it).
 """
@@ -116,9 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny-llama on the CPU with a few short requests (changes the defaults below)")
     parser.add_argument("--model", default="llama-3.1-8b")
-    parser.add_argument("--kv-memory", type=float, default=2.0,
-                        help="GiB of KV memory for every mode (ring rows included); 2 GiB hold 16k full-cache tokens "
-                             "of Llama-3.1-8B, one or two of these requests at their end")
+    parser.add_argument("--kv-memory", type=float, default=1.5,
+                        help="GiB of KV memory for every mode (ring rows included); 1.5 GiB hold 12k full-cache tokens "
+                             "of Llama-3.1-8B: the longest request alone (4k + 8k), about two at once on average")
     parser.add_argument("--block-size", type=int, default=None, help="default: the engine's (16; KIVI 32)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--requests", type=int, default=12)
