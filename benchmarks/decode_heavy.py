@@ -28,7 +28,6 @@ import platform
 import random
 import statistics
 import subprocess
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from engine_throughput import (
 )
 
 from kvslim.engine import LLMEngine, SamplingParams
+from kvslim.engine.latency import LatencyStats
 from kvslim.models import load_model
 
 MODES = ["full", "kivi4", "kivi2", "fp8", "snapkv(keep=0.25)", "rkv(budget=1024,interval=64)",
@@ -61,23 +61,14 @@ def output_lengths(n: int, low: int, high: int, seed: int) -> list[int]:
     return [rng.randint(low, high) for _ in range(n)]
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50 and p99 in milliseconds (nearest rank); None when there is nothing to rank."""
-    if not values:
-        return {"p50_ms": None, "p99_ms": None}
-    ordered = sorted(values)
-    rank = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
-    return {"p50_ms": rank(0.5), "p99_ms": rank(0.99)}
-
-
 def run_mode(model: Any, mode: str, length_aware: bool, requests: list[tuple[list[int], SamplingParams]],
              args: argparse.Namespace, weights: int) -> dict[str, Any]:
     engine = LLMEngine(model, policy=mode, kv_memory=args.kv_memory, block_size=args.block_size,
                        max_num_seqs=args.max_num_seqs, length_aware=length_aware)
+    engine.latency = LatencyStats(window=sum(p.max_tokens for _, p in requests))  # every token's latency counts
     run = drive(engine, requests, weights, f"{mode}{' length-aware' if length_aware else ''}")
     outputs = run.outputs
     produced = sum(o.stats["completion_tokens"] for o in outputs)
-    gaps = [b - a for times in run.token_times.values() for a, b in pairwise(times)]
     decode_s = sum(t for t, _, _ in run.steps)
     peak = [o.stats["peak_kv_bytes"] for o in outputs]
     full = [o.stats["full_kv_bytes"] for o in outputs]
@@ -94,8 +85,7 @@ def run_mode(model: Any, mode: str, length_aware: bool, requests: list[tuple[lis
         "decode_s": decode_s,
         "decode_steps": len(run.steps),
         "mean_decode_batch": sum(n for _, n, _ in run.steps) / max(1, len(run.steps)),
-        "ttft": percentiles([o.stats["ttft_s"] for o in outputs]),
-        "inter_token": percentiles(gaps),
+        **engine.metrics().latency,  # ttft_p50_s, ttft_p99_s, itl_p50_s, itl_p99_s over every request and token
         "mean_peak_kv_bytes_per_request": statistics.fmean(peak),
         "mean_full_kv_bytes_per_request": statistics.fmean(full),
         "kv_bytes_vs_full": sum(peak) / sum(full),

@@ -7,6 +7,10 @@ the queries and outputs) over the device-to-device copy bandwidth measured here,
 the PyTorch reference on the same inputs.
 
     python benchmarks/engine_decode_kernels.py --batch 4 16 --context 16384
+    python benchmarks/engine_decode_kernels.py --sweep --batch 4 16 32 --context 8192 32768 --out sweep.json
+
+``--sweep`` times the bf16 kernel over its launch shapes (tokens per loop step, warps, pipeline stages)
+instead, to choose the defaults.
 """
 from __future__ import annotations
 
@@ -48,13 +52,55 @@ def quant_pages(spec: str, num_blocks: int, block_size: int) -> QuantPages:
     return QuantPages(*pages).layer(0)
 
 
+def sweep(batches: list[int], contexts: list[int], bandwidth: float) -> list[dict]:
+    """The bf16 kernel at every launch shape, each point against its byte floor."""
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            per_seq = context // 16
+            tables = torch.randperm(batch * per_seq, device="cuda").view(batch, per_seq).int()
+            lens = torch.full((batch, KV_HEADS), context, device="cuda")
+            zeros = torch.zeros(batch, dtype=torch.int32, device="cuda")
+            query = torch.randn(batch, Q_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+            shape = (batch * per_seq, 16, KV_HEADS, DIM)
+            k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            call = (query, k, v, tables, lens, zeros, zeros, DIM**-0.5)
+            want = paged_decode_ref(*call).float() if batch * context <= 16 * 8192 else None
+            floor_ms = 2 * k.numel() * 2 / bandwidth * 1e3
+            for tile in (16, 32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (1, 2, 3):
+                        shape_kw = dict(tile_tokens=tile, num_warps=warps, num_stages=stages)
+                        try:
+                            ms = triton.testing.do_bench(lambda: paged_decode(*call, **shape_kw), return_mode="median")
+                            error = None if want is None else float((paged_decode(*call, **shape_kw).float() - want).norm() / want.norm())
+                        except Exception as err:  # a shape that does not compile (shared memory) is a result too
+                            rows.append({"batch": batch, "context": context, **shape_kw, "error": str(err)[:200]})
+                            continue
+                        rows.append({"batch": batch, "context": context, **shape_kw, "ms": ms, "floor_ms": floor_ms,
+                                     "floor_fraction": floor_ms / ms, "rel_error": error})
+                        print(json.dumps(rows[-1]), flush=True)
+            del call, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--context", type=int, default=16384)
+    parser.add_argument("--context", type=int, nargs="+", default=[16384])
     parser.add_argument("--formats", nargs="+", default=["kivi4", "kivi2", "int8", "fp8"])
+    parser.add_argument("--sweep", action="store_true", help="bf16 kernel over launch shapes (see the module doc)")
+    parser.add_argument("--out", default=None, help="also write the rows here as JSON")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
+    if args.sweep:
+        rows = sweep(args.batch, args.context, bandwidth)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=2)
+        return
+    args.context = args.context[0]
     rows = []
     for batch in args.batch:
         for spec in ["bf16", *args.formats]:
@@ -90,6 +136,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5} {r['format']:>6} {r['ms']:8.3f} {r['floor_ms']:9.3f} {r['floor_fraction']:8.2f} {r['rel_error']:8.1e}")
     print("median fraction of floor:", statistics.median(r["floor_fraction"] for r in rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,14 @@ every running sequence's KV blocks and ring rows) over the device-to-device copy
 in the same run. Hugging Face ``generate`` with its default DynamicCache runs a few of the same
 requests one at a time, for its per-request throughput.
 
+Latency: every run reports time to first token (TTFT, from submission, queueing included) and
+inter-token latency (ITL) p50/p99 as the engine records them. ``--chunked-prefill`` runs prompts in
+chunks beside the decode steps (``--max-num-batched-tokens`` per step), so ITL p99 no longer includes
+whole 8k-32k prefills; a run with and one without it, appended to the same file, compare the two.
+
     python benchmarks/engine_throughput.py --out benchmarks/results/engine_throughput_h100_saturated.json
     python benchmarks/engine_throughput.py --policies kivi4 kivi2 --append --out ...   # a second call adds results
+    python benchmarks/engine_throughput.py --policies full snapkv --chunked-prefill --append --out ...
 """
 from __future__ import annotations
 
@@ -83,14 +89,13 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class Drive:
-    """What running a queue of requests to the end took: wall time, the steps, and when each token came."""
+    """What running a queue of requests to the end took: wall time, the prefill and decode steps."""
 
     outputs: list[RequestOutput]
     wall_s: float
     prefill_s: float
     steps: list[tuple[float, int, int]]  # per decode step: seconds, sequences, bytes read (weights + KV)
     max_running: int
-    token_times: dict[str, list[float]]  # per request, the time each of its output tokens came back
 
 
 def drive(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], weights: int, label: str) -> Drive:
@@ -100,7 +105,6 @@ def drive(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], w
     start = time.perf_counter()
     ids = [engine.add_request(prompt, params) for prompt, params in requests]
     max_running, prefill_s, steps, shown = 0, 0.0, [], start
-    token_times: dict[str, list[float]] = {i: [] for i in ids}
     while engine.has_unfinished:
         if time.perf_counter() - shown > 30:
             shown, m = time.perf_counter(), engine.metrics()
@@ -110,22 +114,21 @@ def drive(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], w
         done = engine.step()  # sampling reads the tokens back, so the step has finished on the device
         now = time.perf_counter()
         max_running = max(max_running, len(engine.scheduler.running))
-        for seq, _ in done:
-            token_times[seq.request_id].append(now)
-        if engine.last_step_prefill:
+        if engine.last_step_prefill:  # with chunked prefill, also the steps that decode beside a chunk
             prefill_s += now - t0
         elif done:
             seqs = [seq for seq, _ in done]
             steps.append((now - t0, len(seqs), weights + kv_bytes_read(engine, seqs)))
     sync(device)
     wall = time.perf_counter() - start
-    return Drive([engine.finished.pop(i) for i in ids], wall, prefill_s, steps, max_running, token_times)
+    return Drive([engine.finished.pop(i) for i in ids], wall, prefill_s, steps, max_running)
 
 
 def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
                weights: int) -> dict[str, Any]:
     engine = LLMEngine(model, policy=policy, kv_memory=args.kv_memory, block_size=args.block_size,
-                       max_num_seqs=args.max_num_seqs)
+                       max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
     params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
     run = drive(engine, [(p, params) for p in prompts], weights, policy)
     wall, outputs, steps, prefill_s = run.wall_s, run.outputs, run.steps, run.prefill_s
@@ -133,8 +136,11 @@ def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse
     decode_s = sum(t for t, _, _ in steps)
     roofline_s = sum(b for _, _, b in steps) / bandwidth
     median_step = sorted(steps)[len(steps) // 2]
+    latency = engine.metrics().latency
     result = {
         **pool_fields(engine),
+        "chunked_prefill": args.chunked_prefill,
+        "max_num_batched_tokens": engine.scheduler.token_budget,
         "wall_s": wall,
         "output_tokens": produced,
         "output_tokens_per_s": produced / wall,
@@ -152,6 +158,7 @@ def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse
         "median_decode_step": {"batch": median_step[1], "ms": median_step[0] * 1e3,
                                "roofline_ms": median_step[2] / bandwidth * 1e3, "bytes": median_step[2]},
         "mean_ttft_s": sum(o.stats["ttft_s"] for o in outputs) / len(outputs),
+        **latency,  # ttft_p50_s, ttft_p99_s, itl_p50_s, itl_p99_s
         "mean_peak_kv_bytes_per_request": sum(o.stats["peak_kv_bytes"] for o in outputs) / len(outputs),
         "mean_full_kv_bytes_per_request": sum(o.stats["full_kv_bytes"] for o in outputs) / len(outputs),
     }
@@ -218,6 +225,9 @@ def main() -> None:
     parser.add_argument("--max-prompt", type=int, default=32768)
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--policies", nargs="*", default=POLICIES)
+    parser.add_argument("--chunked-prefill", action="store_true", help="run prompt chunks beside decode steps")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step with --chunked-prefill (default: the engine's, 2048)")
     parser.add_argument("--hf-requests", type=int, default=3, help="requests (the first ones) run through HF generate; 0: none")
     parser.add_argument("--append", action="store_true", help="add the results to an existing --out of the same workload")
     parser.add_argument("--commit", default=None, help="git commit of the code (default: git rev-parse HEAD)")

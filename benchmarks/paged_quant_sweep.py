@@ -24,10 +24,12 @@ import triton
 from triton.testing import do_bench
 
 import kvslim
+from kvslim.cache.fp8 import FP8_FORMATS, to_fp8
 from kvslim.kernels.paged_attention import paged_decode
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention import Launch, launch_for, paged_quant_decode
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
+from kvslim.methods.fp8_static import StaticFP8
 
 KV_HEADS, Q_HEADS, DIM = 8, 32, 128
 
@@ -39,10 +41,33 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def quant_pages(spec: str, num_blocks: int, block_size: int) -> QuantPages:
+def static_fp8_pages(method: StaticFP8, num_blocks: int, block_size: int) -> QuantPages:
+    """vLLM's fp8_e4m3/fp8_e5m2: each block under one scale (per head with scale=per-head), as the engine writes."""
     pages = []
     slots = num_blocks * block_size
-    for encode in kvslim.policy(spec).encoders(DIM, DIM):
+    codes = Codes.static_fp8(method.fmt, method.per_head, DIM)
+    heads = torch.arange(KV_HEADS, device="cuda").repeat_interleave(slots)
+    slot = torch.arange(slots, device="cuda").repeat(KV_HEADS)
+    for _ in range(2):
+        rows = torch.randn(KV_HEADS * slots, DIM, device="cuda", dtype=torch.bfloat16)
+        rows[:, 3] += 4.0
+        scale = torch.full((num_blocks, KV_HEADS if method.per_head else 1), 8.0 / FP8_FORMATS[method.fmt][1],
+                           device="cuda")
+        row_scale = scale[slot // block_size, heads if method.per_head else 0]
+        code_pages = CodePages.allocate(codes, 1, num_blocks, block_size, KV_HEADS, DIM, torch.device("cuda"))
+        code_pages.write_static(0, slot, heads, to_fp8(rows, row_scale, method.fmt), row_scale)
+        del rows
+        pages.append(code_pages)
+    return QuantPages(*pages).layer(0)
+
+
+def quant_pages(spec: str, num_blocks: int, block_size: int) -> QuantPages:
+    method = kvslim.policy(spec)
+    if isinstance(method, StaticFP8):
+        return static_fp8_pages(method, num_blocks, block_size)
+    pages = []
+    slots = num_blocks * block_size
+    for encode in method.encoders(DIM, DIM):
         rows = torch.randn(KV_HEADS * slots, DIM, device="cuda", dtype=torch.bfloat16)
         rows[:, 3] += 4.0
         codec = encode(rows)
@@ -78,7 +103,8 @@ def rel(out: torch.Tensor, want: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--formats", nargs="+", default=["kivi4", "kivi2", "int8", "int4", "fp8"])
+    parser.add_argument("--formats", nargs="+", default=["kivi4", "kivi2", "int8", "int4", "fp8"],
+                        help="also fp8_e4m3, fp8_e5m2, fp8_e5m2(scale=per-head) (vLLM's static-scale formats)")
     parser.add_argument("--shapes", nargs="+", default=["14x20480", "32x8192", "4x32768", "16x8192"])
     parser.add_argument("--sweep-shapes", nargs="+", default=["14x20480", "32x8192"])
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4])

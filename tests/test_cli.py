@@ -28,6 +28,11 @@ def test_methods_json_lists_every_method_with_paper_and_parameters(capsys):
         (["calc", "--model", "no-such-model", "--context", "10"], "llama-3.1-8b"),
         (["calc", "--model", "llama-3.1-8b", "--context", "0"], "context"),
         (["run", "--policy", "snapkv", "--keep", "0.25", "--prompt-file", "/no/such/file"], "does not exist"),
+        (["calc", "--model", "llama-3.1-8b", "--context", "10", "--kv-cache-dtype", "fp16"],
+         "--kv-cache-dtype 'fp16' is not one of auto, fp8, fp8_e4m3, fp8_e5m2"),
+        (["calc", "--model", "llama-3.1-8b", "--context", "10", "--kv-cache-dtype", "fp8", "--kv-scale", "tensor"],
+         "--kv-scale 'tensor' is not one of per-tensor, per-head"),
+        (["run", "--policy", "snapkv+kivi4", "--keep", "0.25", "--kv-cache-dtype", "fp8_e5m2"], "already stores the KV as kivi4"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, capsys):
@@ -47,6 +52,20 @@ def test_calc_policy_figure_matches_the_method(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["full_bytes"] == 4096 * 131072
     assert out["policy_bytes"] == kvslim.policy("pyramidkv", keep=0.25).expected_bytes(kvslim.KVShape(32, 32, 8, 128), 4096)
+
+
+@pytest.mark.parametrize(("kv_cache_dtype", "scales"), [("fp8_e4m3", 1), ("fp8", 1), ("fp8_e5m2", 8)])
+def test_calc_with_kv_cache_dtype_counts_one_byte_per_element_and_the_scales(kv_cache_dtype, scales, capsys):
+    argv = ["calc", "--model", "llama-3.1-8b", "--context", "4096", "--kv-cache-dtype", kv_cache_dtype, "--json"]
+    assert main(argv + (["--kv-scale", "per-head"] if scales > 1 else [])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy_bytes"] == out["full_bytes"] // 2 + 32 * 2 * scales * 4  # bf16 -> 1 byte; float32 scales
+
+
+def test_methods_explains_the_kv_cache_dtype_flag(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "fp8_e5m2" in out and "--kv-cache-dtype" in out and "per-head" in out
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,24 @@ def cmd_methods(args: argparse.Namespace) -> None:
     for m in table:
         params = ", ".join(f"{p['name']}={p['default']}" for p in m["parameters"]) or "-"
         print(f"{m['name']:<{width}} {m['summary']}\n{'':<{width}} paper: {m['paper']}\n{'':<{width}} params: {params}")
+    print("\n--kv-cache-dtype (run, serve, bench, calc; LLM(kv_cache_dtype=...)) is vLLM's flag: fp8 (= fp8_e4m3) or "
+          "fp8_e5m2 is appended to the policy (snapkv + fp8_e5m2 = snapkv+fp8_e5m2), with one float32 scale per "
+          "sequence, layer and tensor (--kv-scale per-tensor) or KV head (per-head), measured at its prefill and "
+          "kept while it decodes (larger values clamp). kvslim's own fp8 instead stores an fp16 scale with every "
+          "token and head (adapts to every token and never clamps, at 2 more bytes per token and head).")
 
 
 def _policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("keep", "budget", "window", "sinks") if getattr(args, k, None) is not None}
+
+
+def _policy_spec(args: argparse.Namespace) -> str | None:
+    """``--policy`` with vLLM's ``--kv-cache-dtype`` (and ``--kv-scale``) applied; None: no policy asked for."""
+    from .methods.fp8_static import kv_cache_dtype_spec
+
+    if args.policy is None and args.kv_cache_dtype == "auto" and args.kv_scale is None:
+        return None
+    return kv_cache_dtype_spec(args.policy or "full", args.kv_cache_dtype, args.kv_scale)
 
 
 def cmd_calc(args: argparse.Namespace) -> None:
@@ -42,7 +56,8 @@ def cmd_calc(args: argparse.Namespace) -> None:
     config = load_config(args.model)  # any --model kind, config only: no weights are read
     dtype = getattr(torch, args.dtype) if args.dtype else None
     shape = KVShape.from_config(config, dtype)
-    policy = methods.policy(args.policy, **_policy_params(args)) if args.policy else None
+    spec = _policy_spec(args)
+    policy = methods.policy(spec, **_policy_params(args)) if spec else None
     result = calculate(shape, args.context, args.batch, policy, _windows(config))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_calc(result))
 
@@ -76,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .models import load_model, resolve
 
     resolve(args.model)  # a bad --model fails before anything loads
-    policy = methods.policy(args.policy, **_policy_params(args))  # validate before loading a model
+    policy = methods.policy(_policy_spec(args), **_policy_params(args))  # validate before loading a model
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -108,6 +123,16 @@ def _add_policy_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--budget", type=int, help="tokens kept per KV head (instead of --keep)")
     p.add_argument("--window", type=int, help="observation / recent window in tokens")
     p.add_argument("--sinks", type=int, help="attention-sink tokens always kept")
+    add_kv_cache_dtype_args(p)
+
+
+def add_kv_cache_dtype_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's ``--kv-cache-dtype``, and the granularity of its static scales (see ``kvslim methods``: fp8_e4m3)."""
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="KV storage as vLLM names it: auto (the model dtype), fp8 (= fp8_e4m3) or fp8_e5m2; an fp8 "
+                        "format is appended to the policy (snapkv + fp8_e5m2 = snapkv+fp8_e5m2)")
+    p.add_argument("--kv-scale", help="fp8 scales, measured per sequence at prefill: per-tensor (one per layer's keys "
+                                      "or values, the default) or per-head (one per KV head)")
 
 
 def build_parser() -> argparse.ArgumentParser:

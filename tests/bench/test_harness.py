@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kvslim.bench import detail, harness
-from kvslim.bench.cli import add_arguments, main_from_args
+from kvslim.bench.cli import add_arguments, config_from_args, main_from_args
 from kvslim.bench.config import BenchConfig, Run, parse_lengths, parse_list
 from kvslim.bench.execute import encode
 from kvslim.bench.metrics import COLUMNS
@@ -172,6 +172,8 @@ def test_budget_free_policies_run_once() -> None:
     ("--tasks", "passkey,nope", "valid tasks: "),
     ("--model", "nope", "unknown model 'nope': give a built-in name"),
     ("--keep", "2", "must each be in (0, 1]"),
+    ("--kv-cache-dtype", "fp8_e3m4", "--kv-cache-dtype 'fp8_e3m4' is not one of auto, fp8, fp8_e4m3, fp8_e5m2"),
+    ("--kv-scale", "per-head", "--kv-scale sets the scales of fp8 KV"),
 ])
 def test_bad_names_fail_before_any_model_loads(option: str, value: str, message: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
@@ -186,6 +188,13 @@ def test_bad_names_fail_before_any_model_loads(option: str, value: str, message:
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_kv_cache_dtype_appends_the_fp8_format_to_every_policy() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--policies", "full,snapkv", "--kv-cache-dtype", "fp8", "--kv-scale", "per-head"])
+    assert config_from_args(args).policies == ["fp8_e4m3(scale=per-head)", "snapkv+fp8_e4m3(scale=per-head)"]
 
 
 def test_parse_lengths_and_lists() -> None:

@@ -178,6 +178,52 @@ def test_suite_writes_leaderboard_plot_and_report(tmp_path: Path) -> None:
     assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
 
 
+def _engine_config(out: Path, **changes: Any) -> RulerConfig:
+    """``kvslim bench --suite ruler --engine --kv-memory 0.05 --limit 1`` on tiny-llama, with a policy the engine
+    refuses (H2O) and one it refuses a suffix for (a storage format, under query-agnostic only)."""
+    settings = {"model": "tiny-llama", "policies": ["full", "snapkv", "h2o", "snapkv+int8"], "keeps": [0.5],
+                "tasks": ["niah_single_1", "vt"], "lengths": [SUITE_LENGTH], "samples": 1, "out": str(out),
+                "batch_size": 2, "engine": True, "kv_memory": 0.05}
+    return RulerConfig(**{**settings, **changes})
+
+
+def test_engine_smoke_run_reports_throughput_and_skips_what_it_refuses(tmp_path: Path) -> None:
+    summary = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    ran = {(r["policy"], r["protocol"]) for r in records}
+    assert ran == {("full", p) for p in PROTOCOLS} | {("snapkv", p) for p in PROTOCOLS} | {("snapkv+int8", QUERY_AWARE)}
+    assert len(records) == 2 * len(ran) and all(r["backend"] == "engine" for r in records)
+    for r in records:
+        assert r["engine_requests"] == 2 and r["engine_max_running"] >= 1 and r["engine_output_tokens"] >= 2
+        assert 0.0 <= r["score"] <= 1.0 and r["ttft_s"] > 0 and r["kv_memory_gib"] == 0.05
+    rows = {(r["label"], r["protocol"]): r for r in summary["engine"]}
+    assert set(rows) == {(f"{p}@0.5" if p != "full" else p, q) for p, q in ran}
+    assert all(r["paired"] == 0 and r["same_answer"] is None and r["output_tok_s"] > 0 for r in rows.values())
+    skipped = {(s["label"], s["protocol"]) for s in summary["engine_skipped"]}
+    assert skipped == {("h2o@0.5", p) for p in PROTOCOLS} | {("snapkv+int8@0.5", QUERY_AGNOSTIC)}
+    report = (tmp_path / "report.md").read_text()
+    assert "### Engine: quality and throughput" in report and "| run | n | score | HF path's score |" in report
+    assert "- `h2o@0.5` (query-aware, query-agnostic): skipped, the engine refuses it: " in report
+    assert "- `snapkv+int8@0.5` (query-agnostic): skipped" in report and "model-dtype pages only" in report
+    assert (tmp_path / "engine.csv").read_text().startswith("protocol,length,policy,keep,label,n,score")
+    again = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)  # resumes: nothing reruns
+    assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
+
+
+def test_engine_answers_as_the_hf_path_in_the_same_directory(tmp_path: Path) -> None:
+    """Float32 on the CPU: the engine's answers are the Hugging Face path's, sample for sample, under both
+    protocols (query-agnostic through the engine's suffix), and the report pairs them."""
+    policies = {"policies": ["full", "snapkv"]}
+    hf = run_ruler(_engine_config(tmp_path, engine=False, kv_memory=None, **policies), progress=False, loader=_tiny)
+    summary = run_ruler(_engine_config(tmp_path, **policies), progress=False, loader=_tiny)
+    assert summary["settings"]["ran_now"] == 2 * 2 * 2  # samples (a task each) x runs x protocols, beside the HF path's
+    for row in summary["engine"]:
+        assert row["paired"] == 2 and row["same_answer"] == 1.0
+        assert row["score"] == row["hf_score"] == next(
+            r["score"] for r in hf["leaderboard"] if (r["label"], r["protocol"]) == (row["label"], row["protocol"]))
+    assert "100% of 2" in (tmp_path / "report.md").read_text()
+
+
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -189,9 +235,34 @@ def _args(*argv: str) -> argparse.Namespace:
     (["--protocols", "aware"], "unknown protocol(s) ['aware']"),
     (["--limit", "1"], "random weights"),
     (["--lengths", "100"], "give at least"),
+    (["--engine"], "--engine runs every policy in a fixed KV pool; give its size in GiB, e.g. --kv-memory 2"),
+    (["--kv-memory", "2"], "add --engine"),
 ])
 def test_cli_names_the_fix_in_one_line(argv: list[str], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main_from_args(_args(*argv, "--out", str(tmp_path / "run"))) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_a_run_that_sets_its_own_budget_is_placed_against_fixed_keeps_by_bytes() -> None:
+    """auto(tolerance=...) has no keep column: the report sets it beside the best fixed keep at no more bytes."""
+    from kvslim.bench.ruler.leaderboard import board, placed
+    from kvslim.bench.ruler.report import placed_table
+
+    def records(policy: str, keep: float | None, kv_bytes: int, scores: list[float]) -> list[dict[str, Any]]:
+        return [{"protocol": QUERY_AWARE, "length": 4096, "policy": policy, "keep": keep, "task": "vt",
+                 "sample_id": f"vt-{i}", "score": score, "output_tokens": 8, "kv_bytes_prefill": kv_bytes,
+                 "compression": None} for i, score in enumerate(scores)]
+
+    runs = [Run("full", None), Run("snapkv", 0.5), Run("snapkv", 0.25), Run("adakv", 0.25),
+            Run("auto(tolerance=0.1)", None)]
+    rows = board(records("full", None, 1000, [1, 1]) + records("snapkv", 0.5, 500, [1, 1])
+                 + records("snapkv", 0.25, 250, [0, 1]) + records("adakv", 0.25, 250, [1, 0.5])
+                 + [r | {"kv_bytes_prefill": b} for r, b in zip(records("auto(tolerance=0.1)", None, 0, [1, 1]),
+                                                                 (300, 340))], runs)
+    (row,) = placed(rows)
+    assert row["label"] == "auto(tolerance=0.1)" and row["byte_share"] == pytest.approx(0.32)
+    assert row["fixed"] == "adakv@0.25" and row["fixed_score"] == 75.0  # snapkv@0.5 holds more bytes
+    table = placed_table(rows, QUERY_AWARE, 4096)
+    assert "| auto(tolerance=0.1) | 0.320 | 100.0 | adakv@0.25 | 0.250 | 75.0 |" in table

@@ -79,3 +79,13 @@ def test_forks_reserve_their_growth_each(llama) -> None:
     base = [[c.token_ids for c in o.completions] for o in plain.generate(prompts, params)]
     assert [[c.token_ids for c in o.completions] for o in aware.generate(prompts, params)] == base
     assert plain.scheduler.preemptions > 0 and aware.scheduler.preemptions == 0
+
+
+def test_length_aware_admission_with_chunked_prefill(llama) -> None:
+    """Prompts admitted part-way through their chunks reserve their growth too: no preemption, the same tokens."""
+    prompts = _prompts(30, 27, 33, 25)
+    plain = _pool(llama, 44, chunked_prefill=True, max_num_batched_tokens=16)
+    aware = _pool(llama, 44, chunked_prefill=True, max_num_batched_tokens=16, length_aware=True)
+    base = [o.token_ids for o in plain.generate(prompts, LONG)]
+    assert [o.token_ids for o in aware.generate(prompts, LONG)] == base
+    assert plain.scheduler.preemptions > 0 and aware.scheduler.preemptions == 0

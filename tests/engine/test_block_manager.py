@@ -120,3 +120,36 @@ def test_double_free_is_detected() -> None:
     seq.block_table = table
     with pytest.raises(RuntimeError, match="freed twice"):
         manager.free_seq(seq)
+
+
+def test_reset_prefix_cache_forgets_prefixes_between_requests() -> None:
+    manager = BlockManager(num_blocks=8, block_size=BLOCK)
+    a, b, c = (Sequence(list(range(10)), SamplingParams()) for _ in range(3))
+    manager.allocate(a, 10, 10)
+    with pytest.raises(RuntimeError, match="blocks in use"):
+        manager.reset_prefix_cache()
+    manager.free_seq(a)
+    manager.allocate(b, 10, 10)
+    assert b.num_cached_tokens == 8  # a's freed blocks still hold its prefix
+    manager.free_seq(b)
+    manager.reset_prefix_cache()
+    manager.allocate(c, 10, 10)
+    assert c.num_cached_tokens == 0 and manager.num_free == 5
+
+
+def test_unregistered_blocks_become_findable_as_they_are_registered_and_forgotten_again() -> None:
+    manager = BlockManager(num_blocks=12, block_size=BLOCK)
+    tokens = list(range(1, 14))  # 3 full blocks and one partial
+    first = Sequence(tokens, SamplingParams())
+    manager.allocate(first, len(tokens), len(tokens), register=False)
+    assert manager.prefix_hashes(first) == []
+    manager.register(first, 9)  # the first two blocks are written
+    assert manager.prefix_hashes(first) == manager.chain_hashes(tokens, 8)
+    second = Sequence(tokens, SamplingParams())
+    manager.allocate(second, len(tokens), len(tokens))
+    assert second.num_cached_tokens == 8 and second.block_table[:2] == first.block_table[:2]
+    manager.forget(first, 4)  # a failed step: the second block may be unwritten
+    assert len(manager.prefix_hashes(first)) == 1
+    third = Sequence(tokens, SamplingParams())
+    manager.allocate(third, len(tokens), len(tokens))
+    assert third.num_cached_tokens == 4

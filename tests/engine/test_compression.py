@@ -33,6 +33,9 @@ def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
     "expected_attention(keep=0.25,history=16,future=32)",  # needs the engine's RoPE frequencies
     "adakv(expected_attention(keep=0.3,history=16))",  # any scorer with ragged heads
     "adakv(keydiff(keep=0.3))+int8",  # ... and stored quantized
+    "auto(keep=0.3,window=4)",  # ragged across layers and heads, set by the observed attention
+    "auto(tolerance=0.3,window=4)",  # ... and per request
+    "auto(keydiff,keep=0.3)+int8",
 ])
 def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)

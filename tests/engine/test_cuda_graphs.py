@@ -27,7 +27,8 @@ def _run(llm: LLM) -> list[list[int]]:
     return [llm.finished.pop(i).token_ids for i in ids]
 
 
-@pytest.mark.parametrize("policy", ["full", "kivi2", "int4(group=16)", "fp8", "snapkv(keep=0.5)"])
+@pytest.mark.parametrize("policy", ["full", "kivi2", "int4(group=16)", "fp8", "fp8_e5m2(scale=per-head)",
+                                    "snapkv(keep=0.5)", "quest(budget=64)"])
 def test_graph_decode_equals_eager(policy: str) -> None:
     model = tiny_model("llama", "gqa").cuda()
     graphed = LLM(model, policy=policy, kv_memory=0.02)
@@ -55,3 +56,35 @@ def test_enforce_eager_captures_nothing() -> None:
     llm.runner.enforce_eager = True
     _run(llm)
     assert llm.runner.graphs is not None and not llm.runner.graphs.graphs
+
+
+def test_capture_graphs_captures_every_size_up_front() -> None:
+    """A benchmark captures before it times: every size a batch of up to max_num_seqs runs in, and no larger."""
+    llm = LLM(tiny_model("llama", "gqa").cuda(), kv_memory=0.02, max_num_seqs=20)
+    llm.capture_graphs()
+    assert sorted(llm.runner.graphs.graphs) == [1, 2, 4, 8, 16, 32]
+    before = dict(llm.runner.graphs.graphs)
+    _run(llm)
+    assert llm.runner.graphs.graphs == before  # nothing captured while running
+
+
+@pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.5)"])
+def test_decode_beside_prompt_chunks_replays_graphs(policy: str) -> None:
+    """With chunked prefill a step decodes (a graph replay) and then runs prompt chunks eagerly: the same tokens as
+    an eager engine that prefills whole prompts."""
+    model = tiny_model("llama", "gqa").cuda()
+    chunked = LLM(model, policy=policy, kv_memory=0.02, chunked_prefill=True, max_num_batched_tokens=32)
+    replays = []
+    replay = chunked.runner.graphs.run
+
+    def counted(batch):
+        hidden = replay(batch)
+        replays.append(hidden is not None)
+        return hidden
+
+    chunked.runner.graphs.run = counted
+    outputs = _run(chunked)
+    assert any(replays) and all(replays)
+    eager = LLM(model, policy=policy, kv_memory=0.02)
+    eager.runner.enforce_eager = True
+    assert _run(eager) == outputs

@@ -55,8 +55,10 @@ def check_triton_kernel(dtype: torch.dtype) -> None:
     case = [t.to(device) for t in _case(1, dtype)]
     want = paged_decode_ref(*case, scale=0.25).float()
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-3
-    for splits in (None, 3):  # as many as fill the device; the blocks shared by several programs, then merged
-        got = paged_decode(*case, scale=0.25, splits=splits).float()
+    # splits: as many as fill the device, or the blocks shared by several programs, then merged; tiles of one
+    # page per loop step, or of several (the last tile of a split then runs past its chunk and is masked)
+    for splits, tile_tokens in ((None, 16), (3, 16), (None, 64), (2, 32), (3, 48)):
+        got = paged_decode(*case, scale=0.25, splits=splits, tile_tokens=tile_tokens).float()
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 

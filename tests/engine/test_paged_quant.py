@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kvslim
 from interpreted import run_interpreted
+from kvslim.cache.fp8 import ScaledFloat8, static_scales
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
 
@@ -117,3 +118,23 @@ if __name__ == "__main__":
     for spec in SPECS:
         for dtype in DTYPES:
             check_triton_kernel(spec, dtype)
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "fp8_e5m2(scale=per-head)"])
+def test_static_fp8_pages_dequantize_as_the_cache_codec_and_count_their_scales(spec: str) -> None:
+    """A sequence's tokens in pages (each block with the sequence's scale) give back what kvslim.Cache's codec does."""
+    method = kvslim.policy(spec)
+    slots = NUM_BLOCKS * BLOCK_SIZE
+    tokens = torch.randn(1, KV_HEADS, slots, DIM, generator=torch.Generator().manual_seed(6)) * 3
+    scale = static_scales(tokens, torch.ones(tokens.shape[:3], dtype=torch.bool), method.per_head, method.fmt)
+    row_heads = torch.arange(KV_HEADS).repeat_interleave(slots)  # one sequence: flat head index = head
+    codec = ScaledFloat8.encode(tokens.flatten(0, 2), row_heads, scale, KV_HEADS, method.fmt)
+    codes = Codes.static_fp8(method.fmt, method.per_head, DIM)
+    pages = CodePages.allocate(codes, 1, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, DIM, torch.device("cpu"))
+    pages.write_static(0, torch.arange(slots).repeat(KV_HEADS), row_heads, codec.codes,
+                       codec.row_scale(row_heads))
+    want = codec.decode(row_heads).view(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, DIM).permute(1, 2, 0, 3)
+    assert torch.equal(pages.layer(0).dequantize(torch.arange(NUM_BLOCKS)), want)
+    scales = KV_HEADS if method.per_head else 1
+    assert sum(t.numel() * t.element_size() for t in pages.tensors()) == slots * KV_HEADS * DIM + NUM_BLOCKS * scales * 4
+    assert codes.block_bytes(BLOCK_SIZE, KV_HEADS, DIM) == BLOCK_SIZE * KV_HEADS * DIM + scales * 4

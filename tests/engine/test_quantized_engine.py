@@ -29,9 +29,12 @@ def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
     "kivi4",
     "int8",
     "fp8",
+    "fp8_e4m3",  # vLLM's --kv-cache-dtype fp8: static scales per sequence
+    "fp8_e5m2(scale=per-head)",
     "kivi2(group=8,residual=16)",  # a pack every 8 steps
     "snapkv(keep=0.5,window=4)+kivi4",
     "adakv(keep=0.3,window=4)+int8",  # ragged heads: each head packs at its own slot
+    "snapkv(keep=0.5,window=4)+fp8_e5m2",  # scales measured over the kept tokens, in both paths
 ])
 def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01)
@@ -42,7 +45,8 @@ def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs in the engine on a GPU")
-@pytest.mark.parametrize("spec", ["kivi4", "kivi2", "int8", "int4", "fp8", "snapkv(keep=0.5,window=4)+kivi4"])
+@pytest.mark.parametrize("spec", ["kivi4", "kivi2", "int8", "int4", "fp8", "snapkv(keep=0.5,window=4)+kivi4",
+                                  "fp8_e4m3", "fp8_e5m2(scale=per-head)"])
 def test_triton_path_matches_hf_cache_path_on_gpu(spec: str) -> None:
     from kvslim.models import tiny_model
 
@@ -112,3 +116,44 @@ def test_stats_count_quantized_blocks_and_the_ring_row(llama) -> None:
 def test_unsupported_quantized_setups_are_refused_clearly(llama, spec: str, kwargs: dict, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         LLM(llama, policy=spec, kv_memory=0.01, **kwargs)
+
+
+@pytest.mark.parametrize(("spec", "per_head"), [("fp8_e4m3", False), ("fp8_e5m2(scale=per-head)", True)])
+def test_static_fp8_blocks_hold_one_byte_per_element_and_their_scales(llama, spec: str, per_head: bool) -> None:
+    llm = LLM(llama, policy=spec, kv_memory=0.01)
+    kv = llm.runner.kv
+    scales = kv.num_kv_heads if per_head else 1
+    per_layer = 2 * (16 * kv.num_kv_heads * kv.head_dim + scales * 4)  # keys and values: codes, float32 scales
+    assert llm.block_bytes == kv.num_layers * per_layer
+    assert kv.pages.keys.codes.dtype == torch.uint8 and kv.pages.keys.scale.shape[-1] == scales
+    full = LLM(llama, kv_memory=0.01)
+    assert full.dense_block_bytes == kv.num_layers * 2 * 16 * kv.num_kv_heads * kv.head_dim * 4  # float32 model
+
+
+def test_kv_cache_dtype_appends_the_fp8_format_to_the_policy(llama) -> None:
+    llm = LLM(llama, policy="snapkv(keep=0.5,window=4)", kv_memory=0.01, kv_cache_dtype="fp8_e5m2", kv_scale="per-head")
+    assert llm.policy.spec == kvslim.policy("snapkv(keep=0.5,window=4)+fp8_e5m2(scale=per-head)").spec
+    assert LLM(llama, kv_memory=0.01, kv_cache_dtype="fp8").policy.spec == kvslim.policy("fp8_e4m3").spec
+    with pytest.raises(ValueError, match="is not one of auto, fp8, fp8_e4m3, fp8_e5m2"):
+        LLM(llama, kv_memory=0.01, kv_cache_dtype="float8")
+
+
+def _prefill_scales(llm: LLM, prompt: list[int]) -> tuple[torch.Tensor, int]:
+    """The scales a static-fp8 sequence measured at its prefill, and its prompt tokens the prefix cache gave it."""
+    llm.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    llm.step()
+    seq = llm.scheduler.running[0]
+    scales = llm.runner.kv.scales[:, seq.ring_row].clone()
+    while llm.has_unfinished:
+        llm.step()
+    return scales, seq.num_cached_tokens
+
+
+def test_static_fp8_prefix_hit_measures_scales_over_the_cached_tokens(llama) -> None:
+    """A repeated prompt takes its first blocks from the prefix cache; its scales still cover those tokens (read back
+    from the blocks), so they are the first run's, not those of the few tokens it recomputes."""
+    llm = LLM(llama, policy="fp8_e4m3(scale=per-head)", kv_memory=0.01)
+    first, _ = _prefill_scales(llm, PROMPTS[1])
+    again, cached = _prefill_scales(llm, PROMPTS[1])
+    assert cached == 192
+    assert torch.allclose(again, first, rtol=1e-6)

@@ -27,7 +27,7 @@ def _prompts() -> list[list[int]]:
 
 
 @pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.25)", "kivi4", "adakv(keep=0.25)", "adakv(keep=0.6)",
-                                    "pyramidkv(keep=0.3)"])
+                                    "pyramidkv(keep=0.3)", "quest(budget=32)"])
 def test_two_ranks_match_one_process(policy: str) -> None:
     prompts = _prompts()
     single = LLM(tiny_model(), policy=policy, kv_memory=0.01)
@@ -167,7 +167,7 @@ def test_a_decode_step_carries_every_sequence_field_a_rank_reads() -> None:
             assert torch.equal(view.tail, seq.tail[:, lo:hi])
 
 
-@pytest.mark.parametrize("policy", ["kvzip(keep=0.5)", "rkv(budget=32)"])
+@pytest.mark.parametrize("policy", ["kvzip(keep=0.5)", "rkv(budget=32)", "auto(keep=0.5)"])
 def test_probing_and_decode_time_methods_are_refused(policy: str) -> None:
     with pytest.raises(ValueError, match="under tensor parallelism"):
         LLM(tiny_model(), policy=policy, kv_memory=0.01, tensor_parallel_size=2)

@@ -52,6 +52,23 @@ def test_quantized_blocks_are_shared_packed(llama, tier: KVTier) -> None:
     assert warm.token_ids == cold.token_ids  # the suffix attended to dequantized prefix keys: same tokens here
 
 
+def test_static_fp8_blocks_travel_with_their_scales(llama, tier: KVTier) -> None:
+    """A tier block carries the scale it was written with: a second engine dequantizes the prefix as the first did
+    and measures the same sequence scales over it."""
+    prompt = (PREFIX * 6)[:200]
+    first = _engine(llama, tier, "fp8_e4m3(scale=per-head)")
+    cold = first.generate([prompt], GREEDY)[0]
+    tier.flush()
+    second = _engine(llama, tier, "fp8_e4m3(scale=per-head)")
+    warm = second.generate([prompt], GREEDY)[0]
+    assert warm.stats["tier_prompt_tokens"] == 192
+    for layer in range(first.runner.num_layers):
+        slots = torch.arange(192)
+        for a, b in zip(first.runner.kv.read(layer, slots), second.runner.kv.read(layer, slots)):
+            assert torch.equal(a, b)
+    assert warm.token_ids == cold.token_ids
+
+
 @pytest.mark.parametrize("change", ["model", "dtype", "policy"])
 def test_other_model_dtype_or_policy_never_reads_the_blocks(llama, tier: KVTier, change: str) -> None:
     _engine(llama, tier).generate([PREFIX], GREEDY)
@@ -104,3 +121,13 @@ def test_evicted_prefix_block_spills_when_its_first_write_was_lost(llama) -> Non
     warm = _engine(llama, tier).generate([PREFIX], GREEDY)[0]
     assert warm.stats["tier_prompt_tokens"] == 40
     tier.close()
+
+
+def test_chunked_prefill_loads_the_prefix_from_the_tier(llama, tier: KVTier) -> None:
+    cold = _engine(llama, tier).generate([PREFIX + [3, 4]], GREEDY)[0]
+    tier.flush()
+    chunked = LLM(llama, kv_memory=0.01, block_size=8, kv_tier=tier, chunked_prefill=True, max_num_batched_tokens=16)
+    warm = chunked.generate([PREFIX + [3, 4]], GREEDY)[0]
+    assert warm.stats["tier_prompt_tokens"] == 40 and warm.token_ids == cold.token_ids
+    again = chunked.generate([PREFIX + [5]], GREEDY)[0]  # the loaded blocks were registered in device memory
+    assert again.stats["cached_prompt_tokens"] == 40 and again.stats["tier_prompt_tokens"] == 0

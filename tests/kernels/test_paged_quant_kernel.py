@@ -1,10 +1,11 @@
 """The Triton paged decode kernel over quantized pages matches its PyTorch reference for every page format.
 
 Every format the engine stores (kivi2/kivi4 with key runs and value groups of 32 and 16, int8 and int4
-with groups of 16 to 128, fp8), GQA groups of 3 and 4, ragged per-head lengths (empty heads, a sliding
-window whose passed block was handed back, rings of 0 to 6 tokens) and several splits. On a GPU the whole
-sweep runs in process (``GPU_SHAPES``); on a CPU the groups of 16, the
-formats the H100 once got wrong, run at small sizes under Triton's interpreter in a child process.
+with groups of 16 to 128, fp8, and vLLM's fp8_e4m3/fp8_e5m2 with a static scale per block or per block and
+head), GQA groups of 3 and 4, ragged per-head lengths (empty heads, a sliding window whose passed block was
+handed back, rings of 0 to 6 tokens) and several splits. On a GPU the whole sweep runs in process
+(``GPU_SHAPES``); on a CPU the groups of 16, the formats the H100 once got wrong, and the static fp8 formats
+run at small sizes under Triton's interpreter in a child process.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import torch
 
 import kvslim
 from interpreted import run_interpreted
+from kvslim.cache.fp8 import to_fp8
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
+from kvslim.methods.fp8_static import StaticFP8
 
 FORMATS = ["kivi2", "kivi4", "kivi2(group=16)", "kivi4(group=16)", "int8", "int8(group=16)", "int4",
-           "int4(group=16)", "int4(group=64)", "fp8"]
-INTERPRETED = ["kivi2(group=16)", "int4(group=16)", "int8(group=16)"]
+           "int4(group=16)", "int4(group=64)", "fp8", "fp8_e4m3", "fp8_e5m2(scale=per-head)"]
+INTERPRETED = ["kivi2(group=16)", "int4(group=16)", "int8(group=16)", "fp8_e4m3", "fp8_e5m2(scale=per-head)"]
 BATCH, MAX_BLOCKS = 4, 5
 #: (head_dim, block_size, KV heads, query heads per KV head): SmolLM2's heads, Llama-3's, a 32-slot block, and
 #: tiny heads whose sub-byte planes are narrower than 16 channels (products without tensor cores)
@@ -30,14 +33,38 @@ def _pages(spec: str, num_blocks: int, block_size: int, kv_heads: int, dim: int,
            gen: torch.Generator) -> QuantPages:
     """One layer's pages, every slot a random token (with an outlier key channel) coded by ``spec``'s encoders."""
     slots = num_blocks * block_size
+    method = kvslim.policy(spec)
+    if isinstance(method, StaticFP8):
+        return _static_pages(method, num_blocks, block_size, kv_heads, dim, device, gen)
     pages = []
-    for encode in kvslim.policy(spec).encoders(dim, dim):
+    for encode in method.encoders(dim, dim):
         rows = torch.randn(kv_heads * slots, dim, generator=gen) * 2  # head-major: a head's slots in order
         rows[:, 3] += 5.0
         codec = encode(rows.to(device))
         code_pages = CodePages.allocate(Codes.of(codec, dim), 1, num_blocks, block_size, kv_heads, dim, torch.device(device))
         heads = torch.arange(kv_heads, device=device).repeat_interleave(slots)
         code_pages.write(0, torch.arange(slots, device=device).repeat(kv_heads), heads, codec)
+        pages.append(code_pages)
+    return QuantPages(*pages).layer(0)
+
+
+def _static_pages(method: StaticFP8, num_blocks: int, block_size: int, kv_heads: int, dim: int, device: str,
+                  gen: torch.Generator) -> QuantPages:
+    """Static fp8 pages: each block coded under its own random scale (per head with scale=per-head), values past
+    the format's range clamped, as the engine codes a sequence's decoded tokens."""
+    slots = num_blocks * block_size
+    codes = Codes.static_fp8(method.fmt, method.per_head, dim)
+    pages = []
+    for _ in range(2):
+        rows = torch.randn(kv_heads * slots, dim, generator=gen) * 2
+        rows[:, 3] += 5.0
+        block_scales = torch.rand(num_blocks, kv_heads if method.per_head else 1, generator=gen) * 0.02 + 0.005
+        heads = torch.arange(kv_heads).repeat_interleave(slots)
+        slot = torch.arange(slots).repeat(kv_heads)
+        row_scale = block_scales[slot // block_size, heads if method.per_head else 0]
+        code_pages = CodePages.allocate(codes, 1, num_blocks, block_size, kv_heads, dim, torch.device(device))
+        code_pages.write_static(0, slot.to(device), heads.to(device), to_fp8(rows, row_scale, method.fmt).to(device),
+                                row_scale.to(device))
         pages.append(code_pages)
     return QuantPages(*pages).layer(0)
 
@@ -96,7 +123,8 @@ def test_kernel_matches_reference_on_gpu(spec: str) -> None:
 
 
 def test_interpreted_group_16() -> None:
-    """Groups of 16 under Triton's interpreter, which must be on before Triton is first imported: a child process."""
+    """Groups of 16, and vLLM's static-scale fp8 formats, under Triton's interpreter, which must be on before Triton is
+    first imported: a child process."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("the GPU runs the full sweep")

@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kvslim.cli import main
+from kvslim.methods import policy as build_policy
 from kvslim.server.cli import add_arguments, build_app
 
 
@@ -46,11 +47,24 @@ def test_arguments_build_a_serving_app() -> None:
     (["--dtype", "int8"], "not a floating-point torch dtype"),
     (["--kv-tier", "s3://bucket"], "use memory, disk:PATH or redis://HOST:PORT"),
     (["--kv-tier", "memory", "--policy", "snapkv", "--keep", "0.5"], "never shared"),
+    (["--kv-cache-dtype", "fp8_e4m3fn"], "--kv-cache-dtype 'fp8_e4m3fn' is not one of auto, fp8, fp8_e4m3, fp8_e5m2"),
+    (["--kv-cache-dtype", "fp8", "--kv-scale", "per-channel"], "--kv-scale 'per-channel' is not one of"),
+    (["--policy", "kivi4", "--kv-cache-dtype", "fp8"], "already stores the KV as kivi4"),
+    (["--max-num-batched-tokens", "64"], "add --enable-chunked-prefill"),
+    (["--enable-chunked-prefill", "--max-num-batched-tokens", "0"], "give a positive number of tokens"),
+    (["--enable-chunked-prefill", "--tensor-parallel-size", "2"], "runs in one process"),
 ])
 def test_bad_input_is_one_clear_error_before_loading_a_model(argv: list[str], message: str, capsys) -> None:
     assert main(["serve", "--model", "tiny-llama", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_kv_cache_dtype_appends_the_fp8_format_to_the_served_policy() -> None:
+    from kvslim.server.cli import _policy
+
+    args = _args("--policy", "snapkv", "--keep", "0.5", "--kv-cache-dtype", "fp8_e5m2", "--kv-scale", "per-head")
+    assert _policy(args).spec == build_policy("snapkv+fp8_e5m2(scale=per-head)", keep=0.5).spec
 
 
 def test_kv_tier_counts_show_in_metrics(tmp_path) -> None:
@@ -71,6 +85,21 @@ def test_kv_tier_counts_show_in_metrics(tmp_path) -> None:
 
 def test_kv_tier_flag_without_value_means_memory() -> None:
     assert _args("--kv-tier").kv_tier == "memory" and _args().kv_tier is None
+
+
+def test_chunked_prefill_serves_and_reports_latency_percentiles() -> None:
+    args = _args("--model", "tiny-llama", "--kv-memory", "0.01", "--block-size", "8", "--device", "cpu",
+                 "--enable-chunked-prefill", "--max-num-batched-tokens", "16")
+    app = build_app(args)
+    assert app.state.engine.engine.scheduler.token_budget == 16
+    with TestClient(app) as client:
+        assert "kvslim_itl_p99_seconds NaN\n" in client.get("/metrics").text  # nothing finished yet
+        reply = client.post("/v1/completions", json={"prompt": list(range(1, 60)), "max_tokens": 5, "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        metrics = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("kvslim_")}
+    assert 0 < values["kvslim_ttft_p50_seconds"] <= values["kvslim_ttft_p99_seconds"]
+    assert 0 < values["kvslim_itl_p50_seconds"] <= values["kvslim_itl_p99_seconds"]
 
 
 def test_length_aware_flag_reaches_the_scheduler() -> None:

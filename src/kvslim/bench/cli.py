@@ -11,8 +11,9 @@ from typing import Any
 
 from rich.console import Console
 
+from ..cli import add_kv_cache_dtype_args
 from ..models.help import MODEL_HELP
-from .config import BenchConfig, default_dtype, parse_keeps, parse_lengths, parse_list
+from .config import BenchConfig, default_dtype, parse_keeps, parse_lengths, parse_list, parse_policies
 from .harness import run_benchmark
 from .launch import launch
 from .report import print_summary
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=None,
                         help="comma-separated policy specs, e.g. full,snapkv,pyramidkv,kivi2,snapkv+kivi4 "
                              "(default: full,snapkv,streaming; ruler: full and every eviction method)")
+    add_kv_cache_dtype_args(parser)
     parser.add_argument("--keep", default=None,
                         help="keep fractions for policies that take a budget, others run once "
                              "(default: 0.5,0.25,0.125; ruler: 0.75,0.5,0.25,0.125)")
@@ -60,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="wrap prompts in the tokenizer's chat template (ruler does when the tokenizer has one)")
     parser.add_argument("--no-chat", action="store_true", help="ruler: plain prompts even for an instruct model")
+    parser.add_argument("--engine", action="store_true",
+                        help="ruler: generate through the paged engine (every prompt of a policy at once, continuous "
+                             "batching) and report max running sequences, output tok/s, TTFT and agreement with the "
+                             "Hugging Face path's answers in the same --out")
+    parser.add_argument("--kv-memory", type=float, default=None, help="ruler --engine: the KV pool in GiB, e.g. 2")
     parser.add_argument("--ppl-tokens", type=int, default=256, help="continuation tokens scored per perplexity sample")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--demo", action="store_true",
@@ -77,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         return _option(args, name, CUSTOM_DEFAULTS)
 
     return BenchConfig(
-        model=get("model"), policies=parse_list(get("policies")), keeps=parse_keeps(get("keep")),
+        model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),
+        keeps=parse_keeps(get("keep")),
         tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=get("samples"),
         out=args.out or "results/bench", device=args.device, dtype=default_dtype(args.dtype, args.device), seed=args.seed,
         batch_size=get("batch_size"), chat=args.chat, ppl_tokens=args.ppl_tokens,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..methods import Method, policy as build_policy
+from ..methods.fp8_static import kv_cache_dtype_spec
 from ..models import load_config
 from .tasks import get_task
 
@@ -47,6 +48,12 @@ def parse_list(text: str) -> list[str]:
         else:
             cur += ch
     return [i for i in items + [cur.strip()] if i]
+
+
+def parse_policies(text: str, kv_cache_dtype: str = "auto", kv_scale: str | None = None) -> list[str]:
+    """``--policies`` with vLLM's ``--kv-cache-dtype`` (and ``--kv-scale``) applied to each: ``snapkv`` with fp8_e5m2
+    runs as ``snapkv+fp8_e5m2``, ``full`` as ``fp8_e5m2``."""
+    return [kv_cache_dtype_spec(spec, kv_cache_dtype, kv_scale) for spec in parse_list(text)]
 
 
 def parse_keeps(text: str) -> list[float]:

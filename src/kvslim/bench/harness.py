@@ -25,7 +25,7 @@ from . import analysis, metrics, plots, report
 from .config import BenchConfig, Run
 from .execute import generate_batch, perplexity_sample
 from .memory import PeakMemory
-from .store import CONFIG, SampleLog, check_config, write_atomic, write_json
+from .store import CONFIG, HF, SampleLog, check_config, write_atomic, write_json
 from .tasks import get_task
 
 Loader = Callable[[BenchConfig], tuple[Any, Any]]
@@ -63,7 +63,7 @@ def run_benchmark(config: BenchConfig, progress: bool = True, loader: Loader | N
     # Samples are cheap to make (milliseconds), so the whole plan is known before any model work.
     work = [(task, length, task.generate(config.samples, length, tokenizer, seed=config.seed))
             for task in map(get_task, config.tasks) for length in config.lengths]
-    planned = [(task.name, length, s.id, run.policy, run.keep, None) for task, length, samples in work
+    planned = [(task.name, length, s.id, run.policy, run.keep, None, HF) for task, length, samples in work
                for run in runs for s in samples]
     done = log.finished(runs)
 
@@ -77,7 +77,7 @@ def run_benchmark(config: BenchConfig, progress: bool = True, loader: Loader | N
             for i in range(0, len(samples), config.batch_size):
                 for run in runs:
                     batch = [s for s in samples[i:i + config.batch_size]
-                             if not done((task.name, length, s.id, run.policy, run.keep, None))]
+                             if not done((task.name, length, s.id, run.policy, run.keep, None, HF))]
                     if not batch:
                         continue
                     bar.set_description(f"{task.name} {length} {run.label}")

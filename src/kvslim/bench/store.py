@@ -14,14 +14,18 @@ from typing import Any, Callable
 SAMPLES = "samples.jsonl"
 CONFIG = "config.json"
 
-Key = tuple[str, int, str, str, float | None, str | None]
+HF = "hf"
+"""The backend of records generated through ``kvslim.Cache`` (every record without a ``backend`` field)."""
+
+Key = tuple[str, int, str, str, float | None, str | None, str]
 
 
 def key_of(record: dict[str, Any]) -> Key:
-    """What identifies a finished measurement: task, target length, sample id, policy spec, keep and the
-    protocol that fed the question (RULER's suite runs two; other records have none)."""
+    """What identifies a finished measurement: task, target length, sample id, policy spec, keep, the
+    protocol that fed the question (RULER's suite runs two; other records have none) and the backend that
+    generated it (``hf``, or RULER's ``engine``: both may share a run directory, to be compared)."""
     return (record["task"], record["length"], record["sample_id"], record["policy"], record["keep"],
-            record.get("protocol"))
+            record.get("protocol"), record.get("backend", HF))
 
 
 class SampleLog:

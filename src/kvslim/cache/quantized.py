@@ -9,7 +9,9 @@ A :class:`QuantizedSegment` stores its tokens' rows in (batch, head, token) orde
   for KV Cache", arXiv:2402.02750). Key outliers sit in a few fixed channels, so a per-token group would
   spend its whole range on them; KIVI instead gives each channel of a run of ``group`` consecutive tokens
   (of one sequence and head) its own scale and zero point.
-* :class:`Float8`: e4m3 codes with one fp16 scale per token and head (vLLM's fp8 KV cache with scales).
+* :class:`Float8`: e4m3 codes with one fp16 scale per token and head (kvslim's ``fp8``);
+  :class:`~kvslim.cache.fp8.ScaledFloat8` holds vLLM's ``fp8_e4m3``/``fp8_e5m2`` with static scales per
+  sequence (and head) instead.
 
 Integer codes are really packed (2-bit four to a byte, 4-bit two to a byte), so ``nbytes`` is what memory
 holds. Dequantized keys and values exist only inside ``dense()``, while one layer attends.
@@ -92,8 +94,9 @@ class Codec(Protocol):
 
     format: tuple
 
-    def decode(self) -> Tensor:
-        """(N, D) float32 dequantized rows."""
+    def decode(self, heads: Tensor | None = None) -> Tensor:
+        """(N, D) float32 dequantized rows; ``heads``: each row's flat (sequence, head) index, which formats whose
+        scales are per sequence (:class:`~kvslim.cache.fp8.ScaledFloat8`) need and per-row formats ignore."""
         ...
 
     def take(self, rows: Tensor) -> "Codec":
@@ -124,7 +127,7 @@ class TokenGroups:
         codes, scale, zero = quantize_asym(rows.reshape(n, dim // group, group), bits, -1)
         return cls(pack(codes.reshape(n, dim), bits), scale.reshape(n, -1), zero.reshape(n, -1), bits, group)
 
-    def decode(self) -> Tensor:
+    def decode(self, heads: Tensor | None = None) -> Tensor:
         codes = unpack(self.codes, self.bits).float()
         n, dim = codes.shape
         groups = codes.view(n, dim // self.group, self.group)
@@ -181,7 +184,7 @@ class ChannelGroups:
         whole = bool((sizes == self.group).all())
         return ChannelGroups(codes, scale, zero, None if whole else sizes.to(torch.int16), self.bits, self.group)
 
-    def decode(self) -> Tensor:
+    def decode(self, heads: Tensor | None = None) -> Tensor:
         runs = self.token_runs()
         return unpack(self.codes, self.bits).float() * self.scale[runs].float() + self.zero[runs].float()
 
@@ -221,7 +224,7 @@ class Float8:
         step = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
         return cls((rows / step).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
 
-    def decode(self) -> Tensor:
+    def decode(self, heads: Tensor | None = None) -> Tensor:
         return self.codes.float() * self.scale.float()
 
     def take(self, rows: Tensor) -> "Float8":
@@ -261,8 +264,9 @@ class QuantizedSegment(Segment):
         return heads.repeat_interleave(self.lengths.flatten())
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
-        keys, valid = ragged_to_padded(self.keys.decode().to(self.dtype), self.lengths)
-        values, _ = ragged_to_padded(self.values.decode().to(self.dtype), self.lengths)
+        heads = self.row_heads()
+        keys, valid = ragged_to_padded(self.keys.decode(heads).to(self.dtype), self.lengths)
+        values, _ = ragged_to_padded(self.values.decode(heads).to(self.dtype), self.lengths)
         return keys, values, valid
 
     def select(self, keep: Tensor) -> "QuantizedSegment":

@@ -22,9 +22,9 @@ from .compression import Compression
 from .sequence import Sequence
 
 
-def block_cap(compression: Compression, n_prompt: int, block_size: int) -> int | None:
-    """The most blocks a sequence of an ``n_prompt``-token prompt holds while decoding; None: it takes a block more
-    every ``block_size`` tokens, however long it writes.
+def block_cap(compression: Compression, n_prompt: int, block_size: int, appended: int = 0) -> int | None:
+    """The most blocks a sequence of an ``n_prompt``-token prompt (and ``appended`` uncompressed suffix tokens after
+    it) holds while decoding; None: it takes a block more every ``block_size`` tokens, however long it writes.
 
     A sliding window holds its budget's blocks, plus the one it is part way through and the sinks' block; a
     decode-time scorer holds its limit (``decode_budget``, else what the prefill kept, at least ``budget``) and
@@ -33,7 +33,7 @@ def block_cap(compression: Compression, n_prompt: int, block_size: int) -> int |
     def blocks(slots: int) -> int:
         return -(-slots // block_size)
 
-    window = compression.start_window(n_prompt)
+    window = compression.start_window(n_prompt, appended)
     if window is not None:
         return blocks(window[1]) + 2
     method = compression.decoding
@@ -44,7 +44,7 @@ def block_cap(compression: Compression, n_prompt: int, block_size: int) -> int |
     else:
         planned = max(method.planned_tokens(n_prompt, i, compression.num_layers) for i in range(compression.num_layers))
         limit = max(int(planned), method.budget or 0)
-    return blocks(limit + method.interval)
+    return blocks(limit + appended + method.interval)
 
 
 class OutputLengths:
@@ -75,12 +75,13 @@ class LengthAwareAdmission:
     def __init__(self, blocks: BlockManager, compression: Compression, lengths: OutputLengths | None = None):
         self.blocks, self.compression = blocks, compression
         self.lengths = lengths or OutputLengths()
-        self._caps: dict[int, int | None] = {}  # block_cap by prompt length: admission asks every step
+        self._caps: dict[tuple[int, int], int | None] = {}  # block_cap by prompt and suffix: asked every step
 
-    def cap(self, n_prompt: int) -> int | None:
-        if n_prompt not in self._caps:
-            self._caps[n_prompt] = block_cap(self.compression, n_prompt, self.blocks.block_size)
-        return self._caps[n_prompt]
+    def cap(self, seq: Sequence) -> int | None:
+        key = (seq.num_prompt_tokens - seq.suffix_tokens, seq.suffix_tokens)
+        if key not in self._caps:
+            self._caps[key] = block_cap(self.compression, key[0], self.blocks.block_size, key[1])
+        return self._caps[key]
 
     def expected_output(self, seq: Sequence) -> int:
         """Output tokens ``seq`` is expected to write in all: ``min(max_tokens, predicted)``, and at least a block
@@ -96,7 +97,7 @@ class LengthAwareAdmission:
         not the slots, so a sequence admitted but not yet prefilled counts its prompt (at most a block too many)."""
         remaining = max(0, self.expected_output(seq) - len(seq.output_token_ids))
         final = held + self.blocks.blocks_for(remaining)
-        cap = self.cap(seq.num_prompt_tokens)
+        cap = self.cap(seq)
         return max(0, (final if cap is None else min(final, cap)) - held)
 
     def headroom(self, seq: Sequence, slots: int, running: list[Sequence]) -> int:

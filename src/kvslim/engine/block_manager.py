@@ -5,7 +5,10 @@ scheduling decision (wait or preempt), never a crash. A block can be in several 
 
 * **prefix sharing**: a full block of prompt tokens is known by the hash of its tokens and of
   everything before it; a later prompt with the same prefix takes the same block instead of a new
-  one (and the runner skips recomputing it). A freed block keeps its hash until it is reused, so a
+  one (and the runner skips recomputing it). A block is registered under its hash when the step that
+  writes its keys is scheduled (the step runs its prefills in order, so a later prompt of the same step
+  reads it written): at allocation for whole prompts, chunk by chunk with chunked prefill. A step that
+  fails unregisters the blocks it may have left unwritten (:meth:`forget`). A freed block keeps its hash until it is reused, so a
   prefix survives its first owner as long as the memory is not needed. The hash is a BLAKE2b chain,
   the same in every process, so it also names the block in a shared KV tier (:mod:`kvslim.cache.tier`);
 * **fork**: ``n`` completions of one prompt start from the same blocks.
@@ -114,11 +117,13 @@ class BlockManager:
         """Whether ``slots`` slots (and, with a ring, ``rows`` ring rows) are free."""
         return self.blocks_for(slots) <= self.num_free and (not self.rows or rows <= len(self.free_rows))
 
-    def allocate(self, seq: Sequence, slots: int, shareable: int = 0) -> None:
+    def allocate(self, seq: Sequence, slots: int, shareable: int = 0, register: bool = True) -> None:
         """Give ``seq`` blocks for ``slots`` slots; the full blocks within its first ``shareable`` tokens are
-        looked up by prefix hash (reused when present) and registered (0: no prefix sharing).
+        looked up by prefix hash (reused when present) and, with ``register``, registered (0: no prefix sharing).
 
         Sets ``seq.num_cached_tokens``: leading tokens whose keys/values are already in the shared blocks.
+        ``register=False`` when the prefill may not fill the new blocks in this step (chunked prefill): a later
+        prompt must not find a block whose keys will not be written; :meth:`register` then adds them chunk by chunk.
         """
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
@@ -135,7 +140,7 @@ class BlockManager:
                 hits += 1
             else:
                 block = self._take()
-                if key is not None:
+                if key is not None and register:
                     self.block_hash[block], self.block_tokens[block] = key, tuple(tokens)
                     self.hash_to_block[key] = block
             table.append(block)
@@ -144,6 +149,54 @@ class BlockManager:
         seq.num_cached_tokens = hits * self.block_size
         if self.rows:
             seq.ring_row = self.free_rows.popleft()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, as if each free block were reused (a KV tier still gets its spill); only
+        between requests: a block in use keeps its contents for its sequence."""
+        if self.num_used:
+            raise RuntimeError(f"reset_prefix_cache with {self.num_used} blocks in use: finish or abort every request "
+                               "first")
+        for block, key in enumerate(self.block_hash):
+            if key is not None and self.hash_to_block.get(key) == block and self.on_forget is not None:
+                self.on_forget(block, key)
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+
+    def chain_hashes(self, tokens: list[int], count: int) -> list[int]:
+        """Prefix hashes of the full blocks within the first ``count`` of ``tokens`` (registered or not)."""
+        hashes, previous = [], 0
+        for i in range(count // self.block_size):
+            previous = chain_hash(previous, tokens[i * self.block_size : (i + 1) * self.block_size])
+            hashes.append(previous)
+        return hashes
+
+    def register(self, seq: Sequence, tokens: int) -> None:
+        """Make ``seq``'s full blocks within its first ``tokens`` tokens findable by prefix hash (their keys and
+        values are written by now, or by the step being scheduled). A block whose prefix another sequence
+        registered first stays private."""
+        previous = 0
+        for i in range(min(tokens // self.block_size, len(seq.block_table))):
+            block = seq.block_table[i]
+            key = self.block_hash[block]
+            if key is None:
+                chunk = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+                key = chain_hash(previous, chunk)
+                if key not in self.hash_to_block:
+                    self.block_hash[block], self.block_tokens[block] = key, tuple(chunk)
+                    self.hash_to_block[key] = block
+            previous = key
+
+    def forget(self, seq: Sequence, tokens: int) -> None:
+        """Unregister ``seq``'s blocks past its first ``tokens`` tokens: a failed step may have left them unwritten
+        (a block holding some of those tokens that was written may lose its hash too: only a cache miss later)."""
+        for block in seq.block_table[tokens // self.block_size :]:
+            key = self.block_hash[block] if block >= 0 else None
+            if key is None:
+                continue
+            if self.hash_to_block.get(key) == block:
+                del self.hash_to_block[key]
+            self.block_hash[block] = self.block_tokens[block] = None
 
     def prefix_hashes(self, seq: Sequence) -> list[int]:
         """Hashes of the leading run of ``seq``'s blocks that are registered for prefix sharing."""

@@ -7,7 +7,7 @@ into the sequence's blocks, so a compressed sequence holds fewer blocks.
 
 What the engine supports, and why:
 
-* **ragged heads and layers** (AdaKV, PyramidKV): every (layer, KV head) keeps its own length,
+* **ragged heads and layers** (AdaKV, auto, PyramidKV): every (layer, KV head) keeps its own length,
   padded within the sequence's blocks; a sequence takes blocks for its *longest* head, so the
   memory saved is set by the longest head, not the mean (AdaKV saves less here than its bytes
   accounting in the Hugging Face path says).
@@ -29,17 +29,28 @@ What the engine supports, and why:
 * **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at
   prefill from the sequence's keys, values and queries; ExpectedAttention also gets the runner's RoPE
   frequencies.
-* **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``), alone or last in a
-  hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as their codes (see
-  :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
+* **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``, ``fp8_e4m3``,
+  ``fp8_e5m2``), alone or last in a hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as
+  their codes (see :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
   values in host pages (:mod:`kvslim.engine.offload_kv`), PQCache key codes in device pages and exact
   keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
-  the store. ThinK's pruned channels are refused, and so is a sliding window over a storage format
-  (``streaming+kivi4``).
+  the store. Quest (``quest``, ``snapkv+quest``) keeps every token in model-dtype pages plus each block's key
+  extrema, and each step reads only the selected blocks (:mod:`kvslim.engine.quest_kv`). ThinK's pruned
+  channels are refused, and so is a sliding window over a storage format (``streaming+kivi4``).
+* **chunked prefill** (``max_num_batched_tokens``, see :mod:`kvslim.engine.scheduler`): chunks are stored
+  uncompressed in the sequence's pages, each attending to the earlier ones there; after the last chunk the
+  evictor runs once, over the whole prompt's keys and values (the pages, read back as decode-time compression
+  reads them, then the last chunk's own) and the newest :attr:`Compression.observed` queries, kept across
+  chunks. Every scorer looks only at that many newest queries (``ScoredEviction.observed``, the contract
+  decode-time compression already relies on), and KVzip's probes attend to the whole prompt at each layer
+  during the last chunk, so the kept tokens are those of an unchunked prefill. StreamingLLM also evicts after
+  the last chunk: dropping as it goes would change what the later prompt tokens attend to. Quantized and
+  offloaded stores are not chunked (a chunk would attend to dequantized keys): their prompts run whole.
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
   whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
-  do not share either (their blocks are split between device and host).
+  do not share either (their blocks are split between device and host), nor does Quest (any storage format
+  but a quantizer's keeps its blocks to one sequence).
 """
 from __future__ import annotations
 
@@ -49,11 +60,13 @@ from torch import Tensor
 from ..cache.layer import LayerKV
 from ..methods import Chain, Method, Observation, ScoredEviction
 from ..methods.adakv import AdaptiveHeads
+from ..methods.auto import AutoBudget
 from ..methods.full import Full
 from ..methods.kcache import KCache
 from ..methods.kvzip import chunk_size
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
+from ..methods.quest import Quest
 from ..methods.streaming import Streaming
 
 
@@ -72,7 +85,8 @@ class Compression:
         self.states: list[dict] = []  # per layer, the last prefill's method state (see take_states)
         parts = [p for p in _parts(policy) if not isinstance(p, Full)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
-        self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], (Quantizer, KCache, PQCache)) else None
+        stores = (Quantizer, KCache, PQCache, Quest)
+        self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], stores) else None
         self.quantizer = self.storage if isinstance(self.storage, Quantizer) else None
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
         #: whether stored blocks depend only on their own and earlier tokens (prefix sharing, KV tiers)
@@ -84,7 +98,9 @@ class Compression:
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
         #: the evictor that compresses while decoding (rescored from pages every ``interval`` steps), or None
         self.decoding = self._decoding(policy, parts) if self.window is None else None
-        self.ragged_heads = any(isinstance(p, AdaptiveHeads) for p in parts)
+        self.ragged_heads = any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
+        #: budgets weighed over every KV head of a layer and every layer of a request (auto): one process only
+        self.whole_request = any(isinstance(p, AutoBudget) for p in parts)
         other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
         if other:
             raise ValueError(
@@ -92,6 +108,13 @@ class Compression:
                 "keys and values in the model dtype or as kivi/int/fp8 codes, so only eviction methods and a last "
                 f"quantizer run here (use kvslim.Cache for {', '.join(other)})"
             )
+        #: the newest prompt queries the evictors score with (their observation windows): all a chunked prefill
+        #: keeps of its earlier chunks' queries
+        self.observed = max((p.observed for p in parts if isinstance(p, ScoredEviction)), default=1)
+        #: whether a prompt may be prefilled in chunks with the same result: chunks are stored, then read back by the
+        #: next chunks and by the evictor, exactly only in the model dtype (quantized or offloaded pages would give
+        #: back other keys than the ones an unchunked prefill attends to and scores)
+        self.chunkable = self.storage is None
 
     def _decoding(self, policy: Method, parts: list[Method]) -> ScoredEviction | None:
         decoding = [p for p in parts if isinstance(p, ScoredEviction) and p.decodes]
@@ -111,10 +134,15 @@ class Compression:
             )
         return method
 
-    def take_states(self) -> list[dict]:
+    def take_states(self, appended: int = 0) -> list[dict]:
         """Each layer's method state after the last prefill (budget, remembered queries): a sequence keeps it for
-        decode-time compression."""
+        decode-time compression. ``appended`` tokens run uncompressed after the compressed ones (a suffix) widen
+        the budget, as ``kvslim.Cache.appended`` does, so the first decoding step does not squeeze them out."""
         states, self.states = self.states, []
+        if appended:
+            for state in states:
+                if "budget" in state:
+                    state["budget"] = state["budget"] + appended
         return states
 
     def decode_step(self, layer_idx: int, state: dict, query: Tensor) -> tuple[Observation, Tensor] | None:
@@ -133,8 +161,11 @@ class Compression:
         layer.state["prompt"] = layer.state["real"] = prompt
         return layer
 
-    def reserve(self, n_tokens: int) -> int:
-        """Page slots a sequence of ``n_tokens`` needs right after its prefill (the blocks admission must find)."""
+    def reserve(self, n_tokens: int, appended: int = 0) -> int:
+        """Page slots a sequence of ``n_tokens`` compressed tokens and ``appended`` uncompressed ones after them (a
+        suffix) needs right after its prefill (the blocks admission must find)."""
+        if appended:
+            return self.reserve(n_tokens) + appended
         kept = n_tokens
         if self.evict is not None and not self.ragged_heads:
             planned = max(self.evict.planned_tokens(n_tokens, i, self.num_layers) for i in range(self.num_layers))
@@ -180,10 +211,12 @@ class Compression:
         kept_k, kept_v, valid = layer.dense(keys.dtype)
         return kept_k[0], kept_v[0], valid[0].sum(-1)
 
-    def start_window(self, seq_len: int) -> tuple[int, int] | None:
-        """(sinks, budget) of a sliding window for a prefill of ``seq_len`` tokens, or None."""
+    def start_window(self, seq_len: int, appended: int = 0) -> tuple[int, int] | None:
+        """(sinks, budget) of a sliding window for a prefill of ``seq_len`` compressed tokens and ``appended``
+        uncompressed ones after them, or None."""
         if self.window is None:
             return None
-        # as its decode_limit: a prompt shorter than ``budget`` grows up to it
-        budget = self.window.budget or int(self.window.tokens_for(seq_len))
+        # as its decode_limit: what the prefill kept, widened by the appended tokens, and at least ``budget`` (a
+        # prompt shorter than it grows up to it)
+        budget = max(int(self.window.tokens_for(seq_len)) + appended, self.window.budget or 0)
         return min(self.window.sinks, budget), budget

@@ -4,14 +4,15 @@
 :class:`DenseKV` is the plain pool: every token's key and value in the model dtype, one slot per token.
 
 :class:`QuantKV` stores tokens as a kvslim quantizer packs them (``kivi2``, ``kivi4``, ``int8``, ``int4``,
-``fp8``, and hybrids such as ``snapkv+kivi4``), so a block holds the same tokens in fewer bytes and the
-same ``kv_memory`` holds more of them. It keeps the Hugging Face path's rule (``Quantizer.store``): a
-head's tokens are packed in whole units of ``pack`` tokens (KIVI's key run, else one token) once more than
-``residual`` newer ones follow; until then they wait in full precision. Those newest tokens live
-outside the pool, in the sequence's row of a *ring* ``(layers, rows, residual + pack, H, D)``; the rows'
-bytes are taken out of ``kv_memory`` before the blocks are counted, and each sequence is charged for its
-row. Per-token formats keep ``residual = 0``, so their row holds just the token being decoded: like
-``kvslim.Cache``, a new token attends to its own key in full precision, and is packed right after.
+``fp8``, vLLM's ``fp8_e4m3``/``fp8_e5m2`` in :mod:`kvslim.engine.fp8_kv`, and hybrids such as
+``snapkv+kivi4``), so a block holds the same tokens in fewer bytes and the same ``kv_memory`` holds more of
+them. It keeps the Hugging Face path's rule (``Quantizer.store``): a head's tokens are packed in whole units
+of ``pack`` tokens (KIVI's key run, else one token) once more than ``residual`` newer ones follow; until
+then they wait in full precision. Those newest tokens live outside the pool, in the sequence's row of a
+*ring* ``(layers, rows, residual + pack, H, D)``; the rows' bytes are taken out of ``kv_memory`` before the
+blocks are counted, and each sequence is charged for its row. Per-token formats keep ``residual = 0``, so
+their row holds just the token being decoded: like ``kvslim.Cache``, a new token attends to its own key in
+full precision, and is packed right after.
 """
 from __future__ import annotations
 
@@ -25,14 +26,17 @@ from ..kernels.paged_attention_ref import paged_decode_ref
 from ..kernels.paged_quant import CodePages, Codes, QuantPages
 from ..kernels.paged_quant_attention_ref import paged_quant_decode_ref
 from ..methods import Method
+from ..methods.fp8_static import StaticFP8
 from ..methods.kcache import KCache
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
+from ..methods.quest import Quest
 from .sequence import Sequence
 
-if TYPE_CHECKING:  # the offloading stores build on this module, so it imports them only when called
+if TYPE_CHECKING:  # the offloading and Quest stores build on this module, so it imports them only when called
     from .offload_kv import KCacheKV
     from .pq_kv import PQCacheKV
+    from .quest_kv import QuestKV
 
 #: the residual rows take at most this share of ``kv_memory`` (it caps running sequences on small pools)
 MAX_RING_SHARE = 0.25
@@ -133,6 +137,13 @@ class DenseKV:
         write_heads(self.v_cache[layer], slots, values, lens)
         return lens, None
 
+    def write(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Store (H, T, D) keys/values at per-head flat ``slots`` (H, T): tokens appended after heads that hold
+        different numbers of slots (a suffix after a ragged compressed prefill)."""
+        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None].expand_as(slots)
+        self.k_cache[layer].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = keys
+        self.v_cache[layer].view(-1, self.num_kv_heads, self.head_dim)[slots, heads] = values
+
     # -- decoding -----------------------------------------------------------------------------------
     def grows(self, seq: Sequence) -> bool:
         """Whether the next decode step writes page slot ``seq.kv_slots`` (which must then be writable)."""
@@ -184,10 +195,7 @@ class QuantKV:
         self.dtype, self.device = dtype, device
         self.residual, self.pack = quantizer.residual, quantizer.block()
         self.capacity = self.residual + self.pack
-        self.encode_keys, self.encode_values = quantizer.encoders(head_dim, head_dim)
-        probe = torch.randn(self.pack, head_dim)
-        self.key_codes = Codes.of(self.encode_keys(probe), head_dim)
-        self.value_codes = Codes.of(self.encode_values(probe), head_dim)
+        self._setup_codes()
         element = torch.empty((), dtype=dtype).element_size()
         self.row_bytes = 2 * num_layers * self.capacity * num_kv_heads * head_dim * element
         self.block_size = 0
@@ -195,6 +203,13 @@ class QuantKV:
         self.ring_k = self.ring_v = torch.empty(0)
         self._attend = _backend(device, "paged_quant_attention", "paged_quant_decode", paged_quant_decode_ref,
                                 lambda module: module.triton_supports(self.key_codes, self.value_codes))
+
+    def _setup_codes(self) -> None:
+        """The quantizer's encoders and the page formats (``key_codes``, ``value_codes``) their codes take."""
+        self.encode_keys, self.encode_values = self.quantizer.encoders(self.head_dim, self.head_dim)
+        probe = torch.randn(self.pack, self.head_dim)
+        self.key_codes = Codes.of(self.encode_keys(probe), self.head_dim)
+        self.value_codes = Codes.of(self.encode_values(probe), self.head_dim)
 
     def block_bytes(self, block_size: int) -> int:
         self.check_block_size(block_size)
@@ -247,8 +262,10 @@ class QuantKV:
         self.ring_k[:, dst] = self.ring_k[:, src]
         self.ring_v[:, dst] = self.ring_v[:, src]
 
-    def _write(self, layers: Tensor | int, slots: Tensor, heads: Tensor, keys: Tensor, values: Tensor) -> None:
-        """Quantize rows (N, D) (KIVI: whole runs, one head's consecutive slots each) into the pages."""
+    def _write(self, layers: Tensor | int, rows: Tensor | int, slots: Tensor, heads: Tensor, keys: Tensor,
+               values: Tensor) -> None:
+        """Quantize rows (N, D) (KIVI: whole runs, one head's consecutive slots each) into the pages; ``rows``: each
+        entry's ring row (its sequence, whose scales static formats look up)."""
         self.pages.keys.write(layers, slots, heads, self.encode_keys(keys))  # type: ignore[union-attr]
         self.pages.values.write(layers, slots, heads, self.encode_values(values))  # type: ignore[union-attr]
 
@@ -261,7 +278,7 @@ class QuantKV:
         grid, head = heads_expand(slots, heads)
         pack = t < packed[:, None]
         if bool(pack.any()):
-            self._write(layer, grid[pack], head[pack], keys[pack], values[pack])
+            self._write(layer, seq.ring_row, grid[pack], head[pack], keys[pack], values[pack])
         ring = (t >= packed[:, None]) & (t < lens[:, None])
         position = (t - packed[:, None]).expand(heads, -1)
         self.ring_k[layer, seq.ring_row, position[ring], head[ring]] = keys[ring]
@@ -312,7 +329,7 @@ class QuantKV:
         at = (layer[:, None], row[:, None], units[None, :], head[:, None])
         keys, values = self.ring_k[at].flatten(0, 1), self.ring_v[at].flatten(0, 1)
         spread = lambda x: x.repeat_interleave(self.pack)  # noqa: E731
-        self._write(spread(layer), (first[:, None] + units).flatten(), spread(head), keys, values)
+        self._write(spread(layer), spread(row), (first[:, None] + units).flatten(), spread(head), keys, values)
         if self.residual:
             kept = torch.arange(self.residual, device=self.device)
             src = (layer[:, None], row[:, None], kept[None, :] + self.pack, head[:, None])
@@ -342,18 +359,24 @@ def _backend(device: torch.device, module: str, name: str, reference: Callable[.
 
 
 def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> "DenseKV | QuantKV | KCacheKV | PQCacheKV":
+               device: torch.device) -> "DenseKV | QuantKV | KCacheKV | PQCacheKV | QuestKV":
     """The store for a policy's storage format (:attr:`Compression.storage`): None keeps the model dtype."""
-    from .offload_kv import KCacheKV  # the offloading stores build on this module, so they import it
+    from .fp8_kv import StaticFP8KV  # the other stores build on this module, so they import it
+    from .offload_kv import KCacheKV
     from .pq_kv import PQCacheKV
+    from .quest_kv import QuestKV
 
     args = (num_layers, num_kv_heads, head_dim, dtype, device)
     if storage is None:
         return DenseKV(*args)
+    if isinstance(storage, StaticFP8):
+        return StaticFP8KV(storage, *args)
     if isinstance(storage, Quantizer):
         return QuantKV(storage, *args)
     if isinstance(storage, KCache):
         return KCacheKV(storage, *args)
     if isinstance(storage, PQCache):
         return PQCacheKV(storage, *args)  # type: ignore[return-value]
+    if isinstance(storage, Quest):
+        return QuestKV(storage, *args)
     raise ValueError(f"the engine has no store for {storage.spec}")

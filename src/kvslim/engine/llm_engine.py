@@ -1,8 +1,9 @@
-"""The engine loop: add requests, step (prefill or batched decode), hand back tokens and finished requests."""
+"""The engine loop: add requests, step (prefill or batched decode; with chunked prefill, decode beside prompt chunks),
+hand back tokens and finished requests, and record their latencies."""
 from __future__ import annotations
 
 import time
-from itertools import count
+from itertools import count, pairwise
 from typing import Any
 
 import torch
@@ -15,12 +16,13 @@ from .admission import LengthAwareAdmission
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
+from .latency import LatencyStats, percentiles
 from .model_runner import ModelRunner
 from .outputs import Completion, RequestOutput
 from .parallel import ParallelRunner, RanksOutOfStep
 from .sampler import sample
 from .sampling_params import SamplingParams
-from .scheduler import Metrics, Scheduler
+from .scheduler import Metrics, Scheduler, Step
 from .sequence import Sequence
 from .tier_link import TierLink, check_policy
 
@@ -62,6 +64,12 @@ class LLMEngine:
     model is. :meth:`close` stops them. KV byte counts (``block_bytes``, a request's ``peak_kv_bytes``...)
     are then per device.
 
+    ``chunked_prefill`` (vLLM's ``enable_chunked_prefill``) runs each step's decode tokens and prompt chunks
+    together, up to ``max_num_batched_tokens`` tokens (default 2048), so a long prompt does not stall the
+    sequences decoding beside it (see :mod:`kvslim.engine.scheduler`); greedy outputs are the same as without
+    it. It is off by default: each step then prefills whole prompts (up to ``max_prefill_tokens``) or decodes.
+    The decode part of a step still replays a CUDA graph; the chunks run eagerly after it.
+
     ``length_aware`` admits a request only when the pool also holds the output every running sequence is still
     expected to write (see :mod:`kvslim.engine.admission`): fewer preemptions when outputs run long.
     """
@@ -69,17 +77,26 @@ class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
                  kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, device: "str | torch.device | None" = None, length_aware: bool = False):
+                 tensor_parallel_size: int = 1, device: "str | torch.device | None" = None,
+                 chunked_prefill: bool = False, max_num_batched_tokens: int | None = None, length_aware: bool = False):
+        if max_num_batched_tokens is not None and not chunked_prefill:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} is the token budget of a chunked-prefill "
+                             "step: pass chunked_prefill=True too (without it a step prefills whole prompts)")
+        if chunked_prefill and tensor_parallel_size > 1:
+            raise ValueError("chunked_prefill keeps each prompt's chunk state in one process: use it with "
+                             "tensor_parallel_size=1")
         self.runner = self._runner(model, enforce_eager, tensor_parallel_size, device, kv_tier)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
                                        _repeat_ids(tokenizer) if self.policy.probes else [])
-        if isinstance(self.runner, ParallelRunner) and (self.policy.probes or self.compression.decoding is not None):
+        if isinstance(self.runner, ParallelRunner) and (self.policy.probes or self.compression.decoding is not None
+                                                        or self.compression.whole_request):
             self.runner.shutdown()
-            raise ValueError(f"{self.policy.spec} under tensor parallelism: KVzip's probes and decode-time compression "
-                             "run in one process only; use tensor_parallel_size=1 or a prefill-time method")
+            raise ValueError(f"{self.policy.spec} under tensor parallelism: KVzip's probes, decode-time compression and "
+                             "auto's budgets (weighed over all KV heads) run in one process only; use "
+                             "tensor_parallel_size=1 or another method")
         self.runner.set_format(self.compression.storage)
         if self.compression.decoding is not None:  # decode-time compression scores from each step's queries
             self.runner.enforce_eager, self.runner.decode_queries = True, []
@@ -97,7 +114,11 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size, rows)
         admission = LengthAwareAdmission(self.blocks, self.compression) if length_aware else None
         self.scheduler = Scheduler(self.blocks, self.compression, min(max_num_seqs, rows or max_num_seqs),
-                                   max_prefill_tokens, self.runner.max_model_len, kv.grows, admission)
+                                   max_prefill_tokens, self.runner.max_model_len, kv.grows,
+                                   token_budget=(2048 if max_num_batched_tokens is None else max_num_batched_tokens)
+                                   if chunked_prefill else None,
+                                   chunkable=self.compression.chunkable, admission=admission)
+        self.latency = LatencyStats()
         self.requests: dict[str, list[Sequence]] = {}
         self.finished: dict[str, RequestOutput] = {}
         self.eos = self._eos_ids(model, tokenizer)
@@ -106,7 +127,9 @@ class LLMEngine:
             check_policy(self.compression)
         self.tier = open_tier(kv_tier) if isinstance(kv_tier, str) else kv_tier
         self.tier_link = None if self.tier is None else TierLink(self.tier, self.blocks, kv, model, self.policy.spec)
-        self.last_step_prefill = False  # what the last step ran (benchmarks time prefill and decode apart)
+        #: whether the last step ran a prefill (with chunked prefill, perhaps beside decodes): benchmarks time
+        #: prefill and decode apart
+        self.last_step_prefill = False
 
     @staticmethod
     def _runner(model: Any, enforce_eager: bool, tensor_parallel_size: int, device: "str | torch.device | None",
@@ -146,22 +169,46 @@ class LLMEngine:
                              f"token ids are 0..{self.vocab_size - 1}")
         return ids
 
-    def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Raise RequestTooLarge (a ValueError) if such a request could never run; reads no mutable state, so
-        a server may call it from any thread before queuing the request."""
+    def check(self, num_prompt_tokens: int, params: SamplingParams, suffix_tokens: int = 0) -> None:
+        """Raise RequestTooLarge (a ValueError) if such a request (the last ``suffix_tokens`` of its prompt a suffix)
+        could never run; reads no mutable state, so a server may call it from any thread before queuing the request."""
         if params.n > 1 and self.compression.decoding is not None:
             raise ValueError(f"n={params.n}: {self.policy.spec} compacts a sequence's blocks while decoding, which "
                              "completions sharing the prompt's blocks cannot; send n=1 requests")
-        self.scheduler.check(num_prompt_tokens, params.max_tokens, params.n)
+        self.scheduler.check(num_prompt_tokens, params.max_tokens, params.n, suffix_tokens)
 
-    def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None) -> str:
+    def encode_suffix(self, suffix: "str | list[int]") -> list[int]:
+        """A suffix's token ids (text without the tokenizer's special tokens: it continues a prompt); raises
+        ValueError where the policy cannot keep a suffix apart from what it compresses."""
+        if self.compression.storage is not None:
+            raise ValueError(f"suffix: {self.policy.spec} stores pages as {self.compression.storage.name} codes; a "
+                             "suffix is appended uncompressed over model-dtype pages only: use an eviction method alone "
+                             "here, or kvslim.Cache.appended() for the hybrid")
+        if isinstance(self.runner, ParallelRunner):
+            raise ValueError("suffix: requests with a suffix run in one process only; use tensor_parallel_size=1")
+        if isinstance(suffix, str) and self.tokenizer is not None:
+            suffix = list(self.tokenizer.encode(suffix, add_special_tokens=False))
+        return self.encode(suffix)
+
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams, request_id: str | None = None,
+                    suffix: "str | list[int] | None" = None) -> str:
         """Queue a request; raises ValueError for a bad prompt and RequestTooLarge (a ValueError) if it could
-        never fit."""
+        never fit.
+
+        ``suffix``: tokens after the prompt that the policy does not compress: the prompt is prefilled and
+        compressed alone, then the suffix is prefilled uncompressed after what was kept, attending to it, and the
+        answer follows (the query-agnostic protocol: a context compressed once, a question read from it; what
+        ``kvslim.generate_ids(suffix_ids=...)`` does through ``kvslim.Cache.appended``). Without an evictor (the
+        full cache) that is the same computation as one prompt, and it runs as one.
+        """
         ids = self.encode(prompt)
-        self.check(len(ids), params)
+        suffix_ids = [] if suffix is None else self.encode_suffix(suffix)
+        kept_apart = len(suffix_ids) if self.compression.evict is not None else 0
+        ids += suffix_ids
+        self.check(len(ids), params, kept_apart)
         request_id = request_id or f"req-{next(self._ids)}"
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seq = Sequence(ids, params, request_id, generator=generator)
+        seq = Sequence(ids, params, request_id, generator=generator, suffix_tokens=kept_apart)
         self.scheduler.add(seq)
         self.requests[request_id] = [seq]
         return request_id
@@ -180,7 +227,20 @@ class LLMEngine:
     def metrics(self) -> Metrics:
         metrics = self.scheduler.metrics()
         metrics.tier = None if self.tier is None else self.tier.stats.as_dict()
+        metrics.latency = self.latency.as_dict()
         return metrics
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (between requests): a benchmark that runs the same prompts again
+        measures them computed, not found."""
+        self.blocks.reset_prefix_cache()
+
+    def capture_graphs(self) -> None:
+        """Capture every decode CUDA graph the engine can replay now, instead of on the first step of each batch
+        size: a benchmark keeps capture time out of what it times. Nothing to do without graphs (CPU, eager)."""
+        runner = self.runner
+        if isinstance(runner, ModelRunner) and runner.graphs is not None and not runner.enforce_eager:
+            runner.graphs.capture(self.scheduler.max_num_seqs)
 
     def close(self) -> None:
         """Finish the KV tier's queued writes and release it; stop tensor-parallel workers."""
@@ -191,35 +251,50 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one prefill or decode step; returns (sequence, new token) for every token produced.
+        """Run one step (prefills, a decode step, or with chunked prefill both); returns (sequence, new token) for
+        every token produced (a prompt chunk that is not its prompt's last produces none).
 
         If the step raises, the requests it ran are dropped (blocks freed) and :class:`StepFailed` names
         them; the engine stays usable for every other request. Only :class:`RanksOutOfStep` (tensor-parallel
         ranks left apart by an earlier failure) passes through as it is: nothing can run after it.
         """
-        seqs, is_prefill, copies = self.scheduler.schedule()
-        if not seqs:
+        step = self.scheduler.schedule()
+        if not step.decode and not step.prefill:
             return []
-        self.last_step_prefill = is_prefill
+        self.last_step_prefill = bool(step.prefill)
         try:
-            return self._run(seqs, is_prefill, copies)
+            return self._run(step)
         except RanksOutOfStep:
             raise
         except Exception as err:
+            for seq, _ in step.prefill:  # blocks registered for this step's prefills may hold no keys
+                self.blocks.forget(seq, seq.num_prefilled)
+            seqs = step.decode + [seq for seq, _ in step.prefill]
             raise StepFailed(self._drop({seq.request_id for seq in seqs}), err) from err
 
-    def _run(self, seqs: list[Sequence], is_prefill: bool, copies: list[tuple[int, int]]) -> list[tuple[Sequence, int]]:
-        if is_prefill:
-            rows = [self._prefill(seq) for seq in seqs]
-            logits = torch.stack(rows)
-            seqs, logits = self._fork(seqs, logits)
-        else:
-            self.runner.copy_blocks(copies)
-            logits = self.runner.decode(self.runner.prepare_decode(seqs))
-            for row, seq in enumerate(seqs):
+    def _run(self, step: Step) -> list[tuple[Sequence, int]]:
+        seqs: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        if step.decode:
+            self.runner.copy_blocks(step.copies)
+            logits = self.runner.decode(self.runner.prepare_decode(step.decode))
+            for row, seq in enumerate(step.decode):
                 self.runner.kv.advance(seq)
                 self._slide(seq)
                 self._evict_decoded(seq, row)
+            seqs, rows = list(step.decode), list(logits)
+        done, last = [], []
+        for seq, tokens in step.prefill:
+            row = self._prefill(seq, tokens)
+            if row is not None:
+                done.append(seq)
+                last.append(row)
+        if done:
+            forked, logits = self._fork(done, torch.stack(last))
+            seqs, rows = seqs + forked, rows + list(logits)
+        if not seqs:
+            return []
+        logits = torch.stack(rows)
         tokens = sample(logits, seqs)
         for seq, token in zip(seqs, tokens):
             self._append(seq, token)
@@ -239,17 +314,29 @@ class LLMEngine:
             dropped.append(request_id)
         return dropped
 
-    def _prefill(self, seq: Sequence) -> torch.Tensor:
-        if self.tier_link is not None:
-            seq.num_tier_tokens = self.tier_link.load(seq)
-        logits, held, seq.tail = self.runner.prefill(seq, None if self.compression.evict is None else self.compression)
+    def _prefill(self, seq: Sequence, tokens: int) -> torch.Tensor | None:
+        """Run up to ``tokens`` more of the sequence's prompt; its last token's logits once the whole prompt has run,
+        else None (a chunk: its keys and values wait in the pages for the next one)."""
+        if not seq.num_prefilled:  # its first chunk
+            if self.tier_link is not None:
+                seq.num_tier_tokens = self.tier_link.load(seq, self.compression.shareable(len(seq)))
+                self.blocks.register(seq, seq.num_cached_tokens)  # what the tier wrote
+            seq.num_prefilled = min(seq.num_cached_tokens, len(seq) - 1)
+        start, end = seq.num_prefilled, min(seq.prefill_len, seq.num_prefilled + tokens)
+        compress = None if self.compression.evict is None else self.compression
+        logits, held, seq.tail = self.runner.prefill(seq, compress, start, end)
+        seq.num_prefilled = end
+        if end < seq.prefill_len:
+            return None
+        seq.prefill_queries = None
         if self.tier_link is not None:
             self.tier_link.save(seq)
         seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
+        appended = len(seq) - seq.compressed_len
         if self.compression.decoding is not None:
-            seq.method_state = self.compression.take_states()
-        window = self.compression.start_window(len(seq))
+            seq.method_state = self.compression.take_states(appended)
+        window = self.compression.start_window(seq.compressed_len, appended)
         if window is not None:
             seq.sinks, seq.window_budget = window
             seq.window_start = seq.sinks
@@ -318,6 +405,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         now = time.perf_counter()
+        seq.token_times.append(now)
         seq.first_token_time = seq.first_token_time or now
         params, produced = seq.params, len(seq.output_token_ids)
         reason = None
@@ -326,7 +414,7 @@ class LLMEngine:
             cut = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 seq.text, reason = seq.text[:cut], "stop"
-        if reason is None and token in self.eos and not params.ignore_eos:
+        if reason is None and (token in self.eos or token in params.stop_token_ids) and not params.ignore_eos:
             reason = "stop"
         if reason is None and produced >= params.max_tokens:
             reason = "length"
@@ -342,12 +430,13 @@ class LLMEngine:
             return
         del self.requests[request_id]
         self.finished[request_id] = self._output(request_id, seqs)
+        self.latency.add(seqs[0].arrival, [s.token_times for s in seqs])
 
     def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         completions = []
         for seq in seqs:
             ids = seq.output_token_ids
-            if seq.finish_reason == "stop" and ids and ids[-1] in self.eos:
+            if seq.finish_reason == "stop" and ids and (ids[-1] in self.eos or ids[-1] in seq.params.stop_token_ids):
                 ids = ids[:-1]
             text = seq.text if seq.params.stop and seq.finish_reason == "stop" else self.detokenize(ids)
             completions.append(Completion(text, ids, seq.finish_reason or "abort"))
@@ -357,6 +446,8 @@ class LLMEngine:
         ttft = (first.first_token_time - first.arrival) if first.first_token_time else None
         per_token = [(s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1)
                      for s in seqs if s.finish_time and s.first_token_time and len(s.output_token_ids) > 1]
+        gaps = [b - a for s in seqs for a, b in pairwise(s.token_times)]
+        itl_p50, itl_p99 = percentiles(gaps)
         full_blocks = self.blocks.blocks_for(len(first))
         peak_bytes = max(s.peak_blocks for s in seqs) * self.block_bytes + self.runner.kv.row_bytes
         return RequestOutput(request_id, first.prompt_token_ids, completions, {
@@ -368,6 +459,8 @@ class LLMEngine:
             "ttft_s": ttft,
             "latency_s": end - first.arrival,
             "tpot_s": sum(per_token) / len(per_token) if per_token else None,
+            "itl_p50_s": itl_p50,
+            "itl_p99_s": itl_p99,
             "preemptions": sum(s.preemptions for s in seqs),
             "peak_kv_blocks": max(s.peak_blocks for s in seqs),
             "peak_kv_bytes": peak_bytes,

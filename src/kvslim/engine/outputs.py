@@ -17,7 +17,8 @@ class RequestOutput:
     """One request's completions (``n`` of them) and per-request stats.
 
     ``stats``: prompt_tokens, cached_prompt_tokens (from the prefix cache), completion_tokens,
-    ttft_s, latency_s, tpot_s (mean time per output token after the first), preemptions,
+    ttft_s, latency_s, tpot_s (mean time per output token after the first), itl_p50_s and itl_p99_s (percentiles
+    of the times between consecutive tokens: a step stalled by another prompt's prefill shows in p99), preemptions,
     peak_kv_blocks, peak_kv_bytes (device memory: blocks and ring row), peak_kv_host_bytes (host memory:
     KCache's offloaded values) and full_kv_bytes (what an uncompressed cache would have needed).
     """

@@ -69,12 +69,13 @@ class SeqView:
     window_start: int
     sinks: int
     ring_row: int
+    compressed_len: int
 
     @classmethod
     def of(cls, seq: Sequence) -> "SeqView":
         """A sequence about to be prefilled."""
         return cls(list(seq.token_ids), len(seq), list(seq.block_table), seq.num_cached_tokens, seq.kv_slots, seq.pad,
-                   seq.tail, seq.window_start, seq.sinks, seq.ring_row)
+                   seq.tail, seq.window_start, seq.sinks, seq.ring_row, seq.compressed_len)
 
     def heads(self, lo: int, hi: int) -> "SeqView":
         cut = lambda t: None if t is None else t[:, lo:hi]  # noqa: E731
@@ -131,7 +132,7 @@ class DecodeStep:
         columns = zip(self.tokens.tolist(), self.lengths.tolist(), self.kv_slots.tolist(), self.window_start.tolist(),
                       self.sinks.tolist(), self.ring_rows.tolist())
         return [SeqView([token], length, tables[i][: widths[i]], 0, slots, cut(self.pads, i), cut(self.tails, i), start,
-                        sinks, row) for i, (token, length, slots, start, sinks, row) in enumerate(columns)]
+                        sinks, row, length) for i, (token, length, slots, start, sinks, row) in enumerate(columns)]
 
 
 class Rank:
@@ -157,10 +158,11 @@ class Rank:
     def copy_row(self, src: int, dst: int) -> None:
         self.runner.kv.copy_row(src, dst)  # type: ignore[union-attr]
 
-    def prefill(self, view: SeqView, policy: Method | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def prefill(self, view: SeqView, policy: Method | None, start: int | None, end: int | None
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Last-token logits (whole vocabulary on rank 0) and every rank's heads' slot and ring counts (L, H)."""
         hook = None if policy is None else self._hook(policy)
-        logits, held, tail = self.runner.prefill(view.heads(self.lo, self.hi), hook)  # type: ignore[arg-type]
+        logits, held, tail = self.runner.prefill(view.heads(self.lo, self.hi), hook, start, end)  # type: ignore[arg-type]
         return logits, self._gather_heads(held), None if tail is None else self._gather_heads(tail)
 
     def decode(self, step: DecodeStep) -> Tensor:
@@ -342,9 +344,11 @@ class ParallelRunner:
         if copies:
             self.call("copy_blocks", copies)
 
-    def prefill(self, seq: Sequence, compress: Compression | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """As :meth:`ModelRunner.prefill`, with every rank's heads' counts (L, H)."""
-        return self.call("prefill", SeqView.of(seq), None if compress is None else compress.policy)
+    def prefill(self, seq: Sequence, compress: Compression | None, start: int | None = None, end: int | None = None
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """As :meth:`ModelRunner.prefill` (whole prompts: chunked prefill runs in one process), with every rank's
+        heads' counts (L, H)."""
+        return self.call("prefill", SeqView.of(seq), None if compress is None else compress.policy, start, end)
 
     def prepare_decode(self, seqs: list[Sequence]) -> DecodeStep:
         return DecodeStep.of(seqs)

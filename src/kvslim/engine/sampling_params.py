@@ -15,9 +15,10 @@ class SamplingParams:
     """``temperature=0`` is greedy; ``top_k`` keeps the k likeliest tokens (0: all), ``top_p`` the smallest
     set of tokens whose probability reaches it.
 
-    Generation ends at ``max_tokens``, at the end-of-sequence token (unless ``ignore_eos``: benchmarks
-    need a fixed output length), or when the text produced contains one of ``stop`` (which is cut off;
-    empty strings are dropped, as they would end every answer at once). ``n`` completions of one prompt
+    Generation ends at ``max_tokens``, at the end-of-sequence token or one of ``stop_token_ids`` (unless
+    ``ignore_eos``: benchmarks need a fixed output length; instruct models often end a turn with a token
+    the tokenizer does not call its eos), or when the text produced contains one of ``stop`` (which is cut
+    off; empty strings are dropped, as they would end every answer at once). ``n`` completions of one prompt
     share its blocks (forked after one prefill, copy-on-write after). Every value is checked here, so a
     bad one is a ValueError when the request is made, never an error inside an engine step.
     """
@@ -30,6 +31,7 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     top_k: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stop = [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]

@@ -36,6 +36,14 @@ class Sequence:
 
     Quantized pages (see :mod:`kvslim.engine.kv_store`) count only packed tokens in slots; the newest
     tokens, still in full precision, sit in the sequence's ``ring_row``, ``tail[layer, head]`` of them.
+
+    A *suffix* (``suffix_tokens``, the query-agnostic protocol's question) is the end of the prompt that the
+    method must not compress: the prefill compresses the tokens before it, then runs it uncompressed after
+    what was kept (see :attr:`compressed_len`).
+
+    Prefill: from admission until its prompt (``prefill_len`` tokens: prompt and output so far, after a
+    preemption) has run, a sequence is *prefilling*; with chunked prefill that takes several steps, each
+    running tokens ``[num_prefilled, ...)`` (see :mod:`kvslim.engine.scheduler`).
     """
 
     prompt_token_ids: list[int]
@@ -64,6 +72,13 @@ class Sequence:
     tail: Tensor | None = None  # (L, H) tokens each head holds in its ring row (stores with a ring)
     #: per layer, the method's state for decode-time compression (budget, remembered queries); None: none
     method_state: list[dict] | None = None
+    suffix_tokens: int = 0  # the prompt's last tokens, prefilled uncompressed after the rest is compressed
+    prefill_len: int = 0  # tokens the current prefill runs (len(seq) when admitted); 0 before admission
+    num_prefilled: int = 0  # of those, tokens whose keys/values are in pages (0 until its first chunk runs)
+    #: per layer, the newest queries (Hq, w, D) of the chunks run so far: an evictor's observation window, scored
+    #: with the whole prompt's keys after the last chunk (chunked prefill)
+    prefill_queries: list[Tensor] | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token was sampled (latencies)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -81,6 +96,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def compressed_len(self) -> int:
+        """Leading tokens a prefill compresses: all of them, or with a suffix those before it (the suffix and any
+        output so far, after a preemption, are then appended uncompressed)."""
+        return self.num_prompt_tokens - self.suffix_tokens if self.suffix_tokens else len(self)
+
+    @property
     def last_token(self) -> int:
         return self.token_ids[-1]
 
@@ -89,8 +110,13 @@ class Sequence:
         return self.status is Status.FINISHED
 
     @property
+    def prefilling(self) -> bool:
+        """Admitted, and part of its prompt has not run yet (chunked prefill spreads it over steps)."""
+        return self.num_prefilled < self.prefill_len
+
+    @property
     def num_blocks_held(self) -> int:
-        return sum(b >= 0 for b in self.block_table)
+        return len(self.block_table) - self.block_table.count(-1)  # -1: a block a sliding window handed back
 
     def slot_lens(self, num_layers: int, num_heads: int) -> Tensor:
         """(L, H) slots held per layer and KV head."""
@@ -106,13 +132,17 @@ class Sequence:
         """Forget all storage (preemption by recompute): the next prefill runs prompt and output so far."""
         self.block_table = []
         self.num_cached_tokens = self.num_tier_tokens = self.kv_slots = self.sinks = self.window_start = 0
-        self.pad = self.window_budget = self.tail = self.method_state = None
+        self.pad = self.window_budget = self.tail = self.method_state = self.prefill_queries = None
+        self.prefill_len = self.num_prefilled = 0
 
     def fork(self) -> "Sequence":
         """A copy that continues separately; the block manager shares its blocks."""
-        child = Sequence(self.prompt_token_ids, self.params, self.request_id, token_ids=list(self.token_ids))
+        child = Sequence(self.prompt_token_ids, self.params, self.request_id, token_ids=list(self.token_ids),
+                         suffix_tokens=self.suffix_tokens)
         child.status, child.num_cached_tokens, child.kv_slots = self.status, self.num_cached_tokens, self.kv_slots
         child.pad, child.sinks, child.window_start = self.pad, self.sinks, self.window_start
         child.window_budget, child.arrival, child.first_token_time = self.window_budget, self.arrival, self.first_token_time
         child.tail = None if self.tail is None else self.tail.clone()
+        child.prefill_len, child.num_prefilled = self.prefill_len, self.num_prefilled
+        child.token_times = list(self.token_times)
         return child

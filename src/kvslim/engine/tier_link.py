@@ -68,10 +68,12 @@ class TierLink:
         if len(self.known) > KNOWN_KEYS:
             self.known.popitem(last=False)
 
-    def load(self, seq: Sequence) -> int:
-        """Fill ``seq``'s shareable blocks after its device hits from the tier; returns the tokens loaded."""
+    def load(self, seq: Sequence, shareable: int) -> int:
+        """Fill ``seq``'s blocks within its first ``shareable`` tokens after its device hits from the tier; returns
+        the tokens loaded. (By hash, not by registration: with chunked prefill a new block is registered only
+        once its keys are written, see ``BlockManager.allocate``.)"""
         size = self.blocks.block_size
-        hashes = self.blocks.prefix_hashes(seq)
+        hashes = self.blocks.chain_hashes(seq.token_ids, shareable)
         first = seq.num_cached_tokens // size
         keys = [self._key(h) for h in hashes[first:]]
         loaded = 0

@@ -5,7 +5,9 @@ One program per (sequence, KV head, split) serves the whole query group of that 
 key and value page is read once per group; a sequence's blocks are split over several programs when
 there are few sequences (flash-decoding, see :mod:`kvslim.kernels.paged_split`). Blocks a sliding
 window has passed are never touched: the walk covers the sink blocks, then the window's first block
-to the last written one, and each split takes a contiguous chunk of that walk.
+to the last written one, and each split takes a contiguous chunk of that walk. Given a ``selected`` table
+(B, H, k) of block positions instead (Quest, :mod:`kvslim.kernels.quest`), each (sequence, KV head) walks
+only its own selected blocks: the same kernel, reading k blocks per head.
 Pages are typically bf16; they are widened to float32 on load, so scores, softmax and both products
 are float32 (decode reads each page once: it is bound by memory, not by the multiplies).
 """
@@ -20,10 +22,11 @@ from .paged_split import combine, partials, plan_splits, store_partial
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, scale, splits,
-    stride_qb, stride_qh, stride_tb,
-    stride_kn, stride_ks, stride_kh, stride_lb,
+    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, tables_ptr, lens_ptr, starts_ptr, sinks_ptr, sel_ptr, scale, splits,
+    top, stride_qb, stride_qh, stride_tb,
+    stride_kn, stride_ks, stride_kh, stride_lb, stride_sb, stride_sh,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGES: tl.constexpr, SELECT: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -39,17 +42,27 @@ def _paged_decode_kernel(
     m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
-    s = tl.arange(0, BLOCK_SIZE)
+    t = tl.arange(0, PAGES * BLOCK_SIZE)  # the tile's tokens: PAGES pages of BLOCK_SIZE slots
+    page, s = t // BLOCK_SIZE, t % BLOCK_SIZE
     sink_blocks = tl.minimum(tl.cdiv(sinks, BLOCK_SIZE), tl.cdiv(length, BLOCK_SIZE))
     first_window = tl.maximum(start // BLOCK_SIZE, sink_blocks)
     steps = sink_blocks + tl.cdiv(length, BLOCK_SIZE) - first_window
+    if SELECT:
+        steps = top
     chunk = tl.cdiv(steps, splits)  # this sequence's blocks spread evenly over the splits
-    for i in range(split * chunk, tl.minimum(steps, (split + 1) * chunk)):  # the sink blocks, then the window's
+    end = tl.minimum(steps, (split + 1) * chunk)
+    for i0 in range(split * chunk, end, PAGES):  # the sink blocks, then the window's, PAGES at a time
+        i = i0 + page
         j = tl.where(i < sink_blocks, i, i - sink_blocks + first_window)
-        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
+        held = length
+        if SELECT:  # this head's i-th selected blocks; -1 (none) reads nothing
+            j = tl.load(sel_ptr + b * stride_sb + h * stride_sh + i, mask=i < end, other=-1)
+            held = tl.where(j >= 0, length, 0)
+            j = tl.maximum(j, 0)
+        block = tl.load(tables_ptr + b * stride_tb + j, mask=i < end, other=0).to(tl.int64)
         slot = j * BLOCK_SIZE + s
-        visible = (slot < length) & ((slot < sinks) | (slot >= start))
-        offs = block * stride_kn + s[:, None] * stride_ks + h * stride_kh + d[None, :]
+        visible = (i < end) & (slot < held) & ((slot < sinks) | (slot >= start))
+        offs = block[:, None] * stride_kn + s[:, None] * stride_ks + h * stride_kh + d[None, :]
         k = tl.load(k_ptr + offs, mask=visible[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=visible[:, None], other=0.0).to(tl.float32)
         scores = tl.where(visible[None, :], tl.dot(q, tl.trans(k)), -1.0e30)
@@ -62,11 +75,19 @@ def _paged_decode_kernel(
     store_partial(m_ptr, l_ptr, acc_ptr, m_i, l_i, acc, b, h, split, splits, H, BLOCK_G, HEAD_DIM)
 
 
+#: tokens each loop iteration of a program reads per KV head (whole pages): enough bytes in flight per load
+TILE_TOKENS = 64
+
+
 def paged_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: Tensor, lens: Tensor,
-                 starts: Tensor, sinks: Tensor, scale: float, splits: int | None = None) -> Tensor:
+                 starts: Tensor, sinks: Tensor, scale: float, splits: int | None = None, tile_tokens: int = TILE_TOKENS,
+                 num_warps: int = 4, num_stages: int = 3, selected: Tensor | None = None) -> Tensor:
     """query (B, Hq, D); pages (N, bs, H, D); block_tables (B, M); lens (B, H); starts, sinks (B,) -> (B, Hq, D).
 
-    ``splits``: programs sharing each (sequence, KV head)'s blocks (None: enough to fill the GPU).
+    ``splits``: programs sharing each (sequence, KV head)'s blocks (None: enough to fill the GPU);
+    ``tile_tokens``, ``num_warps``, ``num_stages``: the launch's shape (benchmarks/engine_decode_kernels.py sweeps them).
+    ``selected`` (B, H, k): read only these block positions of the table per KV head (-1: none), see the module
+    docstring; the window (``starts``, ``sinks``) still hides slots.
     """
     batch, q_heads, dim = query.shape
     block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
@@ -76,13 +97,18 @@ def paged_decode(query: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: 
             raise ValueError(f"the Triton paged kernel needs a power-of-two {name}, got {value}")
     query = query.contiguous()
     tables = block_tables.contiguous()
-    splits = plan_splits(batch, kv_heads, tables.shape[1], query.device, splits)
+    pages = 1 << (max(1, tile_tokens // block_size).bit_length() - 1)  # whole pages, a power of two of them
+    select = selected is not None
+    sel = selected.contiguous() if select else lens  # any tensor: the kernel never reads it without SELECT
+    top = sel.shape[2] if select else 0
+    splits = plan_splits(batch, kv_heads, top if select else tables.shape[1], query.device, splits, pages)
     block_g = max(16, triton.next_power_of_2(group))
     scratch = partials(batch, kv_heads, splits, block_g, dim, query.device)
     _paged_decode_kernel[(batch, kv_heads, splits)](
-        query, k_pages, v_pages, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), scale, splits,
-        query.stride(0), query.stride(1), tables.stride(0),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), lens.stride(0),
-        H=kv_heads, GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim,
+        query, k_pages, v_pages, *scratch, tables, lens, starts.contiguous(), sinks.contiguous(), sel, scale, splits,
+        top, query.stride(0), query.stride(1), tables.stride(0),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), lens.stride(0), sel.stride(0), sel.stride(1),
+        H=kv_heads, GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, PAGES=pages, SELECT=select,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return combine(scratch, query.new_empty(batch, q_heads, dim), kv_heads, splits, block_g)

@@ -11,10 +11,10 @@ Codes are never interleaved back into channel order. A byte holds ``P = 8 // bit
 bytes as loaded, shifted by ``J * bits``, are *plane* ``J``: channels ``J, J + P, ...``. The kernel
 works plane by plane: the query is loaded as the same planes, a block's scores are the sum of the
 planes' products, and the output keeps one slice per plane, stored back to its channels at the end.
-Each plane is dequantized in registers with the scales of its groups, runs or tokens and rounded to
-the query's dtype, so the numbers are those the Hugging Face path attends over. Heads too small for
-planes of 16 channels (``tl.dot``'s least size: 2-bit codes at head_dim 32, 4-bit at 16) unpack whole
-rows instead, by broadcasting each byte against its shifts.
+Each plane is dequantized in registers with the scales of its groups, runs or tokens (static fp8: of its
+block, per head or one for all) and rounded to the query's dtype, so the numbers are those the Hugging
+Face path attends over. Heads too small for planes of 16 channels (``tl.dot``'s least size: 2-bit codes
+at head_dim 32, 4-bit at 16) unpack whole rows instead, by broadcasting each byte against its shifts.
 
 Why planes: the first version interleaved shifted bytes with ``tl.join`` + ``tl.reshape``. That was
 exact under the interpreter, and exact on the H100 too as long as the tile was only stored; but fed
@@ -45,7 +45,7 @@ from torch import Tensor
 from .paged_quant import CodePages, Codes, QuantPages
 from .paged_split import MIN_CHUNK, combine, partials, plan_splits
 
-_KINDS = {"token": 0, "channel": 1, "fp8": 2}
+_KINDS = {"token": 0, "channel": 1, "fp8": 2, "fp8_e4m3": 3, "fp8_e5m2": 4}
 
 
 @triton.jit
@@ -71,9 +71,11 @@ def _blocks(tables_ptr, b, stride_tb, i, hi, sink_blocks, first_window, IDX64: t
 
 
 @triton.jit
-def _scales(s_ptr, z_ptr, row, mask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr):
+def _scales(s_ptr, z_ptr, row, block, h, mask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
+            SCALES: tl.constexpr):
     """Per-token scales (and zeros) of a tile's rows, loaded once for every plane: (T, groups) for token groups,
-    (T,) for fp8; KIVI keys' per-run scales are loaded per plane (:func:`_plane`)."""
+    (T,) for fp8, and (T,) for static fp8 (each row's block's scale: ``SCALES`` per block, 1 or one per head);
+    KIVI keys' per-run scales are loaded per plane (:func:`_plane`)."""
     if KIND == 0:
         NG: tl.constexpr = HEAD_DIM // GROUP
         offs = row[:, None] * NG + tl.arange(0, NG)[None, :]
@@ -81,6 +83,13 @@ def _scales(s_ptr, z_ptr, row, mask, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
         zero = tl.load(z_ptr + offs, mask=mask[:, None], other=0.0).to(tl.float32)
     elif KIND == 2:
         scale = tl.load(s_ptr + row, mask=mask, other=0.0).to(tl.float32)
+        zero = scale
+    elif KIND >= 3:
+        if SCALES > 1:
+            at = block * SCALES + h
+        else:
+            at = block
+        scale = tl.load(s_ptr + at, mask=mask, other=0.0)
         zero = scale
     else:
         scale = 0.0
@@ -102,8 +111,10 @@ def _plane(raw, s_ptr, z_ptr, scale, zero, run_row, J: tl.constexpr, P: tl.const
     kept there for a 16-bit ``tl.dot`` (``LOWP``), else returned as float32.
     """
     W: tl.constexpr = HEAD_DIM // P
-    if KIND == 2:  # fp8: e4m3 bytes times one scale per token
+    if KIND == 2 or KIND == 3:  # e4m3 bytes times the token's (fp8) or its block's (fp8_e4m3) scale
         x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
+    elif KIND == 4:  # e5m2 bytes times the block's scale
+        x = raw.to(tl.float8e5, bitcast=True).to(tl.float32) * scale[:, None]
     else:
         if P > 1:
             codes = (raw.to(tl.int32) >> (J * BITS)) & ((1 << BITS) - 1)
@@ -140,7 +151,7 @@ def _paged_quant_decode_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     RING_T: tl.constexpr, BITS: tl.constexpr,
     K_KIND: tl.constexpr, K_GROUP: tl.constexpr, V_KIND: tl.constexpr, V_GROUP: tl.constexpr,
-    BLOCKS: tl.constexpr, LOWP: tl.constexpr, IDX64: tl.constexpr,
+    K_SCALES: tl.constexpr, V_SCALES: tl.constexpr, BLOCKS: tl.constexpr, LOWP: tl.constexpr, IDX64: tl.constexpr,
 ):
     """Everything runs per plane (see :func:`_plane`): scores add up the planes' products, and each plane
     keeps its own slice of the output, written back to its channels at the end. Keys and values have the
@@ -200,8 +211,8 @@ def _paged_quant_decode_kernel(
             run_row = (run_block * RUN_BLOCK + run % RUN_BLOCK) * H + h
         k_raw = tl.load(kc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0)
         v_raw = tl.load(vc_ptr + row[:, None] * BYTES + wb[None, :], mask=visible[:, None], other=0)
-        ks, kz = _scales(ks_ptr, kz_ptr, row, visible, K_KIND, HEAD_DIM, K_GROUP)
-        vs, vz = _scales(vs_ptr, vz_ptr, row, visible, V_KIND, HEAD_DIM, V_GROUP)
+        ks, kz = _scales(ks_ptr, kz_ptr, row, block, h, visible, K_KIND, HEAD_DIM, K_GROUP, K_SCALES)
+        vs, vz = _scales(vs_ptr, vz_ptr, row, block, h, visible, V_KIND, HEAD_DIM, V_GROUP, V_SCALES)
         k = _plane(k_raw, ks_ptr, kz_ptr, ks, kz, run_row, 0, PER, T, HEAD_DIM, K_KIND, BITS, K_GROUP, dtype, LOWP)
         scores = tl.dot(q0, tl.trans(k))
         if PER >= 2:
@@ -268,13 +279,18 @@ def _paged_quant_decode_kernel(
 
 
 def triton_supports(keys: Codes, values: Codes) -> bool:
-    """Whether this kernel reads the format: every page format (token groups, KIVI runs, fp8) of 2, 4 or 8 bits,
-    keys and values of one width (the planes are shared)."""
+    """Whether this kernel reads the format: every page format (token groups, KIVI runs, fp8 with scales per token
+    or static per block) of 2, 4 or 8 bits, keys and values of one width (the planes are shared)."""
     return keys.bits == values.bits and all(c.kind in _KINDS and c.bits in (2, 4, 8) for c in (keys, values))
 
 
 def _pointers(pages: CodePages) -> tuple[Tensor, Tensor, Tensor]:
     return pages.codes, pages.scale, pages.scale if pages.zero is None else pages.zero
+
+
+def _scales_per_block(codes: Codes, kv_heads: int) -> int:
+    """Static fp8: scales each block keeps (one per head, or one); 1 (unused) for the other formats."""
+    return kv_heads if codes.static and codes.per_head else 1
 
 
 @dataclass(frozen=True)
@@ -336,6 +352,7 @@ def paged_quant_decode(query: Tensor, pages: QuantPages, block_tables: Tensor, l
         ring_lens.stride(0), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
         H=kv_heads, GROUP=q_heads // kv_heads, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, RING_T=16,
         BITS=keys.bits, K_KIND=_KINDS[keys.kind], K_GROUP=keys.group, V_KIND=_KINDS[values.kind], V_GROUP=values.group,
+        K_SCALES=_scales_per_block(keys, kv_heads), V_SCALES=_scales_per_block(values, kv_heads),
         BLOCKS=launch.blocks, LOWP=_lowp(query.dtype), IDX64=idx64,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )

@@ -17,9 +17,11 @@ PROGRAMS_PER_SM = 4  # enough programs in flight to hide memory latency
 MIN_CHUNK = 8  # blocks per split of the widest sequence, at least: a split's fixed cost stays small next to its reads
 
 
-def plan_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device, splits: int | None = None) -> int:
+def plan_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device, splits: int | None = None,
+                pages_per_step: int = 1) -> int:
     """Programs sharing each (sequence, KV head)'s blocks, for sequences of at most ``max_blocks`` blocks (the
-    block table's width); ``splits`` asks for that many (tests, tuning), by default enough to fill the GPU.
+    block table's width); ``splits`` asks for that many (tests, tuning), by default enough to fill the GPU
+    while each split still walks at least ``MIN_CHUNK`` loop steps of ``pages_per_step`` blocks.
 
     Each sequence spreads its own blocks evenly over the splits (the kernels divide in-kernel), so the
     launch depends on the table's width only, not on the lengths: a CUDA graph can replay it as the
@@ -28,7 +30,7 @@ def plan_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device
     if splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(1, batch * kv_heads))
-        splits = min(wanted, triton.cdiv(max_blocks, MIN_CHUNK))
+        splits = min(wanted, triton.cdiv(max_blocks, MIN_CHUNK * pages_per_step))
     return max(1, splits)
 
 

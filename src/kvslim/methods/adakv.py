@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import ScoredEviction, keep_top
+from .base import ScoredEviction, keep_top, scorer_with
 from .registry import register
 from .snapkv import SnapKV
 
@@ -83,5 +83,4 @@ def _adaptive(scorer: type[ScoredEviction]) -> type[ScoredEviction]:
     """The subclass of ``scorer`` that selects with adaptive per-head budgets (one per scorer class)."""
     if scorer is SnapKV:
         return AdaKV
-    namespace = {"name": "adakv", "scorer": scorer, "__module__": __name__}
-    return dataclass(type(f"AdaKV{scorer.__name__}", (scorer, AdaptiveHeads), namespace))
+    return scorer_with(scorer, AdaptiveHeads, "AdaKV", name="adakv", scorer=scorer)

@@ -192,8 +192,7 @@ class ScoredEviction(Method):
     decode_time: ClassVar[bool] = False
 
     def validate(self) -> None:
-        if (self.keep is None) == (self.budget is None):
-            raise ValueError(f"{self.name}: give exactly one of keep (fraction in (0, 1]) or budget (tokens per KV head)")
+        self.validate_budget()
         if self.keep is not None and not 0 < self.keep <= 1:
             raise ValueError(f"{self.name}: keep={self.keep} must be in (0, 1]; e.g. keep=0.25 keeps a quarter")
         if self.budget is not None and self.budget < 1:
@@ -206,6 +205,11 @@ class ScoredEviction(Method):
                              "KV head held while generating, or None")
         if self.interval < 1:
             raise ValueError(f"{self.name}: interval={self.interval} must be >= 1 (decoding steps between evictions)")
+
+    def validate_budget(self) -> None:
+        """Raise ``ValueError`` unless the budget is given one way; a method that sets budgets itself overrides it."""
+        if (self.keep is None) == (self.budget is None):
+            raise ValueError(f"{self.name}: give exactly one of keep (fraction in (0, 1]) or budget (tokens per KV head)")
 
     def score(self, obs: Observation) -> Tensor:
         """(B, H, T) importance of each held token; higher is kept."""
@@ -242,13 +246,17 @@ class ScoredEviction(Method):
         window = self.window if obs.phase == "prefill" else max(self.window, 1)
         return obs.valid & ((rank < self.sinks) | (rank >= count.unsqueeze(-1) - window))
 
-    def evict(self, obs: Observation, k: Tensor) -> None:
-        """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest."""
+    def ranked(self, obs: Observation, raw: Tensor) -> Tensor:
+        """Scores (B,H,T) in keeping order: protected tokens first (+inf), then by ``raw`` score, padding last (-inf)."""
+        return raw.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
+
+    def evict(self, obs: Observation, k: Tensor, raw: Tensor | None = None) -> None:
+        """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest; ``raw``: this
+        observation's :meth:`score`, when the caller already computed it."""
         if bool((obs.valid.sum(-1) <= k).all()):
             return
-        raw = self.score(obs).float()
-        scores = raw.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
-        keep = self.choose(scores, k) & obs.valid
+        raw = self.score(obs).float() if raw is None else raw
+        keep = self.choose(self.ranked(obs, raw), k) & obs.valid
         values = self.kept_values(obs, raw, keep)
         self.reflow(obs, keep)
         obs.layer.select(keep, values)
@@ -326,3 +334,10 @@ class ScoredEviction(Method):
         due = self.due(obs)
         if due is not None:
             self.evict(*due)
+
+
+def scorer_with(base: type[ScoredEviction], mixin: type, prefix: str, **namespace: object) -> type[ScoredEviction]:
+    """A dataclass subclass of the scorer ``base`` and a wrapper's ``mixin`` (``adakv(SCORER)``, ``merge(SCORER)``...):
+    the mixin comes after the scorer, so the scorer's parameter defaults stand; ``namespace`` sets the wrapper's name
+    and hooks. Wrappers cache it, one class per scorer."""
+    return dataclass(type(f"{prefix}{base.__name__}", (base, mixin), {"__module__": mixin.__module__, **namespace}))

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Observation, ScoredEviction
+from .base import Observation, ScoredEviction, scorer_with
 from .registry import register
 from .snapkv import SnapKV
 
@@ -115,7 +115,5 @@ def _merging(scorer: type[ScoredEviction]) -> type[ScoredEviction]:
     """The subclass of ``scorer`` that merges what it evicts (one per scorer class)."""
     if scorer is SnapKV:
         return Merge
-    # the mixin comes after the scorer so the scorer's parameter defaults stand; its spec is set here because a
-    # wrapped adakv(SCORER) defines one that would otherwise come first
-    namespace = {"name": "merge", "merges": scorer, "spec": Merging.spec, "__module__": __name__}
-    return dataclass(type(f"Merge{scorer.__name__}", (scorer, Merging), namespace))
+    # the spec is set here because a wrapped adakv(SCORER) defines one that would otherwise come first
+    return scorer_with(scorer, Merging, "Merge", name="merge", merges=scorer, spec=Merging.spec)

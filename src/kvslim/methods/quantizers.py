@@ -14,7 +14,9 @@ the cache appends new tokens.
   format needs no run to fill, so ``residual`` defaults to 0: every token is packed at once. ``int8`` takes
   one group per head (``group=128``): 8 bits already resolve a whole head, and 128-channel groups keep its
   scales at 3% of the codes; ``int4`` needs finer groups (``group=32``).
-* ``fp8``: e4m3 codes with one fp16 scale per token and head, as vLLM's fp8 KV cache with scales.
+* ``fp8``: e4m3 codes with one fp16 scale per token and head (a scale measured for every token, so nothing
+  is ever clamped; 2 bytes of scale per ``head_dim`` bytes of codes). vLLM's ``--kv-cache-dtype`` formats with one
+  static scale per sequence, ``fp8_e4m3`` and ``fp8_e5m2``, are in :mod:`kvslim.methods.fp8_static`.
 
 In a hybrid (``snapkv+kivi2``, ``h2o+int8``, ``streaming+kivi4``) the quantizer comes last and packs what the
 evictors keep; evicting a packed token only drops its codes (see ``QuantizedSegment.select``).
@@ -122,7 +124,7 @@ class Quantizer(Method):
         if not bool(move.any()):
             return
         moving = valid & (valid.long().cumsum(-1) <= move.unsqueeze(-1))
-        packed = QuantizedSegment.from_padded(keys, values, moving, *self.encoders(keys.shape[-1], values.shape[-1]))
+        packed = self.packed_segment(layer, keys, values, moving)
         head = segments[:cut]
         if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
             packed = head.pop().concat(packed)
@@ -130,6 +132,10 @@ class Quantizer(Method):
         stored = head + [packed] + ([DenseSegment.from_padded(keys, values, rest)] if bool(rest.any()) else [])
         _relayout_state(layer, stored)
         layer.replace(stored)
+
+    def packed_segment(self, layer: LayerKV, keys: Tensor, values: Tensor, moving: Tensor) -> QuantizedSegment:
+        """The (B,H,T,D) keys/values where ``moving`` (B,H,T) is True, coded in this format."""
+        return QuantizedSegment.from_padded(keys, values, moving, *self.encoders(keys.shape[-1], values.shape[-1]))
 
     def storage_bytes(self, shape: KVShape, tokens: list[float]) -> int:
         dense = 2 * shape.head_dim * shape.element_bytes
@@ -230,7 +236,7 @@ class FP8(Quantizer):
 
     residual: int = 0
     name = "fp8"
-    summary = "fp8 (e4m3) KV with one fp16 scale per token and head"
+    summary = "fp8 (e4m3) KV with one fp16 scale per token and head (not vLLM's fp8: see fp8_e4m3)"
     paper = "vLLM's fp8 (e4m3) KV cache with scales (docs.vllm.ai, Quantized KV Cache)"
 
     def encoders(self, key_dim: int, value_dim: int) -> tuple[Encoder, Encoder]:

@@ -148,7 +148,9 @@ def _wrap(cls: type[Method], text_params: dict[str, str], params: dict[str, Any]
     own = set(typing.get_type_hints(wrap)) - {"scorer", "return"}
     name, inner_text, inner_wrapped = _parse_term(wrapped)
     inner_text = {**inner_text, **{k: v for k, v in text_params.items() if k not in own}}
-    inner = _build(name, inner_text, {k: v for k, v in params.items() if k not in own}, inner_wrapped)
+    # a wrapper that sets its scorer's budget itself (auto) builds the scorer with ``scorer_defaults`` (keep=1)
+    inner_params = {**getattr(cls, "scorer_defaults", {}), **{k: v for k, v in params.items() if k not in own}}
+    inner = _build(name, inner_text, inner_params, inner_wrapped)
     kwargs = {k: v for k, v in params.items() if k in own}
     kwargs.update({k: _coerce(cls, k, v) for k, v in text_params.items() if k in own})
     return wrap(inner, **kwargs)

@@ -174,7 +174,7 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
         lines = [
             ("kvslim_up", "gauge", "whether the engine loop runs (0: see /health)", int(runner.error is None)),
             ("kvslim_requests_waiting", "gauge", "requests waiting for KV blocks", m["waiting"]),
-            ("kvslim_requests_running", "gauge", "sequences decoding", m["running"]),
+            ("kvslim_requests_running", "gauge", "sequences admitted (decoding, or prefilling in chunks)", m["running"]),
             ("kvslim_kv_blocks_used", "gauge", "KV blocks held", m["blocks_used"]),
             ("kvslim_kv_blocks_free", "gauge", "KV blocks free", m["blocks_free"]),
             ("kvslim_preemptions_total", "counter", "sequences preempted (recomputed later)", m["preemptions"]),
@@ -182,6 +182,13 @@ def create_app(engine: LLMEngine, model_name: str = "kvslim", max_n: int = MAX_N
             ("kvslim_requests_finished_total", "counter", "requests finished", m["finished"]),
             ("kvslim_requests_aborted_total", "counter", "requests aborted (client gone)", m["aborted"]),
             ("kvslim_requests_failed_total", "counter", "requests failed by an engine error (500)", m["failed"]),
+        ]
+        latency = {k: "NaN" if v is None else v for k, v in m["latency"].items()}  # NaN: no request finished yet
+        lines += [
+            ("kvslim_ttft_p50_seconds", "gauge", "median time to first token of recent requests", latency["ttft_p50_s"]),
+            ("kvslim_ttft_p99_seconds", "gauge", "99th percentile time to first token", latency["ttft_p99_s"]),
+            ("kvslim_itl_p50_seconds", "gauge", "median inter-token latency of recent requests", latency["itl_p50_s"]),
+            ("kvslim_itl_p99_seconds", "gauge", "99th percentile inter-token latency", latency["itl_p99_s"]),
         ]
         tier = m["tier"]
         if tier is not None:
@@ -221,11 +228,13 @@ async def _sse(watch: _Watch, item: "Delta | RequestOutput | APIError | None", c
 
 
 def app_from_env() -> FastAPI:
-    """For uvicorn's --factory: KVSLIM_MODEL (anything ``--model`` takes), KVSLIM_POLICY, KVSLIM_KV_MEMORY (GiB), KVSLIM_DEVICE."""
+    """For uvicorn's --factory: KVSLIM_MODEL (anything ``--model`` takes), KVSLIM_POLICY, KVSLIM_KV_MEMORY (GiB), KVSLIM_DEVICE,
+    KVSLIM_KV_CACHE_DTYPE and KVSLIM_KV_SCALE (``--kv-cache-dtype``, ``--kv-scale``)."""
     from ..engine import LLM
 
     name = os.environ.get("KVSLIM_MODEL", "smollm2-135m")
     memory = os.environ.get("KVSLIM_KV_MEMORY")
     llm = LLM(name, policy=os.environ.get("KVSLIM_POLICY", "full"), kv_memory=float(memory) if memory else None,
-              device=os.environ.get("KVSLIM_DEVICE", "cpu"))
+              device=os.environ.get("KVSLIM_DEVICE", "cpu"),
+              kv_cache_dtype=os.environ.get("KVSLIM_KV_CACHE_DTYPE", "auto"), kv_scale=os.environ.get("KVSLIM_KV_SCALE"))
     return create_app(llm, name)

@@ -86,10 +86,11 @@ class AsyncEngine:
         self.inbox.put(partial(self._abort, request_id))
 
     def metrics(self) -> dict[str, Any]:
-        """The engine's counts after its last step, and the KV tier's counters now (its writer thread keeps
-        them; neither read waits for a step)."""
+        """The engine's counts after its last step, and the KV tier's counters and the latency percentiles now
+        (kept under their own locks; no read waits for a step)."""
         tier = self.engine.tier
-        return {**self.snapshot, "tier": None if tier is None else tier.stats.as_dict()}
+        return {**self.snapshot, "tier": None if tier is None else tier.stats.as_dict(),
+                "latency": self.engine.latency.as_dict()}
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the engine thread after its current step."""

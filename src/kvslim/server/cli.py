@@ -11,7 +11,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from ..cli import add_kv_cache_dtype_args
 from ..methods import Method, policy as build_policy
+from ..methods.fp8_static import kv_cache_dtype_spec
 from ..models.help import MODEL_HELP
 
 POLICY_PARAMS = ("keep", "budget", "window", "sinks")
@@ -24,11 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, help="tokens kept per KV head (instead of --keep)")
     parser.add_argument("--window", type=int, help="observation / recent window in tokens")
     parser.add_argument("--sinks", type=int, help="attention-sink tokens always kept")
+    add_kv_cache_dtype_args(parser)
     parser.add_argument("--kv-memory", type=float,
                         help="GiB for the KV pool (default: on a GPU 90%% of its free memory; on CPU 4 GiB, or a "
                              "quarter of the free RAM if that is less)")
     parser.add_argument("--block-size", type=int, help="token slots per KV block (default 16; kivi: its key run, 32)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once, at most")
+    parser.add_argument("--enable-chunked-prefill", action="store_true",
+                        help="run prompt chunks beside decode steps, so a long prompt does not stall decoding")
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        help="tokens per step with --enable-chunked-prefill: decode tokens, then prompt chunks (default 2048)")
     parser.add_argument("--max-n", type=int, default=128, help="most completions (n) one request may ask for")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -48,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _policy(args: argparse.Namespace) -> Method:
     params = {k: getattr(args, k) for k in POLICY_PARAMS if getattr(args, k, None) is not None}
-    return build_policy(args.policy, **params)
+    return build_policy(kv_cache_dtype_spec(args.policy, args.kv_cache_dtype, args.kv_scale), **params)
 
 
 def _dtype(name: str | None) -> Any:
@@ -99,6 +106,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-n {args.max_n}: give a positive number of completions")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs {args.max_num_seqs}: give a positive number of sequences")
+    if args.max_num_batched_tokens is not None and not args.enable_chunked_prefill:
+        raise ValueError(f"--max-num-batched-tokens {args.max_num_batched_tokens} is the token budget of a chunked-prefill "
+                         "step: add --enable-chunked-prefill")
+    if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < 1:
+        raise ValueError(f"--max-num-batched-tokens {args.max_num_batched_tokens}: give a positive number of tokens, "
+                         "e.g. 2048")
+    if args.enable_chunked_prefill and args.tensor_parallel_size > 1:
+        raise ValueError("--enable-chunked-prefill runs in one process: leave it out with --tensor-parallel-size > 1")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port}: give a TCP port in 0..65535")
     _dtype(args.dtype)
@@ -120,6 +135,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     llm = LLM(args.model, policy=_policy(args), kv_memory=args.kv_memory, block_size=args.block_size,
               dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs,
               kv_tier=args.kv_tier, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+              chunked_prefill=args.enable_chunked_prefill, max_num_batched_tokens=args.max_num_batched_tokens,
               length_aware=args.length_aware)
     return create_app(llm, args.model, max_n=args.max_n)
 

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import default_dtype, parse_keeps, parse_lengths, parse_list
+from ..config import default_dtype, parse_keeps, parse_lengths, parse_list, parse_policies
 from ..launch import launch
 from .config import DEFAULT_POLICIES, DEFAULT_SAMPLES, LEADERBOARD_KEEPS, RulerConfig
 from .protocols import parse_protocols
-from .report import leaderboard_md
+from .report import leaderboard_md, skipped_notes
 from .runner import run_ruler
 from .tasks import ruler_tasks
 
@@ -31,11 +31,12 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
         raise ValueError("--chat and --no-chat contradict each other: give one")
     samples = args.limit if args.limit is not None else get("samples")
     return RulerConfig(
-        model=get("model"), policies=parse_list(get("policies")), keeps=parse_keeps(get("keep")),
+        model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),
+        keeps=parse_keeps(get("keep")),
         tasks=parse_list(get("tasks")), lengths=parse_lengths(get("lengths")), samples=samples,
         protocols=parse_protocols(args.protocols), out=args.out or "results/ruler", device=args.device,
         dtype=default_dtype(args.dtype, args.device), seed=args.seed, batch_size=get("batch_size"),
-        chat=True if args.chat else False if args.no_chat else None,
+        chat=True if args.chat else False if args.no_chat else None, engine=args.engine, kv_memory=args.kv_memory,
     )
 
 
@@ -46,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
         return summary
     settings = summary["settings"]
     print(leaderboard_md(summary["leaderboard"], config.keeps, config.model))
+    if summary["engine_skipped"]:
+        print(skipped_notes(summary["engine_skipped"]))
     print(f"{settings['done']}/{settings['planned']} samples in {settings['elapsed_s']:.0f} s "
           f"({settings['ran_now']} run now); report: {Path(config.out) / 'report.md'}")
     return 0

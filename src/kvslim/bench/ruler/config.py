@@ -27,6 +27,11 @@ class RulerConfig:
     ``chat``: wrap inputs in the tokenizer's chat template (RULER's setting for instruct models); None
     uses it when the tokenizer has one. ``batch_size``: samples generated together (one task and length
     at a time, so a batch holds prompts of nearly equal length).
+
+    ``engine``: generate through the paged engine instead (:mod:`.engine`), every prompt of a policy run,
+    protocol and length at once, in a KV pool of ``kv_memory`` GiB (``batch_size`` does not apply). Its
+    records sit beside the Hugging Face path's in the same run directory, so a directory holding both
+    reports how often they answer alike.
     """
 
     model: str = "qwen2.5-coder-0.5b"
@@ -42,6 +47,8 @@ class RulerConfig:
     seed: int = 0
     batch_size: int = 8
     chat: bool | None = None
+    engine: bool = False
+    kv_memory: float | None = None
 
     def runs(self) -> list[Run]:
         return BenchConfig(policies=self.policies, keeps=self.keeps).runs()
@@ -63,6 +70,11 @@ class RulerConfig:
                              f"least {shortest}, e.g. 4k,8k")
         check_settings(self.model, model_config, self.lengths, self.dtype, self.device,
                        {"samples": self.samples, "batch_size": self.batch_size})
+        if self.engine and (self.kv_memory is None or self.kv_memory <= 0):
+            raise ValueError(f"kv_memory={self.kv_memory}: --engine runs every policy in a fixed KV pool; give its "
+                             "size in GiB, e.g. --kv-memory 2")
+        if not self.engine and self.kv_memory is not None:
+            raise ValueError("--kv-memory sizes the paged engine's KV pool: add --engine, or leave --kv-memory out")
         return runs
 
     @property
@@ -79,11 +91,12 @@ class RulerConfig:
     def command(self) -> str:
         """The ``kvslim bench`` line that reruns (or resumes) this run."""
         chat = "" if self.chat is None else " --chat" if self.chat else " --no-chat"
+        engine = f" --engine --kv-memory {self.kv_memory:g}" if self.engine else ""
         return (f"kvslim bench --suite ruler --model {self.model} --policies '{','.join(self.policies)}' "
                 f"--keep {','.join(f'{k:g}' for k in self.keeps)} --tasks {','.join(self.tasks)} "
                 f"--lengths {','.join(map(str, self.lengths))} --samples {self.samples} "
                 f"--protocols {','.join(self.protocols)} --out {self.out} --device {self.device} "
-                f"--dtype {self.dtype} --seed {self.seed} --batch-size {self.batch_size}{chat}")
+                f"--dtype {self.dtype} --seed {self.seed} --batch-size {self.batch_size}{chat}{engine}")
 
 
 _IDENTITY = ("model", "device", "dtype", "seed", "chat")

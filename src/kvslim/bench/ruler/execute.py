@@ -1,8 +1,9 @@
-"""Generate and score one batch of RULER samples under one policy run and one protocol.
+"""Generate and score one batch of RULER samples under one policy run and one protocol, through ``kvslim.Cache``.
 
 Each sample becomes one flat, JSON-ready record: the RULER score, the protocol, the output, what the
 cache held and how long it took (the fields of :mod:`kvslim.bench.execute`'s records where they mean the
-same thing).
+same thing). :func:`sample_fields` is what every backend records the same way (the engine's records,
+:mod:`.engine`, add their own costs to it), so their answers can be compared sample by sample.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ...generate import generate_ids
 from ..config import Run
 from ..execute import cost_fields, eos_ids
 from ..memory import PeakMemory
+from ..store import HF
 from .protocols import QUERY_AGNOSTIC, feed
 from .scoring import METRICS
 from .tasks import RulerSample, RulerTask
@@ -25,6 +27,22 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= {extra} if isinstance(extra, int) else set(extra or [])
     return sorted(ids)
+
+
+def sample_fields(tokenizer: Any, task: RulerTask, sample: RulerSample, run: Run, spec: str, protocol: str,
+                  new_ids: Sequence[int], stops: Sequence[int], backend: str) -> dict[str, Any]:
+    """The per-sample record every backend writes: which sample and run, the answer decoded from ``new_ids``
+    (stop tokens dropped) and its RULER score."""
+    text = tokenizer.decode([t for t in new_ids if t not in stops], skip_special_tokens=True)
+    score = METRICS[task.metric](text, sample.answers)
+    depths = sample.meta.get("depths") or []
+    return {
+        "suite": "ruler", "backend": backend, "task": sample.task, "sample_id": sample.id,
+        "length": sample.meta["length"], "protocol": protocol, "policy": run.policy, "keep": run.keep,
+        "policy_spec": spec, "prompt_tokens": len(sample.prompt_ids), "question_tokens": len(sample.question_ids),
+        "depth": depths[0] if len(depths) == 1 else None, "answer": sample.answers, "output": text,
+        "metric": task.metric, "score": score, "correct": score >= 1.0, "output_tokens": len(new_ids),
+    }
 
 
 def generate_batch(model: Any, tokenizer: Any, task: RulerTask, samples: Sequence[RulerSample], run: Run,
@@ -43,15 +61,8 @@ def generate_batch(model: Any, tokenizer: Any, task: RulerTask, samples: Sequenc
     gen_s = timing["ttft_s"] + timing["tpot_s"] * (max(len(ids) for ids in new_ids) - 1)
     records = []
     for i, (sample, ids) in enumerate(zip(samples, new_ids)):
-        text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-        score = METRICS[task.metric](text, sample.answers)
-        depths = sample.meta.get("depths") or []
         records.append({
-            "suite": "ruler", "task": sample.task, "sample_id": sample.id, "length": sample.meta["length"],
-            "protocol": protocol, "policy": run.policy, "keep": run.keep, "policy_spec": cache.policy.spec,
-            "prompt_tokens": len(sample.prompt_ids), "question_tokens": len(sample.question_ids),
-            "depth": depths[0] if len(depths) == 1 else None, "answer": sample.answers, "output": text,
-            "metric": task.metric, "score": score, "correct": score >= 1.0, "output_tokens": len(ids),
+            **sample_fields(tokenizer, task, sample, run, cache.policy.spec, protocol, ids, stops, HF),
             **cost_fields(timing["kv_bytes_prefill"][i], end[i], host[i], full[i], kept[i]),
             "ttft_s": timing["ttft_s"], "tpot_s": timing["tpot_s"], "gen_s": gen_s,
             "tokens_per_s": len(ids) / gen_s if gen_s > 0 else None,

@@ -1,5 +1,6 @@
 """RULER's report: the leaderboard (methods x keeps), per-task scores, losses against full by task and
-output-length change, per protocol and length, as markdown and CSV."""
+output-length change, per protocol and length, and for engine runs what each method costs in quality and buys
+in throughput at a fixed KV memory, as markdown and CSV."""
 from __future__ import annotations
 
 import csv
@@ -9,13 +10,13 @@ from typing import Any
 
 from ..config import Run
 from ..report import markdown_table
-from .leaderboard import FULL, settings as panels
+from .leaderboard import FULL, placed, settings as panels
 from .protocols import DESCRIPTIONS
 from .tasks import QA_NOTE
 
 _IDS = 6
 BOARD_CSV = ["protocol", "length", "policy", "keep", "label", "score", "ratio", "tasks", "n", "kv_bytes",
-             "compression"]
+             "byte_share", "compression"]
 
 
 def _cell(row: dict[str, Any] | None) -> str:
@@ -49,6 +50,31 @@ def task_table(rows: Sequence[dict[str, Any]], runs: Sequence[Run], tasks: Seque
     return markdown_table(["run"] + present, body)
 
 
+def _share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.3f}"
+
+
+def placed_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> str | None:
+    """Runs that set their own budget (``auto(tolerance=...)``) against the best fixed keep at no more bytes;
+    None when there is no such run."""
+    mine = [r for r in placed(rows) if (r["protocol"], r["length"]) == (protocol, length)]
+    if not mine:
+        return None
+    body = [[r["label"], _share(r["byte_share"]), f"{r['score']:.1f}", r["fixed"] or "none at these bytes",
+             _share(r["fixed_byte_share"]), "-" if r["fixed_score"] is None else f"{r['fixed_score']:.1f}"]
+            for r in mine]
+    return markdown_table(["run", "KV bytes / full's", "score", "best fixed keep at no more bytes", "its bytes / full's",
+                           "its score"], body)
+
+
+def _placed_section(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> list[str]:
+    table = placed_table(rows, protocol, length)
+    return [] if table is None else [
+        "### Budgets set per request, against fixed budgets at equal mean bytes",
+        "Runs without a keep choose their bytes per prompt; each is set beside the best run with a fixed keep "
+        "that holds no more mean KV bytes after the prompt.", table]
+
+
 def _ids(ids: Sequence[str]) -> str:
     more = f" (+{len(ids) - _IDS})" if len(ids) > _IDS else ""
     return f"{len(ids)}: {', '.join(ids[:_IDS])}{more}" if ids else "0"
@@ -71,6 +97,38 @@ def length_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> 
                             "-" if r["change"] is None else f"{100 * r['change']:+.0f}%"] for r in mine])
 
 
+ENGINE_CSV = ["protocol", "length", "policy", "keep", "label", "n", "score", "paired", "hf_score", "same_answer",
+              "max_running", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "preemptions", "prefix_cached"]
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def engine_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> str:
+    """One row per policy run: quality (and the Hugging Face path's on the same samples), then serving costs."""
+    mine = [r for r in rows if (r["protocol"], r["length"]) == (protocol, length)]
+    if not mine:
+        return "The engine ran no policy here."
+    body = [[r["label"], str(r["n"]), f"{r['score']:.1f}", _num(r["hf_score"], ".1f"),
+             "-" if r["same_answer"] is None else f"{100 * r['same_answer']:.0f}% of {r['paired']}",
+             str(r["max_running"]), _num(r["output_tok_s"], ".0f"), _num(r["ttft_p50_s"], ".2f"),
+             _num(r["ttft_p99_s"], ".2f"), str(r["preemptions"]), f"{100 * r['prefix_cached']:.0f}%"] for r in mine]
+    return markdown_table(["run", "n", "score", "HF path's score", "same answer as HF", "max running",
+                           "output tok/s", "TTFT p50 (s)", "TTFT p99 (s)", "preemptions", "prefix-cached prompt"], body)
+
+
+def skipped_notes(skipped: Sequence[dict[str, Any]]) -> str:
+    """One line per policy run the engine refused, with the protocols it was refused under and why."""
+    notes: dict[tuple[str, str], list[str]] = {}
+    for s in skipped:
+        protocols = notes.setdefault((s["label"], s["reason"]), [])
+        if s["protocol"] not in protocols:
+            protocols.append(s["protocol"])
+    return "\n".join(f"- `{label}` ({', '.join(protocols)}): skipped, the engine refuses it: {reason}"
+                     for (label, reason), protocols in notes.items())
+
+
 def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
@@ -84,14 +142,17 @@ def leaderboard_md(board: Sequence[dict[str, Any]], keeps: Sequence[float], mode
              "Cells: RULER average score over the tasks (0-100), in parentheses its ratio to full's on the same "
              "protocol and length."]
     for protocol, length in panels(board):
-        parts += [f"## {protocol}, {length} tokens", leaderboard_table(board, protocol, length, keeps)]
+        parts += [f"## {protocol}, {length} tokens", leaderboard_table(board, protocol, length, keeps),
+                  *_placed_section(board, protocol, length)]
     return "\n\n".join(parts) + "\n"
 
 
 def write_report(settings: dict[str, Any], board: Sequence[dict[str, Any]], tasks_: Sequence[dict[str, Any]],
                  lost: Sequence[dict[str, Any]], lengths: Sequence[dict[str, Any]], runs: Sequence[Run],
-                 figure: str | None) -> str:
-    """The markdown report: how it was run, then per protocol and length every table."""
+                 figure: str | None, engine: Sequence[dict[str, Any]] = (),
+                 skipped: Sequence[dict[str, Any]] = ()) -> str:
+    """The markdown report: how it was run, then per protocol and length every table (the engine's, when it ran:
+    ``engine`` rows of :func:`.leaderboard.engine_rows`, ``skipped`` the policy runs it refused)."""
     keeps, tasks = settings["keeps"], settings["tasks"]
     parts = [
         f"# RULER: {settings['model']}",
@@ -120,16 +181,31 @@ def write_report(settings: dict[str, Any], board: Sequence[dict[str, Any]], task
     ]
     if figure:
         parts += ["## Score against KV memory", f"![RULER score against KV memory]({figure})"]
+    if engine or skipped:
+        memory = sorted({g for r in engine for g in r["kv_memory_gib"]})
+        parts += ["## The paged engine: quality and throughput at a fixed KV memory",
+                  f"Every prompt of a policy run, protocol and length submitted at once to a fresh `kvslim.engine` "
+                  f"with a KV pool of {', '.join(f'{g:g}' for g in memory) or '-'} GiB, run with continuous batching "
+                  "(query-agnostic: the question is the request's suffix, prefilled uncompressed after the compressed "
+                  "context). *Same answer as HF*: share of the samples both paths ran with identical output text; "
+                  "*output tok/s*: output tokens over the batch's wall time, prefill included; *TTFT*: from "
+                  "submission, queueing included; *max running*: most sequences the pool held at once; *prefix-cached "
+                  "prompt*: share of prompt tokens read from blocks an earlier request of the batch computed (only "
+                  "full shares blocks). Engine rows' KV bytes are the peak bytes of a sequence's blocks."]
+        if skipped:
+            parts.append(skipped_notes(skipped))
     for protocol, length in panels(board):
         parts += [f"## {protocol}, {length} tokens", "### Leaderboard",
                   "Cells: RULER average, in parentheses the ratio to full.",
-                  leaderboard_table(board, protocol, length, keeps),
+                  leaderboard_table(board, protocol, length, keeps), *_placed_section(board, protocol, length),
                   "### Per task (mean score, 0-100)", task_table(tasks_, runs, tasks, protocol, length),
                   "### Losses against full, by task",
                   "Samples full answers entirely (score 1) and the method does not (*lost*), and the reverse "
                   "(*gained*); outputs are in `samples.jsonl`.",
                   loss_table(lost, protocol, length),
                   "### Output length against full", length_table(lengths, protocol, length)]
+        if engine:
+            parts += ["### Engine: quality and throughput", engine_table(engine, protocol, length)]
     if not any(r.policy == FULL for r in runs):
         parts.append("No `full` run: ratios, losses and length changes need it.")
     return "\n\n".join(parts) + "\n"
