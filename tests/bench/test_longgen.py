@@ -63,7 +63,7 @@ def test_perfect_repeats_score_one_and_stopping_halfway_half() -> None:
 
 def test_lines_are_checked_against_the_models_own_text() -> None:
     """A slip the model then repeats one list later is right the second time (its own text says so), one it
-    does not repeat costs the line after too; one key written over and over, or prose, scores nothing."""
+    does not repeat costs the line after too; one key written over and over, or headings alone, score nothing."""
     s = _sample()
     k, lines = s.meta["lines"], s.meta["expected_lines"]
     assert lines > 2 * k  # line 2k+6 and 3k+6 are written
@@ -75,7 +75,10 @@ def test_lines_are_checked_against_the_models_own_text() -> None:
     first = k + LEAD + 1
     same = listing([s.answer[LEAD]] * lines, first)[len(f"{first}."):]
     assert TASK.score(s, same) < 0.02
-    assert TASK.score(s, " and then the model wrote prose instead.\n" + _continuation(s.answer, lines)) == 0.0
+    assert TASK.score(s, "The list again, from the top:\n" * 3) == 0.0
+    headed = _continuation(s.answer, k - LEAD) + "\n\nThe list again, from the top:\n" + listing(
+        [s.answer[(j - 1) % k] for j in range(2 * k + 1, 2 * k + 1 + lines - (k - LEAD))], 2 * k + 1)
+    assert TASK.score(s, headed) == 1.0  # a heading before each repeat, as the prompt has, writes no key
 
 
 def test_too_short_a_length_is_refused() -> None:

@@ -34,17 +34,9 @@ def listing(words: list[str], start: int) -> str:
 
 
 def keys_of(text: str) -> list[str]:
-    """The key on each numbered line of ``text``, in order, up to the first line that is not one (the model went
-    off the list)."""
-    out = []
-    for line in text.split("\n"):
-        match = _LINE.match(line)
-        if match is None:
-            if line.strip():
-                break
-            continue
-        out.append(match.group(2))
-    return out
+    """The key on each numbered line of ``text``, in order. Other lines are skipped: models head each repeat as
+    the prompt does ("The list again, from the top:"), and a line of prose writes no key, right or wrong."""
+    return [match.group(2) for match in map(_LINE.match, text.split("\n")) if match is not None]
 
 
 class ListTemplate(Template):
