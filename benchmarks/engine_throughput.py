@@ -29,13 +29,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from kvslim.engine import LLMEngine, SamplingParams
+from kvslim.engine import LLMEngine, RequestOutput, SamplingParams
 from kvslim.hf_compat import cache_arg
 from kvslim.models import load_model
 
@@ -80,53 +81,71 @@ def kv_bytes_read(engine: LLMEngine, seqs: list[Any]) -> int:
                for s in seqs)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device, so wall-clock times cover the work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Drive:
+    """What running a queue of requests to the end took: wall time, the prefill and decode steps."""
+
+    outputs: list[RequestOutput]
+    wall_s: float
+    prefill_s: float
+    steps: list[tuple[float, int, int]]  # per decode step: seconds, sequences, bytes read (weights + KV)
+    max_running: int
+
+
+def drive(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], weights: int, label: str) -> Drive:
+    """Submit every request at once, step the engine until all have finished, time prefill and decode steps apart."""
+    device = engine.runner.device
+    sync(device)
+    start = time.perf_counter()
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    max_running, prefill_s, steps, shown = 0, 0.0, [], start
+    while engine.has_unfinished:
+        if time.perf_counter() - shown > 30:
+            shown, m = time.perf_counter(), engine.metrics()
+            print(f"  {label} {shown - start:.0f}s: {len(engine.finished)} finished, {m.running} running, {m.waiting} waiting, "
+                  f"{m.preemptions} preemptions", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        done = engine.step()  # sampling reads the tokens back, so the step has finished on the device
+        now = time.perf_counter()
+        max_running = max(max_running, len(engine.scheduler.running))
+        if engine.last_step_prefill:  # with chunked prefill, also the steps that decode beside a chunk
+            prefill_s += now - t0
+        elif done:
+            seqs = [seq for seq, _ in done]
+            steps.append((now - t0, len(seqs), weights + kv_bytes_read(engine, seqs)))
+    sync(device)
+    wall = time.perf_counter() - start
+    return Drive([engine.finished.pop(i) for i in ids], wall, prefill_s, steps, max_running)
+
+
 def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
                weights: int) -> dict[str, Any]:
     engine = LLMEngine(model, policy=policy, kv_memory=args.kv_memory, block_size=args.block_size,
                        max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
                        max_num_batched_tokens=args.max_num_batched_tokens)
     params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    ids = [engine.add_request(p, params) for p in prompts]
-    max_running, prefill_s, steps, shown = 0, 0.0, [], start
-    while engine.has_unfinished:
-        if time.perf_counter() - shown > 30:
-            shown, m = time.perf_counter(), engine.metrics()
-            print(f"  {policy} {shown - start:.0f}s: {len(engine.finished)} finished, {m.running} running, {m.waiting} waiting, "
-                  f"{m.preemptions} preemptions", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        done = engine.step()  # sampling reads the tokens back, so the step has finished on the device
-        elapsed = time.perf_counter() - t0
-        max_running = max(max_running, len(engine.scheduler.running))
-        if engine.last_step_prefill:  # with chunked prefill, also the steps that decode beside a chunk
-            prefill_s += elapsed
-        elif done:
-            seqs = [seq for seq, _ in done]
-            steps.append((elapsed, len(seqs), weights + kv_bytes_read(engine, seqs)))
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    outputs = [engine.finished.pop(i) for i in ids]
+    run = drive(engine, [(p, params) for p in prompts], weights, policy)
+    wall, outputs, steps, prefill_s = run.wall_s, run.outputs, run.steps, run.prefill_s
     produced = sum(o.stats["completion_tokens"] for o in outputs)
     decode_s = sum(t for t, _, _ in steps)
     roofline_s = sum(b for _, _, b in steps) / bandwidth
     median_step = sorted(steps)[len(steps) // 2]
     latency = engine.metrics().latency
     result = {
-        "policy": engine.policy.spec,
+        **pool_fields(engine),
         "chunked_prefill": args.chunked_prefill,
         "max_num_batched_tokens": engine.scheduler.token_budget,
-        "block_size": engine.blocks.block_size,
-        "kv_blocks": engine.blocks.num_blocks,
-        "kv_block_bytes": engine.block_bytes,
-        "kv_tokens_capacity": engine.blocks.num_blocks * engine.blocks.block_size,
-        "ring_rows": engine.blocks.rows,
-        "ring_bytes": engine.blocks.rows * engine.runner.kv.row_bytes,
         "wall_s": wall,
         "output_tokens": produced,
         "output_tokens_per_s": produced / wall,
         "total_tokens_per_s": (produced + sum(map(len, prompts))) / wall,
-        "max_running": max_running,
+        "max_running": run.max_running,
         "preemptions": engine.scheduler.preemptions,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
@@ -146,6 +165,19 @@ def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse
     del engine
     torch.cuda.empty_cache()
     return result
+
+
+def pool_fields(engine: LLMEngine) -> dict[str, Any]:
+    """The policy and the KV pool it ran in: blocks, their bytes, the tokens they hold, the residual ring."""
+    return {
+        "policy": engine.policy.spec,
+        "block_size": engine.blocks.block_size,
+        "kv_blocks": engine.blocks.num_blocks,
+        "kv_block_bytes": engine.block_bytes,
+        "kv_tokens_capacity": engine.blocks.num_blocks * engine.blocks.block_size,
+        "ring_rows": engine.blocks.rows,
+        "ring_bytes": engine.blocks.rows * engine.runner.kv.row_bytes,
+    }
 
 
 @torch.inference_mode()

@@ -80,6 +80,10 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     generated after them. That is the query-agnostic protocol (the prompt is the context, the suffix the
     question); without it the whole prompt is compressed together (query-aware). ``ttft_s`` covers every
     forward and ``kv_bytes_prefill`` is measured after the suffix.
+
+    ``peak_tokens_per_head``: per sequence, the most tokens any layer and KV head held between forwards, prefill
+    included: what a decode-time budget must bound however long the output (a long generation's cache, measured
+    as it runs rather than only at the end).
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
@@ -109,6 +113,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     if suffix_ids is not None:
         logits, positions = _append(model, cache, suffix_ids, positions[:, -1:] + 1, pad_token_id)
     token = _sample(logits, temperature, generator)
+    peak = _held(cache)
     _sync(device)
     ttft = time.perf_counter() - start
     prefill_bytes = cache.bytes_per_sequence()
@@ -122,6 +127,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
         out_step = model(input_ids=token[:, None], position_ids=next_pos, **cache_arg(cache), use_cache=True)
         logits = out_step.logits[:, -1]
         token = _sample(logits, temperature, generator)
+        peak = torch.maximum(peak, _held(cache))
         next_pos = next_pos + 1
         steps += 1
         for i, t in enumerate(token.tolist()):
@@ -130,7 +136,13 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
                 done[i] = int(t) in eos
     _sync(device)
     tpot = (time.perf_counter() - decode_start) / steps if steps else 0.0
-    return out, cache, {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes_prefill": prefill_bytes}
+    return out, cache, {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes_prefill": prefill_bytes,
+                        "peak_tokens_per_head": peak.tolist()}
+
+
+def _held(cache: Cache) -> Tensor:
+    """(B,) the most tokens any layer and KV head of each sequence holds now (on the device: no sync)."""
+    return torch.stack([layer.lengths.amax(-1) for layer in cache.layers if layer.segments]).amax(0)
 
 
 def _append(model: Any, cache: Cache, suffix_ids: Sequence[Sequence[int]], start: Tensor,

@@ -27,6 +27,7 @@ SAMPLE_FIELDS = {
     "task", "sample_id", "length", "policy", "keep", "policy_spec", "prompt_tokens", "depth", "answer", "output",
     "score", "correct", "output_tokens", "perplexity", "scored_tokens", "kv_bytes_prefill", "kv_bytes_end",
     "kv_device_bytes_end", "kv_host_bytes_end", "full_bytes", "compression", "ttft_s", "tpot_s", "tokens_per_s", "peak_mem_bytes", "peak_mem_kind", "load_avg",
+    "peak_tokens_per_head",
 }
 FIGURES = ["accuracy_vs_kv.png", "heatmap_passkey.png", "output_length.png"]
 RUNS = 3  # full, snapkv@0.5, streaming@0.5

@@ -100,3 +100,9 @@ def test_chunked_prefill_serves_and_reports_latency_percentiles() -> None:
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("kvslim_")}
     assert 0 < values["kvslim_ttft_p50_seconds"] <= values["kvslim_ttft_p99_seconds"]
     assert 0 < values["kvslim_itl_p50_seconds"] <= values["kvslim_itl_p99_seconds"]
+
+
+def test_length_aware_flag_reaches_the_scheduler() -> None:
+    common = ("--model", "tiny-llama", "--kv-memory", "0.01", "--device", "cpu")
+    assert build_app(_args(*common, "--length-aware")).state.engine.engine.scheduler.admission is not None
+    assert build_app(_args(*common)).state.engine.engine.scheduler.admission is None

@@ -63,7 +63,8 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
     memory.reset()
     method = run.build()
     repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False) if method.probes else []  # KVzip's instruction
-    new_ids, cache, timing = generate_ids(model, prompts, method, task.max_new_tokens, sorted(eos),
+    max_new = max(task.new_tokens(s) for s in samples)
+    new_ids, cache, timing = generate_ids(model, prompts, method, max_new, sorted(eos),
                                           pad_token_id=pad, repeat_ids=repeat)
     peak = memory.read()
     end_bytes, full_bytes = cache.bytes_per_sequence(), cache.full_bytes_per_sequence()
@@ -79,6 +80,7 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
             "answer": sample.answer, "output": text, "score": score, "correct": score >= 1.0,
             "output_tokens": len(ids), "perplexity": None, "scored_tokens": None, "nll_sum": None,
             **cost_fields(timing["kv_bytes_prefill"][i], end_bytes[i], host_bytes[i], full_bytes[i], kept[i]),
+            "peak_tokens_per_head": timing["peak_tokens_per_head"][i],
             "ttft_s": timing["ttft_s"], "tpot_s": timing["tpot_s"], "gen_s": gen_s,
             "tokens_per_s": len(ids) / gen_s if gen_s > 0 else None,
             "peak_mem_bytes": peak, "peak_mem_kind": memory.kind, "batch_size": len(samples),
@@ -129,6 +131,7 @@ def perplexity_sample(model: Any, tokenizer: Any, sample: Sample, run: Run, conf
         "perplexity": math.exp(mean_nll), "scored_tokens": n_cont, "nll_sum": float(nll),
         **cost_fields(prefill_bytes, cache.bytes_per_sequence()[0], cache.bytes_per_sequence(host=True)[0],
                 cache.full_bytes_per_sequence()[0], cache.tokens_per_sequence()[0]),
+        "peak_tokens_per_head": None,  # tracked while generating; here the continuation is fed, not generated
         "ttft_s": ttft, "tpot_s": tpot, "gen_s": ttft + decode_s, "tokens_per_s": n_cont / (ttft + decode_s),
         "peak_mem_bytes": peak, "peak_mem_kind": memory.kind, "batch_size": 1,
     }

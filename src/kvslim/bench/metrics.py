@@ -18,7 +18,8 @@ FULL = "full"
 
 COLUMNS = [
     "task", "length", "policy", "keep", "n", "accuracy", "perplexity", "output_tokens", "output_change_vs_full",
-    "kv_bytes_prefill", "kv_bytes_end", "kv_device_bytes_end", "kv_host_bytes_end", "full_bytes", "compression", "ttft_s", "tpot_s", "tokens_per_s",
+    "kv_bytes_prefill", "kv_bytes_end", "kv_device_bytes_end", "kv_host_bytes_end", "full_bytes", "compression",
+    "peak_tokens_per_head", "ttft_s", "tpot_s", "tokens_per_s",
     "peak_mem_bytes", "peak_mem_kind",
 ]
 
@@ -49,6 +50,9 @@ def _row(records: Sequence[dict[str, Any]], full: dict[tuple[str, int, str], dic
         "kv_host_bytes_end": _mean(r.get("kv_host_bytes_end") for r in records),
         "full_bytes": fmean(r["full_bytes"] for r in records),
         "compression": fmean(r["full_bytes"] for r in records) / end if end else None,
+        # the most any sample's layer and KV head held while generating (absent in older runs' records)
+        "peak_tokens_per_head": max((r["peak_tokens_per_head"] for r in records
+                                     if r.get("peak_tokens_per_head") is not None), default=None),
         "ttft_s": fmean(r["ttft_s"] for r in records),
         "tpot_s": fmean(r["tpot_s"] for r in records),
         "tokens_per_s": sum(r["output_tokens"] for r in records) / gen_s if gen_s > 0 else None,

@@ -12,6 +12,7 @@ from ..cache.segments import DenseSegment
 from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
 from ..methods.kvzip import REPEAT_PROMPT
+from .admission import LengthAwareAdmission
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
 from .kv_store import dense_block_bytes
@@ -68,13 +69,16 @@ class LLMEngine:
     sequences decoding beside it (see :mod:`kvslim.engine.scheduler`); greedy outputs are the same as without
     it. It is off by default: each step then prefills whole prompts (up to ``max_prefill_tokens``) or decodes.
     The decode part of a step still replays a CUDA graph; the chunks run eagerly after it.
+
+    ``length_aware`` admits a request only when the pool also holds the output every running sequence is still
+    expected to write (see :mod:`kvslim.engine.admission`): fewer preemptions when outputs run long.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
                  kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False,
                  tensor_parallel_size: int = 1, device: "str | torch.device | None" = None,
-                 chunked_prefill: bool = False, max_num_batched_tokens: int | None = None):
+                 chunked_prefill: bool = False, max_num_batched_tokens: int | None = None, length_aware: bool = False):
         if max_num_batched_tokens is not None and not chunked_prefill:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} is the token budget of a chunked-prefill "
                              "step: pass chunked_prefill=True too (without it a step prefills whole prompts)")
@@ -108,11 +112,12 @@ class LLMEngine:
         num_blocks = num_blocks_for(self.block_bytes, budget - rows * kv.row_bytes)
         self.runner.allocate(num_blocks, block_size, rows)
         self.blocks = BlockManager(num_blocks, block_size, rows)
+        admission = LengthAwareAdmission(self.blocks, self.compression) if length_aware else None
         self.scheduler = Scheduler(self.blocks, self.compression, min(max_num_seqs, rows or max_num_seqs),
                                    max_prefill_tokens, self.runner.max_model_len, kv.grows,
                                    token_budget=(2048 if max_num_batched_tokens is None else max_num_batched_tokens)
                                    if chunked_prefill else None,
-                                   chunkable=self.compression.chunkable)
+                                   chunkable=self.compression.chunkable, admission=admission)
         self.latency = LatencyStats()
         self.requests: dict[str, list[Sequence]] = {}
         self.finished: dict[str, RequestOutput] = {}

@@ -5,7 +5,8 @@ running sequence, so requests join between decode steps. Admission asks the bloc
 the slots a sequence holds right after its (possibly compressed) prefill, plus one block of headroom
 for every sequence already running: without it, admission fills the pool to the last block, the next
 decode step that needs a block preempts the newest sequence, whose freed blocks admit it again at
-once, and the engine spends its time re-prefilling the same prompt. When a decode step finds
+once, and the engine spends its time re-prefilling the same prompt. With ``admission`` (length-aware,
+:mod:`kvslim.engine.admission`) the headroom is instead every sequence's expected remaining growth. When a decode step finds
 no free block for some sequence, the most recently admitted sequence is preempted *by recompute*:
 its blocks are freed and it goes back to the front of the queue, to be prefilled again (prompt
 and output so far) when memory frees up. A request that could not run even alone is refused when
@@ -35,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from .admission import LengthAwareAdmission
 from .block_manager import BlockManager
 from .compression import Compression
 from .sequence import Sequence, Status
@@ -67,14 +69,16 @@ class Metrics:
 class Scheduler:
     def __init__(self, blocks: BlockManager, compression: Compression, max_num_seqs: int, max_prefill_tokens: int,
                  max_model_len: int, grows: Callable[[Sequence], bool] = lambda seq: True,
-                 token_budget: int | None = None, chunkable: bool = True):
+                 token_budget: int | None = None, chunkable: bool = True,
+                 admission: LengthAwareAdmission | None = None):
         """``grows(seq)``: whether the sequence's next decode step writes a new page slot (quantized pages
         write one only when a residual unit is packed). ``token_budget``: tokens per step with chunked prefill
         (None: a step prefills whole prompts, up to ``max_prefill_tokens``, or decodes); ``chunkable``: whether
-        prompts may be split (see the module docstring)."""
+        prompts may be split (see the module docstring). ``admission``: length-aware headroom; None keeps a
+        block per running sequence."""
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"max_num_batched_tokens={token_budget}: give a positive number of tokens per step")
-        self.blocks, self.compression, self.grows = blocks, compression, grows
+        self.blocks, self.compression, self.grows, self.admission = blocks, compression, grows, admission
         self.token_budget, self.chunkable = token_budget, chunkable
         self.max_num_seqs, self.max_prefill_tokens, self.max_model_len = max_num_seqs, max_prefill_tokens, max_model_len
         self.waiting: deque[Sequence] = deque()
@@ -193,7 +197,10 @@ class Scheduler:
         """Give the first waiting sequence blocks for ``slots`` slots and start its prefill, if they fit;
         ``register``: see :meth:`BlockManager.allocate`."""
         rows = 1 if seq.output_token_ids else seq.params.n  # forks of a fresh prompt take ring rows too
-        headroom = len(self.running) * self.blocks.block_size  # a block of growth per running sequence
+        if self.admission is None:
+            headroom = len(self.running) * self.blocks.block_size  # a block of growth per running sequence
+        else:
+            headroom = self.admission.headroom(seq, slots, self.running)
         if not self.blocks.can_allocate(slots + headroom, rows):
             return False
         self.blocks.allocate(seq, slots, self.compression.shareable(len(seq)), register)
@@ -243,3 +250,5 @@ class Scheduler:
         self.blocks.free_seq(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        if self.admission is not None:
+            self.admission.completed(seq, reason)

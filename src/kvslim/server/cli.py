@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="model dtype: float32, bfloat16 or float16 "
                                          "(default: bfloat16 on a GPU, float32 on the CPU; random-weight presets: bfloat16)")
     parser.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (GPU only)")
+    parser.add_argument("--length-aware", action="store_true",
+                        help="admit a request only when KV memory also holds the output every running request is "
+                             "expected to write (from max_tokens and past output lengths): fewer preemptions")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="processes the model's heads and MLP are split over (one per GPU: cuda:0..N-1; gloo on cpu)")
     parser.add_argument("--kv-tier", nargs="?", const="memory",
@@ -132,7 +135,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     llm = LLM(args.model, policy=_policy(args), kv_memory=args.kv_memory, block_size=args.block_size,
               dtype=_dtype(args.dtype), device=_device(args.device), max_num_seqs=args.max_num_seqs,
               kv_tier=args.kv_tier, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-              chunked_prefill=args.enable_chunked_prefill, max_num_batched_tokens=args.max_num_batched_tokens)
+              chunked_prefill=args.enable_chunked_prefill, max_num_batched_tokens=args.max_num_batched_tokens,
+              length_aware=args.length_aware)
     return create_app(llm, args.model, max_n=args.max_n)
 
 

@@ -90,6 +90,10 @@ class Task(ABC):
             samples.append(Sample(self.name, f"{self.name}-{seed}-{i}", d.prompt, d.answer, meta))
         return samples
 
+    def new_tokens(self, sample: Sample) -> int:
+        """Tokens to generate for ``sample``: :attr:`max_new_tokens`, unless the task sizes its outputs per sample."""
+        return self.max_new_tokens
+
     def score(self, sample: Sample, output: str) -> float:
         """Fraction of the gold answers that appear in ``output`` (case-insensitive), as RULER scores."""
         gold = [sample.answer] if isinstance(sample.answer, str) else sample.answer

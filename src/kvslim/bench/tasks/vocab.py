@@ -27,6 +27,9 @@ _NOUNS = (
     "pebble pepper quartz raven river saddle salmon tiger tulip valley walnut willow zebra"
 ).split()
 
+KEY_COUNT = len(_ADJECTIVES) * len(_NOUNS)
+"""How many distinct keys :func:`keys` can draw."""
+
 
 def keys(rng: random.Random, k: int) -> list[str]:
     """RULER-style keys such as ``"swift-otter"``."""
