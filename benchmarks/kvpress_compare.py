@@ -19,6 +19,9 @@ Writes into ``--out``: ``plan.json`` and ``samples.jsonl`` (what both sides read
 per method and protocol, every paired sample) and ``report.md``.
 
     python benchmarks/kvpress_compare.py --model smollm2-135m --out benchmarks/results/kvpress_compare_cpu_smollm2
+    # the two sides as two processes at once, then the comparison:
+    python benchmarks/kvpress_compare.py ... --sides kvpress & python benchmarks/kvpress_compare.py ... --sides kvslim
+    python benchmarks/kvpress_compare.py ... --sides none
     # offline machine, kvpress's wheels installed with pip install --target /tmp/kvpress-site:
     python benchmarks/kvpress_compare.py --site /tmp/kvpress-site --model qwen2.5-coder-0.5b --length 4096 ...
 """
@@ -126,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the interpreter of kvpress's virtualenv (ignored with --site)")
     parser.add_argument("--site", type=Path, help="a pip --target directory with transformers 5.2 and kvpress: "
                         "kvpress then runs under this interpreter with that directory first on its path")
+    parser.add_argument("--sides", choices=["both", "kvslim", "kvpress", "none"], default="both",
+                        help="which sides to run before comparing: one side lets the two run as two processes at "
+                        "once (the second reuses the first's plan.json and samples.jsonl); none pairs the records "
+                        "already in --out (of an interrupted run, what both sides finished)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -288,18 +295,25 @@ def main(argv: list[str] | None = None) -> None:
     generation = transformers.GenerationConfig.from_pretrained(model_dir, local_files_only=True) \
         if (model_dir / "generation_config.json").is_file() else None
     stops = stop_ids(SimpleNamespace(generation_config=generation), tokenizer)
-    samples = write_inputs(args, model_dir, tokenizer, stops)
-    run_kvpress(args)
-    side = KvslimSide(args, stops)
-    side.run(samples, json.loads((args.out / PLAN).read_text()), args.out / "kvslim.jsonl")
-    del side
-    gc.collect()
+    if args.sides == "both" or not (args.out / SAMPLES).is_file():
+        write_inputs(args, model_dir, tokenizer, stops)
+    samples = read_jsonl(args.out / SAMPLES)
+    if args.sides in ("both", "kvpress"):
+        run_kvpress(args)
+    if args.sides in ("both", "kvslim"):
+        side = KvslimSide(args, stops)
+        side.run(samples, json.loads((args.out / PLAN).read_text()), args.out / "kvslim.jsonl")
+        del side
+        gc.collect()
+    if not all((args.out / name).is_file() for name in ("kvslim.jsonl", "kvpress.jsonl", ENVIRONMENT)):
+        print(f"{args.out}: one side has not run yet; compare with --sides none once both have")
+        return
     settings = {"command": " ".join(sys.argv), "model": args.model, "model_dir": str(model_dir),
                 "tasks": args.tasks, "length": args.length, "samples": args.samples, "keep": args.keep,
                 "protocols": args.protocol_list, "device": args.device, "dtype": args.dtype, "seed": args.seed,
                 "kvslim_side": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "kvpress_side": json.loads((args.out / ENVIRONMENT).read_text()), "machine": platform.machine(),
-                "elapsed_s": round(time.perf_counter() - started, 1)}
+                "elapsed_s": round(time.perf_counter() - started, 1), "sides_run": args.sides}
     result = compare(args, samples, tokenizer, stops, settings)
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out / 'comparison.json'} ({len(result['samples'])} paired samples)")
