@@ -96,14 +96,26 @@ PAIRS: dict[str, Pair] = {
     "expected_attention@kvpress": Pair("expected_attention(keep={keep},history=1000000)",
                                        _press("ExpectedAttentionPress"), "kvslim modelling every query"),
     "pyramidkv": Pair("pyramidkv(keep={keep})", _press("PyramidKVPress"), "SnapKV's differences, per-layer budgets"),
+    "pyramidkv@kvpress": Pair("pyramidkv(keep={keep},window=64,kernel=5,pooling=avg)", _press("PyramidKVPress"),
+                              "kvslim with kvpress's SnapKV window, kernel and pooling"),
     "adakv": Pair("adakv(keep={keep})", {"press": "AdaKVPress", "inner": _press("SnapKVPress")},
                   "SnapKV's differences; kvslim stores ragged heads, kvpress masks the dropped keys"),
+    "adakv@kvpress": Pair("adakv(keep={keep},window=64,kernel=5,pooling=avg)",
+                          {"press": "AdaKVPress", "inner": _press("SnapKVPress")},
+                          "kvslim with kvpress's SnapKV window, kernel and pooling"),
     "think": Pair("think(ratio=0.5)", {"press": "ThinKPress", "kwargs": {"key_channel_compression_ratio": 0.5},
                                        "ratio": False},
                   "prunes half the key channels (not tokens) on both sides, whatever --keep says"),
-    "kvzip": Pair("kvzip(keep={keep})", _press("KVzipPress"), "kvpress masks the dropped keys"),
+    "kvzip": Pair("kvzip(keep={keep})", _press("KVzipPress"),
+                  "kvpress shares one budget across all layers and heads (layerwise=False), keeps 4 sinks, wraps "
+                  "the repeat prompt in the chat template and reconstructs 2048-token chunks, and masks the dropped "
+                  "keys; kvslim keeps the budget per layer and head and reconstructs 1024-token chunks"),
     "keydiff": Pair("keydiff(keep={keep})", _press("KeyDiffPress"), "same score"),
-    "lagkv": Pair("lagkv(keep={keep})", _press("LagKVPress"), "kvpress ranks within a chunk, kvslim softmaxes"),
+    "lagkv": Pair("lagkv(keep={keep})", _press("LagKVPress"),
+                  "kvpress replaces each chunk's scores by their ranks within the chunk (cross_scoring=False), so "
+                  "every chunk keeps the same share; kvslim compares the softmaxed spreads across chunks"),
+    "lagkv@kvslim": Pair("lagkv(keep={keep})", _press("LagKVPress", cross_scoring=True),
+                         "kvpress comparing scores across chunks, as kvslim does"),
 }
 CPU_METHODS = "full,snapkv,snapkv@kvpress,streaming,streaming@kvpress,knorm,tova,tova@kvpress,expected_attention"
 ALL_METHODS = ",".join(PAIRS)
@@ -214,7 +226,7 @@ class KvslimSide:
         cache = DynamicCache()
         ids = torch.tensor([compressed_ids(sample, protocol)], device=self.device)
         self.model.model(input_ids=ids, **cache_arg(cache), use_cache=True)
-        return [layer.keys[0].float().cpu() for layer in cache.layers]
+        return [layer.keys[0] for layer in cache.layers]
 
     def kept(self, label: str, sample: dict[str, Any], protocol: str, full: list[torch.Tensor]
              ) -> tuple[list[list[list[int]]], int]:
@@ -223,7 +235,7 @@ class KvslimSide:
         held = []
         for layer in cache.layers:
             keys, _, valid = layer.dense(torch.float32)
-            held.append([keys[0, h][valid[0, h]].cpu() for h in range(keys.shape[1])])
+            held.append([keys[0, h][valid[0, h]] for h in range(keys.shape[1])])
         return kept_positions(full, held, [None] * len(full))
 
     def run(self, samples: list[dict[str, Any]], plan: dict[str, Any], target: Path) -> None:

@@ -37,7 +37,10 @@ SAMPLES = "samples.jsonl"
 ENVIRONMENT = "kvpress_env.json"  # the versions the kvpress side ran with
 QUERY_AWARE = "query-aware"
 QUERY_AGNOSTIC = "query-agnostic"
-MATCH_TOLERANCE = 1e-3  # relative L2 error between a held key and the full prefill's key at the same position
+MATCH_TOLERANCE = 0.05
+"""Largest relative L2 distance between a held key and the full prefill's key it is taken for: bfloat16 runs
+drift by about 1e-2 (the two sides' attention kernels round differently upstream); a key with half its
+channels pruned (ThinK) is about 0.7 away."""
 
 
 # -- the shared format (torch only) ------------------------------------------------------------------
@@ -66,25 +69,17 @@ def kept_positions(full: list[torch.Tensor], held: list[list[torch.Tensor]], mas
     ``full[l]`` (H,T,D): the layer's keys after an uncompressed prefill of the same ids; ``held[l][h]`` (n,D):
     what the compressed cache holds for head ``h`` (heads may hold different counts); ``masked[l]`` (H,T) True where a press that masks instead of pruning
     (AdaKV, KVzip) hides a held key, or None. Keys of one sequence differ at every position (RoPE), so each
-    held key is the full key it is nearest to: a random projection finds the candidates, the full vectors
-    decide. Returns the sorted positions per layer and head, and how many held keys matched no full key
-    within :data:`MATCH_TOLERANCE` (a channel-pruning method such as ThinK changes the keys themselves).
+    held key is the full key nearest to it. Returns the sorted positions per layer and head, and how many
+    held keys matched no full key within :data:`MATCH_TOLERANCE` (a channel-pruning method such as ThinK
+    changes the keys themselves).
     """
     out, unmatched = [], 0
-    generator = torch.Generator().manual_seed(0)
     for layer, (f, h) in enumerate(zip(full, held)):
-        f, h = f.double(), [x.double() for x in h]
-        direction = torch.randn(f.shape[-1], generator=generator, dtype=torch.float64)
         heads = []
         for head in range(f.shape[0]):
-            proj, order = (f[head] @ direction).sort()
-            at = torch.searchsorted(proj, h[head] @ direction).clamp(max=len(proj) - 1)
-            candidates = torch.stack([order[(at - 1).clamp(min=0)], order[at]], -1)  # (n, 2)
-            error = (f[head][candidates] - h[head][:, None]).norm(dim=-1)  # (n, 2)
-            best = error.argmin(-1)
-            position = candidates.gather(-1, best[:, None])[:, 0]
-            scale = h[head].norm(dim=-1).clamp(min=1e-12)
-            ok = error.gather(-1, best[:, None])[:, 0] / scale <= MATCH_TOLERANCE
+            keys, found = f[head].float(), h[head].float().to(f.device)
+            distance, position = torch.cdist(found, keys).min(-1)
+            ok = distance <= MATCH_TOLERANCE * found.norm(dim=-1).clamp(min=1e-12)
             unmatched += int((~ok).sum())
             chosen = set(position[ok].tolist())
             if masked[layer] is not None:
@@ -209,11 +204,11 @@ class Side:
             hidden = getattr(layer.self_attn, "masked_key_indices", None)
             mask = None
             if hidden is not None:
-                mask = torch.zeros(f.shape[:2], dtype=torch.bool)
+                mask = torch.zeros(f.shape[:2], dtype=torch.bool, device=f.device)
                 _, heads, positions = hidden
-                mask[heads.cpu(), positions.cpu()] = True
+                mask[heads.to(f.device), positions.to(f.device)] = True
             masked.append(mask)
-        return kept_positions([f.cpu() for f in full], [list(layer.keys[0].cpu()) for layer in cache.layers], masked)
+        return kept_positions(full, [list(layer.keys[0]) for layer in cache.layers], masked)
 
 
 def run(out: Path) -> None:
