@@ -39,12 +39,22 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import kvpress_agreement as agreement
 import torch
 import transformers
+from kvpress_side import (
+    ENVIRONMENT,
+    PLAN,
+    QUERY_AGNOSTIC,
+    QUERY_AWARE,
+    SAMPLES,
+    append_jsonl,
+    compressed_ids,
+    kept_positions,
+    read_jsonl,
+)
 from transformers import DynamicCache
 
-import kvpress_agreement as agreement
-from kvpress_side import ENVIRONMENT, PLAN, QUERY_AGNOSTIC, QUERY_AWARE, SAMPLES, append_jsonl, compressed_ids, kept_positions, read_jsonl
 from kvslim.bench.memory import PeakMemory
 from kvslim.bench.ruler import get_ruler_task
 from kvslim.bench.ruler.execute import stop_ids
@@ -278,11 +288,11 @@ def compare(args: argparse.Namespace, samples: list[dict[str, Any]], tokenizer: 
 def report(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [f"# kvslim vs kvpress {s['kvpress_side']['kvpress']}: {s['model']}, RULER {s['length']}, keep {s['keep']}", "",
-             f"Tasks {s['tasks']}, {s['samples']} samples each, {s['device']} {s['dtype']}. Scores are RULER's "
+             (f"Tasks {s['tasks']}, {s['samples']} samples each, {s['device']} {s['dtype']}. Scores are RULER's "
              "string_match_all on both outputs decoded by one tokenizer. *same out*: identical answer text; "
-             "*kept J*: Jaccard overlap of the kept prompt positions per layer and KV head (captured samples).", "",
-             "| method | protocol | n | kvslim | kvpress | same out | same score | kept J | kept/head kvslim | "
-             "kvpress | prefill s kvslim | kvpress | decode ms/tok kvslim | kvpress | peak MiB kvslim | kvpress |",
+             "*kept J*: Jaccard overlap of the kept prompt positions per layer and KV head (captured samples)."), "",
+             ("| method | protocol | n | kvslim | kvpress | same out | same score | kept J | kept/head kvslim | "
+             "kvpress | prefill s kvslim | kvpress | decode ms/tok kvslim | kvpress | peak MiB kvslim | kvpress |"),
              "|" + "---|" * 16]
     for e in result["summary"]:
         kept = [f"{e['kept_jaccard']:.3f}", f"{e['kvslim_kept_per_head']:.0f}", f"{e['kvpress_kept_per_head']:.0f}"] \

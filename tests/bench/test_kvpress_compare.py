@@ -14,11 +14,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import kvpress_agreement as agreement  # noqa: E402
-import kvpress_compare as compare  # noqa: E402
-import kvpress_side as side  # noqa: E402
-from bench.test_harness import char_tokenizer  # noqa: E402
-from kvslim.methods import policy  # noqa: E402
+import kvpress_agreement as agreement
+import kvpress_compare as compare
+import kvpress_side as side
+from bench.test_harness import char_tokenizer
+
+from kvslim.methods import policy
 
 SAMPLES = [{"id": "a", "task": "niah_single_1", "answers": ["123"], "metric": "string_match_all"},
            {"id": "b", "task": "niah_multivalue", "answers": ["1", "2"], "metric": "string_match_all"}]
