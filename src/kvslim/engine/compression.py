@@ -68,6 +68,7 @@ from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.quest import Quest
 from ..methods.streaming import Streaming
+from .decode_eviction import DecodeEviction
 
 
 def _parts(policy: Method) -> list[Method]:
@@ -98,6 +99,8 @@ class Compression:
                              f"use streaming or {self.storage.name} alone here, or the hybrid through kvslim.Cache")
         #: the evictor that compresses while decoding (rescored from pages every ``interval`` steps), or None
         self.decoding = self._decoding(policy, parts) if self.window is None else None
+        #: runs :attr:`decoding` for every sequence of a decode step
+        self.decode_eviction = None if self.decoding is None else DecodeEviction(self.decoding, num_layers, scaling, rope)
         self.ragged_heads = any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
         #: budgets weighed over every KV head of a layer and every layer of a request (auto): one process only
         self.whole_request = any(isinstance(p, AutoBudget) for p in parts)
@@ -144,14 +147,6 @@ class Compression:
                 if "budget" in state:
                     state["budget"] = state["budget"] + appended
         return states
-
-    def decode_step(self, layer_idx: int, state: dict, query: Tensor) -> tuple[Observation, Tensor] | None:
-        """Record one decoding step's query (Hq, D) in a sequence's layer state; when an eviction is due, the
-        observation to score (its layer is to be filled with the sequence's tokens) and the limit."""
-        layer = LayerKV(layer_idx)
-        layer.state = state
-        obs = Observation(layer, self.num_layers, query[None, :, None], self.scaling, "decode", rope=self.rope)
-        return self.decoding.due(obs)  # type: ignore[union-attr]
 
     @staticmethod
     def _layer(index: int, keys: Tensor, values: Tensor) -> LayerKV:

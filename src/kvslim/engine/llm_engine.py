@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from ..cache.segments import DenseSegment
 from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
 from ..methods.kvzip import REPEAT_PROMPT
@@ -278,10 +277,10 @@ class LLMEngine:
         if step.decode:
             self.runner.copy_blocks(step.copies)
             logits = self.runner.decode(self.runner.prepare_decode(step.decode))
-            for row, seq in enumerate(step.decode):
+            for seq in step.decode:
                 self.runner.kv.advance(seq)
                 self._slide(seq)
-                self._evict_decoded(seq, row)
+            self._evict_decoded(step.decode)
             seqs, rows = list(step.decode), list(logits)
         done, last = [], []
         for seq, tokens in step.prefill:
@@ -335,7 +334,7 @@ class LLMEngine:
         self.blocks.trim(seq, seq.kv_slots)
         appended = len(seq) - seq.compressed_len
         if self.compression.decoding is not None:
-            seq.method_state = self.compression.take_states(appended)
+            seq.method_state = self.compression.decode_eviction.start(self.compression.take_states(appended))  # type: ignore[union-attr]
         window = self.compression.start_window(seq.compressed_len, appended)
         if window is not None:
             seq.sinks, seq.window_budget = window
@@ -363,33 +362,14 @@ class LLMEngine:
             rows.append(row)
         return out, torch.stack(rows)
 
-    def _evict_decoded(self, seq: Sequence, row: int) -> None:
-        """Decode-time compression: give the method this step's queries; on a step that evicts, read the sequence's
-        tokens from its pages, let the method select, write the kept ones back left-aligned and free the blocks past
-        them (see :mod:`kvslim.engine.compression`)."""
-        if seq.method_state is None:
+    def _evict_decoded(self, seqs: list[Sequence]) -> None:
+        """Decode-time compression: give the method this step's queries; on a step that evicts, the kept tokens are
+        written back left-aligned and the blocks past them freed (see :mod:`kvslim.engine.decode_eviction`)."""
+        evictor = self.compression.decode_eviction
+        if evictor is None:
             return
-        runner = self.runner
-        held = seq.slot_lens(runner.num_layers, runner.num_kv_heads)
-        evicted = False
-        for i, state in enumerate(seq.method_state):
-            due = self.compression.decode_step(i, state, runner.decode_queries[i][row])  # type: ignore[index]
-            if due is None:
-                continue
-            recent, limit = due
-            lens = held[i].to(runner.device)
-            keys, values = runner.kv.read(i, runner._slots(seq.block_table, 0, seq.kv_slots))
-            valid = torch.arange(seq.kv_slots, device=runner.device) < lens[:, None]
-            recent.layer.replace([DenseSegment.from_padded(keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-                                                           valid[None])])
-            self.compression.decoding.evict(recent, limit)  # type: ignore[union-attr]
-            kept_k, kept_v, kept = recent.layer.dense(keys.dtype)
-            held[i] = kept[0].sum(-1).cpu()
-            runner.kv.store_prefill(i, seq, runner._slots(seq.block_table, 0, kept_k.shape[2]), kept_k[0], kept_v[0],
-                                    held[i].to(runner.device))
-            evicted = True
-        if evicted:
-            seq.set_held(held)
+        queries = torch.stack(self.runner.decode_queries, 1)  # type: ignore[arg-type]  # (B, L, Hq, D)
+        for seq in evictor.step(seqs, queries, self.runner):
             self.blocks.trim(seq, seq.kv_slots)
 
     def _slide(self, seq: Sequence) -> None:

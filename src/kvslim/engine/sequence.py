@@ -5,11 +5,15 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .decode_eviction import DecodeState
 
 
 class Status(Enum):
@@ -70,8 +74,8 @@ class Sequence:
     generator: torch.Generator | None = None  # seeded sampling (SamplingParams.seed)
     ring_row: int = -1  # row of the ring of newest tokens (quantized pages, KCache)
     tail: Tensor | None = None  # (L, H) tokens each head holds in its ring row (stores with a ring)
-    #: per layer, the method's state for decode-time compression (budget, remembered queries); None: none
-    method_state: list[dict] | None = None
+    #: decode-time compression's state (each layer's budget, the remembered queries); None: none
+    method_state: DecodeState | None = None
     suffix_tokens: int = 0  # the prompt's last tokens, prefilled uncompressed after the rest is compressed
     prefill_len: int = 0  # tokens the current prefill runs (len(seq) when admitted); 0 before admission
     num_prefilled: int = 0  # of those, tokens whose keys/values are in pages (0 until its first chunk runs)

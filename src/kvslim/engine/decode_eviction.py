@@ -1,0 +1,117 @@
+"""Decode-time compression in the paged engine, batched: the per-step work is a few tensor ops, not a loop over layers.
+
+The method's own :meth:`~kvslim.methods.ScoredEviction.due` keeps each layer's newest queries in a Python dict and
+counts steps per layer; run per sequence and per layer on every step, that bookkeeping cost more than the model's
+step (issues 13/14). Here the same rule runs once per sequence: every layer sees the same steps, so one counter
+says when an eviction is due (every ``interval`` steps), and the newest :attr:`~ScoredEviction.observed` queries of
+every layer live in one ring (L, Hq, W, D) a step writes with one copy. On a step that evicts, the sequences due that
+hold the same number of slots and queries are scored together: one page read for all their layers, one
+:meth:`~ScoredEviction.evict` per layer over a batch of them, one page write per layer. The method sees exactly the
+observation it would see alone (same shapes, its rows side by side), so it keeps the same tokens as under
+``kvslim.Cache``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cache.layer import LayerKV
+from ..cache.segments import DenseSegment
+from ..methods import Observation, ScoredEviction
+
+
+@dataclass
+class DecodeState:
+    """One sequence's decode-time compression state: the method's per-layer state (budget) and a ring of queries."""
+
+    layers: list[dict]  # per layer, the method's state after the prefill, without its remembered queries
+    ring: Tensor  # (L, Hq, W, D) the newest W queries of every layer, written round-robin
+    count: int  # queries in the ring (W once full)
+    head: int  # the column the next query goes to: the first free one, then the oldest
+    steps: int = 0  # decoding steps since the prefill
+
+    def push(self, queries: Tensor) -> None:
+        """Record one step's queries (L, Hq, D) of every layer."""
+        width = self.ring.shape[2]
+        self.ring[:, :, self.head] = queries
+        self.head = (self.head + 1) % width
+        self.count = min(self.count + 1, width)
+        self.steps += 1
+
+    def recent(self) -> Tensor:
+        """(L, Hq, n, D) the remembered queries, oldest first."""
+        if self.count < self.ring.shape[2]:
+            return self.ring[:, :, : self.count]
+        return self.ring.roll(-self.head, 2) if self.head else self.ring
+
+
+class DecodeEviction:
+    """Runs one decoding evictor (``method``) for every sequence of a step; see the module docstring."""
+
+    def __init__(self, method: ScoredEviction, num_layers: int, scaling: float, rope: Tensor | None):
+        self.method, self.num_layers, self.scaling, self.rope = method, num_layers, scaling, rope
+        self.key = f"{method.name}.queries"  # where ScoredEviction.remember keeps the queries (see start)
+
+    def start(self, states: list[dict]) -> DecodeState | None:
+        """A sequence's decode state from each layer's state after its prefill (None when no layer holds a budget:
+        the method lets the cache grow)."""
+        if not all("budget" in state for state in states):
+            if any("budget" in state for state in states):
+                raise ValueError(f"{self.method.spec}: some layers hold a decode budget and others do not; the engine "
+                                 "evicts every layer of a sequence on the same steps")
+            return None
+        prompt = torch.cat([state.pop(self.key) for state in states])  # (L, Hq, w, D), w <= observed
+        width = self.method.observed
+        ring = prompt.new_zeros(*prompt.shape[:2], width, prompt.shape[3])
+        # the ring's order: the prompt's queries first, then each step's (as push writes them while filling)
+        ring[:, :, : prompt.shape[2]] = prompt
+        return DecodeState(states, ring, prompt.shape[2], prompt.shape[2] % width)
+
+    def step(self, seqs: list, queries: Tensor, runner) -> list:
+        """Record the step's queries (B, L, Hq, D) of each sequence (``None`` state: skipped); evict where due.
+        Returns the sequences whose pages were compacted (their held slots changed)."""
+        due: dict[tuple[int, int], list] = defaultdict(list)
+        for row, seq in enumerate(seqs):
+            state: DecodeState | None = seq.method_state
+            if state is None:
+                continue
+            state.push(queries[row])
+            if state.steps % self.method.interval == 0:
+                due[(seq.kv_slots, state.count)].append(seq)
+        changed = []
+        for group in due.values():
+            self._evict(group, runner)
+            changed += group
+        return changed
+
+    def _evict(self, seqs: list, runner) -> None:
+        """Score and compact a group of sequences holding the same slots and remembered queries."""
+        kv, device, length = runner.kv, runner.device, seqs[0].kv_slots
+        held = torch.stack([s.slot_lens(runner.num_layers, runner.num_kv_heads) for s in seqs])  # (G, L, H)
+        slots = torch.stack([runner._slots(s.block_table, 0, length) for s in seqs])  # (G, T)
+        flat = (runner.num_layers, -1, runner.num_kv_heads, kv.head_dim)
+        keys = kv.k_cache.view(flat)[:, slots].permute(0, 1, 3, 2, 4)  # (L, G, H, T, D), one read for all layers
+        values = kv.v_cache.view(flat)[:, slots].permute(0, 1, 3, 2, 4)
+        valid = torch.arange(length, device=device) < held.to(device)[..., None]  # (G, L, H, T)
+        recent = torch.stack([s.method_state.recent() for s in seqs], 1)  # (L, G, Hq, n, D)
+        for i in range(self.num_layers):
+            layer = LayerKV(i)
+            layer.state = {name: torch.cat([s.method_state.layers[i][name] for s in seqs])
+                           if isinstance(value, Tensor) else value
+                           for name, value in seqs[0].method_state.layers[i].items()}
+            layer.replace([DenseSegment.from_padded(keys[i], values[i], valid[:, i])])
+            obs = Observation(layer, self.num_layers, recent[i], self.scaling, "decode", rope=self.rope)
+            self.method.evict(obs, self.method.decode_limit(obs))
+            kept_k, kept_v, kept = layer.dense(keys.dtype)
+            held[:, i] = kept.sum(-1).cpu()
+            width = kept_k.shape[2]
+            grid = slots[:, None, :width].expand(-1, kv.num_kv_heads, -1)  # (G, H, T')
+            heads = torch.arange(kv.num_kv_heads, device=device)[None, :, None].expand_as(grid)
+            write = torch.arange(width, device=device) < held[:, i].to(device)[..., None]
+            kv.k_cache[i].view(-1, kv.num_kv_heads, kv.head_dim)[grid[write], heads[write]] = kept_k[write]
+            kv.v_cache[i].view(-1, kv.num_kv_heads, kv.head_dim)[grid[write], heads[write]] = kept_v[write]
+        for seq, lens in zip(seqs, held):
+            seq.set_held(lens)
