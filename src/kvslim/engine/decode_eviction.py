@@ -90,28 +90,34 @@ class DecodeEviction:
     def _evict(self, seqs: list, runner) -> None:
         """Score and compact a group of sequences holding the same slots and remembered queries."""
         kv, device, length = runner.kv, runner.device, seqs[0].kv_slots
-        held = torch.stack([s.slot_lens(runner.num_layers, runner.num_kv_heads) for s in seqs])  # (G, L, H)
-        slots = torch.stack([runner._slots(s.block_table, 0, length) for s in seqs])  # (G, T)
-        flat = (runner.num_layers, -1, runner.num_kv_heads, kv.head_dim)
-        keys = kv.k_cache.view(flat)[:, slots].permute(0, 1, 3, 2, 4)  # (L, G, H, T, D), one read for all layers
-        values = kv.v_cache.view(flat)[:, slots].permute(0, 1, 3, 2, 4)
-        valid = torch.arange(length, device=device) < held.to(device)[..., None]  # (G, L, H, T)
+        num_layers, heads, dim = runner.num_layers, runner.num_kv_heads, kv.head_dim
+        held = torch.stack([s.slot_lens(num_layers, heads) for s in seqs]).to(device)  # (G, L, H)
+        blocks = -(-length // kv.block_size)
+        table = torch.tensor([s.block_table[:blocks] for s in seqs], device=device)
+        logical = torch.arange(length, device=device)
+        slots = table[:, logical // kv.block_size] * kv.block_size + logical % kv.block_size  # (G, T)
+        pages = (kv.k_cache.view(num_layers, -1, heads, dim), kv.v_cache.view(num_layers, -1, heads, dim))
+        keys, values = (p[:, slots].permute(0, 1, 3, 2, 4) for p in pages)  # (L, G, H, T, D): one read, all layers
+        valid = logical < held[..., None]  # (G, L, H, T)
         recent = torch.stack([s.method_state.recent() for s in seqs], 1)  # (L, G, Hq, n, D)
-        for i in range(self.num_layers):
+        head_of = torch.arange(heads, device=device)[None, :, None]
+        index, kept_keys, kept_values, counts = [], [], [], []
+        for i in range(num_layers):
             layer = LayerKV(i)
             layer.state = {name: torch.cat([s.method_state.layers[i][name] for s in seqs])
                            if isinstance(value, Tensor) else value
                            for name, value in seqs[0].method_state.layers[i].items()}
             layer.replace([DenseSegment.from_padded(keys[i], values[i], valid[:, i])])
-            obs = Observation(layer, self.num_layers, recent[i], self.scaling, "decode", rope=self.rope)
+            obs = Observation(layer, num_layers, recent[i], self.scaling, "decode", rope=self.rope)
             self.method.evict(obs, self.method.decode_limit(obs))
-            kept_k, kept_v, kept = layer.dense(keys.dtype)
-            held[:, i] = kept.sum(-1).cpu()
-            width = kept_k.shape[2]
-            grid = slots[:, None, :width].expand(-1, kv.num_kv_heads, -1)  # (G, H, T')
-            heads = torch.arange(kv.num_kv_heads, device=device)[None, :, None].expand_as(grid)
-            write = torch.arange(width, device=device) < held[:, i].to(device)[..., None]
-            kv.k_cache[i].view(-1, kv.num_kv_heads, kv.head_dim)[grid[write], heads[write]] = kept_k[write]
-            kv.v_cache[i].view(-1, kv.num_kv_heads, kv.head_dim)[grid[write], heads[write]] = kept_v[write]
-        for seq, lens in zip(seqs, held):
+            kept_k, kept_v, kept = layer.dense(keys.dtype)  # left-aligned per head: slot t of a head keeps column t
+            grid = slots[:, None, : kept.shape[2]].expand(-1, heads, -1)  # (G, H, T')
+            index.append((torch.full_like(grid[kept], i), grid[kept], head_of.expand_as(grid)[kept]))
+            kept_keys.append(kept_k[kept])
+            kept_values.append(kept_v[kept])
+            counts.append(kept.sum(-1))
+        index = tuple(torch.cat(part) for part in zip(*index))  # (layer, slot, head) of every kept token
+        pages[0][index] = torch.cat(kept_keys)  # one write per page pool for all layers
+        pages[1][index] = torch.cat(kept_values)
+        for seq, lens in zip(seqs, torch.stack(counts, 1).cpu()):  # (L, H) each
             seq.set_held(lens)
