@@ -19,11 +19,12 @@ What the engine supports, and why:
 * **decode-time eviction**: StreamingLLM's rule needs no scores (sinks + the newest tokens), so its
   window slides by moving a start slot, exactly as its ``on_decode`` would, and blocks the window has
   passed are handed back. Every other decode-time scorer (R-KV, TOVA, any scorer with ``decode_budget=``
-  and ``interval=``) runs the method's own :meth:`ScoredEviction.due` each step on the sequence's kept
-  layer state (budget, remembered queries); on a step that evicts, the engine reads the sequence's
-  tokens from its pages, the method selects exactly as under ``kvslim.Cache``, and the kept tokens are
-  written back left-aligned so the blocks past them are freed. Decoding then runs without CUDA graphs
-  (the step's queries are kept), over model-dtype pages, with one evictor, and one completion per
+  and ``interval=``) follows the method's own :meth:`ScoredEviction.due` rule (every ``interval`` steps, over
+  the newest remembered queries), batched over the step's sequences (:mod:`kvslim.engine.decode_eviction`);
+  on a step that evicts, the engine reads the sequences' tokens from their pages, the method selects exactly
+  as under ``kvslim.Cache``, and the kept tokens are written back left-aligned so the blocks past them are
+  freed. The decode step (eager or a CUDA graph's replay) leaves every layer's queries in
+  ``ModelRunner.step_queries``. It runs over model-dtype pages, with one evictor, and one completion per
   request (a fork shares blocks the compaction would overwrite). H2O, whose scores add up every step's
   attention, is refused.
 * **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at

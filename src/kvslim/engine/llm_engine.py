@@ -98,7 +98,7 @@ class LLMEngine:
                              "tensor_parallel_size=1 or another method")
         self.runner.set_format(self.compression.storage)
         if self.compression.decoding is not None:  # decode-time compression scores from each step's queries
-            self.runner.enforce_eager, self.runner.decode_queries = True, []
+            self.runner.keep_queries = True
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()
         self.block_bytes = kv.block_bytes(block_size)
@@ -368,8 +368,7 @@ class LLMEngine:
         evictor = self.compression.decode_eviction
         if evictor is None:
             return
-        queries = torch.stack(self.runner.decode_queries, 1)  # type: ignore[arg-type]  # (B, L, Hq, D)
-        for seq in evictor.step(seqs, queries, self.runner):
+        for seq in evictor.step(seqs, self.runner.step_queries, self.runner):  # type: ignore[arg-type]
             self.blocks.trim(seq, seq.kv_slots)
 
     def _slide(self, seq: Sequence) -> None:

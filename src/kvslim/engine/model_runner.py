@@ -117,8 +117,10 @@ class ModelRunner:
         self.block_size = 0
         #: decode without CUDA graphs; set before :meth:`allocate` to capture none, after it to stop replaying them
         self.enforce_eager = enforce_eager
-        #: when a list, each eager decode step leaves there every layer's queries (B, Hq, D) (decode-time compression)
-        self.decode_queries: list[Tensor] | None = None
+        #: decode-time compression: each decode step (eager or replayed) leaves every layer's queries in step_queries
+        self.keep_queries = False
+        #: (B, L, Hq, D) the last decode step's queries when ``keep_queries`` (a replay's: valid until the next one)
+        self.step_queries: Tensor | None = None
         self.graphs: DecodeGraphs | None = None
 
     @classmethod
@@ -357,9 +359,9 @@ class ModelRunner:
         hidden = None
         if self.graphs is not None and not self.enforce_eager:
             hidden = self.graphs.run(batch)
+            if hidden is not None and self.keep_queries:
+                self.step_queries = self.graphs.queries[: len(hidden)]  # type: ignore[index]
         if hidden is None:
-            if self.decode_queries is not None:
-                self.decode_queries = []
             hidden = self.forward_decode(batch)
         self.kv.finish(batch)
         return self._logits(hidden)
@@ -372,15 +374,18 @@ class ModelRunner:
         cos, sin = self._rope(batch.positions)
         x = self.model.model.embed_tokens(batch.tokens)
         mlp_out = None  # each residual add is fused with the norm after it
+        queries = []
         for i, layer in enumerate(self.layers):
             x, h = self.ops.add_rms_norm(x, mlp_out, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(i, h, cos, sin)
-            if self.decode_queries is not None:
-                self.decode_queries.append(q)
+            if self.keep_queries:
+                queries.append(q)
             out = self.kv.attend(i, q, k, v, batch, self.scaling)
             x, h = self.ops.add_rms_norm(x, layer.self_attn.o_proj(out.reshape(len(x), -1)),
                                          layer.post_attention_layernorm.weight, self.eps)
             mlp_out = self._mlp(i, h)
+        if self.keep_queries:
+            self.step_queries = torch.stack(queries, 1)
         return self.ops.add_rms_norm(x, mlp_out, self.model.model.norm.weight, self.eps)[1]
 
 
@@ -414,6 +419,9 @@ class DecodeGraphs:
                                   per_head(), flat(torch.int32), flat(torch.int32), kv)
         #: every graph writes its rows of this one output buffer
         self.hidden = torch.empty(rows, runner.model.config.hidden_size, dtype=runner.dtype, device=device)
+        #: and, with decode-time compression (``runner.keep_queries``, set before the first capture), every layer's
+        #: queries (rows, L, Hq, D) to this one
+        self.queries: Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
         self._pad(0, rows)
@@ -476,8 +484,13 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        if self.runner.keep_queries and self.queries is None:
+            self.queries = torch.empty(self.hidden.shape[0], *self.runner.step_queries.shape[1:],  # type: ignore[union-attr]
+                                       dtype=self.runner.dtype, device=self.hidden.device)
         with torch.cuda.graph(graph, pool=self.pool):
             self.hidden[:size] = self.runner.forward_decode(view)
+            if self.runner.keep_queries:
+                self.queries[:size] = self.runner.step_queries  # type: ignore[index]
         self.graphs[size] = graph
 
     def _load(self, batch: DecodeBatch, n: int) -> None:
