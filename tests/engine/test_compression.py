@@ -109,3 +109,20 @@ def test_decode_time_compression_refuses_forks(llama) -> None:
     llm = LLM(llama, policy="rkv(budget=32)", kv_memory=0.01, block_size=4)
     with pytest.raises(ValueError, match="n=2"):
         llm.add_request(PROMPTS[0], SamplingParams(max_tokens=4, n=2))
+
+
+@pytest.mark.parametrize("spec", ["rkv(budget=32,window=4)", "tova(keep=0.4)", "snapkv(keep=0.5,window=4,decode_budget=24,interval=4)",
+                                  "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))"])
+def test_decode_time_compression_scores_sequences_together(llama, spec: str, monkeypatch) -> None:
+    """Sequences due on the same step that hold the same slots and queries are scored in one batch (one evict per
+    layer), and still keep exactly the tokens each keeps alone under kvslim.Cache."""
+    llm = LLM(llama, policy=spec, kv_memory=0.02, block_size=4)
+    batches = []
+    evict = llm.compression.decode_eviction._evict
+    monkeypatch.setattr(llm.compression.decode_eviction, "_evict",
+                        lambda seqs, runner: (batches.append(len(seqs)), evict(seqs, runner)))
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+    assert max(batches) >= 3, "at least the three copies of one prompt are scored together"
+    expected = {len(p): _hf(llama, spec, p, 24) for p in PROMPTS}
+    assert [out.token_ids for out in outs] == [expected[len(p)] for p in prompts]

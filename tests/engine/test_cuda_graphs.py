@@ -88,3 +88,30 @@ def test_decode_beside_prompt_chunks_replays_graphs(policy: str) -> None:
     eager = LLM(model, policy=policy, kv_memory=0.02)
     eager.runner.enforce_eager = True
     assert _run(eager) == outputs
+
+
+@pytest.mark.parametrize("policy", ["rkv(budget=64,window=4)", "tova(budget=64)",
+                                    "snapkv(keep=0.5,window=4,decode_budget=48,interval=4)"])
+def test_decode_time_compression_replays_graphs(policy: str) -> None:
+    """Decode-time compression scores from each step's queries: the replay writes them to a static buffer, the same
+    queries the eager step computes, so the evictor keeps the same tokens as without graphs."""
+    model = tiny_model("llama", "gqa").cuda()
+    graphed = LLM(model, policy=policy, kv_memory=0.02)
+    graphs = graphed.runner.graphs
+    assert graphs is not None and not graphed.runner.enforce_eager
+    replay, errors = graphs.run, []
+
+    def both(batch):
+        graphed.runner.forward_decode(batch)
+        eager = graphed.runner.step_queries.clone()
+        hidden = replay(batch)
+        errors.append(float((graphs.queries[: len(eager)] - eager).abs().max() / eager.abs().max()))
+        return hidden
+
+    graphs.run = both
+    outputs = _run(graphed)
+    assert graphs.graphs, "decode steps replayed graphs"
+    assert max(errors) < 1e-4, f"graph queries differ from eager by {max(errors):.1e}"
+    eager = LLM(model, policy=policy, kv_memory=0.02)
+    eager.runner.enforce_eager = True
+    assert _run(eager) == outputs
