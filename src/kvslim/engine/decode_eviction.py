@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..cache.buffers import GrowingSegment
 from ..cache.layer import LayerKV
 from ..cache.segments import DenseSegment
 from ..methods import Observation, ScoredEviction
@@ -99,6 +100,7 @@ class DecodeEviction:
         pages = (kv.k_cache.view(num_layers, -1, heads, dim), kv.v_cache.view(num_layers, -1, heads, dim))
         keys, values = (p[:, slots].permute(0, 1, 3, 2, 4) for p in pages)  # (L, G, H, T, D): one read, all layers
         valid = logical < held[..., None]  # (G, L, H, T)
+        uniform = (held == length).all(2).all(0).tolist()  # per layer: every head holds every slot (no padding)
         recent = torch.stack([s.method_state.recent() for s in seqs], 1)  # (L, G, Hq, n, D)
         head_of = torch.arange(heads, device=device)[None, :, None]
         index, kept_keys, kept_values, counts = [], [], [], []
@@ -107,7 +109,8 @@ class DecodeEviction:
             layer.state = {name: torch.cat([s.method_state.layers[i][name] for s in seqs])
                            if isinstance(value, Tensor) else value
                            for name, value in seqs[0].method_state.layers[i].items()}
-            layer.replace([DenseSegment.from_padded(keys[i], values[i], valid[:, i])])
+            layer.replace([GrowingSegment.holding(keys[i], values[i]) if uniform[i]
+                           else DenseSegment.from_padded(keys[i], values[i], valid[:, i])])
             obs = Observation(layer, num_layers, recent[i], self.scaling, "decode", rope=self.rope)
             self.method.evict(obs, self.method.decode_limit(obs))
             kept_k, kept_v, kept = layer.dense(keys.dtype)  # left-aligned per head: slot t of a head keeps column t
