@@ -112,10 +112,11 @@ def test_decode_time_compression_refuses_forks(llama) -> None:
 
 
 @pytest.mark.parametrize("spec", ["rkv(budget=32,window=4)", "tova(keep=0.4)", "snapkv(keep=0.5,window=4,decode_budget=24,interval=4)",
-                                  "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))"])
+                                  "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))",
+                                  "pyramidkv(keep=0.5,window=4,decode_budget=24,interval=2)"])  # layers of other lengths
 def test_decode_time_compression_scores_sequences_together(llama, spec: str, monkeypatch) -> None:
-    """Sequences due on the same step that hold the same slots and queries are scored in one batch (one evict per
-    layer), and still keep exactly the tokens each keeps alone under kvslim.Cache."""
+    """Sequences due on the same step that hold the same slots and queries are scored in one batch (one evict for
+    all their layers), and still keep exactly the tokens each keeps alone under kvslim.Cache."""
     llm = LLM(llama, policy=spec, kv_memory=0.02, block_size=4)
     batches = []
     evict = llm.compression.decode_eviction._evict

@@ -5,11 +5,12 @@ counts steps per layer; run per sequence and per layer on every step, that bookk
 step (issues 13/14). Here the same rule runs once per sequence: every layer sees the same steps, so one counter
 says when an eviction is due (every ``interval`` steps), and the newest :attr:`~ScoredEviction.observed` queries of
 every layer live in one ring (L, Hq, W, D) a step writes with one copy. On a step that evicts, the sequences due that
-hold the same number of slots and queries are scored together: one page read for all their layers, one
-:meth:`~ScoredEviction.evict` per layer over a batch of them, one page write per layer. The method sees exactly the
-observation it would see alone (same shapes, its rows side by side), so it keeps the same tokens as under
-``kvslim.Cache``.
-"""
+hold the same number of slots and queries are scored together: one page read, one :meth:`~ScoredEviction.evict`
+and one page write for all their layers, each (layer, sequence) a row of the observation's batch. Each row is
+exactly the observation the method would see for that layer alone (same shapes), so it keeps the same tokens as
+under ``kvslim.Cache``. The contract this relies on: a decode-time scorer's ``evict`` treats batch rows
+independently and does not look at the layer index (``ScoredEviction.evict`` and every registered scorer; the
+layer-dependent budgets of PyramidKV or auto are set at prefill, in the state's ``budget``)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -99,28 +100,24 @@ class DecodeEviction:
         slots = table[:, logical // kv.block_size] * kv.block_size + logical % kv.block_size  # (G, T)
         pages = (kv.k_cache.view(num_layers, -1, heads, dim), kv.v_cache.view(num_layers, -1, heads, dim))
         keys, values = (p[:, slots].permute(0, 1, 3, 2, 4) for p in pages)  # (L, G, H, T, D): one read, all layers
-        valid = logical < held[..., None]  # (G, L, H, T)
-        uniform = (held == length).all(2).all(0).tolist()  # per layer: every head holds every slot (no padding)
-        recent = torch.stack([s.method_state.recent() for s in seqs], 1)  # (L, G, Hq, n, D)
-        head_of = torch.arange(heads, device=device)[None, :, None]
-        index, kept_keys, kept_values, counts = [], [], [], []
-        for i in range(num_layers):
-            layer = LayerKV(i)
-            layer.state = {name: torch.cat([s.method_state.layers[i][name] for s in seqs])
-                           if isinstance(value, Tensor) else value
-                           for name, value in seqs[0].method_state.layers[i].items()}
-            layer.replace([GrowingSegment.holding(keys[i], values[i]) if uniform[i]
-                           else DenseSegment.from_padded(keys[i], values[i], valid[:, i])])
-            obs = Observation(layer, num_layers, recent[i], self.scaling, "decode", rope=self.rope)
-            self.method.evict(obs, self.method.decode_limit(obs))
-            kept_k, kept_v, kept = layer.dense(keys.dtype)  # left-aligned per head: slot t of a head keeps column t
-            grid = slots[:, None, : kept.shape[2]].expand(-1, heads, -1)  # (G, H, T')
-            index.append((torch.full_like(grid[kept], i), grid[kept], head_of.expand_as(grid)[kept]))
-            kept_keys.append(kept_k[kept])
-            kept_values.append(kept_v[kept])
-            counts.append(kept.sum(-1))
-        index = tuple(torch.cat(part) for part in zip(*index))  # (layer, slot, head) of every kept token
-        pages[0][index] = torch.cat(kept_keys)  # one write per page pool for all layers
-        pages[1][index] = torch.cat(kept_values)
-        for seq, lens in zip(seqs, torch.stack(counts, 1).cpu()):  # (L, H) each
+        valid = (logical < held[..., None]).transpose(0, 1).flatten(0, 1)  # (L*G, H, T), rows layer-major
+        states = [s.method_state.layers[i] for i in range(num_layers) for s in seqs]
+        layer = LayerKV(0)  # every layer at once: a decode-time scorer's evict does not look at the layer index
+        layer.state = {name: torch.cat([state[name] for state in states]) if isinstance(value, Tensor) else value
+                       for name, value in states[0].items()}
+        keys, values = keys.flatten(0, 1), values.flatten(0, 1)
+        uniform = bool((held == length).all())  # every head holds every slot: no padding to mask
+        layer.replace([GrowingSegment.holding(keys, values) if uniform else DenseSegment.from_padded(keys, values, valid)])
+        recent = torch.stack([s.method_state.recent() for s in seqs], 1).flatten(0, 1)  # (L*G, Hq, n, D)
+        obs = Observation(layer, num_layers, recent, self.scaling, "decode", rope=self.rope)
+        self.method.evict(obs, self.method.decode_limit(obs))
+        kept_k, kept_v, kept = layer.dense(keys.dtype)  # left-aligned per head: slot t of a head keeps column t
+        shape = (num_layers, len(seqs), heads, kept.shape[2])
+        grid = slots[None, :, None, : kept.shape[2]].expand(shape).flatten(0, 1)  # (L*G, H, T')
+        layer_of = torch.arange(num_layers, device=device)[:, None, None, None].expand(shape).flatten(0, 1)
+        head_of = torch.arange(heads, device=device)[None, :, None].expand_as(grid)
+        index = layer_of[kept], grid[kept], head_of[kept]  # (layer, slot, head) of every kept token
+        pages[0][index] = kept_k[kept]  # one write per page pool for all layers
+        pages[1][index] = kept_v[kept]
+        for seq, lens in zip(seqs, kept.sum(-1).view(shape[:3]).transpose(0, 1).cpu()):  # (L, H) each
             seq.set_held(lens)
