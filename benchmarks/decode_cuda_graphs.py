@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,6 +28,7 @@ from kvslim.engine import LLM, SamplingParams
 from transformers import AutoModelForCausalLM
 
 from kvslim.models import load_config
+from timing import wall  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 #: (model, policy, kv_memory GiB, batch sizes)
 RUNS = (("smollm2-135m", "full", 4.0, (1, 8, 32, 128)), ("smollm2-135m", "kivi4", 4.0, (1, 32)),
@@ -40,20 +41,6 @@ def random_model(name: str) -> Any:
     torch.manual_seed(0)
     with torch.device("cuda"):
         return AutoModelForCausalLM.from_config(load_config(name), dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-
-
-def wall(fn: Callable[[], Any], iters: int) -> float:
-    """Median milliseconds of ``fn`` from launch to a synchronized end, after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def measure(model: Any, policy: str, kv_memory: float, batch: int, args: argparse.Namespace) -> dict[str, Any]:

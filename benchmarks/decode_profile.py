@@ -34,25 +34,10 @@ from torch.profiler import ProfilerActivity, profile
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.sequence import Sequence, Status
 from kvslim.models import load_model
+from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 ATTENTION = ("paged", "combine")
 GEMM = ("gemm", "gemv", "nvjet", "cutlass", "sm90", "cublas", "splitk", "matmul")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate in bytes/s (bytes read plus written), median of 20."""
-    src = torch.randn(2**29, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(23):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * 4 / statistics.median(times)
 
 
 def weight_bytes(model: Any) -> int:

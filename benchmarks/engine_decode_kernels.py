@@ -34,15 +34,9 @@ from kvslim.kernels.paged_attention_ref import paged_decode_ref
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention import paged_quant_decode
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
+from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 KV_HEADS, Q_HEADS, DIM = 8, 32, 128
-
-
-def copy_bandwidth() -> float:
-    src = torch.randn(2**29, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() * 4 / (ms / 1e3)
 
 
 def quant_pages(spec: str, num_blocks: int, block_size: int) -> QuantPages:

@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from transformers import DynamicCache
 from kvslim.engine import LLMEngine, RequestOutput, SamplingParams
 from kvslim.hf_compat import cache_arg
 from kvslim.models import load_model
+from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 POLICIES = ["full", "streaming(keep=0.25)", "snapkv(keep=0.25)", "kivi4", "kivi2"]
 
@@ -46,23 +46,6 @@ POLICIES = ["full", "streaming(keep=0.25)", "snapkv(keep=0.25)", "kivi4", "kivi2
 def workload(n: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(1, vocab) for _ in range(rng.randint(low, high))] for _ in range(n)]
-
-
-def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median of ``reps``)."""
-    src = torch.randn(int(gib * 2**30) // 4, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(reps + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * gib * 2**30 / statistics.median(times)
 
 
 def decode_weight_bytes(model: Any) -> int:

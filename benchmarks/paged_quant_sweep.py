@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -30,15 +29,9 @@ from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention import paged_quant_decode
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
 from kvslim.methods.fp8_static import StaticFP8
+from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 KV_HEADS, Q_HEADS, DIM = 8, 32, 128
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def static_fp8_pages(method: StaticFP8, num_blocks: int, block_size: int) -> QuantPages:

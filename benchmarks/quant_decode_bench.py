@@ -33,6 +33,7 @@ from triton.testing import do_bench  # noqa: E402
 from kvslim.cache.quantized import ChannelGroups, QuantizedSegment, TokenGroups  # noqa: E402
 from kvslim.kernels.quant_decode import plan_decode, quant_decode  # noqa: E402
 from kvslim.kernels.quant_decode_ref import quant_decode_ref  # noqa: E402
+from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 FORMATS = {
     "kivi2": (partial(ChannelGroups.encode, bits=2, group=32), partial(TokenGroups.encode, bits=2, group=32)),
@@ -40,14 +41,6 @@ FORMATS = {
     "int4": (partial(TokenGroups.encode, bits=4, group=32), partial(TokenGroups.encode, bits=4, group=32)),
     "int8": (partial(TokenGroups.encode, bits=8, group=128), partial(TokenGroups.encode, bits=8, group=128)),
 }
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
 
 
 def fastest_sdpa(sdpa: partial) -> tuple[str, float]:

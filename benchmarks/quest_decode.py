@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import triton
@@ -37,6 +35,7 @@ from kvslim.engine import LLM, SamplingParams
 from kvslim.methods.quest import step_read_bytes
 from kvslim.models import load_config
 from kvslim.shape import KVShape
+from timing import wall  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def random_model(name: str) -> Any:
@@ -45,20 +44,6 @@ def random_model(name: str) -> Any:
     with torch.device("cuda"):
         config = load_config(name)
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-
-
-def wall(fn: Callable[[], Any], iters: int) -> float:
-    """Median milliseconds of ``fn`` from launch to a synchronized end, after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def measure(model: Any, shape: KVShape, policy: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:

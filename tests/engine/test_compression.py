@@ -6,20 +6,9 @@ import torch
 
 import kvslim
 from kvslim.engine import LLM, SamplingParams
+from hf_greedy import hf_greedy
 
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 71)]
-
-
-@torch.inference_mode()
-def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens through kvslim.Cache (the Hugging Face path), EOS ignored."""
-    cache = kvslim.Cache(kvslim.policy(spec), model.config)
-    ids, out = torch.tensor([prompt]), []
-    for _ in range(n):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        out.append(int(logits.argmax()))
-        ids = torch.tensor([[out[-1]]])
-    return out
 
 
 @pytest.mark.parametrize("spec", [
@@ -41,7 +30,7 @@ def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == _hf(llama, spec, prompt, 24)
+        assert out.token_ids == hf_greedy(llama, spec, prompt, 24)
         assert out.stats["peak_kv_blocks"] < out.stats["full_kv_bytes"] // llm.block_bytes  # fewer than a full cache
 
 
@@ -94,10 +83,10 @@ def test_decode_time_compression_matches_hf_cache_path(llama, spec: str) -> None
     while llm.has_unfinished:
         llm.step()
         held.append(llm.blocks.num_used)
-    assert llm.finished[rid].completions[0].token_ids == _hf(llama, spec, PROMPTS[1], 40)
+    assert llm.finished[rid].completions[0].token_ids == hf_greedy(llama, spec, PROMPTS[1], 40)
     assert llm.blocks.num_free == llm.blocks.num_blocks
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=30, ignore_eos=True))  # a batch of two
-    assert [out.token_ids for out in outs] == [_hf(llama, spec, prompt, 30) for prompt in PROMPTS]
+    assert [out.token_ids for out in outs] == [hf_greedy(llama, spec, prompt, 30) for prompt in PROMPTS]
     if not spec.startswith("adakv"):  # ragged heads take blocks for their longest head (issue 13, item 3)
         budget = 32 if spec.startswith("rkv") else 24 if "decode_budget" in spec else 29
         interval = int(spec.split("interval=")[1].split(")")[0]) if "interval" in spec else 1

@@ -6,25 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvslim
 from kvslim.engine import LLM, SamplingParams
+from hf_greedy import hf_greedy
 
 #: 3 tokens: fewer than PQCache's windows below (codebooks trained at a flush, not at the prefill); 40: fewer
 #: than some N (every offloaded token read); 200 and 300: top N is a real choice
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 40, 200, 300)]
 GREEDY = SamplingParams(max_tokens=30, ignore_eos=True)
-
-
-@torch.inference_mode()
-def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens through kvslim.Cache (the Hugging Face path), EOS ignored."""
-    cache = kvslim.Cache(kvslim.policy(spec), model.config)
-    ids, out = torch.tensor([prompt], device=model.device), []
-    for _ in range(n):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        out.append(int(logits.argmax()))
-        ids = torch.tensor([[out[-1]]], device=model.device)
-    return out
 
 
 def _tokens(model, spec: str, **kwargs) -> list[list[int]]:
@@ -57,7 +45,7 @@ def test_reading_every_token_equals_the_uncompressed_store(llama, spec: str, ref
 def test_small_n_matches_the_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01)
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
-        assert out.token_ids == _hf(llama, spec, prompt, GREEDY.max_tokens)
+        assert out.token_ids == hf_greedy(llama, spec, prompt, GREEDY.max_tokens)
     assert llm.blocks.num_free == llm.blocks.num_blocks and len(llm.blocks.free_rows) == llm.blocks.rows
 
 
@@ -101,7 +89,7 @@ def test_greedy_forks_agree_with_the_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01)
     pair = llm.generate([PROMPTS[2]], SamplingParams(n=2, max_tokens=12, ignore_eos=True))
     first, second = pair[0].completions
-    assert first.token_ids == second.token_ids == _hf(llama, spec, PROMPTS[2], 12)
+    assert first.token_ids == second.token_ids == hf_greedy(llama, spec, PROMPTS[2], 12)
 
 
 def test_preemption_runs_to_the_end(llama) -> None:
@@ -138,5 +126,5 @@ def test_gpu_paths_match_hf_cache_path() -> None:
         host = llm.runner.kv.v_host if spec.startswith("kcache") else llm.runner.kv.kv_host
         assert host.is_pinned()
         outs = llm.generate(PROMPTS, GREEDY)
-        agree = [sum(a == b for a, b in zip(out.token_ids, _hf(model, spec, p, 30))) for p, out in zip(PROMPTS, outs)]
+        agree = [sum(a == b for a, b in zip(out.token_ids, hf_greedy(model, spec, p, 30))) for p, out in zip(PROMPTS, outs)]
         assert sum(agree) >= 0.95 * 30 * len(PROMPTS), (spec, agree)  # tf32 products on the GPU may flip a near tie

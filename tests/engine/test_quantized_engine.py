@@ -7,22 +7,10 @@ import torch
 
 import kvslim
 from kvslim.engine import LLM, SamplingParams
+from hf_greedy import hf_greedy
 
 #: 40 tokens: nothing packed at prefill under KIVI; 200 and 300: packed runs, and runs packed while decoding
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 200, 300)]
-
-
-@torch.inference_mode()
-def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens through kvslim.Cache (the Hugging Face path), EOS ignored."""
-    cache = kvslim.Cache(kvslim.policy(spec), model.config)
-    device = model.device
-    ids, out = torch.tensor([prompt], device=device), []
-    for _ in range(n):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        out.append(int(logits.argmax()))
-        ids = torch.tensor([[out[-1]]], device=device)
-    return out
 
 
 @pytest.mark.parametrize("spec", [
@@ -40,7 +28,7 @@ def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == _hf(llama, spec, prompt, 40)
+        assert out.token_ids == hf_greedy(llama, spec, prompt, 40)
     assert llm.blocks.num_free == llm.blocks.num_blocks and len(llm.blocks.free_rows) == llm.blocks.rows
 
 
@@ -53,7 +41,7 @@ def test_triton_path_matches_hf_cache_path_on_gpu(spec: str) -> None:
     model = tiny_model("llama", "gqa", seed=0).cuda()
     llm = LLM(model, policy=spec, kv_memory=0.01)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, ignore_eos=True))
-    agree = [sum(a == b for a, b in zip(out.token_ids, _hf(model, spec, prompt, 40))) for prompt, out in zip(PROMPTS, outs)]
+    agree = [sum(a == b for a, b in zip(out.token_ids, hf_greedy(model, spec, prompt, 40))) for prompt, out in zip(PROMPTS, outs)]
     assert sum(agree) >= 0.95 * 40 * len(PROMPTS), agree  # tf32 products on the GPU may flip a near tie
 
 

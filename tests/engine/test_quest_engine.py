@@ -5,26 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvslim
 from kvslim.engine import LLM, SamplingParams
 from kvslim.engine.kv_store import dense_block_bytes
 from kvslim.engine.quest_kv import QuestKV
+from hf_greedy import hf_greedy
 
 #: 3 tokens: one partial page; 40: fewer pages than some budgets read; 200 and 300: the pages read are a choice
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 40, 200, 300)]
 GREEDY = SamplingParams(max_tokens=30, ignore_eos=True)
-
-
-@torch.inference_mode()
-def _hf(model, spec: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens through kvslim.Cache (the Hugging Face path), EOS ignored."""
-    cache = kvslim.Cache(kvslim.policy(spec), model.config)
-    ids, out = torch.tensor([prompt], device=model.device), []
-    for _ in range(n):
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        out.append(int(logits.argmax()))
-        ids = torch.tensor([[out[-1]]], device=model.device)
-    return out
 
 
 def _tokens(model, spec: str) -> list[list[int]]:
@@ -50,7 +38,7 @@ def test_small_budget_matches_the_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01)
     outputs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outputs):
-        assert out.token_ids == _hf(llama, spec, prompt, GREEDY.max_tokens)
+        assert out.token_ids == hf_greedy(llama, spec, prompt, GREEDY.max_tokens)
     assert [o.token_ids for o in outputs] != _tokens(llama, "full")  # the selection is a real one
     assert llm.blocks.num_free == llm.blocks.num_blocks
 

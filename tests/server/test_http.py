@@ -113,10 +113,10 @@ def test_a_failing_step_is_a_500_for_its_request_only(server, monkeypatch) -> No
     before = _text(url)
     prefill, decode = runner.prefill, runner.decode
 
-    def failing_prefill(seq, compress):
+    def failing_prefill(seq, compress, *chunk):
         if bytes(seq.prompt_token_ids[:4]) == b"FAIL":
             raise RuntimeError("prefill blew up")
-        return prefill(seq, compress)
+        return prefill(seq, compress, *chunk)
 
     monkeypatch.setattr(runner, "prefill", failing_prefill)
     for stream in (False, True):
@@ -149,10 +149,10 @@ def test_health_answers_while_a_prefill_is_blocked(model, monkeypatch) -> None:
     entered, release = threading.Event(), threading.Event()
     prefill = runner.prefill
 
-    def blocked(seq, compress):
+    def blocked(seq, compress, *chunk):
         entered.set()
         assert release.wait(60)
-        return prefill(seq, compress)
+        return prefill(seq, compress, *chunk)
 
     monkeypatch.setattr(runner, "prefill", blocked)
     with serve(app) as url, ThreadPoolExecutor(2) as pool, httpx.Client(base_url=url, timeout=5) as client:

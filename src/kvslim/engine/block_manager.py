@@ -261,10 +261,10 @@ class BlockManager:
         copies = []
         if index >= len(seq.block_table):
             seq.block_table.append(self._take())
+            seq.peak_blocks = max(seq.peak_blocks, seq.num_blocks_held)  # only a new block can raise it
         elif self.ref_counts[seq.block_table[index]] > 1:
             old = seq.block_table[index]
             seq.block_table[index] = self._take()
             self._release(old)
             copies.append((old, seq.block_table[index]))
-        seq.peak_blocks = max(seq.peak_blocks, seq.num_blocks_held)
         return copies

@@ -339,9 +339,9 @@ class ModelRunner:
             row[: len(s.block_table)] = s.block_table
         tables = torch.from_numpy(tables)
         held = torch.tensor([s.kv_slots for s in seqs])[:, None, None].repeat(1, self.num_layers, self.num_kv_heads)
-        for row, s in zip(held, seqs):  # (B, L, H); ragged heads hold fewer
+        for row, s in enumerate(seqs):  # (B, L, H); ragged heads hold fewer
             if s.pad is not None:
-                row -= s.pad
+                held[row] -= s.pad
         put = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
         return DecodeBatch(
             tokens=put(torch.tensor([s.last_token for s in seqs])),
