@@ -114,5 +114,5 @@ def test_decode_time_compression_scores_sequences_together(llama, spec: str, mon
     prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     assert max(batches) >= 3, "at least the three copies of one prompt are scored together"
-    expected = {len(p): _hf(llama, spec, p, 24) for p in PROMPTS}
+    expected = {len(p): hf_greedy(llama, spec, p, 24) for p in PROMPTS}
     assert [out.token_ids for out in outs] == [expected[len(p)] for p in prompts]
