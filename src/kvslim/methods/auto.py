@@ -9,11 +9,11 @@ its query group), and sets the budgets in one of two modes:
 * **accuracy tolerance** ``auto(tolerance=0.05)``: each (layer, KV head) keeps its protected tokens (the
   scorer's window and sinks), then the fewest others, taken in the scorer's keeping order, whose observed mass
   covers ``1 - tolerance`` of the mass on the tokens it may drop. The protected tokens' own mass is left out of
-  that account: the window attends much to itself (15-60% of a head's mass on Qwen2.5-0.5B at RULER 4k), so
-  counting it let the window alone meet the tolerance and the head dropped nearly all the context (a needle
-  holds about 1% of the mass). Nothing fixes the bytes: a diffuse prompt keeps more than a peaked one, and the
-  RULER report places such a run by the bytes it measured (:func:`kvslim.bench.ruler.leaderboard.placed`).
-  ``tolerance=0`` keeps all.
+  that account: the window attends much to itself (15-60% of a head's mass on Qwen2.5-0.5B, RULER needle
+  prompts), so counting it let the window alone meet the tolerance and the head dropped nearly all the
+  context (a needle holds about 1% of the mass). Nothing fixes the bytes: a diffuse prompt keeps more than a
+  peaked one, and the RULER report places such a run by the bytes it measured
+  (:func:`kvslim.bench.ruler.leaderboard.placed`). ``tolerance=0`` keeps all.
 * **memory target** ``auto(keep=0.25)`` (or ``budget=N`` tokens per head): the mean kept share over the
   request's layers and heads is ``keep``, so the bytes equal a fixed ``keep`` method's, but layers whose
   attention is diffuse get more and focused ones less, and within a layer the heads share it out.
