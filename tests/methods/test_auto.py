@@ -74,9 +74,25 @@ def test_tolerance_is_over_the_droppable_tokens_not_the_protected_ones():
     """The window holds nearly all its own queries' mass; it must not count toward the tolerance, else the window
     alone meets it and the context (where a needle holds ~1% of the mass) is dropped whole."""
     obs = _self_attending_window()
-    assert observed_mass(obs, WINDOW)[0, 0, -WINDOW:].sum() > 0.9
+    assert observed_mass(obs.attention(WINDOW))[0, 0, -WINDOW:].sum() > 0.9
     (kept,) = _budget(f"auto(tolerance=0.2,window={WINDOW},kernel=1,floor=0)", obs)
     assert kept >= WINDOW + math.ceil(0.8 * (T - WINDOW))
+
+
+def test_tolerance_covers_each_query_not_their_sum():
+    """Seven window queries rest on one token, the last reads another (the question reading the needle): the first
+    holds 7/8 of the summed mass, which meets tolerance=0.2 alone, but the last query's token must stay too."""
+    keys = torch.zeros(1, 1, T, D)
+    keys[0, 0, 5, 0] = keys[0, 0, 20, 1] = 10.0
+    queries = torch.zeros(1, 1, 8, D)
+    queries[0, 0, :7, 0] = queries[0, 0, 7, 1] = 10.0
+    layer = LayerKV(0)
+    layer.append(keys, keys.clone())
+    layer.state["prompt"] = layer.state["real"] = torch.tensor([T])
+    obs = Observation(layer, 1, queries, 1.0, "prefill")
+    assert _budget("auto(tolerance=0.2,window=8,kernel=1,floor=0)", obs) == [10]  # the window, both read tokens
+    kept = obs.layer.dense(torch.float32)[0][0, 0]
+    assert kept[:, 0].max() == 10.0 and kept[:, 1].max() == 10.0
 
 
 @pytest.mark.parametrize("tolerance", [0.2, 0.99])

@@ -7,12 +7,13 @@ needs three, and a diffuse one needs many; a short pointed prompt needs less tha
 its query group), and sets the budgets in one of two modes:
 
 * **accuracy tolerance** ``auto(tolerance=0.05)``: each (layer, KV head) keeps its protected tokens (the
-  scorer's window and sinks), then the fewest others, taken in the scorer's keeping order, whose observed mass
-  covers ``1 - tolerance`` of the mass on the tokens it may drop. The protected tokens' own mass is left out of
-  that account: the window attends much to itself (15-60% of a head's mass on Qwen2.5-0.5B, RULER needle
-  prompts), so counting it let the window alone meet the tolerance and the head dropped nearly all the
-  context (a needle holds about 1% of the mass). Nothing fixes the bytes: a diffuse prompt keeps more than a
-  peaked one, and the RULER report places such a run by the bytes it measured
+  scorer's window and sinks), then the fewest others, taken in the scorer's keeping order, that cover
+  ``1 - tolerance`` of *each* window query's attention on the tokens it may drop (:func:`coverage`). Two things
+  in that rule are what makes it keep a needle (RULER niah on Qwen2.5-0.5B): the protected tokens' own mass is
+  left out (the window attends 15-60% of a head's mass to itself, so it alone met the tolerance), and every
+  query is covered, not their summed mass (most queries rest on the template and punctuation, which then met
+  the tolerance for all while the question's query that reads the needle lost it). Nothing fixes the bytes: a
+  diffuse prompt keeps more than a peaked one, and the RULER report places such a run by the bytes it measured
   (:func:`kvslim.bench.ruler.leaderboard.placed`). ``tolerance=0`` keeps all.
 * **memory target** ``auto(keep=0.25)`` (or ``budget=N`` tokens per head): the mean kept share over the
   request's layers and heads is ``keep``, so the bytes equal a fixed ``keep`` method's, but layers whose
@@ -63,20 +64,24 @@ _BUDGET_PARAMS = ("keep", "budget", "tolerance", "floor")
 MASS_WINDOW = 32
 
 
-def observed_mass(obs: Observation, window: int) -> Tensor:
-    """(B,H,T) share of each KV head's attention from the last ``window`` queries on each held token (sums to 1
-    per head; 0 everywhere for a head whose queries see nothing)."""
-    mass = obs.attention(window).sum(2)
+def observed_mass(attention: Tensor) -> Tensor:
+    """(B,H,T) share of each KV head's attention (B,H,w,T: :meth:`Observation.attention` of the last ``w`` queries)
+    on each held token (sums to 1 per head; 0 everywhere for a head whose queries see nothing)."""
+    mass = attention.sum(2)
     return mass / mass.sum(-1, keepdim=True).clamp(min=torch.finfo(mass.dtype).tiny)
 
 
-def coverage(ranked: Tensor, mass: Tensor, share: float) -> Tensor:
-    """(B,H) fewest tokens, taken in ``ranked`` order (B,H,T, highest first), whose ``mass`` reaches ``share`` of
-    the head's total; at least 1."""
+def coverage(ranked: Tensor, attention: Tensor, share: float) -> Tensor:
+    """(B,H) fewest tokens, taken in ``ranked`` order (B,H,T, highest first), whose attention reaches ``share`` of
+    *each* query's total (``attention`` B,H,w,T); at least 1.
+
+    Each query, not their sum: the sum is dominated by the many queries that rest on sink-like tokens (the
+    template, punctuation), so a few of those meet the share while the one query that reads the needle (the
+    question's) loses most of what it attends to."""
     order = ranked.argsort(dim=-1, descending=True, stable=True)
-    covered = mass.gather(-1, order).cumsum(-1)
-    wanted = share * mass.sum(-1, keepdim=True)
-    return ((covered < wanted).sum(-1) + 1).clamp(max=ranked.shape[-1])
+    covered = attention.gather(-1, order.unsqueeze(-2).expand_as(attention)).cumsum(-1)
+    wanted = share * attention.sum(-1, keepdim=True)
+    return ((covered < wanted).sum(-1).amax(-1) + 1).clamp(max=ranked.shape[-1])
 
 
 def dispersion(mass: Tensor, held: Tensor) -> Tensor:
@@ -144,25 +149,27 @@ class AutoBudget(ScoredEviction):
         raw = self.score(obs).float()
         ranked = self.ranked(obs, raw)
         held = obs.valid.sum(-1)
-        mass = observed_mass(obs, max(self.observed, MASS_WINDOW))
+        attention = obs.attention(max(self.observed, MASS_WINDOW))
         if self.tolerance is not None:
-            k = self.by_tolerance(ranked, mass, held, obs.layer_idx)
+            k = self.by_tolerance(ranked, attention, held, obs.layer_idx)
         else:
-            k = self.by_memory(obs, ranked, mass)
+            k = self.by_memory(obs, ranked, observed_mass(attention))
         obs.layer.state["budget"] = k
         self.chosen = [*self.chosen[: obs.layer_idx], k]
         if self.decodes:
             self.remember(obs)
         self.evict(obs, k, raw)
 
-    def by_tolerance(self, ranked: Tensor, mass: Tensor, held: Tensor, layer: int) -> Tensor:
-        """(B,H) each head's protected tokens and the fewest others covering ``1 - tolerance`` of the mass on the
-        tokens it may drop; at least ``floor`` x the mean over this layer's and the earlier layers' heads."""
+    def by_tolerance(self, ranked: Tensor, attention: Tensor, held: Tensor, layer: int) -> Tensor:
+        """(B,H) each head's protected tokens and the fewest others covering ``1 - tolerance`` of each window query's
+        attention (B,H,w,T) on the tokens it may drop; at least ``floor`` x the mean over this layer's and the
+        earlier layers' heads."""
         if self.tolerance == 0:
             return held
         protected = ranked == float("inf")
-        # protected tokens come first in ``ranked`` with no mass here, so they are counted but cover nothing
-        k = torch.maximum(coverage(ranked, mass.masked_fill(protected, 0.0), 1 - self.tolerance), protected.sum(-1))
+        # protected tokens come first in ``ranked`` with no attention here, so they are counted but cover nothing
+        droppable = attention.masked_fill(protected.unsqueeze(-2), 0.0)
+        k = torch.maximum(coverage(ranked, droppable, 1 - self.tolerance), protected.sum(-1))
         seen = torch.cat([*self.chosen[:layer], torch.minimum(k, held)], -1).float()
         least = torch.ceil(seen.mean(-1, keepdim=True) * self.floor).long().clamp(min=1)
         return torch.minimum(torch.maximum(k, least), held)
