@@ -95,6 +95,20 @@ def test_tolerance_covers_each_query_not_their_sum():
     assert kept[:, 0].max() == 10.0 and kept[:, 1].max() == 10.0
 
 
+def test_tolerance_keeps_a_pooled_hit_whole():
+    """SnapKV's max pooling gives a hit's neighbours its score (a number's digits): the budget keeps all of them,
+    not the older half that ties put first."""
+    keys = torch.zeros(1, 1, T, D)
+    keys[0, 0, 20, 0] = 10.0
+    queries = torch.zeros(1, 1, 8, D)
+    queries[..., 0] = 10.0
+    layer = LayerKV(0)
+    layer.append(keys, keys.clone())
+    layer.state["prompt"] = layer.state["real"] = torch.tensor([T])
+    obs = Observation(layer, 1, queries, 1.0, "prefill")
+    assert _budget("auto(tolerance=0.2,window=8,kernel=7,floor=0)", obs) == [8 + 7]  # the window, 17..23
+
+
 @pytest.mark.parametrize("tolerance", [0.2, 0.99])
 def test_tolerance_keeps_window_and_sinks_and_starves_no_layer(llama, prompt, tolerance):
     """On a model: every head keeps its sinks and its whole observation window (the question) whatever the

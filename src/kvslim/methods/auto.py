@@ -84,6 +84,15 @@ def coverage(ranked: Tensor, attention: Tensor, share: float) -> Tensor:
     return ((covered < wanted).sum(-1).amax(-1) + 1).clamp(max=ranked.shape[-1])
 
 
+def whole_ties(ranked: Tensor, k: Tensor) -> Tensor:
+    """(B,H) ``k`` grown to every held token scored as the ``k``-th (``ranked`` B,H,T): a pooled scorer (SnapKV's
+    max pooling) gives a hit's neighbours its score so a number is kept whole, and a count that stops at the hit
+    would keep its older half only (ties go to the older token)."""
+    last = ranked.sort(dim=-1, descending=True).values.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))
+    tied = (ranked >= last) & (ranked > float("-inf"))
+    return torch.maximum(k, tied.sum(-1))
+
+
 def dispersion(mass: Tensor, held: Tensor) -> Tensor:
     """(B,) a layer's need: the mean over heads of the entropy of each head's mass over its most, ``log(held)``
     (0 when a head attends to one token, 1 when evenly to all ``held`` (B,H) tokens it holds).
@@ -169,7 +178,7 @@ class AutoBudget(ScoredEviction):
         protected = ranked == float("inf")
         # protected tokens come first in ``ranked`` with no attention here, so they are counted but cover nothing
         droppable = attention.masked_fill(protected.unsqueeze(-2), 0.0)
-        k = torch.maximum(coverage(ranked, droppable, 1 - self.tolerance), protected.sum(-1))
+        k = whole_ties(ranked, torch.maximum(coverage(ranked, droppable, 1 - self.tolerance), protected.sum(-1)))
         seen = torch.cat([*self.chosen[:layer], torch.minimum(k, held)], -1).float()
         least = torch.ceil(seen.mean(-1, keepdim=True) * self.floor).long().clamp(min=1)
         return torch.minimum(torch.maximum(k, least), held)
