@@ -52,7 +52,7 @@ def test_tolerance_sets_the_budget_per_request():
     assert max(short_peaked) < min(long_flat)
 
 
-def test_tolerance_floor_keeps_every_head_a_share_of_the_layer_mean():
+def test_tolerance_floor_keeps_every_head_a_share_of_the_mean_so_far():
     peaked, flat = _budget(f"auto(tolerance=0.1,window={WINDOW},kernel=1,floor=0.5)", _observation([True, False]))
     assert peaked == math.ceil((WINDOW + 1 + flat) / 2 * 0.5)
 
