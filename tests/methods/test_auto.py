@@ -10,6 +10,7 @@ import kvslim
 from kvslim.cache.layer import LayerKV
 from kvslim.cli import main
 from kvslim.methods import Observation
+from kvslim.methods.auto import observed_mass
 from kvslim.models import tiny_model
 
 T, D, WINDOW = 64, 8, 4
@@ -51,9 +52,87 @@ def test_tolerance_sets_the_budget_per_request():
     assert max(short_peaked) < min(long_flat)
 
 
-def test_tolerance_floor_keeps_every_head_a_share_of_the_layer_mean():
+def test_tolerance_floor_keeps_every_head_a_share_of_the_mean_so_far():
     peaked, flat = _budget(f"auto(tolerance=0.1,window={WINDOW},kernel=1,floor=0.5)", _observation([True, False]))
     assert peaked == math.ceil((WINDOW + 1 + flat) / 2 * 0.5)
+
+
+def _self_attending_window(length: int = T) -> Observation:
+    """One KV head whose window's queries attend mostly to the window itself (as a real model's last prompt tokens
+    do) and evenly to every other token."""
+    keys = torch.zeros(1, 1, length, D)
+    keys[0, 0, -WINDOW:, 0] = 1.0
+    layer = LayerKV(0)
+    layer.append(keys, keys.clone())
+    layer.state["prompt"] = layer.state["real"] = torch.tensor([length])
+    queries = torch.zeros(1, 1, WINDOW, D)
+    queries[..., 0] = 8.0
+    return Observation(layer, 1, queries, 1.0, "prefill")
+
+
+def test_tolerance_is_over_the_droppable_tokens_not_the_protected_ones():
+    """The window holds nearly all its own queries' mass; it must not count toward the tolerance, else the window
+    alone meets it and the context (where a needle holds ~1% of the mass) is dropped whole."""
+    obs = _self_attending_window()
+    assert observed_mass(obs.attention(WINDOW))[0, 0, -WINDOW:].sum() > 0.9
+    (kept,) = _budget(f"auto(tolerance=0.2,window={WINDOW},kernel=1,floor=0)", obs)
+    assert kept >= WINDOW + math.ceil(0.8 * (T - WINDOW))
+
+
+def test_tolerance_covers_each_query_not_their_sum():
+    """Seven window queries rest on one token, the last reads another (the question reading the needle): the first
+    holds 7/8 of the summed mass, which meets tolerance=0.2 alone, but the last query's token must stay too."""
+    keys = torch.zeros(1, 1, T, D)
+    keys[0, 0, 5, 0] = keys[0, 0, 20, 1] = 10.0
+    queries = torch.zeros(1, 1, 8, D)
+    queries[0, 0, :7, 0] = queries[0, 0, 7, 1] = 10.0
+    layer = LayerKV(0)
+    layer.append(keys, keys.clone())
+    layer.state["prompt"] = layer.state["real"] = torch.tensor([T])
+    obs = Observation(layer, 1, queries, 1.0, "prefill")
+    assert _budget("auto(tolerance=0.2,window=8,kernel=1,floor=0)", obs) == [10]  # the window, both read tokens
+    kept = obs.layer.dense(torch.float32)[0][0, 0]
+    assert kept[:, 0].max() == 10.0 and kept[:, 1].max() == 10.0
+
+
+def test_tolerance_keeps_a_pooled_hit_whole():
+    """SnapKV's max pooling gives a hit's neighbours its score (a number's digits): the budget keeps all of them,
+    not the older half that ties put first."""
+    keys = torch.zeros(1, 1, T, D)
+    keys[0, 0, 20, 0] = 10.0
+    queries = torch.zeros(1, 1, 8, D)
+    queries[..., 0] = 10.0
+    layer = LayerKV(0)
+    layer.append(keys, keys.clone())
+    layer.state["prompt"] = layer.state["real"] = torch.tensor([T])
+    obs = Observation(layer, 1, queries, 1.0, "prefill")
+    assert _budget("auto(tolerance=0.2,window=8,kernel=7,floor=0)", obs) == [8 + 7]  # the window, 17..23
+
+
+@pytest.mark.parametrize("tolerance", [0.2, 0.99])
+def test_tolerance_keeps_window_and_sinks_and_starves_no_layer(llama, prompt, tolerance):
+    """On a model: every head keeps its sinks and its whole observation window (the question) whatever the
+    tolerance, and at least ``floor`` x the mean budget of the request's heads up to its layer."""
+    window, sinks, floor = 8, 2, 0.2
+    full = kvslim.Cache(kvslim.policy("full"), llama.config)
+    policy = kvslim.policy(f"auto(tolerance={tolerance},window={window},sinks={sinks},floor={floor})")
+    cache = kvslim.Cache(policy, llama.config)
+    with torch.no_grad():
+        llama(prompt, past_key_values=full, use_cache=True)
+        llama(prompt, past_key_values=cache, use_cache=True)
+    for layer, whole in zip(cache.layers, full.layers):
+        keys, _, valid = layer.dense(torch.float32)
+        every = whole.dense(torch.float32)[0]
+        assert bool((layer.lengths < prompt.shape[1]).any())  # it did evict
+        for head in range(keys.shape[1]):
+            held = keys[0, head][valid[0, head]]
+            assert torch.equal(held[:sinks], every[0, head, :sinks])
+            assert torch.equal(held[-window:], every[0, head, -window:])
+    seen = []
+    for k in policy.chosen:
+        seen.append(k.float())
+        least = math.ceil(torch.cat(seen, -1).mean().item() * floor)
+        assert int(k.min()) >= least
 
 
 def test_memory_target_shares_a_layer_among_heads_by_mass():
