@@ -102,8 +102,9 @@ PAIRS: dict[str, Pair] = {
                          "kvslim keeping the last token, without decode-time eviction"),
     "knorm": Pair("knorm(keep={keep})", _press("KnormPress"), "same score"),
     "expected_attention": Pair("expected_attention(keep={keep})", _press("ExpectedAttentionPress"),
-                               "kvslim models the newest 512 queries, kvpress every query after the 4 sinks"),
-    "expected_attention@kvpress": Pair("expected_attention(keep={keep},history=1000000)",
+                               "same score up to 4096 prompt queries; past that kvslim models the newest 4096, "
+                               "kvpress every query after the 4 sinks"),
+    "expected_attention@kvpress": Pair("expected_attention(keep={keep},history=None)",
                                        _press("ExpectedAttentionPress"), "kvslim modelling every query"),
     "pyramidkv": Pair("pyramidkv(keep={keep})", _press("PyramidKVPress"), "SnapKV's differences, per-layer budgets"),
     "pyramidkv@kvpress": Pair("pyramidkv(keep={keep},window=64,kernel=5,pooling=avg)", _press("PyramidKVPress"),

@@ -154,6 +154,10 @@ def test_expected_attention_matches_the_reference_from_queries_before_rope():
     score = method.score(_observation(keys, values, queries, rope))
     expected = _kvpress_expected_attention(pre_rope, keys, values, rope, sinks, future)
     torch.testing.assert_close(score[:, :, sinks:], expected, rtol=1e-3, atol=1e-6)
+    eps = kvslim.policy(f"expected_attention(history=None,future={future},sinks={sinks},epsilon=0.01)", keep=0.5)
+    shifted = expected + 0.01 * values[:, :, sinks:].norm(dim=-1)  # kvpress: (scores + epsilon) * |v|
+    torch.testing.assert_close(eps.score(_observation(keys, values, queries, rope))[:, :, sinks:], shifted,
+                               rtol=1e-3, atol=1e-6)
 
 
 def test_expected_attention_ignores_the_sinks_keys_and_queries():

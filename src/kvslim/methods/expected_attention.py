@@ -74,6 +74,10 @@ class ExpectedAttention(ScoredEviction):
     history: int | None = 4096
     future: int = 512
     covariance: bool = True
+    #: added to the expected attention before it is multiplied by |value| (kvpress's ``epsilon``): its leaderboard
+    #: runs ``expected_attention`` as AdaKV around ExpectedAttention with epsilon 0.01, i.e.
+    #: ``adakv(expected_attention(epsilon=0.01))`` here, which lets the value norm rank the tokens little attended
+    epsilon: float = 0.0
     name = "expected_attention"
     summary = "closed-form attention expected from future queries (query mean/covariance, RoPE-projected) x value norm"
     paper = "Devoto et al. 2025, Expected Attention: KV cache compression by estimating attention from future queries distribution, arXiv:2510.00636"
@@ -84,6 +88,8 @@ class ExpectedAttention(ScoredEviction):
             raise ValueError(f"{self.name}: history={self.history} must be >= 1 (queries), or None for every query")
         if self.future < 1:
             raise ValueError(f"{self.name}: future={self.future} must be >= 1 (positions)")
+        if self.epsilon < 0:
+            raise ValueError(f"{self.name}: epsilon={self.epsilon} must be >= 0 (added to the expected attention)")
 
     @property
     def observed(self) -> int:
@@ -118,4 +124,4 @@ class ExpectedAttention(ScoredEviction):
         probs = logits.masked_fill(~scored, float("-inf")).softmax(-1).nan_to_num(0.0)  # sinks: kept by protected()
         batch, q_heads, length = probs.shape
         expected = probs.view(batch, q_heads // obs.group, obs.group, length).mean(2)
-        return expected * obs.values.float().norm(dim=-1)
+        return (expected + self.epsilon) * obs.values.float().norm(dim=-1)
