@@ -101,11 +101,11 @@ PAIRS: dict[str, Pair] = {
     "tova@kvpress": Pair("tova(keep={keep},window=1,decode_budget=1000000)", _press("TOVAPress"),
                          "kvslim keeping the last token, without decode-time eviction"),
     "knorm": Pair("knorm(keep={keep})", _press("KnormPress"), "same score"),
-    "expected_attention": Pair("expected_attention(keep={keep})", _press("ExpectedAttentionPress"),
+    "expected_attention": Pair("expected_attention(keep={keep})", _press("ExpectedAttentionPress", epsilon=0.01),
                                "same score up to 4096 prompt queries; past that kvslim models the newest 4096, "
                                "kvpress every query after the 4 sinks"),
     "expected_attention@kvpress": Pair("expected_attention(keep={keep},history=None)",
-                                       _press("ExpectedAttentionPress"), "kvslim modelling every query"),
+                                       _press("ExpectedAttentionPress", epsilon=0.01), "kvslim modelling every query"),
     "pyramidkv": Pair("pyramidkv(keep={keep})", _press("PyramidKVPress"), "SnapKV's differences, per-layer budgets"),
     "pyramidkv@kvpress": Pair("pyramidkv(keep={keep},window=64,kernel=5,pooling=avg)", _press("PyramidKVPress"),
                               "kvslim with kvpress's SnapKV window, kernel and pooling"),

@@ -105,8 +105,8 @@ def test_expected_attention_of_a_fixed_query_is_its_softmax_averaged_over_future
     position = torch.arange(30, 30 + n).float()[:, None]
     queries = _rotate(base.expand(-1, -1, n, -1), position * rope)
     keys, values = torch.randn(1, 2, 30, dim, generator=gen), torch.randn(1, 2, 30, dim, generator=gen)
-    with_cov = kvslim.policy(f"expected_attention(history={n},future={future})", keep=0.5)
-    without = kvslim.policy(f"expected_attention(history={n},future={future},covariance=False)", keep=0.5)
+    with_cov = kvslim.policy(f"expected_attention(history={n},future={future},epsilon=0)", keep=0.5)
+    without = kvslim.policy(f"expected_attention(history={n},future={future},covariance=False,epsilon=0)", keep=0.5)
     score = with_cov.score(_observation(keys, values, queries, rope))
     torch.testing.assert_close(score, without.score(_observation(keys, values, queries, rope)), rtol=1e-4, atol=1e-7)
     last = position[-1]
@@ -150,7 +150,7 @@ def test_expected_attention_matches_the_reference_from_queries_before_rope():
     queries = _rotate(pre_rope, angles)
     keys = _rotate(torch.randn(1, 2, length, dim, generator=gen) + 3, angles)  # a key bias too: large norms
     values = torch.randn(1, 2, length, dim, generator=gen)
-    method = kvslim.policy(f"expected_attention(history=None,future={future},sinks={sinks})", keep=0.5)
+    method = kvslim.policy(f"expected_attention(history=None,future={future},sinks={sinks},epsilon=0)", keep=0.5)
     score = method.score(_observation(keys, values, queries, rope))
     expected = _kvpress_expected_attention(pre_rope, keys, values, rope, sinks, future)
     torch.testing.assert_close(score[:, :, sinks:], expected, rtol=1e-3, atol=1e-6)
