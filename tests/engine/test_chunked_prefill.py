@@ -138,6 +138,7 @@ def test_a_later_prompt_shares_only_the_blocks_a_chunk_has_written() -> None:
     "streaming(budget=12,sinks=4)",
     "adakv(keep=0.3,window=4)",  # ragged heads
     "expected_attention(keep=0.25,history=16,future=32)",
+    "expected_attention(keep=0.25,future=32)",  # every query of the prompt, kept across chunks; the sinks' left out
     "kvzip(keep=0.5,chunk=8)",  # probes attend to the whole prompt during the last chunk
     "rkv(budget=24)",  # decode-time compression from the state the last chunk leaves
 ])

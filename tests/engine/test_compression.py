@@ -20,6 +20,7 @@ PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n
     "keydiff(keep=0.25)",  # attention-free
     "lagkv(keep=0.4,lag=4)",
     "expected_attention(keep=0.25,history=16,future=32)",  # needs the engine's RoPE frequencies
+    "expected_attention(keep=0.25,future=32)",  # every prompt query after the sinks (the reference's statistics)
     "adakv(expected_attention(keep=0.3,history=16))",  # any scorer with ragged heads
     "adakv(keydiff(keep=0.3))+int8",  # ... and stored quantized
     "auto(keep=0.3,window=4)",  # ragged across layers and heads, set by the observed attention
@@ -72,6 +73,7 @@ def test_kvzip_engine_matches_hf_cache_path(llama, spec: str) -> None:
     "tova(keep=0.4)",
     "snapkv(keep=0.5,window=4,decode_budget=24,interval=4)",  # any scorer, every 4th step
     "expected_attention(keep=0.5,history=8,decode_budget=24,interval=3)",
+    "expected_attention(keep=0.5,history=None,decode_budget=24,interval=3)",  # every query, the sinks' left out
     "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))",  # ragged heads while decoding
 ])
 def test_decode_time_compression_matches_hf_cache_path(llama, spec: str) -> None:

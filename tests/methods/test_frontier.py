@@ -97,7 +97,7 @@ def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 def test_expected_attention_of_a_fixed_query_is_its_softmax_averaged_over_future_positions():
     """Queries that are one query seen at consecutive positions have zero covariance: the score reduces to the
-    mean-query estimate, the softmax of the future-averaged rotated query against the keys, times |v|."""
+    mean-query estimate, the softmax of the future-averaged rotated query against the non-sink keys, times |v|."""
     gen = torch.Generator().manual_seed(0)
     dim, n, future = 16, 12, 20
     rope = 1.0 / (100 ** (torch.arange(0, dim, 2).float() / dim))
@@ -105,14 +105,80 @@ def test_expected_attention_of_a_fixed_query_is_its_softmax_averaged_over_future
     position = torch.arange(30, 30 + n).float()[:, None]
     queries = _rotate(base.expand(-1, -1, n, -1), position * rope)
     keys, values = torch.randn(1, 2, 30, dim, generator=gen), torch.randn(1, 2, 30, dim, generator=gen)
-    with_cov = kvslim.policy(f"expected_attention(history={n},future={future})", keep=0.5)
-    without = kvslim.policy(f"expected_attention(history={n},future={future},covariance=False)", keep=0.5)
+    with_cov = kvslim.policy(f"expected_attention(history={n},future={future},epsilon=0)", keep=0.5)
+    without = kvslim.policy(f"expected_attention(history={n},future={future},covariance=False,epsilon=0)", keep=0.5)
     score = with_cov.score(_observation(keys, values, queries, rope))
     torch.testing.assert_close(score, without.score(_observation(keys, values, queries, rope)), rtol=1e-4, atol=1e-7)
     last = position[-1]
     mean = torch.stack([_rotate(base, (last + d) * rope) for d in range(1, future + 1)]).mean(0)  # (1, 2, 1, D)
-    expected = ((mean @ keys.transpose(-1, -2))[:, :, 0] * dim**-0.5).softmax(-1) * values.norm(dim=-1)
-    torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-7)
+    expected = ((mean @ keys[:, :, 4:].transpose(-1, -2))[:, :, 0] * dim**-0.5).softmax(-1) * values[:, :, 4:].norm(dim=-1)
+    torch.testing.assert_close(score[:, :, 4:], expected, rtol=1e-4, atol=1e-7)
+    assert (score[:, :, :4] == 0).all()  # the sinks are out of the softmax (kept by protected())
+
+
+def _kvpress_expected_attention(pre_rope: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rope: torch.Tensor,
+                                sinks: int, future: int) -> torch.Tensor:
+    """kvpress 0.5.5's ExpectedAttentionPress.score, restated: statistics of the queries *before* RoPE (B,Hq,T,D)
+    after the sinks, the rotation averaged over the absolute positions T..T+future-1, a softmax over the non-sink
+    keys per query head, the group mean, times |v|. Returns the non-sink tokens' scores (B,H,T-sinks)."""
+    length, dim = pre_rope.shape[2], pre_rope.shape[-1]
+    queries = pre_rope[:, :, sinks:]
+    mu = queries.mean(2)
+    centered = queries - mu.unsqueeze(2)
+    cov = centered.transpose(-1, -2) @ centered / queries.shape[2]
+    eye = torch.eye(dim)
+    rotations = [_rotate(eye, p * rope).T for p in range(length, length + future)]  # column j: R(p) e_j
+    avg = torch.stack(rotations).mean(0)
+    mu, cov = mu @ avg.T, avg @ cov @ avg.T
+    group = pre_rope.shape[1] // keys.shape[1]
+    k = keys[:, :, sinks:].repeat_interleave(group, dim=1)
+    logits = (k @ mu.unsqueeze(-1)).squeeze(-1) / dim**0.5 + ((k @ cov) * k).sum(-1) / dim / 2
+    probs = logits.softmax(-1)
+    return probs.view(k.shape[0], keys.shape[1], group, -1).mean(2) * values[:, :, sinks:].norm(dim=-1)
+
+
+def test_expected_attention_matches_the_reference_from_queries_before_rope():
+    """kvslim rotates each post-RoPE query to the newest position and averages the rotation over the next
+    ``future`` offsets; kvpress (the authors' code) takes the queries before RoPE and averages over absolute
+    positions. With a large query bias (Qwen2's, added before RoPE) and GQA, both give the same scores."""
+    gen = torch.Generator().manual_seed(0)
+    dim, length, future, sinks = 16, 40, 24, 4
+    rope = 1.0 / (100 ** (torch.arange(0, dim, 2).float() / dim))
+    bias = torch.randn(1, 4, 1, dim, generator=gen) * 4
+    pre_rope = torch.randn(1, 4, length, dim, generator=gen) + bias  # 4 query heads, 2 KV heads
+    angles = torch.arange(length).float()[:, None] * rope
+    queries = _rotate(pre_rope, angles)
+    keys = _rotate(torch.randn(1, 2, length, dim, generator=gen) + 3, angles)  # a key bias too: large norms
+    values = torch.randn(1, 2, length, dim, generator=gen)
+    method = kvslim.policy(f"expected_attention(history=None,future={future},sinks={sinks},epsilon=0)", keep=0.5)
+    score = method.score(_observation(keys, values, queries, rope))
+    expected = _kvpress_expected_attention(pre_rope, keys, values, rope, sinks, future)
+    torch.testing.assert_close(score[:, :, sinks:], expected, rtol=1e-3, atol=1e-6)
+    eps = kvslim.policy(f"expected_attention(history=None,future={future},sinks={sinks},epsilon=0.01)", keep=0.5)
+    shifted = expected + 0.01 * values[:, :, sinks:].norm(dim=-1)  # kvpress: (scores + epsilon) * |v|
+    torch.testing.assert_close(eps.score(_observation(keys, values, queries, rope))[:, :, sinks:], shifted,
+                               rtol=1e-3, atol=1e-6)
+
+
+def test_expected_attention_ignores_the_sinks_keys_and_queries():
+    """The sinks are out of the softmax and out of the query statistics: changing their keys or queries leaves
+    every other token's score as it was (and they are still kept)."""
+    gen = torch.Generator().manual_seed(1)
+    dim, length = 16, 24
+    rope = 1.0 / (100 ** (torch.arange(0, dim, 2).float() / dim))
+    keys, values = torch.randn(1, 2, length, dim, generator=gen), torch.randn(1, 2, length, dim, generator=gen)
+    queries = torch.randn(1, 4, length, dim, generator=gen)
+    other_keys, other_queries = keys.clone(), queries.clone()
+    other_keys[:, :, :4] = torch.randn(1, 2, 4, dim, generator=gen) * 10
+    other_queries[:, :, :4] = torch.randn(1, 4, 4, dim, generator=gen) * 10
+    method = kvslim.policy("expected_attention(history=None)", keep=0.25)
+    score = method.score(_observation(keys, values, queries, rope))
+    for k, q in ((other_keys, queries), (keys, other_queries)):
+        torch.testing.assert_close(method.score(_observation(k, values, q, rope))[:, :, 4:], score[:, :, 4:])
+    obs = _observation(other_keys, values, other_queries, rope)
+    method.on_prefill(obs)
+    kept = obs.layer.dense(torch.float32)[0]
+    torch.testing.assert_close(kept[:, :, :4], other_keys[:, :, :4])
 
 
 def test_expected_attention_covariance_favours_keys_along_the_queries_spread():
