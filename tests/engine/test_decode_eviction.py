@@ -28,3 +28,22 @@ def test_layers_without_a_budget_let_the_cache_grow() -> None:
     assert evictor.start([{}, {}]) is None
     with pytest.raises(ValueError, match="some layers"):
         evictor.start([{"budget": torch.ones(1, 1), "rkv.queries": torch.zeros(1, 1, 1, 1)}, {}])
+
+
+def test_query_ring_grows_to_the_methods_limit_in_order() -> None:
+    """A method observing every query (expected_attention(history=None)) gets a ring that grows; a bounded one keeps
+    its newest ``limit`` queries."""
+    from kvslim.engine.decode_eviction import DecodeState
+
+    def run(limit: int, steps: int) -> list[int]:
+        prompt = torch.arange(3.0)[None, None, :, None]  # (L=1, Hq=1, 3 queries, D=1)
+        width = min(limit, 3 + 2)
+        ring = torch.zeros(1, 1, width, 1)
+        ring[:, :, :3] = prompt
+        state = DecodeState([{}], ring, 3, 3 % width, limit)
+        for step in range(steps):
+            state.push(torch.full((1, 1, 1), 3.0 + step))
+        return state.recent().flatten().int().tolist()
+
+    assert run(1 << 62, 9) == list(range(12))  # grew 5 -> 10 -> 20, nothing lost, oldest first
+    assert run(4, 9) == [8, 9, 10, 11]  # bounded: the newest four

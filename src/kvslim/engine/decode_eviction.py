@@ -24,6 +24,9 @@ from ..cache.layer import LayerKV
 from ..cache.segments import DenseSegment
 from ..methods import Observation, ScoredEviction
 
+#: query columns a ring holds past the prompt's before it grows (a method that observes fewer gets exactly that many)
+RING_ROOM = 64
+
 
 @dataclass
 class DecodeState:
@@ -33,11 +36,17 @@ class DecodeState:
     ring: Tensor  # (L, Hq, W, D) the newest W queries of every layer, written round-robin
     count: int  # queries in the ring (W once full)
     head: int  # the column the next query goes to: the first free one, then the oldest
+    limit: int  # the most queries the method looks at (its ``observed``): the ring grows up to it
     steps: int = 0  # decoding steps since the prefill
 
     def push(self, queries: Tensor) -> None:
         """Record one step's queries (L, Hq, D) of every layer."""
         width = self.ring.shape[2]
+        if self.count == width < self.limit:  # full, and the method wants more: double it, oldest first
+            grown = min(self.limit, 2 * width)
+            self.ring = torch.cat([self.recent(), self.ring.new_zeros(*self.ring.shape[:2], grown - width,
+                                                                      self.ring.shape[3])], 2)
+            self.head, width = self.count, grown
         self.ring[:, :, self.head] = queries
         self.head = (self.head + 1) % width
         self.count = min(self.count + 1, width)
@@ -66,11 +75,12 @@ class DecodeEviction:
                                  "evicts every layer of a sequence on the same steps")
             return None
         prompt = torch.cat([state.pop(self.key) for state in states])  # (L, Hq, w, D), w <= observed
-        width = self.method.observed
+        limit = self.method.observed  # may be unbounded (expected_attention(history=None)): the ring then grows
+        width = min(limit, prompt.shape[2] + RING_ROOM)
         ring = prompt.new_zeros(*prompt.shape[:2], width, prompt.shape[3])
         # the ring's order: the prompt's queries first, then each step's (as push writes them while filling)
         ring[:, :, : prompt.shape[2]] = prompt
-        return DecodeState(states, ring, prompt.shape[2], prompt.shape[2] % width)
+        return DecodeState(states, ring, prompt.shape[2], prompt.shape[2] % width, limit)
 
     def step(self, seqs: list, queries: Tensor, runner) -> list:
         """Record the step's queries (B, L, Hq, D) of each sequence (``None`` state: skipped); evict where due.
