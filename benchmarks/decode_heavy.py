@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from engine_throughput import (
+    appended_to,
     copy_bandwidth,
     decode_weight_bytes,
     drive,
@@ -164,11 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [],
     }
     if args.append:
-        previous = json.loads(args.out.read_text())
-        same = ("commit", "model", "kv_memory_gib", "max_num_seqs", "prompt_tokens", "output_tokens")
-        if any(previous[k] != report[k] for k in same):
-            raise SystemExit(f"--append: {args.out} holds another workload or commit; compare {', '.join(same)}")
-        report = previous
+        report = appended_to(args.out, report, ("commit", "model", "kv_memory_gib", "max_num_seqs", "prompt_tokens",
+                                                "output_tokens"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = [(mode, False) for mode in args.modes] + [(mode, True) for mode in args.modes if mode in args.length_aware]
     for mode, length_aware in runs:

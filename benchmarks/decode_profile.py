@@ -34,17 +34,13 @@ from torch.profiler import ProfilerActivity, profile
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.sequence import Sequence, Status
 from kvslim.models import load_model
+from engine_throughput import decode_weight_bytes, kv_bytes_read  # noqa: E402  (beside this script)
 from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 ATTENTION = ("paged", "combine")
 GEMM = ("gemm", "gemv", "nvjet", "cutlass", "sm90", "cublas", "splitk", "matmul")
 
 
-def weight_bytes(model: Any) -> int:
-    """Bytes of the parameters a decode step reads (the input embedding is a gather of B rows)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.model.embed_tokens.weight
-    return total if embed.data_ptr() == model.lm_head.weight.data_ptr() else total - embed.numel() * embed.element_size()
 
 
 def token_bytes(model: Any) -> int:
@@ -118,11 +114,6 @@ def components(engine: LLMEngine, seqs: list[Sequence]) -> dict[str, float]:
     return out
 
 
-def kv_bytes(engine: LLMEngine, seqs: list[Sequence]) -> int:
-    kv = engine.runner.kv
-    ring_token = kv.row_bytes // kv.capacity if kv.quantized else 0
-    return sum(s.num_blocks_held * engine.block_bytes + (int(s.tail.max()) * ring_token if s.tail is not None else 0)
-               for s in seqs)
 
 
 def measure(model: Any, policy: str, batch: int, context: int, args: argparse.Namespace, bandwidth: float,
@@ -164,7 +155,7 @@ def measure(model: Any, policy: str, batch: int, context: int, args: argparse.Na
     if "forward_ms" in result:
         result["host_ms"] = result["step_ms"] - result["forward_ms"] - result["logits_ms"]
     comp = components(engine, seqs)
-    kv = kv_bytes(engine, seqs)
+    kv = kv_bytes_read(engine, seqs)
     lm_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     result.update(comp)
     result.update({
@@ -200,7 +191,7 @@ def main() -> None:
         raise SystemExit("decode_profile needs a CUDA GPU")
     model, _ = load_model(args.model, dtype=torch.bfloat16, device="cuda")
     bandwidth = copy_bandwidth()
-    weights = weight_bytes(model)
+    weights = decode_weight_bytes(model)
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report: dict[str, Any] = {"benchmark": "decode_profile", "model": f"{args.model} architecture, RANDOM weights, bf16",
                               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,

@@ -48,6 +48,15 @@ def workload(n: int, low: int, high: int, vocab: int, seed: int) -> list[list[in
     return [[rng.randrange(1, vocab) for _ in range(rng.randint(low, high))] for _ in range(n)]
 
 
+def appended_to(out: Path, report: dict[str, Any], same: tuple[str, ...]) -> dict[str, Any]:
+    """``--append``: the report already in ``out``, after checking it ran the same workload (the ``same`` fields) as
+    ``report``, so results of two calls compare; exits naming the fields otherwise."""
+    previous = json.loads(out.read_text())
+    if any(previous[k] != report[k] for k in same):
+        raise SystemExit(f"--append: {out} holds another workload or commit; compare {', '.join(same)}")
+    return previous
+
+
 def decode_weight_bytes(model: Any) -> int:
     """Parameter bytes one decode step reads: all of them but the input embedding (a gather of B rows)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -240,11 +249,8 @@ def main() -> None:
         "results": [],
     }
     if args.append:
-        previous = json.loads(args.out.read_text())
-        same = ("commit", "model", "kv_memory_gib", "max_num_seqs", "prompt_tokens", "output_tokens_per_request")
-        if any(previous[k] != report[k] for k in same):
-            raise SystemExit(f"--append: {args.out} holds another workload or commit; compare {', '.join(same)}")
-        report = previous
+        report = appended_to(args.out, report, ("commit", "model", "kv_memory_gib", "max_num_seqs", "prompt_tokens",
+                                                "output_tokens_per_request"))
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; decode reads {weights / 1e9:.2f} GB of weights per step", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
