@@ -158,8 +158,14 @@ class ModelRunner:
     def _flat(self, table: list[int], logical: Tensor) -> Tensor:
         """Flat pool slots of logical slots (any shape); -1 past the sequence's blocks."""
         index = (logical // self.block_size).clamp(max=len(table))
-        blocks = torch.tensor(table + [-1], device=self.device)[index]
+        blocks = self._upload(table + [-1])[index]
         return torch.where(blocks >= 0, blocks * self.block_size + logical % self.block_size, -1)
+
+    def _upload(self, values: list[int]) -> Tensor:
+        """A host list on the device without making the host wait for the device's queue (from pinned memory on
+        CUDA; ``torch.tensor(..., device=cuda)`` synchronises the stream, once per layer where it is called)."""
+        host = torch.tensor(values)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     # -- model pieces -------------------------------------------------------------------------------
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -215,7 +221,7 @@ class ModelRunner:
             start = min(seq.num_cached_tokens, len(tokens) - 1) if compress is None else 0
         compressing = compress is not None and end == len(tokens)
         offset = 0 if compressing else max(start, seq.num_cached_tokens)  # first slot this call writes
-        ids = torch.tensor(tokens[start:end], device=self.device)
+        ids = self._upload(tokens[start:end])
         positions = torch.arange(start, end, device=self.device)
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
