@@ -27,7 +27,6 @@ import json
 import platform
 import random
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from engine_throughput import (
     warm_up,
     workload,
 )
+from provenance import code_commit
 
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.latency import LatencyStats
@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"modes also run with length-aware admission (default: {' '.join(LENGTH_AWARE)}; "
                              "a mode not in --modes is skipped)")
     parser.add_argument("--append", action="store_true", help="add the results to an existing --out of the same workload")
-    parser.add_argument("--commit", default=None, help="git commit of the code (default: git rev-parse HEAD)")
+    parser.add_argument("--commit", default=None, help="git commit of the code (default: env KVSLIM_COMMIT, else git rev-parse HEAD)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_heavy.json"))
     if parser.parse_args(argv).smoke:
         parser.set_defaults(**SMOKE)
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outputs = output_lengths(args.requests, args.min_output, args.max_output, seed=0)
     requests = [(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, outputs)]
     weights = decode_weight_bytes(model)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           check=False).stdout.strip()
+    commit = code_commit(args.commit)
     report = {
         "benchmark": "decode_heavy",
         "model": f"{args.model} architecture, RANDOM weights, {'bfloat16' if cuda else 'float32'}",
