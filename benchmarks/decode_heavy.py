@@ -15,23 +15,25 @@ On the GPU it builds a **random-weight** Llama-3.1-8B in bfloat16 (speed and mem
 issue 14's mix (12 requests of 1-4k x 2-8k tokens in 1.5 GiB, budgets of 1024 tokens): every mode decodes until its
 longest request ends (8k steps at most) and the full cache alone takes 6-8 minutes on an H200, so that mix is run a
 few modes per call (``--append`` adds to one report). **The mix scaled to one call** (every mode, and length-aware
-admission for the full cache and R-KV, in about 3.5 minutes on an H200 including the model build and the kernels'
-compilation) divides every length by about four and the budgets with them:
+admission for the full cache and R-KV, in about 3.5-4 minutes on an H200 with the model build and the kernels'
+compilation; run it under a 600 s limit: the JSON is rewritten after each mode) divides lengths and budgets by ~4:
 
-    KVSLIM_COMMIT=$(git rev-parse HEAD) python benchmarks/decode_heavy.py --requests 16 \
-      --min-prompt 256 --max-prompt 768 --min-output 768 --max-output 1280 --kv-memory 0.5 --max-num-seqs 64 \
+    KVSLIM_COMMIT=SHA python benchmarks/decode_heavy.py --requests 16 \
+      --min-prompt 256 --max-prompt 768 --min-output 640 --max-output 1152 --kv-memory 0.5 --max-num-seqs 64 \
       --modes full kivi4 kivi2 fp8_e4m3 'snapkv(keep=0.25)' 'rkv(budget=256,interval=32)' \
       'snapkv(keep=0.25,decode_budget=256,interval=32)' 'streaming(budget=256,sinks=4)' \
       --length-aware full 'rkv(budget=256,interval=32)' --out benchmarks/results/engine_speed_h200/decode_heavy.json
 
-How it was sized (8B step ~6 ms at these small batches and contexts, weight-bound; 128 KiB of KV per full token):
-0.5 GiB hold 4k full-cache tokens, so the full cache runs 3-4 of the 16 requests at once (each peaks at 1-2k tokens)
-and decodes ~16 x 1024 / 3.5 ~ 4.7k steps (~30 s; as long again with length-aware admission). A budget of 256 tokens
-(plus up to ``interval`` between evictions) holds ~13-16 sequences in the same memory, ~4x the full cache's, and
-decodes in about 1.3k steps (~10 s each); kivi4/kivi2 (ring rows cap them at 8 sequences in 0.5 GiB), fp8_e4m3 and
-snapkv(keep=0.25) (prompt only) take 15-25 s. The full cache's step is weight-bound here, so output tokens/s scale
-with the sequences decoded at once: the 3x question is answerable (the budgets' 4x concurrency, less their
-longer steps and the tail of the longest request). The flags are the engine's; the issue's mix needs only defaults.
+How it was sized: at these batches and contexts an 8B step is weight-bound (~6 ms; ~7 ms at 16 sequences), so
+output tokens/s follow the sequences decoded at once. 0.5 GiB hold 4k full-cache tokens (128 KiB each) and every
+request peaks at 0.9-1.9k, so the full cache decodes ~3 at a time; a 256-token budget (plus up to ``interval``
+between evictions) holds ~13 in the same memory. A CPU replay of the scheduler with the same token capacities
+(tiny-llama, 768-1280 outputs) took 4.7k decode steps at a mean batch of 3.2 for the full cache (21 preemptions),
+7.4k at 2.0 with length-aware admission (none), and 1.6k at 9.3 for R-KV and streaming: ~2.9x fewer steps, so the 3x
+question is answerable here (the budgets' steps are somewhat longer; the longest request's tail caps the ratio).
+Expected on the H200: full ~25 s, full length-aware ~40 s, each budget ~10 s, kivi4/kivi2 ~17 s (their full-precision
+rings, 25% of the memory, cap them at 8 sequences), fp8_e4m3 and snapkv(keep=0.25) (the prompt only) ~13 s.
+SHA: ``git rev-parse HEAD`` of the checkout the code came from, not of the device's copy (``provenance.py``).
 
 ``--smoke`` runs a few short requests through ``tiny-llama`` on the CPU (the test suite runs it).
 """

@@ -13,11 +13,28 @@ requests one at a time, for its per-request throughput.
 Latency: every run reports time to first token (TTFT, from submission, queueing included) and
 inter-token latency (ITL) p50/p99 as the engine records them. ``--chunked-prefill`` runs prompts in
 chunks beside the decode steps (``--max-num-batched-tokens`` per step), so ITL p99 no longer includes
-whole 8k-32k prefills; a run with and one without it, appended to the same file, compare the two.
+whole 8k-32k prefills; runs with and without it in one call (below) compare the two.
 
     python benchmarks/engine_throughput.py --out benchmarks/results/engine_throughput_h100_saturated.json
     python benchmarks/engine_throughput.py --policies kivi4 kivi2 --append --out ...   # a second call adds results
-    python benchmarks/engine_throughput.py --policies full snapkv --chunked-prefill --append --out ...
+
+``--chunked-prefill POLICY...`` runs those policies a second time with chunks (the flag alone: every policy), so one
+call holds both. Issue 14's prompt-heavy table in **one H200 call of about 3 minutes** (model build and kernel
+compilation included; 600 s limit, the JSON rewritten after each run): 16 requests of 4-16k prompt tokens x 256
+output tokens in 4 GiB (32k full-cache tokens: the full cache holds ~3 prompts at once), every policy, the three
+whose prompts chunk (pages in the model dtype) also chunked:
+
+    KVSLIM_COMMIT=SHA python benchmarks/engine_throughput.py --requests 16 \
+      --min-prompt 4096 --max-prompt 16384 --output-tokens 256 --kv-memory 4 --max-num-seqs 16 --hf-requests 0 \
+      --policies full kivi4 kivi2 fp8_e4m3 'snapkv(keep=0.25)' 'rkv(keep=0.25,interval=64)' \
+      --chunked-prefill full 'snapkv(keep=0.25)' 'rkv(keep=0.25,interval=64)' \
+      --out benchmarks/results/engine_speed_h200/prompt_heavy.json
+
+Sizing: 164k prompt tokens a run, ~6-8 s of prefill at ~26k tokens/s (chunked somewhat slower); the full cache then
+decodes 16 x 256 tokens ~3 at a time (~1.4k steps of ~7.5 ms, ~10 s), the compressed policies 3-4x as many at once
+(2-4 s): ~17 s for full, 9-12 s for each other run, nine runs. ``--smoke`` runs tiny-llama on the CPU (the tests).
+SHA: ``git rev-parse HEAD`` of the checkout the code came from (see ``provenance.py``: the device copy's git is
+stale, so ``$(git rev-parse HEAD)`` there records the wrong commit).
 """
 from __future__ import annotations
 
@@ -204,10 +221,13 @@ def run_hf(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> di
             "max_running": 1, "per_request": per_request}
 
 
-def warm_up(model: Any, policy: str, args: argparse.Namespace) -> None:
-    """Compile the policy's kernels outside the timings: a prompt long enough for KIVI to pack, at prefill and decoding."""
-    engine = LLMEngine(model, policy=policy, kv_memory=0.5, block_size=args.block_size, max_num_seqs=4)
-    prompt = list(range(1, 513))
+def warm_up(model: Any, policy: str, args: argparse.Namespace, chunked: bool = False) -> None:
+    """Compile the policy's kernels outside the timings: a prompt long enough for KIVI to pack, at prefill and decoding
+    (``chunked``: in chunks beside the decode steps, which run other kernels than a whole-prompt prefill)."""
+    engine = LLMEngine(model, policy=policy, kv_memory=0.5, block_size=args.block_size, max_num_seqs=4,
+                       chunked_prefill=chunked, max_num_batched_tokens=256 if chunked else None)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = [1 + i % (vocab - 1) for i in range(512)]
     for p in (prompt, prompt[:300]):
         engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True))
     while engine.has_unfinished:
@@ -289,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [(p, False) for p in args.policies] + [(p, True) for p in args.policies if p in args.chunked_prefill]
     for policy, chunked in runs:
         if cuda:
-            warm_up(model, policy, args)
+            warm_up(model, policy, args, chunked)
         record(run_engine(model, policy, chunked, prompts, args, bandwidth, weights))
     if args.hf_requests and cuda:
         record(run_hf(model, prompts[: args.hf_requests], args))
