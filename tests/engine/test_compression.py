@@ -26,6 +26,8 @@ PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n
     "auto(keep=0.3,window=4)",  # ragged across layers and heads, set by the observed attention
     "auto(tolerance=0.3,window=4)",  # ... and per request
     "auto(keydiff,keep=0.3)+int8",
+    "merge(snapkv,keep=0.25,window=4)",  # evicted values folded into the kept tokens: one key and value each
+    "merge(keydiff,keep=0.25)+kivi4(group=4,residual=8)",  # ... then packed
 ])
 def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)
@@ -48,8 +50,8 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
 
 
 @pytest.mark.parametrize(("spec", "reason"), [
-    ("h2o(keep=0.5)", "every decoding step"),
     ("snapkv(keep=0.5,decode_budget=64)+int8", "one evictor over model-dtype pages"),
+    ("h2o(keep=0.5)+int8", "use h2o alone here"),
     ("think", "think re-stores tokens"),
 ])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
@@ -75,6 +77,11 @@ def test_kvzip_engine_matches_hf_cache_path(llama, spec: str) -> None:
     "expected_attention(keep=0.5,history=8,decode_budget=24,interval=3)",
     "expected_attention(keep=0.5,history=None,decode_budget=24,interval=3)",  # every query, the sinks' left out
     "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))",  # ragged heads while decoding
+    # accumulated attention, added every step; a short prefill window, so the steps' votes decide what is kept
+    "h2o(keep=0.4,window=2)",
+    "h2o(keep=0.4,window=2,interval=5)",  # the steps since the last eviction outnumber the observed queries
+    "merge(h2o,keep=0.4,window=2)",
+    "merge(snapkv,keep=0.5,window=4,decode_budget=24,interval=4)",
 ])
 def test_decode_time_compression_matches_hf_cache_path(llama, spec: str) -> None:
     """The engine rescores from its pages on the steps that evict, writes the kept tokens back and hands the blocks
@@ -104,7 +111,8 @@ def test_decode_time_compression_refuses_forks(llama) -> None:
 
 @pytest.mark.parametrize("spec", ["rkv(budget=32,window=4)", "tova(keep=0.4)", "snapkv(keep=0.5,window=4,decode_budget=24,interval=4)",
                                   "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))",
-                                  "pyramidkv(keep=0.5,window=4,decode_budget=24,interval=2)"])  # layers of other lengths
+                                  "pyramidkv(keep=0.5,window=4,decode_budget=24,interval=2)",  # layers of other lengths
+                                  "h2o(keep=0.4,window=2)", "adakv(h2o(keep=0.5,window=2,interval=3))"])
 def test_decode_time_compression_scores_sequences_together(llama, spec: str, monkeypatch) -> None:
     """Sequences due on the same step that hold the same slots and queries are scored in one batch (one evict for
     all their layers), and still keep exactly the tokens each keeps alone under kvslim.Cache."""
