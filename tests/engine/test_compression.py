@@ -26,8 +26,6 @@ PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n
     "auto(keep=0.3,window=4)",  # ragged across layers and heads, set by the observed attention
     "auto(tolerance=0.3,window=4)",  # ... and per request
     "auto(keydiff,keep=0.3)+int8",
-    "merge(snapkv,keep=0.25,window=4)",  # evicted values folded into the kept tokens: one key and value each
-    "merge(keydiff,keep=0.25)+kivi4(group=4,residual=8)",  # ... then packed
 ])
 def test_engine_matches_hf_cache_path(llama, spec: str) -> None:
     llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4)

@@ -6,18 +6,18 @@ step (issues 13/14). Here the same rule runs once per sequence: every layer sees
 says when an eviction is due (every ``interval`` steps), and the newest :attr:`~ScoredEviction.observed` queries of
 every layer live in one ring (L, Hq, W, D) a step writes with one copy. On a step that evicts, the sequences due that
 hold the same number of slots and queries are scored together: one page read, one :meth:`~ScoredEviction.evict`
-and one page write for all their layers, each (layer, sequence) a row of the observation's batch.
+and one page write for all their layers, each (layer, sequence) a row of the observation's batch. Each row is
+exactly the observation the method would see for that layer alone (same shapes), so it keeps the same tokens as
+under ``kvslim.Cache``. The contract this relies on: a decode-time scorer's ``evict`` treats batch rows
+independently and does not look at the layer index (``ScoredEviction.evict`` and every registered scorer; the
+layer-dependent budgets of PyramidKV or auto are set at prefill, in the state's ``budget``).
 
 A method whose per-token state every step adds to (:attr:`~ScoredEviction.token_state`: H2O's accumulated attention)
 keeps it per sequence as one (L, H, slots) tensor on the device, slot ``t`` of a head the score of the token in its
 slot ``t``. It is brought up to date only on the steps that evict: the ring then holds at least the ``interval``
 queries since the last eviction, and :meth:`~ScoredEviction.attended` adds them one step at a time, each attending
 causally to the pages' tokens (nothing was evicted in between, so each sees what it saw on its step). The
-compaction moves the scores with their tokens (the method's ``reflow``); slots written since hold zero. Each row is
-exactly the observation the method would see for that layer alone (same shapes), so it keeps the same tokens as
-under ``kvslim.Cache``. The contract this relies on: a decode-time scorer's ``evict`` treats batch rows
-independently and does not look at the layer index (``ScoredEviction.evict`` and every registered scorer; the
-layer-dependent budgets of PyramidKV or auto are set at prefill, in the state's ``budget``)."""
+compaction moves the scores with their tokens (the method's ``reflow``); slots written since hold zero."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -38,7 +38,8 @@ RING_ROOM = 64
 
 @dataclass
 class DecodeState:
-    """One sequence's decode-time compression state: the method's per-layer state (budget) and a ring of queries."""
+    """One sequence's decode-time compression state: the method's per-layer state (budget), a ring of queries and any
+    per-token state (see the module docstring)."""
 
     layers: list[dict]  # per layer, the method's state after the prefill, without its remembered queries
     ring: Tensor  # (L, Hq, W, D) the newest W queries of every layer, written round-robin
@@ -63,17 +64,21 @@ class DecodeState:
         self.steps += 1
 
     def recent(self, n: int | None = None) -> Tensor:
-        """(L, Hq, n, D) the newest ``n`` remembered queries (all when None), oldest first."""
-        if self.count < self.ring.shape[2]:
-            queries = self.ring[:, :, : self.count]
-        else:
-            queries = self.ring.roll(-self.head, 2) if self.head else self.ring
-        return queries if n is None else queries[:, :, -n:]
+        """(L, Hq, n, D) the newest ``n`` remembered queries (all when None), oldest first: a view of the ring unless
+        they wrap around its end (H2O reads one column a step from a ring of 64)."""
+        n = self.count if n is None else min(n, self.count)
+        width = self.ring.shape[2]
+        start = (self.head - n) % width  # while filling, head == count
+        if start + n <= width:
+            return self.ring[:, :, start : start + n]
+        return torch.cat([self.ring[:, :, start:], self.ring[:, :, : start + n - width]], 2)
 
 
 def _fit(x: Tensor, width: int) -> Tensor:
     """``x`` (..., T) padded with zeros or cut to ``width`` columns (a per-token state over a sequence's slots)."""
-    return F.pad(x, (0, width - x.shape[-1])) if width >= x.shape[-1] else x[..., :width]
+    if width == x.shape[-1]:
+        return x
+    return F.pad(x, (0, width - x.shape[-1])) if width > x.shape[-1] else x[..., :width]
 
 
 class DecodeEviction:
@@ -142,8 +147,10 @@ class DecodeEviction:
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)
         uniform = bool((held == length).all())  # every head holds every slot: no padding to mask
         layer.replace([GrowingSegment.holding(keys, values) if uniform else DenseSegment.from_padded(keys, values, valid)])
-        for name in self.method.token_state:  # rows layer-major, as the states
-            layer.state[name] = torch.stack([_fit(s.method_state.tokens[name], length) for s in seqs], 1).flatten(0, 1)
+        for name in self.method.token_state:  # rows layer-major, as the states; widths are mostly one already
+            stored = [s.method_state.tokens[name] for s in seqs]
+            width = max(x.shape[-1] for x in stored)
+            layer.state[name] = _fit(torch.stack([_fit(x, width) for x in stored], 1), length).flatten(0, 1)
         if self.method.token_state:  # the queries since the last eviction, each attending as on its own step
             steps = self.method.interval
             queries = torch.stack([s.method_state.recent(steps) for s in seqs], 1).flatten(0, 1)
