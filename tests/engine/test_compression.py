@@ -78,6 +78,7 @@ def test_kvzip_engine_matches_hf_cache_path(llama, spec: str) -> None:
     # accumulated attention, added every step; a short prefill window, so the steps' votes decide what is kept
     "h2o(keep=0.4,window=2)",
     "h2o(keep=0.4,window=2,interval=5)",  # the steps since the last eviction outnumber the observed queries
+    "h2o(keep=0.5,window=2,decode_budget=24,interval=3)",  # a decode budget below what the prefill kept
     "merge(h2o,keep=0.4,window=2)",
     "merge(snapkv,keep=0.5,window=4,decode_budget=24,interval=4)",
 ])
