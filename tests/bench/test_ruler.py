@@ -180,8 +180,8 @@ def test_suite_writes_leaderboard_plot_and_report(tmp_path: Path) -> None:
 
 def _engine_config(out: Path, **changes: Any) -> RulerConfig:
     """``kvslim bench --suite ruler --engine --kv-memory 0.05 --limit 1`` on tiny-llama, with a policy the engine
-    refuses (H2O) and one it refuses a suffix for (a storage format, under query-agnostic only)."""
-    settings = {"model": "tiny-llama", "policies": ["full", "snapkv", "h2o", "snapkv+int8"], "keeps": [0.5],
+    refuses (a decode-time evictor before a quantizer) and one it refuses a suffix for (a storage format, under query-agnostic only)."""
+    settings = {"model": "tiny-llama", "policies": ["full", "snapkv", "tova+int8", "snapkv+int8"], "keeps": [0.5],
                 "tasks": ["niah_single_1", "vt"], "lengths": [SUITE_LENGTH], "samples": 1, "out": str(out),
                 "batch_size": 2, "engine": True, "kv_memory": 0.05}
     return RulerConfig(**{**settings, **changes})
@@ -200,10 +200,10 @@ def test_engine_smoke_run_reports_throughput_and_skips_what_it_refuses(tmp_path:
     assert set(rows) == {(f"{p}@0.5" if p != "full" else p, q) for p, q in ran}
     assert all(r["paired"] == 0 and r["same_answer"] is None and r["output_tok_s"] > 0 for r in rows.values())
     skipped = {(s["label"], s["protocol"]) for s in summary["engine_skipped"]}
-    assert skipped == {("h2o@0.5", p) for p in PROTOCOLS} | {("snapkv+int8@0.5", QUERY_AGNOSTIC)}
+    assert skipped == {("tova+int8@0.5", p) for p in PROTOCOLS} | {("snapkv+int8@0.5", QUERY_AGNOSTIC)}
     report = (tmp_path / "report.md").read_text()
     assert "### Engine: quality and throughput" in report and "| run | n | score | HF path's score |" in report
-    assert "- `h2o@0.5` (query-aware, query-agnostic): skipped, the engine refuses it: " in report
+    assert "- `tova+int8@0.5` (query-aware, query-agnostic): skipped, the engine refuses it: " in report
     assert "- `snapkv+int8@0.5` (query-agnostic): skipped" in report and "model-dtype pages only" in report
     assert (tmp_path / "engine.csv").read_text().startswith("protocol,length,policy,keep,label,n,score")
     again = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)  # resumes: nothing reruns

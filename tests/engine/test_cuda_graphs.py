@@ -91,7 +91,8 @@ def test_decode_beside_prompt_chunks_replays_graphs(policy: str) -> None:
 
 
 @pytest.mark.parametrize("policy", ["rkv(budget=64,window=4)", "tova(budget=64)",
-                                    "snapkv(keep=0.5,window=4,decode_budget=48,interval=4)"])
+                                    "snapkv(keep=0.5,window=4,decode_budget=48,interval=4)",
+                                    "h2o(budget=64,window=4)"])
 def test_decode_time_compression_replays_graphs(policy: str) -> None:
     """Decode-time compression scores from each step's queries: the replay writes them to a static buffer, the same
     queries the eager step computes, so the evictor keeps the same tokens as without graphs."""
