@@ -26,6 +26,31 @@ def _case(seed: int, dtype: torch.dtype, block_size: int = 16, dim: int = 16):
     return query, k_pages, v_pages, tables, lens, starts, sinks
 
 
+KEPT = 8  # ThinK's key channels of the 16: keys narrower than values
+
+
+def _thin_case(seed: int, dtype: torch.dtype):
+    """ThinK's pages: keys of KEPT channels beside whole values, the query gathered to them, and each head's newest
+    slot scored with its whole key (``newest``: the rest of the channels' score). Also the same case with whole keys
+    whose pruned channels are zero except at the newest slot, which attention over whole keys must equal."""
+    query, k_pages, v_pages, tables, lens, starts, sinks = _case(seed, torch.float32)
+    block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    group = query.shape[1] // kv_heads
+    whole = k_pages.clone()
+    whole[..., KEPT:] = 0
+    newest = torch.empty(query.shape[:2])
+    for b in range(query.shape[0]):
+        for h in range(kv_heads):
+            slot = int(lens[b, h]) - 1
+            block = int(tables[b, slot // block_size])
+            whole[block, slot % block_size, h] = k_pages[block, slot % block_size, h]
+            rest = query[b, h * group : (h + 1) * group, KEPT:] @ k_pages[block, slot % block_size, h, KEPT:]
+            newest[b, h * group : (h + 1) * group] = rest * 0.25
+    thin = (query[..., :KEPT].contiguous().to(dtype), k_pages[..., :KEPT].contiguous().to(dtype), v_pages.to(dtype),
+            tables, lens, starts, sinks)
+    return thin, newest, (query, whole, v_pages, tables, lens, starts, sinks)
+
+
 def _dense(query, k_pages, v_pages, tables, lens, starts, sinks, scale):
     """Per (sequence, head): gather the visible slots one by one and run SDPA on them."""
     out = torch.empty(query.shape, dtype=torch.float32)
@@ -48,6 +73,13 @@ def test_reference_matches_dense_attention_with_ragged_heads_and_window() -> Non
     torch.testing.assert_close(got, _dense(*case, scale=0.25), atol=1e-5, rtol=1e-5)
 
 
+def test_reference_with_thin_keys_matches_dense_attention_over_whole_newest_key() -> None:
+    thin, newest, whole = _thin_case(0, torch.float32)
+    got = paged_decode_ref(*thin, scale=0.25, newest=newest)
+    assert got.shape == whole[0].shape  # values' width, not the keys'
+    torch.testing.assert_close(got, _dense(*whole, scale=0.25), atol=1e-5, rtol=1e-5)
+
+
 def check_triton_kernel(dtype: torch.dtype) -> None:
     from kvslim.kernels.paged_attention import paged_decode
 
@@ -59,6 +91,12 @@ def check_triton_kernel(dtype: torch.dtype) -> None:
     # page per loop step, or of several (the last tile of a split then runs past its chunk and is masked)
     for splits, tile_tokens in ((None, 16), (3, 16), (None, 64), (2, 32), (3, 48)):
         got = paged_decode(*case, scale=0.25, splits=splits, tile_tokens=tile_tokens).float()
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    thin, newest, _ = _thin_case(2, dtype)  # ThinK: keys of KEPT channels (padded in the kernel), values of 16
+    thin, newest = [t.to(device) for t in thin], newest.to(device)
+    want = paged_decode_ref(*thin, scale=0.25, newest=newest).float()
+    for splits in (None, 3):
+        got = paged_decode(*thin, scale=0.25, splits=splits, newest=newest).float()
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 

@@ -4,7 +4,12 @@ Xu et al., 2024, "ThinK: Thinner Key Cache by Query-Driven Pruning" (arXiv:2407.
 channel c scores |Q_w[:, c]| * |K[:, c]| (norms over the observation window's queries and over the
 keys), a greedy proxy for keeping ||Q K^T|| large. The kept channels are stored as packed rows plus
 their indices; attention scatters them back into a zero-filled working copy, which is exactly
-attention with the pruned channels' contribution removed. Values and decoded tokens stay whole.
+attention with the pruned channels' contribution removed. Values stay whole.
+
+Decoded tokens: with ``prune_decoded`` (the default) each decoded key attends whole at its own step, then is
+kept with the prompt's channels like the rest (a thin growing tail, :class:`ChannelPrunedTail`), so every stored
+key is thin (what :meth:`ThinK.storage_bytes` counts, and what the paged engine's fixed-width key pages hold).
+The authors' code instead keeps decoded keys whole (``think(prune_decoded=false)``, kvslim.Cache only).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..cache.buffers import GrowingSegment
 from ..cache.segments import DenseSegment, Segment, ragged_to_padded
 from ..shape import KVShape
 from .base import Method, Observation
@@ -29,15 +35,11 @@ class ChannelPrunedSegment(Segment):
     @classmethod
     def prune(cls, seg: DenseSegment, channels: Tensor) -> "ChannelPrunedSegment":
         keys, _, valid = seg.dense()
-        idx = channels.long().unsqueeze(2).expand(*keys.shape[:3], channels.shape[-1])
-        return cls(keys.gather(-1, idx)[valid], seg.values, seg.lengths, channels, keys.shape[-1])
+        return cls(keep_channels(keys, channels)[valid], seg.values, seg.lengths, channels, keys.shape[-1])
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
         pruned, valid = ragged_to_padded(self.keys, self.lengths)
-        keys = pruned.new_zeros(*pruned.shape[:3], self.head_dim)
-        idx = self.channels.long().unsqueeze(2).expand(*pruned.shape)
-        keys.scatter_(-1, idx, pruned)
-        return keys, ragged_to_padded(self.values, self.lengths)[0], valid
+        return spread_channels(pruned, self.channels, self.head_dim), ragged_to_padded(self.values, self.lengths)[0], valid
 
     def select(self, keep: Tensor) -> "ChannelPrunedSegment":
         pruned, valid = ragged_to_padded(self.keys, self.lengths)
@@ -49,6 +51,44 @@ class ChannelPrunedSegment(Segment):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.channels))
 
 
+def keep_channels(keys: Tensor, channels: Tensor) -> Tensor:
+    """(B,H,T,D) keys -> (B,H,T,D') their ``channels`` (B,H,D') of each head."""
+    return keys.gather(-1, channels.long().unsqueeze(2).expand(*keys.shape[:3], channels.shape[-1]))
+
+
+def spread_channels(pruned: Tensor, channels: Tensor, head_dim: int) -> Tensor:
+    """(B,H,T,D') kept channels -> (B,H,T,D) keys with zeros in the pruned channels."""
+    keys = pruned.new_zeros(*pruned.shape[:3], head_dim)
+    return keys.scatter_(-1, channels.long().unsqueeze(2).expand(*pruned.shape), pruned)
+
+
+class ChannelPrunedTail(Segment):
+    """Decoded keys with only ``channels`` (B,H,D') of their D channels, appended in place (a growing buffer)."""
+
+    def __init__(self, tail: GrowingSegment, channels: Tensor, head_dim: int):
+        self.tail, self.channels, self.head_dim = tail, channels, head_dim
+
+    @property
+    def lengths(self) -> Tensor:  # type: ignore[override]
+        return self.tail.lengths
+
+    def append(self, keys: Tensor, values: Tensor) -> None:
+        """Keep the kept channels of (B,H,q,D) keys, and the values whole."""
+        self.tail = self.tail.append(keep_channels(keys, self.channels), values)
+
+    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        pruned, values, valid = self.tail.dense()
+        return spread_channels(pruned, self.channels, self.head_dim), values, valid
+
+    def select(self, keep: Tensor) -> "ChannelPrunedSegment":
+        pruned, values, valid = self.tail.dense()
+        mask = keep & valid
+        return ChannelPrunedSegment(pruned[mask], values[mask], mask.sum(-1), self.channels, self.head_dim)
+
+    def nbytes(self) -> int:
+        return self.tail.nbytes()  # the channel indices are counted once, with the prompt's segment
+
+
 @register
 @dataclass
 class ThinK(Method):
@@ -56,6 +96,7 @@ class ThinK(Method):
 
     ratio: float = 0.5
     window: int = 32
+    prune_decoded: bool = True  # decoded keys kept thin too (see the module docstring)
     name = "think"
     summary = "query-driven key-channel pruning (keys stored with fewer channels)"
     paper = "Xu et al. 2024, ThinK: Thinner Key Cache by Query-Driven Pruning, arXiv:2407.21018"
@@ -69,7 +110,7 @@ class ThinK(Method):
     def channels(self, obs: Observation) -> Tensor:
         """(B, H, D') kept channel indices per KV head, sorted, as int16."""
         head_dim = obs.keys.shape[-1]
-        kept = head_dim - int(round(self.ratio * head_dim))
+        kept = self.kept_channels(head_dim)
         queries = obs.queries[:, :, -self.window :].float()
         batch, q_heads, w, _ = queries.shape
         q_norm = queries.reshape(batch, q_heads // obs.group, obs.group * w, head_dim).norm(dim=2)
@@ -85,8 +126,29 @@ class ThinK(Method):
             [ChannelPrunedSegment.prune(s, channels) if isinstance(s, DenseSegment) else s for s in obs.layer.segments]
         )
 
+    def kept_channels(self, head_dim: int) -> int:
+        """D': the key channels each head keeps."""
+        return head_dim - int(round(self.ratio * head_dim))
+
+    def on_decode(self, obs: Observation) -> None:
+        """Move the step's keys, attended whole, into the thin tail of decoded keys (the layer's open tail holds just
+        this step's tokens: every earlier step moved its own)."""
+        channels = obs.layer.state.get("think")
+        new = obs.layer.segments[-1]
+        if not self.prune_decoded or channels is None or not isinstance(new, DenseSegment):
+            return
+        keys, values, _ = new.dense()
+        keys, values = keys[:, :, : obs.q_len], values[:, :, : obs.q_len]
+        before = obs.layer.segments[:-1]
+        if before and isinstance(before[-1], ChannelPrunedTail):
+            before[-1].append(keys, values)
+        else:
+            tail = GrowingSegment.holding(keep_channels(keys, channels), values)
+            before = before + [ChannelPrunedTail(tail, channels, keys.shape[-1])]
+        obs.layer.replace(before)
+
     def storage_bytes(self, shape: KVShape, tokens: list[float]) -> int:
-        kept = shape.head_dim - int(round(self.ratio * shape.head_dim))
+        kept = self.kept_channels(shape.head_dim)
         per_token = shape.num_kv_heads * (kept + shape.head_dim) * shape.element_bytes
         index = shape.num_layers * shape.num_kv_heads * kept * 2 if self.ratio else 0
         return int(round(sum(tokens) * per_token)) + index
