@@ -72,6 +72,7 @@ from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.quest import Quest
 from ..methods.streaming import Streaming
+from ..methods.think import ThinK
 from .decode_eviction import DecodeEviction
 
 
@@ -88,11 +89,16 @@ class Compression:
         #: the repeat instruction's token ids before each probe chunk (KVzip), empty without a tokenizer
         self.repeat = list(repeat or [])
         self.states: list[dict] = []  # per layer, the last prefill's method state (see take_states)
-        parts = [p for p in _parts(policy) if not isinstance(p, Full)]
+        self.channels: list[Tensor] = []  # per layer, the last prefill's ThinK channels (see take_channels)
+        unpruned = lambda p: isinstance(p, Full) or isinstance(p, ThinK) and p.ratio == 0  # noqa: E731
+        parts = [p for p in _parts(policy) if not unpruned(p)]
         #: the storage format, kept by the KV store (see ``make_store``); the evictors before it run here
-        stores = (Quantizer, KCache, PQCache, Quest)
+        stores = (Quantizer, KCache, PQCache, Quest, ThinK)
         self.storage: Method | None = parts.pop() if parts and isinstance(parts[-1], stores) else None
         self.quantizer = self.storage if isinstance(self.storage, Quantizer) else None
+        #: ThinK: chooses each layer's key channels here after the evictors, its store keeps the keys thin
+        self.thin = self.storage if isinstance(self.storage, ThinK) else None
+        self._check_thin(policy, parts)
         self.evict: Method | None = None if not parts else parts[0] if len(parts) == 1 else Chain(parts)
         #: whether stored blocks depend only on their own and earlier tokens (prefix sharing, KV tiers)
         self.shares_prefix = self.evict is None and (self.storage is None or self.quantizer is not None)
@@ -115,13 +121,31 @@ class Compression:
                 "keys and values in the model dtype or as kivi/int/fp8 codes, so only eviction methods and a last "
                 f"quantizer run here (use kvslim.Cache for {', '.join(other)})"
             )
-        #: the newest prompt queries the evictors score with (their observation windows): all a chunked prefill
-        #: keeps of its earlier chunks' queries
-        self.observed = max((p.observed for p in parts if isinstance(p, ScoredEviction)), default=1)
+        #: the newest prompt queries the evictors (and ThinK) score with (their observation windows): all a chunked
+        #: prefill keeps of its earlier chunks' queries
+        windows = [p.observed for p in parts if isinstance(p, ScoredEviction)]
+        self.observed = max(windows + ([self.thin.window] if self.thin is not None else []), default=1)
+        #: whether the runner must hand each prefill to :meth:`__call__` (an evictor or ThinK acts on it)
+        self.acts = self.evict is not None or self.thin is not None
         #: whether a prompt may be prefilled in chunks with the same result: chunks are stored, then read back by the
         #: next chunks and by the evictor, exactly only in the model dtype (quantized or offloaded pages would give
         #: back other keys than the ones an unchunked prefill attends to and scores)
         self.chunkable = self.storage is None
+
+    def _check_thin(self, policy: Method, parts: list[Method]) -> None:
+        """ThinK runs last (after evictors, with no storage format after it) and keeps decoded keys thin: the key
+        pages have one width."""
+        if any(isinstance(p, ThinK) for p in parts):  # a ThinK that is not the last part
+            if self.storage is not None:
+                raise ValueError(f"policy {policy.spec}: the engine's key pages hold either thin model-dtype keys (think) "
+                                 f"or {self.storage.name}'s codes, not both; use think last (e.g. snapkv+think) or "
+                                 f"{self.storage.name} here, or the hybrid through kvslim.Cache")
+            raise ValueError(f"policy {policy.spec}: think prunes the channels of the keys the evictors keep, so it comes "
+                             "last here (e.g. snapkv+think), or use the hybrid through kvslim.Cache")
+        if self.thin is not None and not self.thin.prune_decoded:
+            raise ValueError(f"policy {policy.spec}: prune_decoded=false keeps decoded keys whole, which the engine's "
+                             "fixed-width key pages cannot hold; use think (decoded keys kept thin too) here, or "
+                             "kvslim.Cache")
 
     def _decoding(self, policy: Method, parts: list[Method]) -> ScoredEviction | None:
         decoding = [p for p in parts if isinstance(p, ScoredEviction) and p.decodes]
@@ -140,6 +164,11 @@ class Compression:
                 f"use {method.name} alone here, or the hybrid through kvslim.Cache"
             )
         return method
+
+    def take_channels(self) -> list[Tensor]:
+        """Each layer's ThinK channels (H, D') after the last prefill: the sequence's store row keeps them."""
+        channels, self.channels = self.channels, []
+        return channels
 
     def take_states(self, appended: int = 0) -> list[dict]:
         """Each layer's method state after the last prefill (budget, remembered queries): a sequence keeps it for
@@ -192,11 +221,12 @@ class Compression:
                  probes: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,).
 
-        ``probes``: the queries (Hq,P,D) and keys (H,P,D) of each probe of :meth:`probe_inputs` at this layer."""
-        if self.evict is None:
-            return keys, values, torch.full((keys.shape[0],), keys.shape[1], device=keys.device)
+        ``probes``: the queries (Hq,P,D) and keys (H,P,D) of each probe of :meth:`probe_inputs` at this layer.
+        With ThinK the kept keys come back thin (H,T',D'), its channels in :attr:`channels`."""
         layer = self._layer(layer_idx, keys[None], values[None])
         obs = Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", rope=self.rope)
+        if self.evict is None:
+            return self._thin(obs, keys, values, torch.full((keys.shape[0],), keys.shape[1], device=keys.device))
         self.evict.on_prefill(obs)
         if probes:
             for probe_queries, probe_keys in probes:
@@ -208,7 +238,17 @@ class Compression:
         if self.decoding is not None:
             self.states = self.states[:layer_idx] + [layer.state]
         kept_k, kept_v, valid = layer.dense(keys.dtype)
-        return kept_k[0], kept_v[0], valid[0].sum(-1)
+        obs = Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", rope=self.rope)
+        return self._thin(obs, kept_k[0], kept_v[0], valid[0].sum(-1))
+
+    def _thin(self, obs: Observation, keys: Tensor, values: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """With ThinK, choose the layer's channels from what the evictors kept (as ``ThinK.on_prefill`` does after
+        them under ``kvslim.Cache``) and keep only those of ``keys`` (H,T,D)."""
+        if self.thin is None:
+            return keys, values, lens
+        channels = self.thin.channels(obs)[0]  # (H, D')
+        self.channels = self.channels[: obs.layer_idx] + [channels]
+        return keys.gather(-1, channels.long()[:, None].expand(-1, keys.shape[1], -1)), values, lens
 
     def start_window(self, seq_len: int, appended: int = 0) -> tuple[int, int] | None:
         """(sinks, budget) of a sliding window for a prefill of ``seq_len`` compressed tokens and ``appended``

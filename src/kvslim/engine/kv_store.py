@@ -1,5 +1,6 @@
 """Where the engine keeps keys and values: model-dtype pages, or quantized pages plus a residual ring
-(the offloading stores: KCache's in :mod:`kvslim.engine.offload_kv`, PQCache's in :mod:`kvslim.engine.pq_kv`).
+(the offloading stores: KCache's in :mod:`kvslim.engine.offload_kv`, PQCache's in :mod:`kvslim.engine.pq_kv`;
+ThinK's narrow key pages in :mod:`kvslim.engine.think_kv`).
 
 :class:`DenseKV` is the plain pool: every token's key and value in the model dtype, one slot per token.
 
@@ -31,12 +32,14 @@ from ..methods.kcache import KCache
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.quest import Quest
+from ..methods.think import ThinK
 from .sequence import Sequence
 
 if TYPE_CHECKING:  # the offloading and Quest stores build on this module, so it imports them only when called
     from .offload_kv import KCacheKV
     from .pq_kv import PQCacheKV
     from .quest_kv import QuestKV
+    from .think_kv import ThinKV
 
 #: the residual rows take at most this share of ``kv_memory`` (it caps running sequences on small pools)
 MAX_RING_SHARE = 0.25
@@ -372,12 +375,13 @@ def _backend(device: torch.device, module: str, name: str, reference: Callable[.
 
 
 def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> "DenseKV | QuantKV | KCacheKV | PQCacheKV | QuestKV":
+               device: torch.device) -> "DenseKV | QuantKV | KCacheKV | PQCacheKV | QuestKV | ThinKV":
     """The store for a policy's storage format (:attr:`Compression.storage`): None keeps the model dtype."""
     from .fp8_kv import StaticFP8KV  # the other stores build on this module, so they import it
     from .offload_kv import KCacheKV
     from .pq_kv import PQCacheKV
     from .quest_kv import QuestKV
+    from .think_kv import ThinKV
 
     args = (num_layers, num_kv_heads, head_dim, dtype, device)
     if storage is None:
@@ -392,4 +396,6 @@ def make_store(storage: Method | None, num_layers: int, num_kv_heads: int, head_
         return PQCacheKV(storage, *args)  # type: ignore[return-value]
     if isinstance(storage, Quest):
         return QuestKV(storage, *args)
+    if isinstance(storage, ThinK):
+        return ThinKV(storage, *args)
     raise ValueError(f"the engine has no store for {storage.spec}")

@@ -91,11 +91,12 @@ class LLMEngine:
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
                                        _repeat_ids(tokenizer) if self.policy.probes else [])
         if isinstance(self.runner, ParallelRunner) and (self.policy.probes or self.compression.decoding is not None
-                                                        or self.compression.whole_request):
+                                                        or self.compression.whole_request
+                                                        or self.compression.thin is not None):
             self.runner.shutdown()
-            raise ValueError(f"{self.policy.spec} under tensor parallelism: KVzip's probes, decode-time compression and "
-                             "auto's budgets (weighed over all KV heads) run in one process only; use "
-                             "tensor_parallel_size=1 or another method")
+            raise ValueError(f"{self.policy.spec} under tensor parallelism: KVzip's probes, decode-time compression, "
+                             "auto's budgets (weighed over all KV heads) and ThinK's thin key pages run in one process "
+                             "only; use tensor_parallel_size=1 or another method")
         self.runner.set_format(self.compression.storage)
         if self.compression.decoding is not None:  # decode-time compression scores from each step's queries
             self.runner.keep_queries = True
@@ -322,7 +323,7 @@ class LLMEngine:
                 self.blocks.register(seq, seq.num_cached_tokens)  # what the tier wrote
             seq.num_prefilled = min(seq.num_cached_tokens, len(seq) - 1)
         start, end = seq.num_prefilled, min(seq.prefill_len, seq.num_prefilled + tokens)
-        compress = None if self.compression.evict is None else self.compression
+        compress = self.compression if self.compression.acts else None
         logits, held, seq.tail = self.runner.prefill(seq, compress, start, end)
         seq.num_prefilled = end
         if end < seq.prefill_len:
@@ -332,6 +333,8 @@ class LLMEngine:
             self.tier_link.save(seq)
         seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
+        if self.compression.thin is not None:
+            self.runner.kv.keep_channels(seq, self.compression.take_channels())  # type: ignore[union-attr]
         appended = len(seq) - seq.compressed_len
         if self.compression.decoding is not None:
             seq.method_state = self.compression.decode_eviction.start(self.compression.take_states(appended))  # type: ignore[union-attr]

@@ -29,6 +29,7 @@ from ..methods import Method
 from .fused_weights import stack_linears
 from .kv_store import QuantStep, make_store
 from .sequence import Sequence
+from .think_kv import ThinKV, ThinStep
 
 SUPPORTED_MODELS = ("llama", "qwen2", "mistral", "qwen3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -409,6 +410,8 @@ class DecodeGraphs:
     value and ring slot are the scratch block and ring row :meth:`ModelRunner.allocate` keeps for it,
     so a replay never touches a real sequence's storage.
 
+    ThinK's pages: the step's slots and each sequence's channel row are inputs; a padding row reads the scratch row.
+
     Quantized pages: packing full rings into pages (the store's ``finish``) has data-dependent shapes,
     so it runs eagerly after the replay; the step's ring writes and the attention are in the graph.
     """
@@ -419,7 +422,8 @@ class DecodeGraphs:
         rows, device = GRAPH_BATCHES[-1], runner.device
         per_head = lambda: torch.empty(rows, runner.num_layers, runner.num_kv_heads, dtype=torch.long, device=device)  # noqa: E731
         flat = lambda dtype: torch.empty(rows, dtype=dtype, device=device)  # noqa: E731
-        kv = QuantStep(flat(torch.long), per_head(), per_head(), None) if runner.kv.quantized else per_head()
+        kv = (QuantStep(flat(torch.long), per_head(), per_head(), None) if runner.kv.quantized
+              else ThinStep(per_head(), flat(torch.long)) if isinstance(runner.kv, ThinKV) else per_head())
         #: the static inputs every graph reads (the DecodeBatch fields, GRAPH_BATCHES[-1] rows)
         self.inputs = DecodeBatch(flat(torch.long), flat(torch.long), torch.empty(rows, width, dtype=torch.int32, device=device),
                                   per_head(), flat(torch.int32), flat(torch.int32), kv)
@@ -457,6 +461,8 @@ class DecodeGraphs:
                 break
 
     def _kv_fields(self, kv: Any) -> list[Tensor]:
+        if isinstance(kv, ThinStep):
+            return [kv.slots, kv.rows]
         return [kv] if isinstance(kv, Tensor) else [kv.rows, kv.ring_write, kv.ring_lens]
 
     def _pad(self, lo: int, hi: int) -> None:
@@ -468,6 +474,9 @@ class DecodeGraphs:
         x.block_tables[lo:hi, 0] = self.scratch_block
         if isinstance(x.kv, Tensor):
             x.kv[lo:hi] = self.scratch_block * self.runner.block_size
+        elif isinstance(x.kv, ThinStep):
+            x.kv.slots[lo:hi] = self.scratch_block * self.runner.block_size
+            x.kv.rows[lo:hi] = self.scratch_row
         else:
             x.kv.rows[lo:hi] = self.scratch_row
             x.kv.ring_write[lo:hi] = 0
@@ -475,7 +484,10 @@ class DecodeGraphs:
 
     def _view(self, size: int) -> DecodeBatch:
         x = self.inputs
-        kv = x.kv[:size] if isinstance(x.kv, Tensor) else QuantStep(*(t[:size] for t in self._kv_fields(x.kv)), None)
+        if isinstance(x.kv, ThinStep):
+            kv: Any = ThinStep(x.kv.slots[:size], x.kv.rows[:size])
+        else:
+            kv = x.kv[:size] if isinstance(x.kv, Tensor) else QuantStep(*(t[:size] for t in self._kv_fields(x.kv)), None)
         return DecodeBatch(x.tokens[:size], x.positions[:size], x.block_tables[:size], x.lens[:size],
                            x.starts[:size], x.sinks[:size], kv)
 

@@ -43,7 +43,9 @@ def fingerprint(model: Any, policy_spec: str, layout: str) -> bytes:
 def check_policy(compression: Any) -> None:
     """A tier holds shareable blocks only: refuse a policy that makes none (see ``Compression.shareable``)."""
     if not compression.shares_prefix:
-        why = "evicts by the whole prompt" if compression.evict is not None else "splits blocks between device and host"
+        why = ("evicts by the whole prompt" if compression.evict is not None
+               else "keeps the key channels the whole prompt chose" if compression.thin is not None
+               else "splits blocks between device and host")
         raise ValueError(f"kv_tier: policy {compression.policy.spec} {why}, so its blocks are never shared; "
                          "use the tier with full or a quantizer alone (kivi4, int8, ...)")
 
