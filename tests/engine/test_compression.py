@@ -50,7 +50,7 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
 @pytest.mark.parametrize(("spec", "reason"), [
     ("snapkv(keep=0.5,decode_budget=64)+int8", "one evictor over model-dtype pages"),
     ("h2o(keep=0.5)+int8", "use h2o alone here"),
-    ("think", "think re-stores tokens"),
+    ("lowrank(rank=8)", "lowrank re-stores tokens"),
 ])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):

@@ -87,6 +87,24 @@ def test_think_stores_fewer_key_channels(llama, prompt):
     assert cache.nbytes() == cache.policy.expected_bytes(cache.shape, prompt.shape[1]) 
 
 
+@pytest.mark.parametrize("prune_decoded", [True, False])
+def test_think_keeps_decoded_keys_thin_unless_told(llama, prompt, prune_decoded):
+    """By default each decoded key attends whole at its own step, then keeps the prompt's channels (what the paged
+    engine stores); prune_decoded=false keeps decoded keys whole, as the authors' code does."""
+    spec = f"think(ratio=0.5,prune_decoded={str(prune_decoded).lower()})"
+    cache = _prefill(llama, prompt, kvslim.policy(spec))
+    prefilled, steps = cache.nbytes(), 5
+    ids = prompt[:, -1:]
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = llama(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    key_channels = 8 if prune_decoded else 16  # of 16, per token, layer and KV head
+    assert cache.nbytes() - prefilled == steps * 2 * 2 * (key_channels + 16) * 4
+    assert all(layer.lengths.eq(prompt.shape[1] + steps).all() for layer in cache.layers)
+    if prune_decoded:  # every key thin: what the calculator counts
+        assert cache.nbytes() == cache.policy.expected_bytes(cache.shape, prompt.shape[1] + steps)
+
+
 @pytest.mark.parametrize("name", BUDGETED)
 def test_calculator_matches_what_is_held(llama, prompt, name):
     policy = _policy(name, keep=0.25)
