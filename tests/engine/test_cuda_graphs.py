@@ -28,7 +28,8 @@ def _run(llm: LLM) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("policy", ["full", "kivi2", "kivi4", "int4(group=16)", "fp8", "fp8_e4m3", "fp8_e5m2(scale=per-head)",
-                                    "snapkv(keep=0.5)", "quest(budget=64)", "streaming(budget=64,sinks=4)"])
+                                    "snapkv(keep=0.5)", "quest(budget=64)", "streaming(budget=64,sinks=4)",
+                                    "think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.25)"])
 def test_graph_decode_equals_eager(policy: str) -> None:
     model = tiny_model("llama", "gqa").cuda()
     graphed = LLM(model, policy=policy, kv_memory=0.02)

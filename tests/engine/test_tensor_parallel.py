@@ -167,7 +167,7 @@ def test_a_decode_step_carries_every_sequence_field_a_rank_reads() -> None:
             assert torch.equal(view.tail, seq.tail[:, lo:hi])
 
 
-@pytest.mark.parametrize("policy", ["kvzip(keep=0.5)", "rkv(budget=32)", "auto(keep=0.5)"])
+@pytest.mark.parametrize("policy", ["kvzip(keep=0.5)", "rkv(budget=32)", "auto(keep=0.5)", "think(ratio=0.5)"])
 def test_probing_and_decode_time_methods_are_refused(policy: str) -> None:
     with pytest.raises(ValueError, match="under tensor parallelism"):
         LLM(tiny_model(), policy=policy, kv_memory=0.01, tensor_parallel_size=2)

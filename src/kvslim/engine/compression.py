@@ -39,8 +39,12 @@ What the engine supports, and why:
   values in host pages (:mod:`kvslim.engine.offload_kv`), PQCache key codes in device pages and exact
   keys and values in host pages (:mod:`kvslim.engine.pq_kv`). The evictors run here, the storage in
   the store. Quest (``quest``, ``snapkv+quest``) keeps every token in model-dtype pages plus each block's key
-  extrema, and each step reads only the selected blocks (:mod:`kvslim.engine.quest_kv`). ThinK's pruned
-  channels are refused, and so is a sliding window over a storage format (``streaming+kivi4``).
+  extrema, and each step reads only the selected blocks (:mod:`kvslim.engine.quest_kv`). ThinK (``think``,
+  ``snapkv+think``) keeps key pages of the channels each (layer, KV head) keeps beside whole value pages
+  (:mod:`kvslim.engine.think_kv`): the channels are chosen here, after the evictors, by the method's own rule, and
+  each decode step gathers its queries and new keys to them. It comes last, with no quantizer after it (one key
+  width per page), and with ``prune_decoded`` (the default: decoded keys thin too). A sliding window over a storage
+  format (``streaming+kivi4``) is refused.
 * **chunked prefill** (``max_num_batched_tokens``, see :mod:`kvslim.engine.scheduler`): chunks are stored
   uncompressed in the sequence's pages, each attending to the earlier ones there; after the last chunk the
   evictor runs once, over the whole prompt's keys and values (the pages, read back as decode-time compression
@@ -48,13 +52,14 @@ What the engine supports, and why:
   chunks. Every scorer looks only at that many newest queries (``ScoredEviction.observed``, the contract
   decode-time compression already relies on), and KVzip's probes attend to the whole prompt at each layer
   during the last chunk, so the kept tokens are those of an unchunked prefill. StreamingLLM also evicts after
-  the last chunk: dropping as it goes would change what the later prompt tokens attend to. Quantized and
-  offloaded stores are not chunked (a chunk would attend to dequantized keys): their prompts run whole.
+  the last chunk: dropping as it goes would change what the later prompt tokens attend to. Quantized, offloaded
+  and thin-key (ThinK) stores are not chunked (a chunk would attend to dequantized or pruned keys): their prompts
+  run whole.
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
   whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
-  do not share either (their blocks are split between device and host), nor does Quest (any storage format
-  but a quantizer's keeps its blocks to one sequence).
+  do not share either (their blocks are split between device and host), nor do Quest and ThinK (any storage
+  format but a quantizer's keeps its blocks to one sequence; ThinK's channels depend on the whole prompt).
 """
 from __future__ import annotations
 
@@ -118,8 +123,8 @@ class Compression:
         if other:
             raise ValueError(
                 f"policy {policy.spec}: {', '.join(other)} re-stores tokens in its own format; the engine's pages hold "
-                "keys and values in the model dtype or as kivi/int/fp8 codes, so only eviction methods and a last "
-                f"quantizer run here (use kvslim.Cache for {', '.join(other)})"
+                "keys and values in the model dtype, as kivi/int/fp8 codes or with thin keys (think), so only eviction "
+                f"methods and a last storage format run here (use kvslim.Cache for {', '.join(other)})"
             )
         #: the newest prompt queries the evictors (and ThinK) score with (their observation windows): all a chunked
         #: prefill keeps of its earlier chunks' queries

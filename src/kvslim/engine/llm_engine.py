@@ -181,7 +181,7 @@ class LLMEngine:
         """A suffix's token ids (text without the tokenizer's special tokens: it continues a prompt); raises
         ValueError where the policy cannot keep a suffix apart from what it compresses."""
         if self.compression.storage is not None:
-            raise ValueError(f"suffix: {self.policy.spec} stores pages as {self.compression.storage.name} codes; a "
+            raise ValueError(f"suffix: {self.policy.spec} stores pages in {self.compression.storage.name}'s format; a "
                              "suffix is appended uncompressed over model-dtype pages only: use an eviction method alone "
                              "here, or kvslim.Cache.appended() for the hybrid")
         if isinstance(self.runner, ParallelRunner):
