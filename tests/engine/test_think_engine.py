@@ -22,7 +22,8 @@ def model(request):
     return tiny_model("llama", request.param, seed=0)
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", [*SPECS, "adakv(keep=0.3,window=4)+think(ratio=0.5)",  # ragged heads
+                                  "pyramidkv(keep=0.3,window=4)+think(ratio=0.25,window=4)"])  # ragged layers, D'=12
 def test_engine_matches_hf_cache_path(model, spec: str) -> None:
     llm = LLM(model, policy=spec, kv_memory=0.01, block_size=4)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
@@ -115,6 +116,7 @@ def test_chunked_prefill_runs_the_prompt_whole_and_shares_no_prefix(llama) -> No
     ("think+kivi4", "either thin model-dtype keys .think. or kivi4's codes"),
     ("think+snapkv(keep=0.5)", "comes last here"),
     ("think(prune_decoded=false)", "prune_decoded=false keeps decoded keys whole"),
+    ("kvzip(keep=0.5)+think", "before KVzip's probes read them"),
 ])
 def test_unsupported_think_hybrids_are_refused_clearly(llama, spec: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):

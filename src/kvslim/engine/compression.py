@@ -43,7 +43,8 @@ What the engine supports, and why:
   ``snapkv+think``) keeps key pages of the channels each (layer, KV head) keeps beside whole value pages
   (:mod:`kvslim.engine.think_kv`): the channels are chosen here, after the evictors, by the method's own rule, and
   each decode step gathers its queries and new keys to them. It comes last, with no quantizer after it (one key
-  width per page), and with ``prune_decoded`` (the default: decoded keys thin too). A sliding window over a storage
+  width per page), not after KVzip (whose probes read thin keys under ``kvslim.Cache``), and with
+  ``prune_decoded`` (the default: decoded keys thin too). A sliding window over a storage
   format (``streaming+kivi4``) is refused.
 * **chunked prefill** (``max_num_batched_tokens``, see :mod:`kvslim.engine.scheduler`): chunks are stored
   uncompressed in the sequence's pages, each attending to the earlier ones there; after the last chunk the
@@ -138,8 +139,8 @@ class Compression:
         self.chunkable = self.storage is None
 
     def _check_thin(self, policy: Method, parts: list[Method]) -> None:
-        """ThinK runs last (after evictors, with no storage format after it) and keeps decoded keys thin: the key
-        pages have one width."""
+        """ThinK runs last (after evictors that choose at the prefill, with no storage format after it) and keeps
+        decoded keys thin: the key pages have one width."""
         if any(isinstance(p, ThinK) for p in parts):  # a ThinK that is not the last part
             if self.storage is not None:
                 raise ValueError(f"policy {policy.spec}: the engine's key pages hold either thin model-dtype keys (think) "
@@ -147,6 +148,10 @@ class Compression:
                                  f"{self.storage.name} here, or the hybrid through kvslim.Cache")
             raise ValueError(f"policy {policy.spec}: think prunes the channels of the keys the evictors keep, so it comes "
                              "last here (e.g. snapkv+think), or use the hybrid through kvslim.Cache")
+        if self.thin is not None and policy.probes:
+            raise ValueError(f"policy {policy.spec}: under kvslim.Cache ThinK prunes the prompt's keys before KVzip's "
+                             "probes read them, which the engine's probes (run beside the prefill) cannot; use think "
+                             "after a prefill-time evictor here (e.g. snapkv+think), or the hybrid through kvslim.Cache")
         if self.thin is not None and not self.thin.prune_decoded:
             raise ValueError(f"policy {policy.spec}: prune_decoded=false keeps decoded keys whole, which the engine's "
                              "fixed-width key pages cannot hold; use think (decoded keys kept thin too) here, or "
