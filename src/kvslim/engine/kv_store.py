@@ -55,11 +55,15 @@ def heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
 
 def write_heads(pages: Tensor, slots: Tensor, rows: Tensor, lens: Tensor) -> None:
     """Write (H, T, D) ``rows`` into one layer's pages (blocks, block_size, H, D) at flat ``slots`` (T,),
-    only the first ``lens[h]`` of each head."""
+    only the first ``lens[h]`` of each head.
+
+    Every (slot, head) of the grid is written, the ones past a head's length with what its page already holds:
+    a boolean-mask index would wait for the device to count the mask (a host sync per layer of every prefill)."""
     heads, length = rows.shape[:2]
     valid = torch.arange(length, device=rows.device) < lens[:, None]
     grid, head = heads_expand(slots, heads)
-    pages.view(-1, heads, rows.shape[-1])[grid[valid], head[valid]] = rows[valid]
+    flat = pages.view(-1, heads, rows.shape[-1])
+    flat[grid, head] = torch.where(valid[..., None], rows, flat[grid, head])
 
 
 def ring_rows(budget: int, max_num_seqs: int, row_bytes: int, share: float, what: str) -> int:

@@ -220,8 +220,8 @@ class ModelRunner:
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
         probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compressing else [])]
-        held = torch.empty(self.num_layers, self.num_kv_heads, dtype=torch.long)
-        tail = torch.empty_like(held) if self.kv.ring else None
+        paged_per_layer: list[Tensor] = []  # on the device until the loop ends: one host copy, not one per layer
+        ring_per_layer: list[Tensor] = []
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(i, h, cos, sin)
@@ -240,11 +240,13 @@ class ModelRunner:
                     self._observe(seq, i, q, compress.observed)
             slots = self._slots(seq.block_table, offset, kept_k.shape[1])
             paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
-            held[i] = paged.cpu() + offset
-            if tail is not None:
-                tail[i] = ring.cpu()
+            paged_per_layer.append(paged.to(self.device, torch.long))
+            if self.kv.ring:
+                ring_per_layer.append(ring.to(self.device, torch.long))
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        held = torch.stack(paged_per_layer).cpu() + offset
+        tail = torch.stack(ring_per_layer).cpu() if self.kv.ring else None
         if whole and len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
