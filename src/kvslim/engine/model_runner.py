@@ -150,15 +150,19 @@ class ModelRunner:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
             self.kv.copy_blocks(src, dst)
 
-    def _slots(self, table: list[int], first: int, count: int) -> Tensor:
-        """Flat pool slots of a sequence's logical slots [first, first + count); -1 past its blocks (quantized
-        pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
+    def _table(self, block_table: list[int]) -> Tensor:
+        """A sequence's block table on the device, -1 after its last block: built once per prefill, since copying a
+        host list to the device waits for the device's queue (one wait per layer otherwise)."""
+        return torch.tensor(block_table + [-1], device=self.device)
+
+    def _slots(self, table: Tensor, first: int, count: int) -> Tensor:
+        """Flat pool slots of a sequence's logical slots [first, first + count) (``table`` from :meth:`_table`); -1
+        past its blocks (quantized pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
         return self._flat(table, torch.arange(first, first + count, device=self.device))
 
-    def _flat(self, table: list[int], logical: Tensor) -> Tensor:
+    def _flat(self, table: Tensor, logical: Tensor) -> Tensor:
         """Flat pool slots of logical slots (any shape); -1 past the sequence's blocks."""
-        index = (logical // self.block_size).clamp(max=len(table))
-        blocks = torch.tensor(table + [-1], device=self.device)[index]
+        blocks = table[(logical // self.block_size).clamp(max=len(table) - 1)]
         return torch.where(blocks >= 0, blocks * self.block_size + logical % self.block_size, -1)
 
     # -- model pieces -------------------------------------------------------------------------------
@@ -220,13 +224,14 @@ class ModelRunner:
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
         probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compressing else [])]
+        table = self._table(seq.block_table)
         paged_per_layer: list[Tensor] = []  # on the device until the loop ends: one host copy, not one per layer
         ring_per_layer: list[Tensor] = []
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(i, h, cos, sin)
             if start:
-                past_k, past_v = self.kv.read(i, self._slots(seq.block_table, 0, start))  # type: ignore[union-attr]
+                past_k, past_v = self.kv.read(i, self._slots(table, 0, start))  # type: ignore[union-attr]
                 k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
             out = self._attention(q, k, v, start)
@@ -238,7 +243,7 @@ class ModelRunner:
                 kept_k, kept_v, lens = k[:, offset:], v[:, offset:], fresh
                 if compress is not None:
                     self._observe(seq, i, q, compress.observed)
-            slots = self._slots(seq.block_table, offset, kept_k.shape[1])
+            slots = self._slots(table, offset, kept_k.shape[1])
             paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
             paged_per_layer.append(paged.to(self.device, torch.long))
             if self.kv.ring:
@@ -277,8 +282,9 @@ class ModelRunner:
         x = self.model.model.embed_tokens(ids)
         lens = held.to(self.device)
         width = int(held.max())
-        kept = self._slots(seq.block_table, 0, width)
-        new = self._flat(seq.block_table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
+        table = self._table(seq.block_table)
+        kept = self._slots(table, 0, width)
+        new = self._flat(table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
         own = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
