@@ -265,6 +265,21 @@ def test_engine_smoke_run_reports_throughput_and_runs_what_it_refuses_through_hf
     assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
 
 
+def test_engine_workers_answer_as_one_process_and_fall_back_alike(tmp_path: Path) -> None:
+    """Through the engine, two workers give one process's answers, the refused runs through the HF path too."""
+    def answers(out: Path) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+        return {key: (r["output"], r["score"], r["backend"], r["kv_bytes_prefill"]) for key, r in _measured(out).items()}
+
+    one = run_ruler(_engine_config(tmp_path / "one", policies=["full", "h2o", "snapkv+int8"]), progress=False,
+                    loader=_tiny)
+    two = run_ruler(_engine_config(tmp_path / "two", policies=["full", "h2o", "snapkv+int8"], workers=2),
+                    progress=False, loader=_tiny)
+    assert answers(tmp_path / "two") == answers(tmp_path / "one") and len(answers(tmp_path / "one")) == 12
+    assert sorted(map(str, two["engine_skipped"])) == sorted(map(str, one["engine_skipped"]))
+    assert [(r["label"], r["backend"], r["score"]) for r in two["leaderboard"]] == \
+        [(r["label"], r["backend"], r["score"]) for r in one["leaderboard"]]
+
+
 def test_engine_answers_as_the_hf_path_in_the_same_directory(tmp_path: Path) -> None:
     """Float32 on the CPU: the engine's answers are the Hugging Face path's, sample for sample, under both
     protocols (query-agnostic through the engine's suffix), and the report pairs them."""

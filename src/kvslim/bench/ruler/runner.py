@@ -62,7 +62,7 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        batches = worker_batches(config, runs, log, loader or load, bar, refused, failed)
+        batches = worker_batches(config, runs, planned, log, loader or load, bar, refused, failed)
     else:
         batches = unit_batches(setup, config, runs, done, bar, refused)
     try:

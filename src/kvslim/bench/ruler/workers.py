@@ -45,12 +45,19 @@ def absorb_leftovers(log: SampleLog) -> int:
     return appended
 
 
-def worker_batches(config: RulerConfig, runs: list[Run], log: SampleLog, loader: Loader, bar: tqdm,
-                   refused: list[dict[str, Any]], failed: list[str]) -> Iterator[list[dict[str, Any]]]:
-    """Run every policy run with work left in ``config.workers`` processes; yields each unit's records when it
-    ends (the caller appends them to ``log``), notes the engine's refusals in ``refused`` and each unit that
-    failed, as one line naming it and its error, in ``failed``."""
+def worker_batches(config: RulerConfig, runs: list[Run], planned: list[Key], log: SampleLog, loader: Loader,
+                   bar: tqdm, refused: list[dict[str, Any]], failed: list[str]) -> Iterator[list[dict[str, Any]]]:
+    """Run every policy run with ``planned`` keys not done yet in ``config.workers`` processes; yields each unit's
+    records when it ends (the caller appends them to ``log``), notes the engine's refusals in ``refused`` and each
+    unit that failed, as one line naming it and its error, in ``failed``."""
     done = log.finished(runs)
+    left = {key[3:5] for key in planned if not done(key)}
+    # Keep-major order: the units running at once are different policies, so a slow one (the Hugging Face path's
+    # H2O at every keep, say) does not fill every worker at the same time.
+    runs = sorted((run for run in runs if (run.policy, run.keep) in left),
+                  key=lambda run: -1.0 if run.keep is None else -run.keep)
+    if not runs:
+        return
     shards = log.path.parent / SHARDS
     shards.mkdir(exist_ok=True)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
