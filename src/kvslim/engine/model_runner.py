@@ -151,15 +151,19 @@ class ModelRunner:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
             self.kv.copy_blocks(src, dst)
 
-    def _slots(self, table: list[int], first: int, count: int) -> Tensor:
-        """Flat pool slots of a sequence's logical slots [first, first + count); -1 past its blocks (quantized
-        pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
+    def _table(self, block_table: list[int]) -> Tensor:
+        """A sequence's block table on the device, -1 after its last block: built once per prefill, since copying a
+        host list to the device waits for the device's queue (one wait per layer otherwise)."""
+        return self._upload(block_table + [-1])
+
+    def _slots(self, table: Tensor, first: int, count: int) -> Tensor:
+        """Flat pool slots of a sequence's logical slots [first, first + count) (``table`` from :meth:`_table`); -1
+        past its blocks (quantized pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
         return self._flat(table, torch.arange(first, first + count, device=self.device))
 
-    def _flat(self, table: list[int], logical: Tensor) -> Tensor:
+    def _flat(self, table: Tensor, logical: Tensor) -> Tensor:
         """Flat pool slots of logical slots (any shape); -1 past the sequence's blocks."""
-        index = (logical // self.block_size).clamp(max=len(table))
-        blocks = self._upload(table + [-1])[index]
+        blocks = table[(logical // self.block_size).clamp(max=len(table) - 1)]
         return torch.where(blocks >= 0, blocks * self.block_size + logical % self.block_size, -1)
 
     def _upload(self, values: list[int]) -> Tensor:
@@ -227,13 +231,14 @@ class ModelRunner:
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
         probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compressing else [])]
-        held = torch.empty(self.num_layers, self.num_kv_heads, dtype=torch.long)
-        tail = torch.empty_like(held) if self.kv.ring else None
+        table = self._table(seq.block_table)
+        paged_per_layer: list[Tensor] = []  # on the device until the loop ends: one host copy, not one per layer
+        ring_per_layer: list[Tensor] = []
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(i, h, cos, sin)
             if start:
-                past_k, past_v = self.kv.read(i, self._slots(seq.block_table, 0, start))  # type: ignore[union-attr]
+                past_k, past_v = self.kv.read(i, self._slots(table, 0, start))  # type: ignore[union-attr]
                 k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
             out = self._attention(q, k, v, start)
@@ -245,13 +250,15 @@ class ModelRunner:
                 kept_k, kept_v, lens = k[:, offset:], v[:, offset:], fresh
                 if compress is not None:
                     self._observe(seq, i, q, compress.observed)
-            slots = self._slots(seq.block_table, offset, kept_k.shape[1])
+            slots = self._slots(table, offset, kept_k.shape[1])
             paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
-            held[i] = paged.cpu() + offset
-            if tail is not None:
-                tail[i] = ring.cpu()
+            paged_per_layer.append(paged.to(self.device, torch.long))
+            if self.kv.ring:
+                ring_per_layer.append(ring.to(self.device, torch.long))
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        held = torch.stack(paged_per_layer).cpu() + offset
+        tail = torch.stack(ring_per_layer).cpu() if self.kv.ring else None
         if whole and len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
@@ -282,8 +289,9 @@ class ModelRunner:
         x = self.model.model.embed_tokens(ids)
         lens = held.to(self.device)
         width = int(held.max())
-        kept = self._slots(seq.block_table, 0, width)
-        new = self._flat(seq.block_table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
+        table = self._table(seq.block_table)
+        kept = self._slots(table, 0, width)
+        new = self._flat(table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
         own = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)

@@ -10,7 +10,7 @@ fresh engine, so no prefix cached by an earlier batch (another protocol feeds fu
 Under query-agnostic the question is the request's *suffix*: the context is prefilled and compressed, then
 the question is prefilled uncompressed after what was kept (:meth:`LLMEngine.add_request`), as
 ``kvslim.Cache.appended`` does on the Hugging Face path. A policy the engine refuses (a storage format under
-a suffix, ThinK's thin keys and quantizers included...) is skipped with its one-line reason.
+a suffix, ThinK's thin keys and quantizers included...) runs through the Hugging Face path, with its one-line reason.
 """
 from __future__ import annotations
 
