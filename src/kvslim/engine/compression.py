@@ -78,7 +78,7 @@ from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.quest import Quest
 from ..methods.streaming import Streaming
-from ..methods.think import ThinK
+from ..methods.think import ThinK, keep_channels
 from .decode_eviction import DecodeEviction
 
 
@@ -258,7 +258,7 @@ class Compression:
             return keys, values, lens
         channels = self.thin.channels(obs)[0]  # (H, D')
         self.channels = self.channels[: obs.layer_idx] + [channels]
-        return keys.gather(-1, channels.long()[:, None].expand(-1, keys.shape[1], -1)), values, lens
+        return keep_channels(keys[None], channels[None])[0], values, lens
 
     def start_window(self, seq_len: int, appended: int = 0) -> tuple[int, int] | None:
         """(sinks, budget) of a sliding window for a prefill of ``seq_len`` compressed tokens and ``appended``

@@ -334,7 +334,7 @@ class LLMEngine:
         seq.set_held(held)
         self.blocks.trim(seq, seq.kv_slots)
         if self.compression.thin is not None:
-            self.runner.kv.keep_channels(seq, self.compression.take_channels())  # type: ignore[union-attr]
+            self.runner.kv.set_channels(seq, self.compression.take_channels())  # type: ignore[union-attr]
         appended = len(seq) - seq.compressed_len
         if self.compression.decoding is not None:
             seq.method_state = self.compression.decode_eviction.start(self.compression.take_states(appended))  # type: ignore[union-attr]

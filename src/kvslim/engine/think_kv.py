@@ -68,7 +68,7 @@ class ThinKV(DenseKV):
         """A fork continues with its parent's channels."""
         self.channels[:, dst] = self.channels[:, src]
 
-    def keep_channels(self, seq: Sequence, channels: list[Tensor]) -> None:
+    def set_channels(self, seq: Sequence, channels: list[Tensor]) -> None:
         """Record a prefilled sequence's channels, (H, D') per layer, in its row."""
         self.channels[:, seq.ring_row] = torch.stack(channels).to(self.device, torch.int16)
 
