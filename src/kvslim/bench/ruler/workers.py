@@ -52,10 +52,11 @@ def worker_batches(config: RulerConfig, runs: list[Run], planned: list[Key], log
     unit that failed, as one line naming it and its error, in ``failed``."""
     done = log.finished(runs)
     left = {key[3:5] for key in planned if not done(key)}
-    # Keep-major order: the units running at once are different policies, so a slow one (the Hugging Face path's
-    # H2O at every keep, say) does not fill every worker at the same time.
+    # Keep-major order, in the order --keep gives them (the keep that matters most first, so a run cut short by a
+    # time limit has it whole): the units running at once are different policies, so a slow one does not fill
+    # every worker at the same time. Runs without a keep (full, per-request budgets) go first.
     runs = sorted((run for run in runs if (run.policy, run.keep) in left),
-                  key=lambda run: -1.0 if run.keep is None else -run.keep)
+                  key=lambda run: -1 if run.keep is None else config.keeps.index(run.keep))
     if not runs:
         return
     shards = log.path.parent / SHARDS
