@@ -191,7 +191,9 @@ class StaticSegment(DenseSegment):
             self._bound = int(self.lengths.max())  # a host sync, only near the end of the buffer
             if self._bound + q_len > self.capacity:
                 raise _too_long(self._bound + q_len, self.capacity)
-        where = (self.lengths.unsqueeze(-1) + torch.arange(q_len, device=keys.device)).unsqueeze(-1)  # (B,H,q,1)
+        where = self.lengths[:, :, None, None]  # (B,H,q,1): a decoding step's one column needs no offsets
+        if q_len > 1:
+            where = where + torch.arange(q_len, device=keys.device)[:, None]
         self.key_buffer.scatter_(2, where.expand(batch, heads, q_len, keys.shape[-1]), keys)
         self.value_buffer.scatter_(2, where.expand(batch, heads, q_len, values.shape[-1]), values)
         self.lengths.add_(q_len)

@@ -30,6 +30,7 @@ from . import attention as routing
 from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
 from .buffers import GrowingSegment, StaticSegment
+from .quantized import QuantizedSegment
 from .segments import DenseSegment, Segment, merge_partials, partial_attention
 from .window import SlotTracker
 
@@ -453,11 +454,10 @@ def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float
     Triton kernel over the codes (:func:`kvslim.kernels.quant_decode.quant_decode_partial`), merged exactly with
     the tail's attention. Its launch plan is built once per packed segment (they change once per packed block).
     """
-    from .quantized import QuantizedSegment
-
     segments = layer.segments
-    triton_runs = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs it on the CPU
-    if query.shape[2] != 1 or not triton_runs or softcap is not None or not isinstance(segments[0], QuantizedSegment):
+    if not isinstance(segments[0], QuantizedSegment) or query.shape[2] != 1 or softcap is not None:
+        return None  # checked first: the common case (a full-precision layer) leaves at once
+    if not (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # the interpreter runs it on the CPU
         return None
     if len(segments) > 2 or (len(segments) == 2 and not isinstance(segments[1], (GrowingSegment, StaticSegment))):
         return None

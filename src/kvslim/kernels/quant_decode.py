@@ -202,7 +202,7 @@ def plan_decode(segment: QuantizedSegment, q_heads: int, splits: int | None = No
             runs = segment.keys.token_runs().to(torch.int32)
     heads = lengths.numel()
     block_h = max(16, triton.next_power_of_2(q_heads // kv_heads))
-    longest = int(lengths.max()) if heads else 0
+    longest = segment.longest if heads else 0  # read once per segment (see QuantizedSegment.longest)
     tiles = max(1, triton.cdiv(longest, block_t))
     if splits is None:
         programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
