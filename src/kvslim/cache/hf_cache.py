@@ -31,7 +31,7 @@ from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
 from .buffers import GrowingSegment, StaticSegment
 from .quantized import QuantizedSegment
-from .segments import DenseSegment, Segment, merge_partials, partial_attention
+from .segments import DenseSegment, Segment, merge_partials
 from .window import SlotTracker
 
 if TYPE_CHECKING:
@@ -451,8 +451,9 @@ def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float
     Why: attending through ``dense()`` dequantizes the layer's whole packed history on every step, more work and
     memory traffic than a full cache's attention, so KIVI decoded slower than the full cache. On a GPU, a layer
     holding one packed segment of integer codes (KIVI, int4/int8) and a full-precision tail is answered by the
-    Triton kernel over the codes (:func:`kvslim.kernels.quant_decode.quant_decode_partial`), merged exactly with
-    the tail's attention. Its launch plan is built once per packed segment (they change once per packed block).
+    Triton kernel over the codes, the tail's softmax joined to its splits in one normalization
+    (:func:`kvslim.kernels.quant_decode.quant_decode_with_tail`: half the small ops of merging two partials). Its
+    launch plan is built once per packed segment (they change once per packed block).
     """
     segments = layer.segments
     if not isinstance(segments[0], QuantizedSegment) or query.shape[2] != 1 or softcap is not None:
@@ -475,15 +476,15 @@ def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float
         packed.decode_plan = plan  # type: ignore[attr-defined]
     if plan is False:
         return None
-    from ..kernels.quant_decode import quant_decode_partial
+    from ..kernels.quant_decode import quant_decode_partial, quant_decode_with_tail
 
-    out, lse = quant_decode_partial(query[:, :, 0], packed, scaling, plan)
-    parts = [(out[:, :, None], lse[:, :, None])]
-    if len(segments) == 2:
+    if len(segments) == 1:  # everything packed (residual 0): the query's own token too
+        out, _ = quant_decode_partial(query[:, :, 0], packed, scaling, plan)
+    else:
         keys, values, valid = segments[1].dense()
-        parts.append(partial_attention(query, keys, values, valid[:, :, None, :], scaling))
-    merged, _ = merge_partials(parts)
-    return merged.to(query.dtype).transpose(1, 2).contiguous()
+        whole = isinstance(segments[1], GrowingSegment)  # every column held: no mask
+        out = quant_decode_with_tail(query[:, :, 0], packed, scaling, plan, keys, values, None if whole else valid)
+    return out.to(query.dtype)[:, None]  # (B, 1, Hq, Dv)
 
 
 def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Tensor | None,
