@@ -7,9 +7,8 @@ For each context length, one random prompt is prefilled and then ``--steps`` tok
   ``torch.compile(mode="reduce-overhead")`` on the decode forward (CUDA graphs);
 * ``kvslim:<policy>``: :class:`kvslim.Cache` with full, snapkv(keep=0.25), kivi4 and kivi2 (growing buffers);
 * ``kvslim:<policy> static``: the same in static mode (``max_length``: fixed shapes), eager; for full and
-  snapkv also compiled, one graph per step, without CUDA graphs (``static+compile``, ``mode="default"``): the
-  cache's host-side counts (tokens seen, held) are symbolic ints the compiled step takes as inputs, and CUDA
-  graph trees would record a new graph for every new value of those;
+  snapkv also compiled with ``mode="reduce-overhead"`` (``static+compile``: CUDA graphs, as for ``StaticCache``; a
+  compiled step counts on the device, so its graph has no symbolic inputs and is recorded once);
 * ``engine:full``: kvslim's own engine (:class:`kvslim.engine.LLM`, paged cache, CUDA graphs) on the same model.
 
 Compiled rows run on a GPU only (skipped by ``--smoke`` and ``--no-compile``); each compiles afresh (~1 min for an
@@ -172,11 +171,11 @@ def engine_decode(model: Any, prompt: torch.Tensor, steps: int, warmup: int, dev
     return time_steps(llm.step, steps, warmup, device)
 
 
-def compiled(model: Any, mode: str = "reduce-overhead") -> Callable[..., Any]:
+def compiled(model: Any) -> Callable[..., Any]:
     """A fresh ``torch.compile`` of the forward (``reduce-overhead``: CUDA graphs), forgetting earlier caches'
     compilations, so each cache gets its own graphs and never falls back to eager on dynamo's recompile limit."""
     torch._dynamo.reset()
-    return torch.compile(model.forward, mode=mode)
+    return torch.compile(model.forward, mode="reduce-overhead")
 
 
 def measure(model: Any, context: int, args: argparse.Namespace, device: str, rows: dict[str, float | str],
@@ -228,7 +227,7 @@ def measure(model: Any, context: int, args: argparse.Namespace, device: str, row
     if compile_too:
         for policy in COMPILED:
             record(f"kvslim:{policy} static+compile", hf(kvslim_cache(policy, held.get(policy, room)),
-                                                          lambda: compiled(model, "default")))
+                                                          lambda: compiled(model)))
     if not args.cpu_overhead:  # the engine's step is measured on the GPU (its CPU path is not what it serves)
         record("engine:full", lambda: engine_decode(model, prompt, args.steps, args.warmup, device))
 

@@ -151,8 +151,10 @@ class Cache(HFCache):
     ``max_length=N`` is static mode (see :mod:`.buffers`): from the first decoding step, each layer writes new
     tokens into buffers of N tokens per head allocated once, and a step attends over the whole buffer under a mask,
     so its shapes and operations are the same at every step and it makes no host sync: ``torch.compile`` traces a
-    step as one graph. (CUDA graphs are not yet usable: the layers' host counts, such as tokens seen, are
-    symbolic inputs of that graph, and CUDA graph trees record a graph per value.) N bounds what decoding holds
+    step as one graph, and a compiled step counts on the device only (see :meth:`LayerKV.counts_on_device`), so the
+    graph has no symbolic inputs and ``mode="reduce-overhead"`` (CUDA graphs) records it once, as for transformers'
+    ``StaticCache``. A compiled step does not check for overflow: size N for the whole generation. N bounds what
+    decoding holds
     (the kept prompt plus the new tokens), not the prompt, which
     is read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N
     held tokens is a ValueError.
@@ -240,8 +242,13 @@ class Cache(HFCache):
         routing.set_pending(self, layer_idx)
         return key_states, value_states
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].seen
+    def get_seq_length(self, layer_idx: int = 0) -> int | Tensor:
+        """Tokens seen; inside a compiled static-mode step a device tensor (as transformers' ``StaticCache`` returns),
+        so the step reads no host count that changes (see :meth:`LayerKV.counts_on_device`)."""
+        layer = self.layers[layer_idx]
+        if layer.decode_steps is not None and torch.compiler.is_compiling():
+            return layer.decode_steps + layer._seen
+        return layer.seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:  # type: ignore[override]
         return self.layers[layer_idx].get_mask_sizes(query_length)
@@ -265,7 +272,7 @@ class Cache(HFCache):
                              "(s_aux, gpt-oss)")
         if self._probe is not None:
             return self._attend_probe(layer, query, attention_mask, scaling, impl), None
-        first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
+        first = layer.fresh  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
             out = base(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
@@ -299,7 +306,7 @@ class Cache(HFCache):
             if q_len > 1:
                 layer.state["real"] = layer.state["real"] + q_len
                 layer.state["prompt"] = layer.state["prompt"] + q_len
-            else:  # counted on the host: a decoding step makes no tensor the next step reads (CUDA graphs)
+            elif not layer.counts_on_device(q_len):  # else counted in LayerKV.decode_steps (see counts_on_device)
                 layer.state["decoded"] = layer.state.get("decoded", 0) + 1
         phase = "prefill" if q_len > 1 or first else "decode"
         rope = self._rope_on(query.device)
@@ -415,6 +422,7 @@ class Cache(HFCache):
 
     def tokens_seen(self) -> list[int]:
         """Real (unpadded) tokens each sequence has passed through the cache."""
+        self.layers[0].sync_counts()
         state = self.layers[0].state
         real = state.get("real")
         return [] if real is None else [int(n) + state.get("decoded", 0) for n in real]
