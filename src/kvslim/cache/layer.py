@@ -35,23 +35,25 @@ class LayerKV:
         self.fresh = False
         #: static mode: decoding steps that ``torch.compile`` traced, counted on the device (see :meth:`append`)
         self.decode_steps: Tensor | None = None
+        self._steps_pending = False  # set by compiled steps: the host counts lag ``decode_steps``
 
     @property
     def seen(self) -> int:
         """Tokens that went through this layer (incl. padding): positions stay true. Compiled decoding steps count
         on the device; reading this folds their count in (one sync, see :meth:`sync_counts`)."""
-        self.sync_counts()
+        if self._steps_pending:
+            self.sync_counts()
         return self._seen
 
     def sync_counts(self) -> None:
         """Fold the decoding steps compiled steps counted on the device into the host counts: tokens ``seen`` and the
         ``decoded`` steps of the layer's state."""
-        if self.decode_steps is not None and not torch.compiler.is_compiling():
-            steps = int(self.decode_steps)
-            if steps:
-                self.decode_steps.zero_()
-                self._seen += steps
-                self.state["decoded"] = self.state.get("decoded", 0) + steps
+        if self._steps_pending and not torch.compiler.is_compiling():
+            steps = int(self.decode_steps)  # type: ignore[arg-type]
+            self.decode_steps.zero_()  # type: ignore[union-attr]
+            self._seen += steps
+            self.state["decoded"] = self.state.get("decoded", 0) + steps
+            self._steps_pending = False
 
     def counts_on_device(self, q_len: int) -> bool:
         """Whether this step is a static-mode decoding step traced by ``torch.compile``: it leaves every host count
@@ -102,6 +104,7 @@ class LayerKV:
         self.segments[-1] = tail.append(keys, values)  # type: ignore[union-attr]
         if self.counts_on_device(keys.shape[2]):
             self.decode_steps.add_(1)  # type: ignore[union-attr]
+            self._steps_pending = True
         else:
             self._seen = self.seen + keys.shape[2]
 
