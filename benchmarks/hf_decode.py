@@ -29,7 +29,8 @@ within ~6 minutes on an H200:
 float32 Llama of hidden size 256 on the CPU (run with ``OMP_NUM_THREADS=1``) makes the math small, so ms per token is
 mostly Python and op dispatch. Every run records, for one decoding step of each eager HF-path row, the aten ops
 dispatched, the host syncs among them and the Python function calls made (``ops_per_step`` in the JSON: what a
-launch-bound GPU step pays for), and on a GPU the step's costliest kernels:
+launch-bound GPU step pays for), and on a GPU the step's costliest kernels; ``attention_us`` times one layer's decode
+attention alone for each SDPA call the HF path can make (see :func:`attention_calls`):
 
     OMP_NUM_THREADS=1 python benchmarks/hf_decode.py --cpu-overhead --out benchmarks/results/hf_decode_cpu_overhead.json
 """
@@ -174,6 +175,26 @@ def engine_decode(model: Any, prompt: torch.Tensor, steps: int, warmup: int, dev
     return time_steps(llm.step, steps, warmup, device)
 
 
+def attention_calls(config: Any, context: int, device: str, dtype: torch.dtype) -> dict[str, float]:
+    """Microseconds (median, synchronized) of one layer's decode attention over ``context`` cached tokens, for the SDPA
+    calls the HF path can make: transformers' ``enable_gqa`` (DynamicCache), each KV head with its query group as
+    rows (``grouped_rows``), and the same under a per-head mask (``grouped_rows_masked``, static mode and ragged
+    heads). Keys are views of a larger buffer, as a growing tail hands them out; which call is fastest decides
+    :func:`kvslim.cache.attention.masked_attention`'s choice per device."""
+    heads, q_heads = config.num_key_value_heads, config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+    room = context + context // 8 + 64
+    keys, values = (torch.randn(1, heads, room, dim, device=device, dtype=dtype)[:, :, :context] for _ in range(2))
+    query = torch.randn(1, q_heads, 1, dim, device=device, dtype=dtype)
+    rows = query.reshape(1, heads, q_heads // heads, dim)
+    mask = torch.ones(1, heads, 1, context, dtype=torch.bool, device=device)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {"enable_gqa": lambda: sdpa(query, keys, values, enable_gqa=True),
+             "grouped_rows": lambda: sdpa(rows, keys, values),
+             "grouped_rows_masked": lambda: sdpa(rows, keys, values, attn_mask=mask)}
+    return {name: round(1e3 * time_steps(call, 50, 5, device), 1) for name, call in calls.items()}
+
+
 def compiled(model: Any) -> Callable[..., Any]:
     """A fresh ``torch.compile`` of the forward (``reduce-overhead``: CUDA graphs), forgetting earlier caches'
     compilations, so each cache gets its own graphs and never falls back to eager on dynamo's recompile limit."""
@@ -266,10 +287,13 @@ def main() -> None:
         "dtype": str(dtype), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "commit": commit, "batch": 1, "steps": args.steps, "warmup": args.warmup,
         "unit": "ms per decoded token (median step)" + (", process CPU time" if args.cpu_overhead else ""), "results": {}, "ops_per_step": {},
+        "attention_us": {},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for context in args.contexts:
         rows = report["results"][str(context)] = {}
+        report["attention_us"][str(context)] = attention_calls(config, context, device, dtype)
+        print(f"  context {context:6d}  one layer's decode attention (us): {report['attention_us'][str(context)]}")
         ops = report["ops_per_step"][str(context)] = {}
         measure(model, context, args, device, rows, lambda: args.out.write_text(json.dumps(report, indent=1)), ops)
     names = list(next(iter(report["results"].values())))

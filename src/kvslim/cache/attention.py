@@ -110,14 +110,16 @@ def masked_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tenso
 
     Returns (B, q, Hq, D) like Hugging Face's attention functions. Softcapped logits take the eager path
     (SDPA cannot cap them). A decoding step's single query (SDPA) never repeats keys to the query heads (a copy of
-    the whole layer per step): without a mask it is the very call transformers makes for its own caches (SDPA's
-    ``enable_gqa``, so the same kernel serves both); with a per-KV-head mask each KV head is answered with its query
-    group as the rows (transformers' ``pack_gqa``).
+    the whole layer per step): each KV head is answered with its query group as the rows (transformers'
+    ``pack_gqa``), except without a mask on a GPU, where it is the very call transformers makes for its own caches
+    (SDPA's ``enable_gqa``), so the kernel that serves DynamicCache serves the full cache too (on an H200 the grouped
+    rows decoded 58% slower than DynamicCache at 8k with nearly the same op count; on a CPU they are ~2.6x faster
+    than ``enable_gqa``, benchmarks/hf_decode.py records both per run).
     """
     batch, q_heads, q_len, dim = query.shape
     heads = keys.shape[1]
     group = q_heads // heads
-    if q_len == 1 and impl != "eager" and softcap is None and allowed is None:
+    if q_len == 1 and impl != "eager" and softcap is None and allowed is None and query.is_cuda:
         out = F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=group > 1)
         return out.transpose(1, 2)  # (B, 1, Hq, D): contiguous, the query axis has one entry
     if q_len == 1 and impl != "eager" and softcap is None:  # query head h*G+g reads KV head h
