@@ -153,11 +153,10 @@ class Cache(HFCache):
     so its shapes and operations are the same at every step and it makes no host sync: ``torch.compile`` traces a
     step as one graph, and a compiled step counts on the device only (see :meth:`LayerKV.counts_on_device`), so the
     graph has no symbolic inputs and ``mode="reduce-overhead"`` (CUDA graphs) records it once, as for transformers'
-    ``StaticCache``. A compiled step does not check for overflow: size N for the whole generation. N bounds what
-    decoding holds
-    (the kept prompt plus the new tokens), not the prompt, which
-    is read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N
-    held tokens is a ValueError.
+    ``StaticCache``. N bounds what decoding holds (the kept prompt plus the new tokens), not the prompt, which is
+    read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N held
+    tokens is a ValueError in eager steps; a compiled step does not check (as ``StaticCache``): size N for the whole
+    generation.
     """
 
     def __init__(self, policy: Any, config: Any, max_length: int | None = None):
