@@ -162,6 +162,32 @@ def test_concat_appends_per_head_in_time_order(name: str) -> None:
     assert torch.equal(v[valid], torch.cat([p[1] for p in parts], 2)[expect_valid])
 
 
+def uniform_segment(name: str, seed: int, tokens: int) -> QuantizedSegment:
+    """Every (sequence, head) holding ``tokens`` packed tokens, marked so (as a quantizer packs a decoding tail)."""
+    keys, values = data(seed)
+    keep = torch.zeros(B, H, T, dtype=torch.bool)
+    keep[..., :tokens] = True
+    seg = QuantizedSegment.from_padded(keys, values, keep, *FORMATS[name])
+    seg.per_row = tokens
+    return seg
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_concat_of_uniform_segments_interleaves_as_the_sort_does(name: str) -> None:
+    """Segments whose rows all hold one count merge by a reshape: the very codes, scales and row order of the sorted
+    merge, and the merged segment knows its count (no host sync for ``longest``)."""
+    older, newer = uniform_segment(name, 0, 32), uniform_segment(name, 1, 16)
+    merged = older.concat(newer)
+    older.per_row = None  # the general path: merge_order's stable sort
+    sorted_merge = older.concat(newer)
+    assert merged.per_row == 48 and merged.longest == 48 and sorted_merge.per_row is None
+    for got, want in ((merged.keys, sorted_merge.keys), (merged.values, sorted_merge.values)):
+        for field in ("codes", "scale", "zero", "sizes"):
+            a, b = getattr(got, field, None), getattr(want, field, None)
+            assert (a is None and b is None) or torch.equal(a, b), field
+    assert torch.equal(merged.dense()[0], sorted_merge.dense()[0])
+
+
 def test_concat_after_eviction_keeps_kivi_runs_apart() -> None:
     older = segment("kivi2")
     keep = torch.rand(B, H, older.longest, generator=torch.Generator().manual_seed(7)) < 0.5

@@ -17,8 +17,9 @@ import torch
 pytest.importorskip("triton")
 
 from kvslim.cache.quantized import ChannelGroups, Float8, QuantizedSegment, TokenGroups  # noqa: E402
-from kvslim.cache.segments import partial_attention  # noqa: E402
-from kvslim.kernels.quant_decode import plan_decode, quant_decode, quant_decode_partial  # noqa: E402
+from kvslim.cache.segments import merge_partials, partial_attention  # noqa: E402
+from kvslim.kernels.quant_decode import (plan_decode, quant_decode, quant_decode_partial,  # noqa: E402
+                                         quant_decode_with_tail)
 from kvslim.kernels.quant_decode_ref import quant_decode_ref  # noqa: E402
 
 IN_PROCESS = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -119,6 +120,30 @@ def test_partial_matches_attention_over_the_dense_copy(splits: int) -> None:
     assert not real.all() and torch.equal(torch.isfinite(lse), real)
     torch.testing.assert_close(lse[real], ref_lse[:, :, 0][real], atol=2e-2, rtol=1e-3)
     assert (out[~real] == 0).all()
+
+
+@in_process
+@pytest.mark.parametrize("masked", [False, True])
+def test_with_tail_matches_merging_the_two_partials(masked: bool) -> None:
+    """One normalization over the kernel's splits and a full-precision tail is the attention over both: the merge of
+    the packed partial (an empty head included) with the tail's partial; ``masked``: a static tail's unheld columns
+    are ignored, whatever they hold."""
+    seg = build(True, 4, torch.bfloat16)
+    seg = seg.select(torch.arange(seg.longest, device=DEVICE) < torch.tensor([[6, 0], [4, 1]], device=DEVICE)
+                     .mul(32).unsqueeze(-1))
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(B, HKV * GROUP, D, generator=gen).to(DEVICE, torch.bfloat16)
+    tail_keys, tail_values = (torch.randn(B, HKV, 9, D, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    valid = torch.arange(9, device=DEVICE) < torch.tensor([[9, 3], [5, 1]], device=DEVICE).unsqueeze(-1)
+    if masked:
+        tail_keys = tail_keys.masked_fill(~valid[..., None], 50.0)  # stale rows that would dominate if read
+    held = valid if masked else torch.ones_like(valid)
+    plan = plan_decode(seg, HKV * GROUP, splits=3)
+    out = quant_decode_with_tail(query, seg, D**-0.5, plan, tail_keys, tail_values, valid if masked else None)
+    packed = quant_decode_partial(query, seg, D**-0.5, plan)
+    tail = partial_attention(query[:, :, None], tail_keys, tail_values, held[:, :, None], D**-0.5)
+    expected, _ = merge_partials([(packed[0][:, :, None], packed[1][:, :, None]), tail])
+    torch.testing.assert_close(out, expected[:, :, 0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the kernel tests above run in this process")

@@ -125,11 +125,17 @@ class StaticSegment(DenseSegment):
     ``lengths`` lives on the device and is updated in place, so a captured step keeps reading the same tensor.
     ``nbytes`` counts the whole buffers: static mode holds them from the start. ``filled`` is every row's count
     while they are all equal (known on the host without a sync), None once rows differ.
+
+    A step traced by ``torch.compile`` counts on the device only: a host count that changed every step would be a
+    symbolic input of the compiled graph, and CUDA graphs record a new graph for every value of one. The host
+    counts are read back from ``lengths`` (one sync) the next time an eager caller needs them. A compiled step does
+    not check for overflow (as transformers' ``StaticCache``): size ``max_length`` for the whole generation.
     """
 
     def __init__(self, key_buffer: Tensor, value_buffer: Tensor, lengths: Tensor, filled: int | None, bound: int):
-        self.key_buffer, self.value_buffer, self.lengths, self.filled = key_buffer, value_buffer, lengths, filled
+        self.key_buffer, self.value_buffer, self.lengths, self._filled = key_buffer, value_buffer, lengths, filled
         self._bound = bound  # no row holds more: overflow is checked on the host without reading ``lengths``
+        self._counts_stale = False  # compiled steps appended since the host counts were last right
         self._slots = torch.arange(key_buffer.shape[2], device=key_buffer.device)
         if not torch.compiler.is_compiling():  # written in place by captured steps: CUDA graphs keep their address
             for tensor in (key_buffer, value_buffer, lengths, self._slots):
@@ -168,6 +174,19 @@ class StaticSegment(DenseSegment):
         return self.value_buffer[self.valid_mask()]
 
     @property
+    def filled(self) -> int | None:
+        self._refresh_counts()
+        return self._filled
+
+    def _refresh_counts(self) -> None:
+        """After compiled steps (see the class): the host counts from ``lengths``, a sync; rows stay as uniform as
+        they were (every row gained the same tokens)."""
+        if self._counts_stale:
+            self._bound = int(self.lengths.max())
+            self._filled = None if self._filled is None else self._bound
+            self._counts_stale = False
+
+    @property
     def uniform(self) -> bool:
         return self.filled is not None
 
@@ -187,16 +206,24 @@ class StaticSegment(DenseSegment):
         """Write q new tokens (B,H,q,D) after each row's held ones: a scatter at device-side positions, so every
         decoding step runs the same operations on the same tensors."""
         batch, heads, q_len = keys.shape[:3]
-        if self._bound + q_len > self.capacity:
-            self._bound = int(self.lengths.max())  # a host sync, only near the end of the buffer
+        compiled = torch.compiler.is_compiling()
+        if not compiled:
+            self._refresh_counts()
             if self._bound + q_len > self.capacity:
-                raise _too_long(self._bound + q_len, self.capacity)
-        where = (self.lengths.unsqueeze(-1) + torch.arange(q_len, device=keys.device)).unsqueeze(-1)  # (B,H,q,1)
+                self._bound = int(self.lengths.max())  # a host sync, only near the end of the buffer
+                if self._bound + q_len > self.capacity:
+                    raise _too_long(self._bound + q_len, self.capacity)
+        where = self.lengths[:, :, None, None]  # (B,H,q,1): a decoding step's one column needs no offsets
+        if q_len > 1:
+            where = where + torch.arange(q_len, device=keys.device)[:, None]
         self.key_buffer.scatter_(2, where.expand(batch, heads, q_len, keys.shape[-1]), keys)
         self.value_buffer.scatter_(2, where.expand(batch, heads, q_len, values.shape[-1]), values)
         self.lengths.add_(q_len)
-        self._bound += q_len
-        self.filled = None if self.filled is None else self.filled + q_len
+        if compiled:
+            self._counts_stale = True
+        else:
+            self._bound += q_len
+            self._filled = None if self._filled is None else self._filled + q_len
         return self
 
     def nbytes(self) -> int:

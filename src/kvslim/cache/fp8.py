@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .quantized import merge_order
+from .quantized import interleave_rows, merge_order
 
 #: vLLM's names for the formats -> (torch dtype, largest finite value)
 FP8_FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -86,6 +86,9 @@ class ScaledFloat8:
     def concat(self, newer: "ScaledFloat8", heads: Tensor, newer_heads: Tensor) -> "ScaledFloat8":
         order = merge_order(heads, newer_heads)
         return ScaledFloat8(torch.cat([self.codes, newer.codes])[order], self.scale, self.heads, self.fmt)
+
+    def interleave(self, newer: "ScaledFloat8", rows: int) -> "ScaledFloat8":
+        return ScaledFloat8(interleave_rows(self.codes, newer.codes, rows), self.scale, self.heads, self.fmt)
 
     def nbytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()

@@ -30,7 +30,8 @@ from . import attention as routing
 from .architecture import SUPPORTED, layer_windows
 from .layer import LayerKV
 from .buffers import GrowingSegment, StaticSegment
-from .segments import DenseSegment, Segment, merge_partials, partial_attention
+from .quantized import QuantizedSegment
+from .segments import DenseSegment, Segment, merge_partials
 from .window import SlotTracker
 
 if TYPE_CHECKING:
@@ -150,11 +151,12 @@ class Cache(HFCache):
     ``max_length=N`` is static mode (see :mod:`.buffers`): from the first decoding step, each layer writes new
     tokens into buffers of N tokens per head allocated once, and a step attends over the whole buffer under a mask,
     so its shapes and operations are the same at every step and it makes no host sync: ``torch.compile`` traces a
-    step as one graph. (CUDA graphs are not yet usable: the layers' host counts, such as tokens seen, are
-    symbolic inputs of that graph, and CUDA graph trees record a graph per value.) N bounds what decoding holds
-    (the kept prompt plus the new tokens), not the prompt, which
-    is read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N
-    held tokens is a ValueError.
+    step as one graph, and a compiled step counts on the device only (see :meth:`LayerKV.counts_on_device`), so the
+    graph has no symbolic inputs and ``mode="reduce-overhead"`` (CUDA graphs) records it once, as for transformers'
+    ``StaticCache``. N bounds what decoding holds (the kept prompt plus the new tokens), not the prompt, which is
+    read and compressed first. The greedy tokens are those of the default (growing) mode. Decoding past N held
+    tokens is a ValueError in eager steps; a compiled step does not check (as ``StaticCache``): size N for the whole
+    generation.
     """
 
     def __init__(self, policy: Any, config: Any, max_length: int | None = None):
@@ -239,8 +241,13 @@ class Cache(HFCache):
         routing.set_pending(self, layer_idx)
         return key_states, value_states
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].seen
+    def get_seq_length(self, layer_idx: int = 0) -> int | Tensor:
+        """Tokens seen; inside a compiled static-mode step a device tensor (as transformers' ``StaticCache`` returns),
+        so the step reads no host count that changes (see :meth:`LayerKV.counts_on_device`)."""
+        layer = self.layers[layer_idx]
+        if layer.decode_steps is not None and torch.compiler.is_compiling():
+            return layer.decode_steps + layer._seen
+        return layer.seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:  # type: ignore[override]
         return self.layers[layer_idx].get_mask_sizes(query_length)
@@ -264,7 +271,7 @@ class Cache(HFCache):
                              "(s_aux, gpt-oss)")
         if self._probe is not None:
             return self._attend_probe(layer, query, attention_mask, scaling, impl), None
-        first = layer.seen == q_len  # this forward brought the layer's first tokens: a plain prompt pass
+        first = layer.fresh  # this forward brought the layer's first tokens: a plain prompt pass
         if first:
             keys, values, _ = layer.dense(query.dtype)
             out = base(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
@@ -298,7 +305,7 @@ class Cache(HFCache):
             if q_len > 1:
                 layer.state["real"] = layer.state["real"] + q_len
                 layer.state["prompt"] = layer.state["prompt"] + q_len
-            else:  # counted on the host: a decoding step makes no tensor the next step reads (CUDA graphs)
+            elif not layer.counts_on_device(q_len):  # else counted in LayerKV.decode_steps (see counts_on_device)
                 layer.state["decoded"] = layer.state.get("decoded", 0) + 1
         phase = "prefill" if q_len > 1 or first else "decode"
         rope = self._rope_on(query.device)
@@ -414,6 +421,7 @@ class Cache(HFCache):
 
     def tokens_seen(self) -> list[int]:
         """Real (unpadded) tokens each sequence has passed through the cache."""
+        self.layers[0].sync_counts()
         state = self.layers[0].state
         real = state.get("real")
         return [] if real is None else [int(n) + state.get("decoded", 0) for n in real]
@@ -450,14 +458,14 @@ def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float
     Why: attending through ``dense()`` dequantizes the layer's whole packed history on every step, more work and
     memory traffic than a full cache's attention, so KIVI decoded slower than the full cache. On a GPU, a layer
     holding one packed segment of integer codes (KIVI, int4/int8) and a full-precision tail is answered by the
-    Triton kernel over the codes (:func:`kvslim.kernels.quant_decode.quant_decode_partial`), merged exactly with
-    the tail's attention. Its launch plan is built once per packed segment (they change once per packed block).
+    Triton kernel over the codes, the tail's softmax joined to its splits in one normalization
+    (:func:`kvslim.kernels.quant_decode.quant_decode_with_tail`: half the small ops of merging two partials). Its
+    launch plan is built once per packed segment (they change once per packed block).
     """
-    from .quantized import QuantizedSegment
-
     segments = layer.segments
-    triton_runs = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs it on the CPU
-    if query.shape[2] != 1 or not triton_runs or softcap is not None or not isinstance(segments[0], QuantizedSegment):
+    if not isinstance(segments[0], QuantizedSegment) or query.shape[2] != 1 or softcap is not None:
+        return None  # checked first: the common case (a full-precision layer) leaves at once
+    if not (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # the interpreter runs it on the CPU
         return None
     if len(segments) > 2 or (len(segments) == 2 and not isinstance(segments[1], (GrowingSegment, StaticSegment))):
         return None
@@ -475,15 +483,15 @@ def _packed_decode(layer: LayerKV, query: Tensor, scaling: float, softcap: float
         packed.decode_plan = plan  # type: ignore[attr-defined]
     if plan is False:
         return None
-    from ..kernels.quant_decode import quant_decode_partial
+    from ..kernels.quant_decode import quant_decode_partial, quant_decode_with_tail
 
-    out, lse = quant_decode_partial(query[:, :, 0], packed, scaling, plan)
-    parts = [(out[:, :, None], lse[:, :, None])]
-    if len(segments) == 2:
+    if len(segments) == 1:  # everything packed (residual 0): the query's own token too
+        out, _ = quant_decode_partial(query[:, :, 0], packed, scaling, plan)
+    else:
         keys, values, valid = segments[1].dense()
-        parts.append(partial_attention(query, keys, values, valid[:, :, None, :], scaling))
-    merged, _ = merge_partials(parts)
-    return merged.to(query.dtype).transpose(1, 2).contiguous()
+        whole = isinstance(segments[1], GrowingSegment)  # every column held: no mask
+        out = quant_decode_with_tail(query[:, :, 0], packed, scaling, plan, keys, values, None if whole else valid)
+    return out.to(query.dtype)[:, None]  # (B, 1, Hq, Dv)
 
 
 def _attend_by_segment(layer: LayerKV, query: Tensor, scaling: float, window: Tensor | None,

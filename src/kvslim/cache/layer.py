@@ -28,9 +28,38 @@ class LayerKV:
         #: static mode (see :mod:`.buffers`): the tail's fixed room in tokens per head; None: it grows as needed
         self.capacity = capacity
         self.segments: list[Segment] = []
-        self.seen = 0  # tokens that went through this layer (incl. padding): positions stay true
+        self._seen = 0  # see :attr:`seen`
         self.state: dict[str, Any] = {}  # per-layer method state (budgets, accumulated scores)
         self._tail_open = False  # whether new tokens may be appended to the last segment
+        #: whether the last append brought the layer's first tokens (its first forward: a plain prompt pass)
+        self.fresh = False
+        #: static mode: decoding steps that ``torch.compile`` traced, counted on the device (see :meth:`append`)
+        self.decode_steps: Tensor | None = None
+        self._steps_pending = False  # set by compiled steps: the host counts lag ``decode_steps``
+
+    @property
+    def seen(self) -> int:
+        """Tokens that went through this layer (incl. padding): positions stay true. Compiled decoding steps count
+        on the device; reading this folds their count in (one sync, see :meth:`sync_counts`)."""
+        if self._steps_pending:
+            self.sync_counts()
+        return self._seen
+
+    def sync_counts(self) -> None:
+        """Fold the decoding steps compiled steps counted on the device into the host counts: tokens ``seen`` and the
+        ``decoded`` steps of the layer's state."""
+        if self._steps_pending and not torch.compiler.is_compiling():
+            steps = int(self.decode_steps)  # type: ignore[arg-type]
+            self.decode_steps.zero_()  # type: ignore[union-attr]
+            self._seen += steps
+            self.state["decoded"] = self.state.get("decoded", 0) + steps
+            self._steps_pending = False
+
+    def counts_on_device(self, q_len: int) -> bool:
+        """Whether this step is a static-mode decoding step traced by ``torch.compile``: it leaves every host count
+        as it is (one that changed every step would be a symbolic input of the graph, and CUDA graphs would record a
+        graph per value) and counts in :attr:`decode_steps`."""
+        return q_len == 1 and self.decode_steps is not None and torch.compiler.is_compiling()
 
     # -- contents ---------------------------------------------------------------------------------
     @property
@@ -62,6 +91,7 @@ class LayerKV:
         or at the latest at the next decoding step, so ``capacity`` bounds what decoding holds (a quarter of a long
         prompt for ``keep=0.25``), not the prompt.
         """
+        self.fresh = not self.segments
         if not self._tail_open:
             none = keys[:, :, :0], values[:, :, :0]
             self.segments.append(GrowingSegment.holding(*none, grown_capacity(keys.shape[2])))
@@ -72,7 +102,11 @@ class LayerKV:
         elif not isinstance(tail, (GrowingSegment, StaticSegment)):  # kept rows of an eviction: one copy
             tail = GrowingSegment.holding(*tail.dense()[:2])
         self.segments[-1] = tail.append(keys, values)  # type: ignore[union-attr]
-        self.seen += keys.shape[2]
+        if self.counts_on_device(keys.shape[2]):
+            self.decode_steps.add_(1)  # type: ignore[union-attr]
+            self._steps_pending = True
+        else:
+            self._seen = self.seen + keys.shape[2]
 
     def settle(self) -> None:
         """Static mode: move the open tail into its fixed buffers now (called after a prefill), so the first decoding
@@ -80,6 +114,9 @@ class LayerKV:
         tail = self.segments[-1] if self._tail_open else None
         if self.capacity is not None and isinstance(tail, DenseSegment) and not isinstance(tail, StaticSegment):
             self.segments[-1] = StaticSegment.buffering(tail, self.capacity)
+        if self.capacity is not None and self.decode_steps is None and self.segments:
+            self.decode_steps = torch.zeros((), dtype=torch.long, device=self.segments[-1].lengths.device)
+            torch._dynamo.mark_static_address(self.decode_steps)  # written in place by captured steps
 
     def dense(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (B,H,T,D), values (B,H,T,Dv) and valid mask (B,H,T) of the whole layer, padded.

@@ -85,6 +85,13 @@ def merge_order(older: Tensor, newer: Tensor) -> Tensor:
     return torch.cat([older, newer]).argsort(stable=True)
 
 
+def interleave_rows(older: Tensor, newer: Tensor, rows: int) -> Tensor:
+    """The rows of ``older`` then ``newer`` for each of ``rows`` (sequence, head)s when each holds an equal number of
+    rows in each: what :func:`merge_order` gives such rows, by a reshape instead of a sort."""
+    rest = older.shape[1:]
+    return torch.cat([older.view(rows, -1, *rest), newer.view(rows, -1, *rest)], 1).view(-1, *rest)
+
+
 def _nbytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -105,6 +112,11 @@ class Codec(Protocol):
 
     def concat(self, newer: "Codec", heads: Tensor, newer_heads: Tensor) -> "Codec":
         """Rows of both, each (sequence, head)'s own rows first; ``heads`` give each row's flat head index."""
+        ...
+
+    def interleave(self, newer: "Codec", rows: int) -> "Codec | None":
+        """:meth:`concat` when each of ``rows`` (sequence, head)s holds an equal number of rows in each codec (no
+        sort, no host sync); None where the format cannot tell (then :meth:`concat` serves)."""
         ...
 
     def nbytes(self) -> int:
@@ -141,6 +153,12 @@ class TokenGroups:
         parts = [torch.cat([a, b])[order] for a, b in ((self.codes, newer.codes), (self.scale, newer.scale),
                                                           (self.zero, newer.zero))]
         return TokenGroups(*parts, self.bits, self.group)
+
+    def interleave(self, newer: "TokenGroups", rows: int) -> "TokenGroups":
+        return TokenGroups(*(interleave_rows(a, b, rows) for a, b in ((self.codes, newer.codes),
+                                                                       (self.scale, newer.scale),
+                                                                       (self.zero, newer.zero))),
+                           self.bits, self.group)
 
     def nbytes(self) -> int:
         return _nbytes(self.codes, self.scale, self.zero)
@@ -209,6 +227,15 @@ class ChannelGroups:
             torch.cat([sizes, newer_sizes])[runs],
         )
 
+    def interleave(self, newer: "ChannelGroups", rows: int) -> "ChannelGroups | None":
+        """Whole runs only: each (sequence, head)'s runs are then its rows over ``group``, in order."""
+        if self.sizes is not None or newer.sizes is not None:
+            return None
+        return ChannelGroups(*(interleave_rows(a, b, rows) for a, b in ((self.codes, newer.codes),
+                                                                         (self.scale, newer.scale),
+                                                                         (self.zero, newer.zero))),
+                             None, self.bits, self.group)
+
     def nbytes(self) -> int:
         return _nbytes(self.codes, self.scale, self.zero, self.sizes)
 
@@ -238,6 +265,9 @@ class Float8:
         order = merge_order(heads, newer_heads)
         return Float8(torch.cat([self.codes, newer.codes])[order], torch.cat([self.scale, newer.scale])[order])
 
+    def interleave(self, newer: "Float8", rows: int) -> "Float8":
+        return Float8(interleave_rows(self.codes, newer.codes, rows), interleave_rows(self.scale, newer.scale, rows))
+
     def nbytes(self) -> int:
         return _nbytes(self.codes, self.scale)
 
@@ -247,6 +277,10 @@ Encoder = Callable[[Tensor], Codec]
 
 class QuantizedSegment(Segment):
     """Tokens whose keys and values are stored packed; ``dtype`` is the compute dtype ``dense()`` returns."""
+
+    #: tokens every (sequence, head) holds when a quantizer packed the same count in each (a decoding tail's oldest
+    #: columns, known on the host), else None. Then :meth:`concat` interleaves rows without a sort or a host sync.
+    per_row: int | None = None
 
     def __init__(self, keys: Codec, values: Codec, lengths: Tensor, dtype: torch.dtype):
         self.keys, self.values, self.lengths, self.dtype = keys, values, lengths, dtype
@@ -271,7 +305,7 @@ class QuantizedSegment(Segment):
     def longest(self) -> int:
         """Read once (a host sync): a packed segment's lengths never change, and decoding reads it every step."""
         if getattr(self, "_longest", None) is None:
-            self._longest = super().longest
+            self._longest = super().longest if self.per_row is None else self.per_row
         return self._longest
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -291,6 +325,13 @@ class QuantizedSegment(Segment):
         """One segment holding this one's tokens, then ``newer``'s, for every (sequence, head)."""
         if newer.format != self.format:
             raise ValueError(f"cannot concatenate quantized segments of formats {self.format} and {newer.format}")
+        if self.per_row is not None and newer.per_row is not None:
+            rows = self.lengths.numel()
+            keys, values = self.keys.interleave(newer.keys, rows), self.values.interleave(newer.values, rows)
+            if keys is not None and values is not None:
+                merged = QuantizedSegment(keys, values, self.lengths + newer.lengths, self.dtype)
+                merged.per_row = self.per_row + newer.per_row
+                return merged
         heads, newer_heads = self.row_heads(), newer.row_heads()
         return QuantizedSegment(self.keys.concat(newer.keys, heads, newer_heads),
                                 self.values.concat(newer.values, heads, newer_heads),

@@ -202,7 +202,7 @@ def plan_decode(segment: QuantizedSegment, q_heads: int, splits: int | None = No
             runs = segment.keys.token_runs().to(torch.int32)
     heads = lengths.numel()
     block_h = max(16, triton.next_power_of_2(q_heads // kv_heads))
-    longest = int(lengths.max()) if heads else 0
+    longest = segment.longest if heads else 0  # read once per segment (see QuantizedSegment.longest)
     tiles = max(1, triton.cdiv(longest, block_t))
     if splits is None:
         programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -274,3 +274,34 @@ def quant_decode_partial(query: Tensor, segment: QuantizedSegment, scaling: floa
     out = (weight.unsqueeze(-1) * acc).sum(2) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
     lse = (top.squeeze(2) + torch.log2(total)) * math.log(2.0)
     return out.reshape(batch, q_heads, dim), lse.reshape(batch, q_heads)
+
+
+def quant_decode_with_tail(query: Tensor, segment: QuantizedSegment, scaling: float, plan: DecodePlan | None,
+                           tail_keys: Tensor, tail_values: Tensor, tail_valid: Tensor | None = None) -> Tensor:
+    """Attention (B, Hq, Dv) in float32 of one query (B, Hq, D) per sequence over the packed ``segment`` and then a
+    full-precision tail, (B, H, t, D) keys and values (``tail_valid`` (B, H, t) marks held columns; None: all).
+
+    Why: a quantized HF cache decodes over its packed history plus the newest tokens. Merging two normalized partials
+    (:func:`quant_decode_partial`, :func:`kvslim.cache.segments.partial_attention`, ``merge_partials``) costs ~40
+    small ops per layer and step, which at batch 1 (launch-bound) made KIVI slower than the full cache. The tail's
+    softmax state here is one more split in the kernel's own units (running max in log2 units, denominator, output),
+    so one normalization serves the splits and the tail: about half the ops, the same attention. Every query row
+    must see a tail column (a decoding step's own token), so the shared maximum is finite.
+    """
+    plan = _launch_splits(query, segment, scaling, plan, 4)
+    batch, q_heads, dim = query.shape
+    kv_heads = segment.lengths.shape[1]
+    group = q_heads // kv_heads
+    m, l, acc = (t.view(batch, kv_heads, plan.splits, plan.block_h, -1)[:, :, :, :group] for t in plan.partials)
+    rows = query.reshape(batch, kv_heads, group, dim).float()  # query head h*G+g reads KV head h
+    logits = rows @ tail_keys.float().transpose(-1, -2) * (scaling * math.log2(math.e))  # (B, H, G, t), log2 units
+    if tail_valid is not None:
+        logits = logits.masked_fill(~tail_valid[:, :, None, :], float("-inf"))
+    tail_max = logits.amax(-1, keepdim=True)
+    probs = torch.exp2(logits - tail_max)
+    m = torch.cat([m.squeeze(-1), tail_max.transpose(-1, -2)], 2)  # (B, H, splits + 1, G)
+    l = torch.cat([l.squeeze(-1), probs.sum(-1).unsqueeze(2)], 2)
+    acc = torch.cat([acc, (probs @ tail_values.float()).unsqueeze(2)], 2)  # (B, H, splits + 1, G, Dv)
+    weight = torch.exp2(m - m.amax(2, keepdim=True))
+    out = (weight.unsqueeze(-1) * acc).sum(2) / (weight * l).sum(2).unsqueeze(-1)
+    return out.reshape(batch, q_heads, -1)

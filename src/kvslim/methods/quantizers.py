@@ -63,6 +63,9 @@ def _relayout_state(layer: LayerKV, segments: list[Segment]) -> None:
     layout (H2O's accumulated attention). Moving tokens between segments keeps their time order but can
     move padding when heads hold different counts, so each value follows its token.
     """
+    if not any(isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 3
+               for value in layer.state.values()):
+        return  # no per-token state (a quantizer alone): nothing to move, no layout to compare (a host sync)
     old, new = _layout_valid(layer.segments), _layout_valid(segments)
     if old.shape == new.shape and bool((old == new).all()):
         return
@@ -158,6 +161,7 @@ class Quantizer(Method):
         keys, values = tail.key_buffer[:, :, :filled], tail.value_buffer[:, :, :filled]
         moving = torch.ones(keys.shape[:2] + (move,), dtype=torch.bool, device=keys.device)
         packed = self.packed_segment(layer, keys[:, :, :move], values[:, :, :move], moving)
+        packed.per_row = move  # every row packed ``move`` tokens: merging with the packed head needs no sort
         if head and isinstance(head[-1], QuantizedSegment) and head[-1].format == packed.format:
             packed = head.pop().concat(packed)
         rest_k, rest_v = keys[:, :, move:], values[:, :, move:]
