@@ -36,7 +36,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 GRAPH_BATCHES = (1, 2, 4, 8, *range(16, 513, 16))
 
 #: (layer, queries (Hq,T,D), keys (H,T,D), values (H,T,D), probes) -> kept keys, values (H,T',D) and lengths (H,);
-#: ``probes`` holds each probe's queries (Hq,P,D) and keys (H,P,D) at that layer (see ``Compression.probe_inputs``)
+#: ``probes`` holds each probe's queries (Hq,P,D) and keys (H,P,D) at that layer (see ``Compression.probe_inputs``);
+#: None while a budget across layers holds the layers (``Compression.across_layers``, then ``held_layers``)
 CompressHook = Any
 
 
@@ -232,22 +233,33 @@ class ModelRunner:
             out = self._attention(q, k, v, start)
             if compressing:
                 queries = q if not start else torch.cat([seq.prefill_queries[i], q], 1)  # type: ignore[index]
-                kept_k, kept_v, lens = compress(i, queries, k, v, [self._probe_layer(i, p, k, v) for p in probes])
+                kept = compress(i, queries, k, v, [self._probe_layer(i, p, k, v) for p in probes])
             else:
                 fresh = torch.full((self.num_kv_heads,), end - offset, device=self.device)
-                kept_k, kept_v, lens = k[:, offset:], v[:, offset:], fresh
+                kept = k[:, offset:], v[:, offset:], fresh
                 if compress is not None:
                     self._observe(seq, i, q, compress.observed)
-            slots = self._slots(seq.block_table, offset, kept_k.shape[1])
-            paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
-            held[i] = paged.cpu() + offset
-            if tail is not None:
-                tail[i] = ring.cpu()
+            if kept is not None:  # None: held until every layer is scored (a budget across layers, KVzip)
+                self._store_prefill(seq, i, offset, kept, held, tail)
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        if compressing and compress.across_layers and probes:  # type: ignore[union-attr]
+            for i, kept in enumerate(compress.held_layers(self.dtype)):  # type: ignore[union-attr]
+                self._store_prefill(seq, i, offset, kept, held, tail)
         if whole and len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
+
+    def _store_prefill(self, seq: Sequence, i: int, offset: int, kept: tuple[Tensor, Tensor, Tensor], held: Tensor,
+                       tail: Tensor | None) -> None:
+        """Write layer ``i``'s kept keys, values (H,T',D) and lengths (H,) from slot ``offset``; record the slots
+        each head holds in ``held`` (and its ring's in ``tail``)."""
+        kept_k, kept_v, lens = kept
+        slots = self._slots(seq.block_table, offset, kept_k.shape[1])
+        paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
+        held[i] = paged.cpu() + offset
+        if tail is not None:
+            tail[i] = ring.cpu()
 
     @staticmethod
     def _observe(seq: Sequence, layer: int, queries: Tensor, window: int) -> None:
