@@ -70,7 +70,9 @@ class RepeatPrompt:
 def repeat_prompt(tokenizer: Any) -> RepeatPrompt:
     """The instructions in ``tokenizer``'s tokens, and the chat template's assistant opening that follows them (as
     kvpress reads it off the template: a dummy user turn split at a marker); ``"\\n"`` without a chat template."""
-    encode = lambda text: tuple(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+
     suffix = "\n"
     if getattr(tokenizer, "chat_template", None):
         marker = "\n" + "#" * 13
