@@ -11,12 +11,29 @@ preempting (and recomputing) when the pool runs out. Per mode it reports output 
 cache's in the same run, the most sequences decoded at once, preemptions, time to first token and inter-token
 latency (p50, p99), and the KV bytes a request held at its peak against what a full cache needs for it.
 
-On the GPU it builds a **random-weight** Llama-3.1-8B in bfloat16 (speed and memory, not quality). Every mode
-decodes until its longest request ends (8k steps at most), and the full cache's queue takes about three times
-that, so the modes are best run a few per call, each call adding to the same report:
+On the GPU it builds a **random-weight** Llama-3.1-8B in bfloat16 (speed and memory, not quality). The defaults are
+issue 14's mix (12 requests of 1-4k x 2-8k tokens in 1.5 GiB, budgets of 1024 tokens): every mode decodes until its
+longest request ends (8k steps at most) and the full cache alone takes 6-8 minutes on an H200, so that mix is run a
+few modes per call (``--append`` adds to one report). **The mix scaled to one call** (every mode, and length-aware
+admission for the full cache and R-KV, in about 3.5-4 minutes on an H200 with the model build and the kernels'
+compilation; run it under a 600 s limit: the JSON is rewritten after each mode) divides lengths and budgets by ~4:
 
-    python benchmarks/decode_heavy.py --modes full --out benchmarks/results/decode_heavy_h200.json
-    python benchmarks/decode_heavy.py --modes kivi2 'streaming(budget=1024,sinks=4)' --length-aware --append --out ...
+    KVSLIM_COMMIT=SHA python benchmarks/decode_heavy.py --requests 16 \
+      --min-prompt 256 --max-prompt 768 --min-output 640 --max-output 1152 --kv-memory 0.5 --max-num-seqs 64 \
+      --modes full kivi4 kivi2 fp8_e4m3 'snapkv(keep=0.25)' 'rkv(budget=256,interval=32)' \
+      'snapkv(keep=0.25,decode_budget=256,interval=32)' 'streaming(budget=256,sinks=4)' \
+      --length-aware full 'rkv(budget=256,interval=32)' --out benchmarks/results/engine_speed_h200/decode_heavy.json
+
+How it was sized: at these batches and contexts an 8B step is weight-bound (~6 ms; ~7 ms at 16 sequences), so
+output tokens/s follow the sequences decoded at once. 0.5 GiB hold 4k full-cache tokens (128 KiB each) and every
+request peaks at 0.9-1.9k, so the full cache decodes ~3 at a time; a 256-token budget (plus up to ``interval``
+between evictions) holds ~13 in the same memory. A CPU replay of the scheduler with the same token capacities
+(tiny-llama, 768-1280 outputs) took 4.7k decode steps at a mean batch of 3.2 for the full cache (21 preemptions),
+7.4k at 2.0 with length-aware admission (none), and 1.6k at 9.3 for R-KV and streaming: ~2.9x fewer steps, so the 3x
+question is answerable here (the budgets' steps are somewhat longer; the longest request's tail caps the ratio).
+Expected on the H200: full ~25 s, full length-aware ~40 s, each budget ~10 s, kivi4/kivi2 ~17 s (their full-precision
+rings, 25% of the memory, cap them at 8 sequences), fp8_e4m3 and snapkv(keep=0.25) (the prompt only) ~13 s.
+SHA: ``git rev-parse HEAD`` of the checkout the code came from, not of the device's copy (``provenance.py``).
 
 ``--smoke`` runs a few short requests through ``tiny-llama`` on the CPU (the test suite runs it).
 """
@@ -27,7 +44,6 @@ import json
 import platform
 import random
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +57,24 @@ from engine_throughput import (
     warm_up,
     workload,
 )
+from provenance import code_commit
 
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.latency import LatencyStats
 from kvslim.models import load_model
 
-MODES = ["full", "kivi4", "kivi2", "fp8", "snapkv(keep=0.25)", "rkv(budget=1024,interval=64)",
+MODES = ["full", "kivi4", "kivi2", "fp8_e4m3", "snapkv(keep=0.25)", "rkv(budget=1024,interval=64)",
          "snapkv(keep=0.25,decode_budget=1024,interval=64)", "streaming(budget=1024,sinks=4)"]
-#: modes also run with length-aware admission (those that preempt without it)
-LENGTH_AWARE = ["full", "kivi4"]
+#: modes also run with length-aware admission: the full cache, which preempts without it, and the decode-time budget
+#: expected to be fastest, whose growth admission caps at its budget (issue 17: with and without, same run)
+LENGTH_AWARE = ["full", "rkv(budget=1024,interval=64)"]
 #: ``--smoke``: tiny-llama on the CPU, budgets scaled to its short requests
 SMOKE = {"model": "tiny-llama", "kv_memory": 0.001, "block_size": 32, "max_num_seqs": 16, "requests": 8,
          "min_prompt": 24, "max_prompt": 64, "min_output": 200, "max_output": 400,
-         "modes": ["full", "kivi4(residual=32)", "fp8", "rkv(budget=64,interval=8)", "streaming(budget=64,sinks=4)"],
-         "length_aware": ["full"]}
+         "modes": ["full", "kivi4(residual=32)", "kivi2(residual=32)", "fp8_e4m3", "snapkv(keep=0.25)",
+                   "rkv(budget=64,interval=8)", "snapkv(keep=0.25,decode_budget=64,interval=8)",
+                   "streaming(budget=64,sinks=4)"],
+         "length_aware": ["full", "rkv(budget=64,interval=8)"]}
 
 
 def output_lengths(n: int, low: int, high: int, seed: int) -> list[int]:
@@ -124,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"modes also run with length-aware admission (default: {' '.join(LENGTH_AWARE)}; "
                              "a mode not in --modes is skipped)")
     parser.add_argument("--append", action="store_true", help="add the results to an existing --out of the same workload")
-    parser.add_argument("--commit", default=None, help="git commit of the code (default: git rev-parse HEAD)")
+    parser.add_argument("--commit", default=None, help="git commit of the code (default: env KVSLIM_COMMIT, else git rev-parse HEAD)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_heavy.json"))
     if parser.parse_args(argv).smoke:
         parser.set_defaults(**SMOKE)
@@ -145,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outputs = output_lengths(args.requests, args.min_output, args.max_output, seed=0)
     requests = [(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, outputs)]
     weights = decode_weight_bytes(model)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           check=False).stdout.strip()
+    commit = code_commit(args.commit)
     report = {
         "benchmark": "decode_heavy",
         "model": f"{args.model} architecture, RANDOM weights, {'bfloat16' if cuda else 'float32'}",

@@ -23,7 +23,6 @@ import gc
 import pstats
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.sequence import Sequence, Status
 from kvslim.models import load_model
 from engine_throughput import decode_weight_bytes, kv_bytes_read  # noqa: E402  (beside this script)
+from provenance import code_commit  # noqa: E402  (beside this script)
 from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 ATTENTION = ("paged", "combine")
@@ -192,7 +192,7 @@ def main() -> None:
     model, _ = load_model(args.model, dtype=torch.bfloat16, device="cuda")
     bandwidth = copy_bandwidth()
     weights = decode_weight_bytes(model)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_commit(args.commit)
     report: dict[str, Any] = {"benchmark": "decode_profile", "model": f"{args.model} architecture, RANDOM weights, bf16",
                               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
                               "copy_bandwidth_bytes_per_s": bandwidth, "results": []}

@@ -13,11 +13,28 @@ requests one at a time, for its per-request throughput.
 Latency: every run reports time to first token (TTFT, from submission, queueing included) and
 inter-token latency (ITL) p50/p99 as the engine records them. ``--chunked-prefill`` runs prompts in
 chunks beside the decode steps (``--max-num-batched-tokens`` per step), so ITL p99 no longer includes
-whole 8k-32k prefills; a run with and one without it, appended to the same file, compare the two.
+whole 8k-32k prefills; runs with and without it in one call (below) compare the two.
 
     python benchmarks/engine_throughput.py --out benchmarks/results/engine_throughput_h100_saturated.json
     python benchmarks/engine_throughput.py --policies kivi4 kivi2 --append --out ...   # a second call adds results
-    python benchmarks/engine_throughput.py --policies full snapkv --chunked-prefill --append --out ...
+
+``--chunked-prefill POLICY...`` runs those policies a second time with chunks (the flag alone: every policy), so one
+call holds both. Issue 14's prompt-heavy table in **one H200 call of about 3 minutes** (model build and kernel
+compilation included; 600 s limit, the JSON rewritten after each run): 16 requests of 4-16k prompt tokens x 256
+output tokens in 4 GiB (32k full-cache tokens: the full cache holds ~3 prompts at once), every policy, the three
+whose prompts chunk (pages in the model dtype) also chunked:
+
+    KVSLIM_COMMIT=SHA python benchmarks/engine_throughput.py --requests 16 \
+      --min-prompt 4096 --max-prompt 16384 --output-tokens 256 --kv-memory 4 --max-num-seqs 16 --hf-requests 0 \
+      --policies full kivi4 kivi2 fp8_e4m3 'snapkv(keep=0.25)' 'rkv(keep=0.25,interval=64)' \
+      --chunked-prefill full 'snapkv(keep=0.25)' 'rkv(keep=0.25,interval=64)' \
+      --out benchmarks/results/engine_speed_h200/prompt_heavy.json
+
+Sizing: 164k prompt tokens a run, ~6-8 s of prefill at ~26k tokens/s (chunked somewhat slower); the full cache then
+decodes 16 x 256 tokens ~3 at a time (~1.4k steps of ~7.5 ms, ~10 s), the compressed policies 3-4x as many at once
+(2-4 s): ~17 s for full, 9-12 s for each other run, nine runs. ``--smoke`` runs tiny-llama on the CPU (the tests).
+SHA: ``git rev-parse HEAD`` of the checkout the code came from (see ``provenance.py``: the device copy's git is
+stale, so ``$(git rev-parse HEAD)`` there records the wrong commit).
 """
 from __future__ import annotations
 
@@ -25,7 +42,6 @@ import argparse
 import json
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -38,9 +54,18 @@ from transformers import DynamicCache
 from kvslim.engine import LLMEngine, RequestOutput, SamplingParams
 from kvslim.hf_compat import cache_arg
 from kvslim.models import load_model
+from provenance import code_commit  # noqa: E402  (beside this script)
 from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
-POLICIES = ["full", "streaming(keep=0.25)", "snapkv(keep=0.25)", "kivi4", "kivi2"]
+POLICIES = ["full", "kivi4", "kivi2", "fp8_e4m3", "snapkv(keep=0.25)", "rkv(keep=0.25,interval=64)"]
+#: the policies whose prompts the engine prefills in chunks (pages in the model dtype), run with and without
+CHUNKED = ["full", "snapkv(keep=0.25)", "rkv(keep=0.25,interval=64)"]
+#: ``--smoke``: tiny-llama on the CPU, a pool that holds a few of its short prompts at once
+SMOKE = {"model": "tiny-llama", "kv_memory": 0.0006, "max_num_seqs": 8, "requests": 8, "min_prompt": 64,
+         "max_prompt": 256, "output_tokens": 24, "hf_requests": 0,
+         "policies": ["full", "kivi4(residual=32)", "kivi2(residual=32)", "fp8_e4m3", "snapkv(keep=0.25)",
+                      "rkv(keep=0.25,interval=8)"],
+         "chunked_prefill": ["full", "snapkv(keep=0.25)", "rkv(keep=0.25,interval=8)"], "max_num_batched_tokens": 96}
 
 
 def workload(n: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
@@ -116,22 +141,23 @@ def drive(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], w
     return Drive([engine.finished.pop(i) for i in ids], wall, prefill_s, steps, max_running)
 
 
-def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
-               weights: int) -> dict[str, Any]:
+def run_engine(model: Any, policy: str, chunked: bool, prompts: list[list[int]], args: argparse.Namespace,
+               bandwidth: float | None, weights: int) -> dict[str, Any]:
+    """One policy's run over the whole queue; ``bandwidth`` None (the CPU smoke run): no roofline fields."""
     engine = LLMEngine(model, policy=policy, kv_memory=args.kv_memory, block_size=args.block_size,
-                       max_num_seqs=args.max_num_seqs, chunked_prefill=args.chunked_prefill,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_seqs=args.max_num_seqs, chunked_prefill=chunked,
+                       max_num_batched_tokens=args.max_num_batched_tokens if chunked else None)
     params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)
-    run = drive(engine, [(p, params) for p in prompts], weights, policy)
+    run = drive(engine, [(p, params) for p in prompts], weights, f"{policy}{' chunked' if chunked else ''}")
     wall, outputs, steps, prefill_s = run.wall_s, run.outputs, run.steps, run.prefill_s
     produced = sum(o.stats["completion_tokens"] for o in outputs)
     decode_s = sum(t for t, _, _ in steps)
-    roofline_s = sum(b for _, _, b in steps) / bandwidth
     median_step = sorted(steps)[len(steps) // 2]
     latency = engine.metrics().latency
     result = {
+        "mode": policy,
         **pool_fields(engine),
-        "chunked_prefill": args.chunked_prefill,
+        "chunked_prefill": chunked,
         "max_num_batched_tokens": engine.scheduler.token_budget,
         "wall_s": wall,
         "output_tokens": produced,
@@ -144,16 +170,17 @@ def run_engine(model: Any, policy: str, prompts: list[list[int]], args: argparse
         "decode_steps": len(steps),
         "mean_decode_batch": sum(n for _, n, _ in steps) / len(steps),
         "decode_output_tokens_per_s": sum(n for _, n, _ in steps) / decode_s,
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "decode_roofline_s": roofline_s,
-        "decode_roofline_fraction": roofline_s / decode_s,
-        "median_decode_step": {"batch": median_step[1], "ms": median_step[0] * 1e3,
-                               "roofline_ms": median_step[2] / bandwidth * 1e3, "bytes": median_step[2]},
+        "median_decode_step": {"batch": median_step[1], "ms": median_step[0] * 1e3, "bytes": median_step[2]},
         "mean_ttft_s": sum(o.stats["ttft_s"] for o in outputs) / len(outputs),
         **latency,  # ttft_p50_s, ttft_p99_s, itl_p50_s, itl_p99_s
         "mean_peak_kv_bytes_per_request": sum(o.stats["peak_kv_bytes"] for o in outputs) / len(outputs),
         "mean_full_kv_bytes_per_request": sum(o.stats["full_kv_bytes"] for o in outputs) / len(outputs),
     }
+    if bandwidth is not None:
+        roofline_s = sum(b for _, _, b in steps) / bandwidth
+        result.update(copy_bandwidth_bytes_per_s=bandwidth, decode_roofline_s=roofline_s,
+                      decode_roofline_fraction=roofline_s / decode_s)
+        result["median_decode_step"]["roofline_ms"] = median_step[2] / bandwidth * 1e3
     del engine
     torch.cuda.empty_cache()
     return result
@@ -194,10 +221,13 @@ def run_hf(model: Any, prompts: list[list[int]], args: argparse.Namespace) -> di
             "max_running": 1, "per_request": per_request}
 
 
-def warm_up(model: Any, policy: str, args: argparse.Namespace) -> None:
-    """Compile the policy's kernels outside the timings: a prompt long enough for KIVI to pack, at prefill and decoding."""
-    engine = LLMEngine(model, policy=policy, kv_memory=0.5, block_size=args.block_size, max_num_seqs=4)
-    prompt = list(range(1, 513))
+def warm_up(model: Any, policy: str, args: argparse.Namespace, chunked: bool = False) -> None:
+    """Compile the policy's kernels outside the timings: a prompt long enough for KIVI to pack, at prefill and decoding
+    (``chunked``: in chunks beside the decode steps, which run other kernels than a whole-prompt prefill)."""
+    engine = LLMEngine(model, policy=policy, kv_memory=0.5, block_size=args.block_size, max_num_seqs=4,
+                       chunked_prefill=chunked, max_num_batched_tokens=256 if chunked else None)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = [1 + i % (vocab - 1) for i in range(512)]
     for p in (prompt, prompt[:300]):
         engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True))
     while engine.has_unfinished:
@@ -206,8 +236,10 @@ def warm_up(model: Any, policy: str, args: argparse.Namespace) -> None:
     torch.cuda.empty_cache()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny-llama on the CPU with a few short requests (changes the defaults below)")
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--kv-memory", type=float, default=12.0, help="GiB of KV memory for every policy (ring rows included)")
     parser.add_argument("--block-size", type=int, default=None, help="default: the engine's (16; KIVI 32)")
@@ -217,25 +249,38 @@ def main() -> None:
     parser.add_argument("--max-prompt", type=int, default=32768)
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--policies", nargs="*", default=POLICIES)
-    parser.add_argument("--chunked-prefill", action="store_true", help="run prompt chunks beside decode steps")
+    parser.add_argument("--chunked-prefill", nargs="*", default=None, metavar="POLICY",
+                        help="policies (of --policies) also run with prompt chunks beside decode steps; the flag alone: "
+                             f"every policy (default: none). Quantized pages are prefilled whole, so e.g. {' '.join(CHUNKED)}")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="tokens per step with --chunked-prefill (default: the engine's, 2048)")
     parser.add_argument("--hf-requests", type=int, default=3, help="requests (the first ones) run through HF generate; 0: none")
     parser.add_argument("--append", action="store_true", help="add the results to an existing --out of the same workload")
-    parser.add_argument("--commit", default=None, help="git commit of the code (default: git rev-parse HEAD)")
+    parser.add_argument("--commit", default=None, help="git commit of the code (default: env KVSLIM_COMMIT, else git rev-parse HEAD)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_throughput.json"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("engine_throughput needs a CUDA GPU")
-    model, _ = load_model(args.model, dtype=torch.bfloat16, device="cuda")
+    if parser.parse_args(argv).smoke:
+        parser.set_defaults(**SMOKE)
+    args = parser.parse_args(argv)
+    if args.chunked_prefill == []:
+        args.chunked_prefill = args.policies
+    args.chunked_prefill = args.chunked_prefill or []
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        raise SystemExit("engine_throughput needs a CUDA GPU; --smoke runs tiny-llama on the CPU")
+    model, _ = load_model(args.model, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
     prompts = workload(args.requests, args.min_prompt, args.max_prompt, model.config.vocab_size, seed=0)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth() if cuda else None
     weights = decode_weight_bytes(model)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_commit(args.commit)
     report = {
         "benchmark": "engine_throughput (saturated)",
-        "model": f"{args.model} architecture, RANDOM weights, bfloat16",
-        "device": torch.cuda.get_device_name(),
+        "model": f"{args.model} architecture, RANDOM weights, {'bfloat16' if cuda else 'float32'}",
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "commit": commit,
@@ -251,7 +296,9 @@ def main() -> None:
     if args.append:
         report = appended_to(args.out, report, ("commit", "model", "kv_memory_gib", "max_num_seqs", "prompt_tokens",
                                                 "output_tokens_per_request"))
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; decode reads {weights / 1e9:.2f} GB of weights per step", flush=True)
+    if bandwidth is not None:
+        print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; decode reads {weights / 1e9:.2f} GB of weights per step",
+              flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def record(result: dict[str, Any]) -> None:  # rewritten after each run: a later failure keeps what was measured
@@ -259,12 +306,15 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "per_request"}), flush=True)
         args.out.write_text(json.dumps(report, indent=2))
 
-    for policy in args.policies:
-        warm_up(model, policy, args)
-        record(run_engine(model, policy, prompts, args, bandwidth, weights))
-    if args.hf_requests:
+    runs = [(p, False) for p in args.policies] + [(p, True) for p in args.policies if p in args.chunked_prefill]
+    for policy, chunked in runs:
+        if cuda:
+            warm_up(model, policy, args, chunked)
+        record(run_engine(model, policy, chunked, prompts, args, bandwidth, weights))
+    if args.hf_requests and cuda:
         record(run_hf(model, prompts[: args.hf_requests], args))
     print(f"wrote {args.out}")
+    return report
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +43,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Static
 import kvslim
 from kvslim.engine import LLM, SamplingParams
 from kvslim.models import load_config
+from provenance import code_commit  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 POLICIES = ("full", "snapkv(keep=0.25)", "kivi4", "kivi2")
 #: compiled in static mode too; a quantizer's packing every ``group`` steps changes shapes (a recompile each time)
@@ -185,7 +185,7 @@ def main() -> None:
             raise SystemExit("hf_decode needs a CUDA GPU (or --smoke for a CPU check)")
         device, dtype, config = "cuda", torch.bfloat16, load_config(args.model)
     model = random_model(config, device, dtype)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_commit()
     report: dict[str, Any] = {
         "benchmark": "hf_decode", "model": "smoke" if args.smoke else args.model, "weights": "RANDOM",
         "dtype": str(dtype), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from kvslim.bench.ruler.fit import largest_fitting
 from kvslim.bench.ruler.prompt import Framing, Parts
 from kvslim.bench.ruler.runner import run_ruler
 from kvslim.bench.ruler.scoring import postprocess, string_match_all, string_match_part
+from kvslim.bench.store import key_of
 from kvslim.models import load_model
 from bench.test_harness import char_tokenizer
 
@@ -178,36 +181,103 @@ def test_suite_writes_leaderboard_plot_and_report(tmp_path: Path) -> None:
     assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
 
 
+TIMING = ("ttft_s", "tpot_s", "gen_s", "tokens_per_s", "peak_mem_bytes")
+
+
+def _measured(out: Path) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Every record of a run directory by key, without what timing and memory measure (they vary run to run)."""
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return {key_of(r): {k: v for k, v in r.items() if k not in TIMING} for r in records}
+
+
+def test_workers_write_what_one_process_writes_and_resume(tmp_path: Path) -> None:
+    """Two worker processes (the three policy runs split between them): the same records as one process; a rerun
+    redoes only what is missing, after appending what a killed run's worker left in its shard."""
+    one = run_ruler(_config(tmp_path / "one"), progress=False, loader=_tiny)
+    two = run_ruler(replace(_config(tmp_path / "two"), workers=2), progress=False, loader=_tiny)
+    assert _measured(tmp_path / "two") == _measured(tmp_path / "one") and len(_measured(tmp_path / "one")) == 24
+    assert two["leaderboard"] == one["leaderboard"] and two["settings"]["worker_errors"] == []
+    assert not any((tmp_path / "two" / "shards").iterdir())
+    log = tmp_path / "two" / "samples.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    # A killed run: a batch (two samples) lost, and one left in a worker's shard beside half a line.
+    log.write_text("".join(lines[:-4]))
+    (tmp_path / "two" / "shards" / "unit-7.jsonl").write_text("".join(lines[-2:]) + lines[-3][:20])
+    again = run_ruler(replace(_config(tmp_path / "two"), workers=2), progress=False, loader=_tiny)
+    assert again["settings"]["ran_now"] == 2 and again["settings"]["done"] == 24
+    assert _measured(tmp_path / "two") == _measured(tmp_path / "one")
+    assert "--workers 2" in (tmp_path / "two" / "report.md").read_text()
+
+
+def _tiny_in_parent_only(config: Any = None) -> tuple[Any, Any]:
+    if multiprocessing.parent_process() is not None:
+        raise RuntimeError("no model in this worker\n(second line)")
+    return _tiny(config)
+
+
+def test_a_failing_worker_is_reported_in_one_line_and_outputs_are_still_written(tmp_path: Path) -> None:
+    summary = run_ruler(replace(_config(tmp_path), workers=2), progress=False, loader=_tiny_in_parent_only)
+    message = "RuntimeError: no model in this worker (second line)"  # one line, whatever the error's lines
+    assert sorted(summary["settings"]["worker_errors"]) == [f"{label}: {message}" for label in
+                                                            ("full", "snapkv@0.25", "snapkv@0.5")]
+    assert summary["settings"]["done"] == 0 and (tmp_path / "report.md").exists()
+
+
 def _engine_config(out: Path, **changes: Any) -> RulerConfig:
     """``kvslim bench --suite ruler --engine --kv-memory 0.05 --limit 1`` on tiny-llama, with a policy the engine
-    refuses (H2O) and one it refuses a suffix for (a storage format, under query-agnostic only)."""
-    settings = {"model": "tiny-llama", "policies": ["full", "snapkv", "h2o", "snapkv+int8"], "keeps": [0.5],
+    refuses (a decode-time evictor before a quantizer) and one it refuses a suffix for (a storage format, under query-agnostic only)."""
+    settings = {"model": "tiny-llama", "policies": ["full", "snapkv", "tova+int8", "snapkv+int8"], "keeps": [0.5],
                 "tasks": ["niah_single_1", "vt"], "lengths": [SUITE_LENGTH], "samples": 1, "out": str(out),
                 "batch_size": 2, "engine": True, "kv_memory": 0.05}
     return RulerConfig(**{**settings, **changes})
 
 
-def test_engine_smoke_run_reports_throughput_and_skips_what_it_refuses(tmp_path: Path) -> None:
+def test_engine_smoke_run_reports_throughput_and_runs_what_it_refuses_through_hf(tmp_path: Path) -> None:
     summary = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)
     records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    ran = {(r["policy"], r["protocol"]) for r in records}
+    by_engine = [r for r in records if r["backend"] == "engine"]
+    ran = {(r["policy"], r["protocol"]) for r in by_engine}
     assert ran == {("full", p) for p in PROTOCOLS} | {("snapkv", p) for p in PROTOCOLS} | {("snapkv+int8", QUERY_AWARE)}
-    assert len(records) == 2 * len(ran) and all(r["backend"] == "engine" for r in records)
-    for r in records:
+    refused = {("tova+int8", p) for p in PROTOCOLS} | {("snapkv+int8", QUERY_AGNOSTIC)}
+    by_hf = [r for r in records if r["backend"] == "hf"]
+    assert {(r["policy"], r["protocol"]) for r in by_hf} == refused  # the refused ones ran through the HF path
+    assert len(by_engine) == 2 * len(ran) and len(by_hf) == 2 * len(refused) == len(records) - len(by_engine)
+    for r in by_engine:
         assert r["engine_requests"] == 2 and r["engine_max_running"] >= 1 and r["engine_output_tokens"] >= 2
         assert 0.0 <= r["score"] <= 1.0 and r["ttft_s"] > 0 and r["kv_memory_gib"] == 0.05
     rows = {(r["label"], r["protocol"]): r for r in summary["engine"]}
     assert set(rows) == {(f"{p}@0.5" if p != "full" else p, q) for p, q in ran}
     assert all(r["paired"] == 0 and r["same_answer"] is None and r["output_tok_s"] > 0 for r in rows.values())
+    board = {(r["label"], r["protocol"]): r["backend"] for r in summary["leaderboard"]}
+    assert board == {**{(f"{p}@0.5" if p != "full" else p, q): "engine" for p, q in ran},
+                     **{(f"{p}@0.5", q): "hf" for p, q in refused}}
     skipped = {(s["label"], s["protocol"]) for s in summary["engine_skipped"]}
-    assert skipped == {("h2o@0.5", p) for p in PROTOCOLS} | {("snapkv+int8@0.5", QUERY_AGNOSTIC)}
+    assert skipped == {(f"{p}@0.5", q) for p, q in refused}
     report = (tmp_path / "report.md").read_text()
     assert "### Engine: quality and throughput" in report and "| run | n | score | HF path's score |" in report
-    assert "- `h2o@0.5` (query-aware, query-agnostic): skipped, the engine refuses it: " in report
-    assert "- `snapkv+int8@0.5` (query-agnostic): skipped" in report and "model-dtype pages only" in report
+    assert ("- `tova+int8@0.5` (query-aware, query-agnostic): ran through the Hugging Face path (backend hf), the engine "
+            "refuses it: ") in report
+    assert "- `snapkv+int8@0.5` (query-agnostic): ran through the Hugging Face path" in report
+    assert "model-dtype pages only" in report and "[hf] |" in (tmp_path / "leaderboard.md").read_text()
     assert (tmp_path / "engine.csv").read_text().startswith("protocol,length,policy,keep,label,n,score")
+    assert ",backend," in (tmp_path / "leaderboard.csv").read_text().splitlines()[0]
     again = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)  # resumes: nothing reruns
     assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
+
+
+def test_engine_workers_answer_as_one_process_and_fall_back_alike(tmp_path: Path) -> None:
+    """Through the engine, two workers give one process's answers, the refused runs through the HF path too."""
+    def answers(out: Path) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+        return {key: (r["output"], r["score"], r["backend"], r["kv_bytes_prefill"]) for key, r in _measured(out).items()}
+
+    one = run_ruler(_engine_config(tmp_path / "one", policies=["full", "tova+int8", "snapkv+int8"]), progress=False,
+                    loader=_tiny)
+    two = run_ruler(_engine_config(tmp_path / "two", policies=["full", "tova+int8", "snapkv+int8"], workers=2),
+                    progress=False, loader=_tiny)
+    assert answers(tmp_path / "two") == answers(tmp_path / "one") and len(answers(tmp_path / "one")) == 12
+    assert sorted(map(str, two["engine_skipped"])) == sorted(map(str, one["engine_skipped"]))
+    assert [(r["label"], r["backend"], r["score"]) for r in two["leaderboard"]] == \
+        [(r["label"], r["backend"], r["score"]) for r in one["leaderboard"]]
 
 
 def test_engine_answers_as_the_hf_path_in_the_same_directory(tmp_path: Path) -> None:
@@ -237,6 +307,8 @@ def _args(*argv: str) -> argparse.Namespace:
     (["--lengths", "100"], "give at least"),
     (["--engine"], "--engine runs every policy in a fixed KV pool; give its size in GiB, e.g. --kv-memory 2"),
     (["--kv-memory", "2"], "add --engine"),
+    (["--workers", "0"], "workers=0: give a positive whole number of worker processes, e.g. --workers 4"),
+    (["--workers", "two"], "--workers 'two': give a positive whole number of worker processes"),
 ])
 def test_cli_names_the_fix_in_one_line(argv: list[str], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:

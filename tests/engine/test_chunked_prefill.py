@@ -141,6 +141,8 @@ def test_a_later_prompt_shares_only_the_blocks_a_chunk_has_written() -> None:
     "expected_attention(keep=0.25,future=32)",  # every query of the prompt, kept across chunks; the sinks' left out
     "kvzip(keep=0.5,chunk=8)",  # probes attend to the whole prompt during the last chunk
     "rkv(budget=24)",  # decode-time compression from the state the last chunk leaves
+    "h2o(budget=24,window=16)",  # ... and the attention the last 16 prompt queries accumulated, across chunks
+    "merge(snapkv,keep=0.5,window=16)",
 ])
 def test_chunked_greedy_tokens_equal_whole_prompts(llama, spec: str) -> None:
     prompts = _prompts(41, 19, 33, 7)

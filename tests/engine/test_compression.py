@@ -48,8 +48,8 @@ def test_streaming_hands_back_blocks_while_decoding(llama) -> None:
 
 
 @pytest.mark.parametrize(("spec", "reason"), [
-    ("h2o(keep=0.5)", "every decoding step"),
     ("snapkv(keep=0.5,decode_budget=64)+int8", "one evictor over model-dtype pages"),
+    ("h2o(keep=0.5)+int8", "use h2o alone here"),
     ("think", "think re-stores tokens"),
 ])
 def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) -> None:
@@ -92,6 +92,12 @@ def test_kvzip_engine_stores_the_request_wide_budget_ragged_over_layers(llama, m
     "expected_attention(keep=0.5,history=8,decode_budget=24,interval=3)",
     "expected_attention(keep=0.5,history=None,decode_budget=24,interval=3)",  # every query, the sinks' left out
     "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))",  # ragged heads while decoding
+    # accumulated attention, added every step; a short prefill window, so the steps' votes decide what is kept
+    "h2o(keep=0.4,window=2)",
+    "h2o(keep=0.4,window=2,interval=5)",  # the steps since the last eviction outnumber the observed queries
+    "h2o(keep=0.5,window=2,decode_budget=24,interval=3)",  # a decode budget below what the prefill kept
+    "merge(h2o,keep=0.4,window=2)",
+    "merge(snapkv,keep=0.5,window=4,decode_budget=24,interval=4)",
 ])
 def test_decode_time_compression_matches_hf_cache_path(llama, spec: str) -> None:
     """The engine rescores from its pages on the steps that evict, writes the kept tokens back and hands the blocks
@@ -121,7 +127,8 @@ def test_decode_time_compression_refuses_forks(llama) -> None:
 
 @pytest.mark.parametrize("spec", ["rkv(budget=32,window=4)", "tova(keep=0.4)", "snapkv(keep=0.5,window=4,decode_budget=24,interval=4)",
                                   "adakv(keydiff(keep=0.5,decode_budget=24,interval=2))",
-                                  "pyramidkv(keep=0.5,window=4,decode_budget=24,interval=2)"])  # layers of other lengths
+                                  "pyramidkv(keep=0.5,window=4,decode_budget=24,interval=2)",  # layers of other lengths
+                                  "h2o(keep=0.4,window=2)", "adakv(h2o(keep=0.5,window=2,interval=3))"])
 def test_decode_time_compression_scores_sequences_together(llama, spec: str, monkeypatch) -> None:
     """Sequences due on the same step that hold the same slots and queries are scored in one batch (one evict for
     all their layers), and still keep exactly the tokens each keeps alone under kvslim.Cache."""

@@ -27,8 +27,8 @@ def _run(llm: LLM) -> list[list[int]]:
     return [llm.finished.pop(i).token_ids for i in ids]
 
 
-@pytest.mark.parametrize("policy", ["full", "kivi2", "int4(group=16)", "fp8", "fp8_e5m2(scale=per-head)",
-                                    "snapkv(keep=0.5)", "quest(budget=64)"])
+@pytest.mark.parametrize("policy", ["full", "kivi2", "kivi4", "int4(group=16)", "fp8", "fp8_e4m3", "fp8_e5m2(scale=per-head)",
+                                    "snapkv(keep=0.5)", "quest(budget=64)", "streaming(budget=64,sinks=4)"])
 def test_graph_decode_equals_eager(policy: str) -> None:
     model = tiny_model("llama", "gqa").cuda()
     graphed = LLM(model, policy=policy, kv_memory=0.02)
@@ -68,7 +68,7 @@ def test_capture_graphs_captures_every_size_up_front() -> None:
     assert llm.runner.graphs.graphs == before  # nothing captured while running
 
 
-@pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.5)"])
+@pytest.mark.parametrize("policy", ["full", "snapkv(keep=0.5)", "rkv(keep=0.5,window=4,interval=4)"])
 def test_decode_beside_prompt_chunks_replays_graphs(policy: str) -> None:
     """With chunked prefill a step decodes (a graph replay) and then runs prompt chunks eagerly: the same tokens as
     an eager engine that prefills whole prompts."""
@@ -91,7 +91,8 @@ def test_decode_beside_prompt_chunks_replays_graphs(policy: str) -> None:
 
 
 @pytest.mark.parametrize("policy", ["rkv(budget=64,window=4)", "tova(budget=64)",
-                                    "snapkv(keep=0.5,window=4,decode_budget=48,interval=4)"])
+                                    "snapkv(keep=0.5,window=4,decode_budget=48,interval=4)",
+                                    "h2o(budget=64,window=4)"])
 def test_decode_time_compression_replays_graphs(policy: str) -> None:
     """Decode-time compression scores from each step's queries: the replay writes them to a static buffer, the same
     queries the eager step computes, so the evictor keeps the same tokens as without graphs."""

@@ -47,3 +47,18 @@ def test_query_ring_grows_to_the_methods_limit_in_order() -> None:
 
     assert run(1 << 62, 9) == list(range(12))  # grew 5 -> 10 -> 20, nothing lost, oldest first
     assert run(4, 9) == [8, 9, 10, 11]  # bounded: the newest four
+
+
+def test_accumulated_scores_become_one_tensor_and_the_ring_holds_every_step_since_an_eviction() -> None:
+    """H2O's per-token scores leave the layer states for one (L, H, slots) tensor, zero past each layer's kept tokens;
+    with interval=5 > window=2 the ring keeps 5 queries: all those the next eviction must add."""
+    method = policy("h2o(budget=8,window=2,interval=5)")
+    evictor = DecodeEviction(method, num_layers=2, scaling=1.0, rope=None)
+    scores = [torch.rand(1, 1, 4), torch.rand(1, 1, 6)]  # layers of other kept lengths
+    states = [{"budget": torch.ones(1, 1), "h2o.queries": torch.zeros(1, 3, 2, 5), "h2o": s} for s in scores]
+    state = evictor.start(states)
+    assert "h2o" not in state.layers[0]
+    assert torch.equal(state.tokens["h2o"], torch.stack([torch.cat([scores[0][0], torch.zeros(1, 2)], -1), scores[1][0]]))
+    for step in range(7):
+        state.push(torch.full((2, 3, 5), float(step)))
+    assert state.recent(5)[0, 0, :, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]

@@ -20,6 +20,8 @@ QUESTIONS = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed
     "adakv(keep=0.3,window=4)",  # ragged across heads: the suffix lands after each head's own slots
     "streaming(keep=0.25,sinks=2)",  # the window holds the kept context plus the suffix, then slides
     "tova(keep=0.4)",  # decode-time scorer: its budget is widened by the suffix
+    "h2o(keep=0.4,window=2)",  # ... and its accumulated scores start at zero for the suffix, as the cache's do
+    "merge(snapkv,keep=0.25,window=4)",  # the context's evicted values folded into its kept tokens
     "kvzip(keep=0.25,chunk=16)",  # probes over the context only
 ])
 def test_suffix_matches_cache_appended(llama, spec: str) -> None:

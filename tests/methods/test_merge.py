@@ -122,6 +122,8 @@ def test_specs_and_refusals():
     "merge(snapkv(keep=0.25,window=4))",
     "merge(snapkv(keep=0.25,window=4))+int8",  # merged at prefill, then packed
     "merge(rkv(budget=32,window=4))",  # merged on every decoding step too, from the engine's pages
+    "merge(keydiff(keep=0.25))+kivi4(group=4,residual=8)",  # packed quantized after the merge
+    "merge(h2o(keep=0.4,window=2))",  # merged on every step from H2O's accumulated attention (test_compression)
 ])
 @torch.inference_mode()
 def test_engine_matches_hf_cache_path(llama, spec):

@@ -39,7 +39,7 @@ def test_arguments_build_a_serving_app() -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["--policy", "nope"], "unknown method 'nope'"),
     (["--policy", "kivi4", "--keep", "0.25"], "no part takes parameter keep"),
-    (["--policy", "h2o", "--keep", "0.5"], "evicts on every decoding step"),
+    (["--policy", "tova+int8", "--keep", "0.5"], "one evictor over model-dtype pages"),
     (["--policy", "kivi4", "--block-size", "16"], "give a multiple of 32"),
     (["--kv-memory", "-1"], "positive number of GiB"),
     (["--max-n", "0"], "--max-n 0: give a positive number of completions"),

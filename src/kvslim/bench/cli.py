@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batching) and report max running sequences, output tok/s, TTFT and agreement with the "
                              "Hugging Face path's answers in the same --out")
     parser.add_argument("--kv-memory", type=float, default=None, help="ruler --engine: the KV pool in GiB, e.g. 2")
+    parser.add_argument("--workers", default=None,
+                        help="ruler: worker processes running the policy runs at once on the same device, each with "
+                             "its own model (and engine and --kv-memory pool); default 1")
     parser.add_argument("--ppl-tokens", type=int, default=256, help="continuation tokens scored per perplexity sample")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--demo", action="store_true",
@@ -82,6 +85,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Parse the string options; raises ``ValueError`` with the accepted format on bad input."""
     def get(name: str) -> Any:
         return _option(args, name, CUSTOM_DEFAULTS)
+
+    if args.workers is not None:
+        raise ValueError("--workers spreads RULER's policy runs over processes: add --suite ruler, or leave it out")
 
     return BenchConfig(
         model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),

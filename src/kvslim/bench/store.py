@@ -28,33 +28,51 @@ def key_of(record: dict[str, Any]) -> Key:
             record.get("protocol"), record.get("backend", HF))
 
 
+def _complete(raw: bytes) -> bytes:
+    """The whole lines of a log: a kill during a write can leave a last line without its newline; it is dropped
+    (that sample gets redone)."""
+    return raw[: raw.rfind(b"\n") + 1]
+
+
+def _parse(complete: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+
+
+def read_shard(path: Path) -> list[dict[str, Any]]:
+    """The finished records of a worker's own log (:mod:`kvslim.bench.ruler.workers`), which its parent appends to
+    ``samples.jsonl`` before deleting it, so a run killed in between finds it again and appends it then."""
+    return _parse(_complete(path.read_bytes()))
+
+
 class SampleLog:
     """Append-only per-sample results; loads what an earlier (possibly killed) run finished. ``records`` maps
     each key to its latest line, so a redone sample supersedes the earlier one."""
 
-    def __init__(self, out: Path) -> None:
-        self.path = out / SAMPLES
+    def __init__(self, out: Path, name: str = SAMPLES) -> None:
+        self.path = out / name
         self.records: dict[Key, dict[str, Any]] = {}
         if self.path.exists():
             self._load()
 
     def _load(self) -> None:
         raw = self.path.read_bytes()
-        # A kill during a write can leave a last line without its newline: drop it, it gets redone.
-        complete = raw[: raw.rfind(b"\n") + 1]
+        complete = _complete(raw)
         if len(complete) != len(raw):
             self.path.write_bytes(complete)
-        for line in complete.decode().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                self.records[key_of(record)] = record
+        for record in _parse(complete):
+            self.records[key_of(record)] = record
 
     def append(self, record: dict[str, Any]) -> None:
+        self.extend([record])
+
+    def extend(self, records: list[dict[str, Any]]) -> None:
+        """Append a batch's records, one line each, synced to disk once (not once per line)."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(record) + "\n" for record in records))
             f.flush()
             os.fsync(f.fileno())
-        self.records[key_of(record)] = record
+        for record in records:
+            self.records[key_of(record)] = record
 
     def finished(self, runs: list[Any]) -> Callable[[Key], bool]:
         """Whether a key's line is done: only if it ran with today's full parameters. When a method's defaults

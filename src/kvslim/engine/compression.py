@@ -20,18 +20,21 @@ What the engine supports, and why:
   last one is, then all are evicted together and only then stored.
 * **decode-time eviction**: StreamingLLM's rule needs no scores (sinks + the newest tokens), so its
   window slides by moving a start slot, exactly as its ``on_decode`` would, and blocks the window has
-  passed are handed back. Every other decode-time scorer (R-KV, TOVA, any scorer with ``decode_budget=``
+  passed are handed back. Every other decode-time scorer (R-KV, TOVA, H2O, any scorer with ``decode_budget=``
   and ``interval=``) follows the method's own :meth:`ScoredEviction.due` rule (every ``interval`` steps, over
   the newest remembered queries), batched over the step's sequences (:mod:`kvslim.engine.decode_eviction`);
   on a step that evicts, the engine reads the sequences' tokens from their pages, the method selects exactly
   as under ``kvslim.Cache``, and the kept tokens are written back left-aligned so the blocks past them are
   freed. The decode step (eager or a CUDA graph's replay) leaves every layer's queries in
-  ``ModelRunner.step_queries``. It runs over model-dtype pages, with one evictor, and one completion per
-  request (a fork shares blocks the compaction would overwrite). H2O, whose scores add up every step's
-  attention, is refused.
-* **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., and ``adakv(SCORER)``) run at
+  ``ModelRunner.step_queries``. H2O's scores add up every step's attention: each sequence keeps them on the
+  device per (layer, KV head, slot) and adds the steps' queries on the steps that evict, as kvslim.Cache adds
+  them on every step. It runs over model-dtype pages, with one evictor, and one completion per request (a fork
+  shares blocks the compaction would overwrite).
+* **scorers** (SnapKV, KeyDiff, LagKV, ExpectedAttention, knorm, ..., ``adakv(SCORER)``) run at
   prefill from the sequence's keys, values and queries; ExpectedAttention also gets the runner's RoPE
-  frequencies.
+  frequencies. ``merge(SCORER)`` keeps the scorer's tokens with the evicted values folded into them: still one
+  key and value per kept token, so its pages are those of the scorer alone (also quantized, ``merge(snapkv)+kivi4``,
+  and while decoding, ``merge(h2o)``, ``merge(snapkv,decode_budget=...)``).
 * **storage formats**: quantizers (``kivi2``, ``kivi4``, ``int8``, ``int4``, ``fp8``, ``fp8_e4m3``,
   ``fp8_e5m2``), alone or last in a hybrid after prefill-time evictors (``snapkv+kivi4``), store pages as
   their codes (see :mod:`kvslim.engine.kv_store`); KCache (``kcache``, ``snapkv+kcache``) keeps keys in device pages and
@@ -133,9 +136,9 @@ class Compression:
         method = decoding[0]
         if type(method).on_decode is not ScoredEviction.on_decode:
             raise ValueError(
-                f"policy {policy.spec}: {method.name} evicts on every decoding step from scores that add up each step's "
-                "attention, which the paged engine does not compute; use it through kvslim.Cache, or use e.g. "
-                "rkv/tova/snapkv(decode_budget=...) here, which the engine rescores from its pages"
+                f"policy {policy.spec}: {method.name} decodes by its own rule (on_decode), which the paged engine's "
+                "batched decode-time eviction does not run; use it through kvslim.Cache, or use e.g. "
+                "h2o/rkv/tova/snapkv(decode_budget=...) here"
             )
         if len(parts) > 1 or self.storage is not None:
             raise ValueError(

@@ -10,13 +10,21 @@ and one page write for all their layers, each (layer, sequence) a row of the obs
 exactly the observation the method would see for that layer alone (same shapes), so it keeps the same tokens as
 under ``kvslim.Cache``. The contract this relies on: a decode-time scorer's ``evict`` treats batch rows
 independently and does not look at the layer index (``ScoredEviction.evict`` and every registered scorer; the
-layer-dependent budgets of PyramidKV or auto are set at prefill, in the state's ``budget``)."""
+layer-dependent budgets of PyramidKV or auto are set at prefill, in the state's ``budget``).
+
+A method whose per-token state every step adds to (:attr:`~ScoredEviction.token_state`: H2O's accumulated attention)
+keeps it per sequence as one (L, H, slots) tensor on the device, slot ``t`` of a head the score of the token in its
+slot ``t``. It is brought up to date only on the steps that evict: the ring then holds at least the ``interval``
+queries since the last eviction, and :meth:`~ScoredEviction.attended` adds them one step at a time, each attending
+causally to the pages' tokens (nothing was evicted in between, so each sees what it saw on its step). The
+compaction moves the scores with their tokens (the method's ``reflow``); slots written since hold zero."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..cache.buffers import GrowingSegment
@@ -30,14 +38,17 @@ RING_ROOM = 64
 
 @dataclass
 class DecodeState:
-    """One sequence's decode-time compression state: the method's per-layer state (budget) and a ring of queries."""
+    """One sequence's decode-time compression state: the method's per-layer state (budget), a ring of queries and any
+    per-token state (see the module docstring)."""
 
     layers: list[dict]  # per layer, the method's state after the prefill, without its remembered queries
     ring: Tensor  # (L, Hq, W, D) the newest W queries of every layer, written round-robin
     count: int  # queries in the ring (W once full)
     head: int  # the column the next query goes to: the first free one, then the oldest
-    limit: int  # the most queries the method looks at (its ``observed``): the ring grows up to it
+    limit: int  # the most queries the method needs (its ``observed``, its ``interval``): the ring grows up to it
     steps: int = 0  # decoding steps since the prefill
+    #: the method's per-token state (see the module docstring), each (L, H, slots); slots past a head's held ones are 0
+    tokens: dict[str, Tensor] = field(default_factory=dict)
 
     def push(self, queries: Tensor) -> None:
         """Record one step's queries (L, Hq, D) of every layer."""
@@ -52,11 +63,22 @@ class DecodeState:
         self.count = min(self.count + 1, width)
         self.steps += 1
 
-    def recent(self) -> Tensor:
-        """(L, Hq, n, D) the remembered queries, oldest first."""
-        if self.count < self.ring.shape[2]:
-            return self.ring[:, :, : self.count]
-        return self.ring.roll(-self.head, 2) if self.head else self.ring
+    def recent(self, n: int | None = None) -> Tensor:
+        """(L, Hq, n, D) the newest ``n`` remembered queries (all when None), oldest first: a view of the ring unless
+        they wrap around its end (H2O reads one column a step from a ring of 64)."""
+        n = self.count if n is None else min(n, self.count)
+        width = self.ring.shape[2]
+        start = (self.head - n) % width  # while filling, head == count
+        if start + n <= width:
+            return self.ring[:, :, start : start + n]
+        return torch.cat([self.ring[:, :, start:], self.ring[:, :, : start + n - width]], 2)
+
+
+def _fit(x: Tensor, width: int) -> Tensor:
+    """``x`` (..., T) padded with zeros or cut to ``width`` columns (a per-token state over a sequence's slots)."""
+    if width == x.shape[-1]:
+        return x
+    return F.pad(x, (0, width - x.shape[-1])) if width > x.shape[-1] else x[..., :width]
 
 
 class DecodeEviction:
@@ -75,12 +97,19 @@ class DecodeEviction:
                                  "evicts every layer of a sequence on the same steps")
             return None
         prompt = torch.cat([state.pop(self.key) for state in states])  # (L, Hq, w, D), w <= observed
-        limit = self.method.observed  # may be unbounded (expected_attention(history=None)): the ring then grows
+        tokens = {}
+        for name in self.method.token_state:  # each layer's (1, H, kept) after the prefill: one (L, H, slots)
+            per_layer = [state.pop(name) for state in states]
+            width = max(x.shape[-1] for x in per_layer)
+            tokens[name] = torch.cat([_fit(x, width) for x in per_layer])
+        # may be unbounded (expected_attention(history=None)): the ring then grows; a method with per-token state
+        # also needs every query since the last eviction
+        limit = max(self.method.observed, self.method.interval if tokens else 1)
         width = min(limit, prompt.shape[2] + RING_ROOM)
         ring = prompt.new_zeros(*prompt.shape[:2], width, prompt.shape[3])
         # the ring's order: the prompt's queries first, then each step's (as push writes them while filling)
         ring[:, :, : prompt.shape[2]] = prompt
-        return DecodeState(states, ring, prompt.shape[2], prompt.shape[2] % width, limit)
+        return DecodeState(states, ring, prompt.shape[2], prompt.shape[2] % width, limit, tokens=tokens)
 
     def step(self, seqs: list, queries: Tensor, runner) -> list:
         """Record the step's queries (B, L, Hq, D) of each sequence (``None`` state: skipped); evict where due.
@@ -118,9 +147,22 @@ class DecodeEviction:
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)
         uniform = bool((held == length).all())  # every head holds every slot: no padding to mask
         layer.replace([GrowingSegment.holding(keys, values) if uniform else DenseSegment.from_padded(keys, values, valid)])
-        recent = torch.stack([s.method_state.recent() for s in seqs], 1).flatten(0, 1)  # (L*G, Hq, n, D)
+        for name in self.method.token_state:  # rows layer-major, as the states; widths are mostly one already
+            stored = [s.method_state.tokens[name] for s in seqs]
+            width = max(x.shape[-1] for x in stored)
+            layer.state[name] = _fit(torch.stack([_fit(x, width) for x in stored], 1), length).flatten(0, 1)
+        if self.method.token_state:  # the queries since the last eviction, each attending as on its own step
+            steps = self.method.interval
+            queries = torch.stack([s.method_state.recent(steps) for s in seqs], 1).flatten(0, 1)
+            self.method.attended(Observation(layer, num_layers, queries, self.scaling, "decode", rope=self.rope), steps)
+        observed = self.method.observed  # the ring may hold more (see start): the method scores with its own window
+        recent = torch.stack([s.method_state.recent(observed) for s in seqs], 1).flatten(0, 1)  # (L*G, Hq, n, D)
         obs = Observation(layer, num_layers, recent, self.scaling, "decode", rope=self.rope)
         self.method.evict(obs, self.method.decode_limit(obs))
+        for name in self.method.token_state:
+            per_seq = layer.state[name].reshape(num_layers, len(seqs), heads, -1)
+            for row, seq in enumerate(seqs):
+                seq.method_state.tokens[name] = per_seq[:, row]
         kept_k, kept_v, kept = layer.dense(keys.dtype)  # left-aligned per head: slot t of a head keeps column t
         shape = (num_layers, len(seqs), heads, kept.shape[2])
         grid = slots[None, :, None, : kept.shape[2]].expand(shape).flatten(0, 1)  # (L*G, H, T')

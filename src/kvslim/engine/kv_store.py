@@ -55,11 +55,24 @@ def heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
 
 def write_heads(pages: Tensor, slots: Tensor, rows: Tensor, lens: Tensor) -> None:
     """Write (H, T, D) ``rows`` into one layer's pages (blocks, block_size, H, D) at flat ``slots`` (T,),
-    only the first ``lens[h]`` of each head."""
+    only the first ``lens[h]`` of each head.
+
+    Why not select the valid rows with a boolean mask: that makes the host wait for the device once per layer,
+    a prefill's bottleneck on a small model. Instead every position is written: those past a head's length
+    write that head's first row again to its first slot (or, for a head that keeps nothing, what the slot
+    already holds), so duplicate writes carry equal values and nothing outside the kept slots changes.
+    """
     heads, length = rows.shape[:2]
-    valid = torch.arange(length, device=rows.device) < lens[:, None]
-    grid, head = heads_expand(slots, heads)
-    pages.view(-1, heads, rows.shape[-1])[grid[valid], head[valid]] = rows[valid]
+    if not length:
+        return
+    lens = lens.to(rows.device)
+    steps = torch.arange(length, device=rows.device)
+    valid = steps < lens[:, None]  # (H, T)
+    dest = slots[torch.where(valid, steps, 0)]
+    head = torch.arange(heads, device=rows.device)[:, None].expand_as(dest)
+    flat = pages.view(-1, heads, rows.shape[-1])
+    first = torch.where((lens > 0)[:, None], rows[:, 0], flat[slots[0], head[:, 0]])  # (H, D)
+    flat[dest, head] = torch.where(valid[..., None], rows, first[:, None])
 
 
 def ring_rows(budget: int, max_num_seqs: int, row_bytes: int, share: float, what: str) -> int:

@@ -151,16 +151,26 @@ class ModelRunner:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
             self.kv.copy_blocks(src, dst)
 
-    def _slots(self, table: list[int], first: int, count: int) -> Tensor:
-        """Flat pool slots of a sequence's logical slots [first, first + count); -1 past its blocks (quantized
-        pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
+    def _table(self, block_table: list[int]) -> Tensor:
+        """A sequence's block table on the device, -1 after its last block: built once per prefill, since copying a
+        host list to the device waits for the device's queue (one wait per layer otherwise)."""
+        return self._upload(block_table + [-1])
+
+    def _slots(self, table: Tensor, first: int, count: int) -> Tensor:
+        """Flat pool slots of a sequence's logical slots [first, first + count) (``table`` from :meth:`_table`); -1
+        past its blocks (quantized pages hold only packed tokens: the newest ones go to the ring, not to blocks)."""
         return self._flat(table, torch.arange(first, first + count, device=self.device))
 
-    def _flat(self, table: list[int], logical: Tensor) -> Tensor:
+    def _flat(self, table: Tensor, logical: Tensor) -> Tensor:
         """Flat pool slots of logical slots (any shape); -1 past the sequence's blocks."""
-        index = (logical // self.block_size).clamp(max=len(table))
-        blocks = torch.tensor(table + [-1], device=self.device)[index]
+        blocks = table[(logical // self.block_size).clamp(max=len(table) - 1)]
         return torch.where(blocks >= 0, blocks * self.block_size + logical % self.block_size, -1)
+
+    def _upload(self, values: list[int]) -> Tensor:
+        """A host list on the device without making the host wait for the device's queue (from pinned memory on
+        CUDA; ``torch.tensor(..., device=cuda)`` synchronises the stream, once per layer where it is called)."""
+        host = torch.tensor(values)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     # -- model pieces -------------------------------------------------------------------------------
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,18 +226,20 @@ class ModelRunner:
             start = min(seq.num_cached_tokens, len(tokens) - 1) if compress is None else 0
         compressing = compress is not None and end == len(tokens)
         offset = 0 if compressing else max(start, seq.num_cached_tokens)  # first slot this call writes
-        ids = torch.tensor(tokens[start:end], device=self.device)
+        ids = self._upload(tokens[start:end])
         positions = torch.arange(start, end, device=self.device)
         cos, sin = self._rope(positions)
         x = self.model.model.embed_tokens(ids)
         probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compressing else [])]
-        held = torch.empty(self.num_layers, self.num_kv_heads, dtype=torch.long)
-        tail = torch.empty_like(held) if self.kv.ring else None
+        table = self._table(seq.block_table)
+        #: per layer, the slots each head holds in pages and in the ring, on the device until every layer is stored:
+        #: one host copy, not one per layer
+        stored: list[tuple[Tensor, Tensor | None] | None] = [None] * self.num_layers
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(i, h, cos, sin)
             if start:
-                past_k, past_v = self.kv.read(i, self._slots(seq.block_table, 0, start))  # type: ignore[union-attr]
+                past_k, past_v = self.kv.read(i, self._slots(table, 0, start))  # type: ignore[union-attr]
                 k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
             out = self._attention(q, k, v, start)
@@ -240,26 +252,25 @@ class ModelRunner:
                 if compress is not None:
                     self._observe(seq, i, q, compress.observed)
             if kept is not None:  # None: held until every layer is scored (a budget across layers, KVzip)
-                self._store_prefill(seq, i, offset, kept, held, tail)
+                stored[i] = self._store_prefill(seq, table, i, offset, kept)
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
         if compressing and compress.across_layers and probes:  # type: ignore[union-attr]
             for i, kept in enumerate(compress.held_layers(self.dtype)):  # type: ignore[union-attr]
-                self._store_prefill(seq, i, offset, kept, held, tail)
+                stored[i] = self._store_prefill(seq, table, i, offset, kept)
+        held = torch.stack([paged for paged, _ in stored]).cpu() + offset  # type: ignore[misc]
+        tail = torch.stack([ring for _, ring in stored]).cpu() if self.kv.ring else None  # type: ignore[misc]
         if whole and len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
 
-    def _store_prefill(self, seq: Sequence, i: int, offset: int, kept: tuple[Tensor, Tensor, Tensor], held: Tensor,
-                       tail: Tensor | None) -> None:
-        """Write layer ``i``'s kept keys, values (H,T',D) and lengths (H,) from slot ``offset``; record the slots
-        each head holds in ``held`` (and its ring's in ``tail``)."""
+    def _store_prefill(self, seq: Sequence, table: Tensor, i: int, offset: int, kept: tuple[Tensor, Tensor, Tensor]
+                       ) -> tuple[Tensor, Tensor | None]:
+        """Write layer ``i``'s kept keys, values (H,T',D) and lengths (H,) from slot ``offset`` (``table`` from
+        :meth:`_table`); the slots each head then holds in pages and in the ring (None without one), on the device."""
         kept_k, kept_v, lens = kept
-        slots = self._slots(seq.block_table, offset, kept_k.shape[1])
-        paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
-        held[i] = paged.cpu() + offset
-        if tail is not None:
-            tail[i] = ring.cpu()
+        paged, ring = self.kv.store_prefill(i, seq, self._slots(table, offset, kept_k.shape[1]), kept_k, kept_v, lens)
+        return paged.to(self.device, torch.long), ring.to(self.device, torch.long) if self.kv.ring else None
 
     @staticmethod
     def _observe(seq: Sequence, layer: int, queries: Tensor, window: int) -> None:
@@ -287,8 +298,9 @@ class ModelRunner:
         x = self.model.model.embed_tokens(ids)
         lens = held.to(self.device)
         width = int(held.max())
-        kept = self._slots(seq.block_table, 0, width)
-        new = self._flat(seq.block_table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
+        table = self._table(seq.block_table)
+        kept = self._slots(table, 0, width)
+        new = self._flat(table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
         own = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)

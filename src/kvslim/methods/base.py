@@ -190,6 +190,10 @@ class ScoredEviction(Method):
     interval: int = 1
     #: evict on every decoding step too (StreamingLLM, H2O, TOVA), holding the budget constant.
     decode_time: ClassVar[bool] = False
+    #: state entries (B,H,T over the dense layout) holding one number per held token that every decoding step adds
+    #: to (H2O's accumulated attention, see :meth:`attended`); :meth:`reflow` moves them with their tokens, and a
+    #: token appended since the last step has zero there
+    token_state: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         self.validate_budget()
@@ -329,8 +333,17 @@ class ScoredEviction(Method):
         steps = obs.layer.state[key] = obs.layer.state.get(key, 0) + 1
         return (recent, limit) if steps % self.interval == 0 else None
 
+    def attended(self, obs: Observation, steps: int) -> None:
+        """Fold the newest ``steps`` queries of ``obs``, one decoding step each, oldest first, into :attr:`token_state`.
+
+        ``on_decode`` calls it for its one query; a backend that keeps tokens elsewhere (the engine's pages) calls it
+        once before each :meth:`evict` for the steps since the last one: each query then attends causally (see
+        :meth:`Observation.visible`) to exactly the tokens it saw on its step, as nothing was evicted in between.
+        Methods without per-token state need nothing."""
+
     def on_decode(self, obs: Observation) -> None:
         """Every ``interval`` steps, evict down to :meth:`decode_limit`, scored over the remembered queries."""
+        self.attended(obs, 1)
         due = self.due(obs)
         if due is not None:
             self.evict(*due)

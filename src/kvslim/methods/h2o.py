@@ -27,6 +27,7 @@ class H2O(ScoredEviction):
     summary = "heavy hitters (accumulated attention) + recent tokens, while decoding"
     paper = "Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs, arXiv:2306.14048"
     decode_time = True
+    token_state = ("h2o",)
 
     def validate(self) -> None:
         super().validate()
@@ -41,20 +42,23 @@ class H2O(ScoredEviction):
     def score(self, obs: Observation) -> Tensor:
         return obs.layer.state["h2o"]
 
-    def _accumulate(self, obs: Observation, window: int) -> None:
-        fresh = obs.attention(window).sum(2)
+    def _add(self, obs: Observation, attention: Tensor) -> None:
+        """Add ``attention`` (B,H,T), summed over queries, to the accumulated scores (in place into ``attention``)."""
         acc = obs.layer.state.get("h2o")
         if acc is not None:  # the new tokens are the last columns of the layout
-            fresh[..., : acc.shape[-1]] += acc
-        obs.layer.state["h2o"] = fresh
+            attention[..., : acc.shape[-1]] += acc
+        obs.layer.state["h2o"] = attention
 
     def on_prefill(self, obs: Observation) -> None:
-        self._accumulate(obs, self.window)
+        self._add(obs, obs.attention(self.window).sum(2))
         super().on_prefill(obs)
 
-    def on_decode(self, obs: Observation) -> None:
-        self._accumulate(obs, 1)
-        super().on_decode(obs)
+    def attended(self, obs: Observation, steps: int) -> None:
+        """Each decoding step adds its query's attention; several steps are added one at a time, in their order,
+        so the sums are the ones step-by-step decoding makes."""
+        attention = obs.attention(steps)
+        for step in range(attention.shape[2]):
+            self._add(obs, attention[:, :, step])
 
     def reflow(self, obs: Observation, keep: Tensor) -> None:
         """The scores follow their tokens; tokens appended since the last accumulation have none yet (zero)."""

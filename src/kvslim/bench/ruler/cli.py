@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
     if args.chat and args.no_chat:
         raise ValueError("--chat and --no-chat contradict each other: give one")
     samples = args.limit if args.limit is not None else get("samples")
+    workers = 1 if args.workers is None else parse_workers(args.workers)
     return RulerConfig(
         model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),
         keeps=parse_keeps(get("keep")),
@@ -37,7 +39,17 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
         protocols=parse_protocols(args.protocols), out=args.out or "results/ruler", device=args.device,
         dtype=default_dtype(args.dtype, args.device), seed=args.seed, batch_size=get("batch_size"),
         chat=True if args.chat else False if args.no_chat else None, engine=args.engine, kv_memory=args.kv_memory,
+        workers=workers,
     )
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: a whole number (range-checked by :meth:`RulerConfig.validate`)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--workers {text!r}: give a positive whole number of worker processes, e.g. --workers 4"
+                         ) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -49,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
     print(leaderboard_md(summary["leaderboard"], config.keeps, config.model))
     if summary["engine_skipped"]:
         print(skipped_notes(summary["engine_skipped"]))
+    for error in settings["worker_errors"]:
+        print(f"kvslim bench: worker failed: {error}", file=sys.stderr)
     print(f"{settings['done']}/{settings['planned']} samples in {settings['elapsed_s']:.0f} s "
           f"({settings['ran_now']} run now); report: {Path(config.out) / 'report.md'}")
-    return 0
+    return 1 if settings["worker_errors"] else 0

@@ -32,6 +32,9 @@ class RulerConfig:
     protocol and length at once, in a KV pool of ``kv_memory`` GiB (``batch_size`` does not apply). Its
     records sit beside the Hugging Face path's in the same run directory, so a directory holding both
     reports how often they answer alike.
+
+    ``workers``: processes that run the policy runs at once on the same device (:mod:`.workers`), each with its
+    own model (and engine and ``kv_memory`` pool); the records are the same as one process writes.
     """
 
     model: str = "qwen2.5-coder-0.5b"
@@ -49,6 +52,7 @@ class RulerConfig:
     chat: bool | None = None
     engine: bool = False
     kv_memory: float | None = None
+    workers: int = 1
 
     def runs(self) -> list[Run]:
         return BenchConfig(policies=self.policies, keeps=self.keeps).runs()
@@ -73,6 +77,9 @@ class RulerConfig:
         if self.engine and (self.kv_memory is None or self.kv_memory <= 0):
             raise ValueError(f"kv_memory={self.kv_memory}: --engine runs every policy in a fixed KV pool; give its "
                              "size in GiB, e.g. --kv-memory 2")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers={self.workers!r}: give a positive whole number of worker processes, "
+                             "e.g. --workers 4")
         if not self.engine and self.kv_memory is not None:
             raise ValueError("--kv-memory sizes the paged engine's KV pool: add --engine, or leave --kv-memory out")
         return runs
@@ -92,11 +99,12 @@ class RulerConfig:
         """The ``kvslim bench`` line that reruns (or resumes) this run."""
         chat = "" if self.chat is None else " --chat" if self.chat else " --no-chat"
         engine = f" --engine --kv-memory {self.kv_memory:g}" if self.engine else ""
+        workers = f" --workers {self.workers}" if self.workers > 1 else ""
         return (f"kvslim bench --suite ruler --model {self.model} --policies '{','.join(self.policies)}' "
                 f"--keep {','.join(f'{k:g}' for k in self.keeps)} --tasks {','.join(self.tasks)} "
                 f"--lengths {','.join(map(str, self.lengths))} --samples {self.samples} "
                 f"--protocols {','.join(self.protocols)} --out {self.out} --device {self.device} "
-                f"--dtype {self.dtype} --seed {self.seed} --batch-size {self.batch_size}{chat}{engine}")
+                f"--dtype {self.dtype} --seed {self.seed} --batch-size {self.batch_size}{chat}{engine}{workers}")
 
 
 _IDENTITY = ("model", "device", "dtype", "seed", "chat")

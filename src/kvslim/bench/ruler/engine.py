@@ -9,8 +9,8 @@ fresh engine, so no prefix cached by an earlier batch (another protocol feeds fu
 
 Under query-agnostic the question is the request's *suffix*: the context is prefilled and compressed, then
 the question is prefilled uncompressed after what was kept (:meth:`LLMEngine.add_request`), as
-``kvslim.Cache.appended`` does on the Hugging Face path. A policy the engine refuses (H2O's accumulated
-attention, a storage format under a suffix...) is skipped with its one-line reason.
+``kvslim.Cache.appended`` does on the Hugging Face path. A policy the engine refuses (a storage format under
+a suffix, ThinK's pruned channels...) is skipped with its one-line reason.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from statistics import fmean
 from typing import Any
 
 from ..config import Run
-from ..store import key_of
+from ..store import HF, key_of
 
 FULL = "full"
 
@@ -49,7 +49,8 @@ def task_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def board(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per protocol, length and policy run: RULER average, ratio to full, tasks and samples counted,
-    mean KV bytes held after the prompt (question included), their share of full's and mean compression."""
+    mean KV bytes held after the prompt (question included), their share of full's and mean compression, and the
+    backend that generated its records (an engine run's refused policies ran through the Hugging Face path)."""
     per_task = _groups(task_rows(records), "protocol", "length", "policy", "keep")
     by_run = _groups(records, "protocol", "length", "policy", "keep")
     rows = []
@@ -67,7 +68,8 @@ def board(records: Sequence[dict[str, Any]], runs: Sequence[Run]) -> list[dict[s
             compression = [r["compression"] for r in group if r["compression"]]
             kv_bytes = fmean(r["kv_bytes_prefill"] for r in group)
             rows.append({"protocol": protocol, "length": length, "policy": run.policy, "keep": run.keep,
-                         "label": run.label, "score": avg, "ratio": avg / full_avg if full_avg else None,
+                         "label": run.label, "backend": "+".join(sorted({r.get("backend", HF) for r in group})),
+                         "score": avg, "ratio": avg / full_avg if full_avg else None,
                          "tasks": len(tasks), "n": len(group), "kv_bytes": kv_bytes,
                          "byte_share": kv_bytes / full_bytes if full_bytes else None,
                          "compression": fmean(compression) if compression else None})

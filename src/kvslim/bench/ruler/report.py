@@ -15,27 +15,31 @@ from .protocols import DESCRIPTIONS
 from .tasks import QA_NOTE
 
 _IDS = 6
-BOARD_CSV = ["protocol", "length", "policy", "keep", "label", "score", "ratio", "tasks", "n", "kv_bytes",
+BOARD_CSV = ["protocol", "length", "policy", "keep", "label", "backend", "score", "ratio", "tasks", "n", "kv_bytes",
              "byte_share", "compression"]
 
 
-def _cell(row: dict[str, Any] | None) -> str:
+def _cell(row: dict[str, Any] | None, marked: str | None) -> str:
     if row is None:
         return "-"
     ratio = "" if row["ratio"] is None else f" ({row['ratio']:.2f})"
-    return f"{row['score']:.1f}{ratio}"
+    backend = f" [{row['backend']}]" if row["backend"] == marked else ""
+    return f"{row['score']:.1f}{ratio}{backend}"
 
 
 def leaderboard_table(rows: Sequence[dict[str, Any]], protocol: str, length: int, keeps: Sequence[float]) -> str:
     """Rows: methods; columns: keep (and "no budget" for methods that run once, full among them); cells:
-    RULER average and, in parentheses, its ratio to full."""
+    RULER average and, in parentheses, its ratio to full; when the panel's rows come from more than one backend
+    (an engine run whose refused policies ran through the Hugging Face path), the rarer one is named in brackets."""
     mine = [r for r in rows if (r["protocol"], r["length"]) == (protocol, length)]
     cell = {(r["policy"], r["keep"]): r for r in mine}
     once = any(r["keep"] is None for r in mine)
+    backends = [r["backend"] for r in mine]
+    marked = min(set(backends), key=backends.count) if len(set(backends)) > 1 else None
     body = []
     for policy in dict.fromkeys(r["policy"] for r in mine):
-        line = [policy] + ([_cell(cell.get((policy, None)))] if once else [])
-        body.append(line + [_cell(cell.get((policy, k))) for k in keeps])
+        line = [policy] + ([_cell(cell.get((policy, None)), marked)] if once else [])
+        body.append(line + [_cell(cell.get((policy, k)), marked) for k in keeps])
     headers = ["method"] + (["no budget"] if once else []) + [f"keep {k:g}" for k in keeps]
     return markdown_table(headers, body)
 
@@ -119,13 +123,15 @@ def engine_table(rows: Sequence[dict[str, Any]], protocol: str, length: int) -> 
 
 
 def skipped_notes(skipped: Sequence[dict[str, Any]]) -> str:
-    """One line per policy run the engine refused, with the protocols it was refused under and why."""
+    """One line per policy run the engine refused, with the protocols it was refused under and why (those ran
+    through the Hugging Face path instead)."""
     notes: dict[tuple[str, str], list[str]] = {}
     for s in skipped:
         protocols = notes.setdefault((s["label"], s["reason"]), [])
         if s["protocol"] not in protocols:
             protocols.append(s["protocol"])
-    return "\n".join(f"- `{label}` ({', '.join(protocols)}): skipped, the engine refuses it: {reason}"
+    return "\n".join(f"- `{label}` ({', '.join(protocols)}): ran through the Hugging Face path (backend hf), the "
+                     f"engine refuses it: {reason}"
                      for (label, reason), protocols in notes.items())
 
 

@@ -3,16 +3,16 @@ resumable, with the leaderboard, figure and report rebuilt from the per-sample l
 
 The run directory works as for ``kvslim bench`` (:mod:`kvslim.bench.harness`): ``samples.jsonl`` is the
 result and the resume log (a record's key includes its protocol and backend), and outputs are rebuilt in a
-``finally``. On the Hugging Face path batches hold samples of one task and length, whose prompts are within a
-haystack unit of each other, so padding wastes little; every run and protocol measures a batch before the
-next batch starts. With ``--engine`` a batch is every sample of a run, protocol and length (:mod:`.engine`).
+``finally``. The batches come from :mod:`.units`, in this process or, with ``workers`` > 1, in worker
+processes (:mod:`.workers`) whose records this process appends to the same log.
 """
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +20,21 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from ...models import load_model
-from ..memory import PeakMemory
 from ..config import Run
 from ..store import CONFIG, HF, Key, SampleLog, check_config, write_atomic, write_json
 from . import essays, leaderboard, plot, report
 from .config import RulerConfig
-from .engine import ENGINE, Refused, run_batches
-from .execute import generate_batch, stop_ids
-from .prompt import Framing
-from .tasks import RulerSample, RulerTask, get_ruler_task
-
-Loader = Callable[[RulerConfig], tuple[Any, Any]]
-
-
-def _load(config: RulerConfig) -> tuple[Any, Any]:
-    return load_model(config.model, dtype=config.torch_dtype, device=config.device)
+from .engine import ENGINE
+from .units import Loader, load, prepare, unit_batches
+from .workers import absorb_leftovers, worker_batches
 
 
 def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None = None) -> dict[str, Any]:
     """Run (or resume) RULER as ``config`` describes and write every output into ``config.out``.
 
     ``loader`` builds ``(model, tokenizer)`` (default :func:`kvslim.models.load_model`); tests pass a tiny
-    model with a tokenizer built in code. Returns the content of ``summary.json``.
+    model with a tokenizer built in code (with workers, a module-level function: each worker process calls it).
+    Returns the content of ``summary.json``.
     """
     runs = config.validate()
     out = Path(config.out)
@@ -50,87 +42,63 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
     check_config(out, config.identity())
     write_json(out / CONFIG, {"identity": config.identity(), "config": config.to_dict()})
     log = SampleLog(out)
+    absorb_leftovers(log)
     started = time.perf_counter()
-    model, tokenizer = (loader or _load)(config)
-    if tokenizer is None:
-        raise ValueError(f"model {config.model!r} comes without a tokenizer; RULER needs a real model's")
-    chat = config.chat if config.chat is not None else bool(getattr(tokenizer, "chat_template", None))
-    framing = Framing(tokenizer, chat)
-    memory = PeakMemory(next(model.parameters()).device)
-    work = [(task, length, task.generate(config.samples, length, framing, config.seed))
-            for task in map(get_ruler_task, config.tasks) for length in config.lengths]
+    setup = prepare(config, loader or load)  # with workers too: a GGUF file is converted here, once
+    chat, memory_kind = setup.chat, setup.memory.kind
     setup_s = time.perf_counter() - started
-    backend, other = (ENGINE, HF) if config.engine else (HF, ENGINE)
-    planned = [(task.name, length, s.id, run.policy, run.keep, protocol, backend) for task, length, samples in work
-               for run in runs for protocol in config.protocols for s in samples]
+    backend = ENGINE if config.engine else HF
+    planned = [(task.name, length, s.id, run.policy, run.keep, protocol, backend) for task, length, samples
+               in setup.work for run in runs for protocol in config.protocols for s in samples]
     done = log.finished(runs)
 
     bar = tqdm(total=len(planned), initial=sum(map(done, planned)), disable=not progress, unit="sample",
                dynamic_ncols=True)
     ran = 0
-    skipped: list[dict[str, Any]] = []
-    batches = _engine_batches(model, tokenizer, config, runs, work, done, bar, skipped) if config.engine \
-        else _hf_batches(model, tokenizer, config, runs, work, done, bar, memory)
+    refused: list[dict[str, Any]] = []
+    failed: list[str] = []
+    if config.workers > 1:
+        del setup  # the workers load their own; this process only gathers
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        batches = worker_batches(config, runs, planned, log, loader or load, bar, refused, failed)
+    else:
+        batches = unit_batches(setup, config, runs, done, bar, refused)
     try:
         for records in batches:
-            for record in records:
-                log.append(record)
+            log.extend(records)
             ran += len(records)
             bar.update(len(records))
     finally:
         bar.close()
-        records = [log.records[k] for k in planned if done(k)]
+        records = _final_records(log, planned, done, refused) if config.engine \
+            else [log.records[k] for k in planned if done(k)]
+        engine_records = [r for r in records if r.get("backend", HF) == ENGINE]
+        other = HF if config.engine else ENGINE
         counterpart = [log.records[k[:-1] + (other,)] for k in planned if done(k[:-1] + (other,))]
         state = {"planned": len(planned), "done": len(records), "ran_now": ran,
-                 "elapsed_s": round(time.perf_counter() - started, 1), "setup_s": round(setup_s, 1)}
-        engine, hf = (records, counterpart) if config.engine else (counterpart, records)
-        summary = write_outputs(out, config, runs, records, chat, memory.kind, state,
-                                leaderboard.engine_rows(engine, hf, runs), skipped)
+                 "elapsed_s": round(time.perf_counter() - started, 1), "setup_s": round(setup_s, 1),
+                 "workers": config.workers, "worker_errors": failed}
+        engine, hf = (engine_records, counterpart) if config.engine else (counterpart, records)
+        summary = write_outputs(out, config, runs, records, chat, memory_kind, state,
+                                leaderboard.engine_rows(engine, hf, runs), refused)
     return summary
 
 
-Work = list[tuple[RulerTask, int, list[RulerSample]]]
-
-
-def _hf_batches(model: Any, tokenizer: Any, config: RulerConfig, runs: list[Run], work: Work,
-                done: Callable[[Key], bool], bar: tqdm, memory: PeakMemory) -> Iterator[list[dict[str, Any]]]:
-    """``kvslim.Cache`` batches of ``batch_size`` samples of one task and length; every run and protocol measures
-    a batch before the next batch starts."""
-    for task, length, samples in work:
-        for i in range(0, len(samples), config.batch_size):
-            for run in runs:
-                for protocol in config.protocols:
-                    batch = [s for s in samples[i:i + config.batch_size]
-                             if not done((task.name, length, s.id, run.policy, run.keep, protocol, HF))]
-                    if batch:
-                        bar.set_description(f"{task.name} {length} {run.label} {protocol}")
-                        yield generate_batch(model, tokenizer, task, batch, run, protocol, memory)
-
-
-def _engine_batches(model: Any, tokenizer: Any, config: RulerConfig, runs: list[Run], work: Work,
-                    done: Callable[[Key], bool], bar: tqdm, skipped: list[dict[str, Any]]
-                    ) -> Iterator[list[dict[str, Any]]]:
-    """One engine batch per run, protocol and length: every task's samples not yet done, submitted at once; a run
-    the engine refuses is noted in ``skipped`` (label, protocol, length, reason) and left out."""
-    stops = stop_ids(model, tokenizer)
-    kv_memory: float = config.kv_memory  # type: ignore[assignment]  (RulerConfig.validate requires it with --engine)
-
-    def pending(run: Run, protocol: str, length: int) -> list[tuple[RulerTask, RulerSample]]:
-        return [(task, s) for task, at, samples in work if at == length for s in samples
-                if not done((task.name, length, s.id, run.policy, run.keep, protocol, ENGINE))]
-
-    for run in runs:
-        todo = [(protocol, length, pending(run, protocol, length)) for protocol in config.protocols
-                for length in config.lengths]
-        todo = [(protocol, length, batch) for protocol, length, batch in todo if batch]
-        if not todo:
-            continue
-        bar.set_description(f"engine {run.label}: {sum(len(b) for _, _, b in todo)} samples, a batch at once")
-        for protocol, length, records in run_batches(model, tokenizer, run, todo, stops, kv_memory):
-            if isinstance(records, Refused):
-                skipped.append({"label": run.label, "protocol": protocol, "length": length, "reason": str(records)})
-            else:
-                yield records
+def _final_records(log: SampleLog, planned: list[Key], done: Callable[[Key], bool], refused: list[dict[str, Any]]
+                   ) -> list[dict[str, Any]]:
+    """An engine run's records: the engine's, and where it refused a policy run, protocol and length, the Hugging
+    Face path's that ran instead (the directory may hold the HF path's records of other runs too: only these)."""
+    instead = {(r["label"], r["protocol"], r["length"]) for r in refused}
+    records = []
+    for key in planned:
+        fallback = key[:-1] + (HF,)
+        if done(key):
+            records.append(log.records[key])
+        elif (Run(key[3], key[4]).label, key[5], key[1]) in instead and done(fallback):
+            records.append(log.records[fallback])
+    return records
 
 
 def write_outputs(out: Path, config: RulerConfig, runs: list[Any], records: list[dict[str, Any]], chat: bool,
