@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 import kvslim
-from kvslim.methods.kvzip import KVzip, RepeatPrompt, reconstruct
+from kvslim.methods.kvzip import KVzip, RepeatPrompt, reconstruct, repeat_prompt
 from kvslim.models import tiny_model
 
 REPEAT = RepeatPrompt(first=(5, 6, 7), later=(8, 9), suffix=(10,))
@@ -117,3 +117,23 @@ def test_kvzip_through_generate_keeps_each_rows_budget_and_refuses_to_decode_uns
     with torch.no_grad(), pytest.raises(ValueError, match="reconstruction pass"):
         llama(torch.tensor([prompts[0]]), past_key_values=unscored, use_cache=True)
         llama(torch.tensor([[1]]), past_key_values=unscored, use_cache=True)
+
+
+class _CharTokenizer:
+    """Characters as token ids, with a ChatML-like template: enough to pin how the assistant opening is read off."""
+
+    chat_template = "chatml"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool, tokenize: bool, enable_thinking: bool) -> str:
+        return f"<s>user\n{messages[0]['content']}</s>\n<s>assistant\n"
+
+
+def test_repeat_prompt_ends_with_the_chat_templates_assistant_opening():
+    prompt = repeat_prompt(_CharTokenizer())
+    first, later, suffix = ("".join(map(chr, ids)) for ids in (prompt.first, prompt.later, prompt.suffix))
+    assert first == "\n\nRepeat the previous context exactly."
+    assert later == "\n\nRepeat the part of the previous context exactly, starting with "
+    assert suffix == "</s>\n<s>assistant\n"
