@@ -63,7 +63,7 @@ from kvslim.bench.ruler.scoring import METRICS
 from kvslim.generate import generate_ids
 from kvslim.hf_compat import cache_arg
 from kvslim.methods import policy
-from kvslim.methods.kvzip import REPEAT_PROMPT
+from kvslim.methods.kvzip import repeat_prompt
 from kvslim.models import load_model
 from kvslim.models.resolve import resolve
 
@@ -118,9 +118,9 @@ PAIRS: dict[str, Pair] = {
                                        "ratio": False},
                   "prunes half the key channels (not tokens) on both sides, whatever --keep says"),
     "kvzip": Pair("kvzip(keep={keep})", _press("KVzipPress"),
-                  "kvpress shares one budget across all layers and heads (layerwise=False), keeps 4 sinks, wraps "
-                  "the repeat prompt in the chat template and reconstructs 2048-token chunks, and masks the dropped "
-                  "keys; kvslim keeps the budget per layer and head and reconstructs 1024-token chunks"),
+                  "same algorithm (one budget over all layers and heads, 4 sinks, chunk-local softmax, chat-template "
+                  "repeat prompt, 2048-token chunks); kvpress leaves the chat template's prefix out of the "
+                  "reconstruction (its tokens past the 4 sinks score 0) and masks the dropped keys"),
     "keydiff": Pair("keydiff(keep={keep})", _press("KeyDiffPress"), "same score"),
     "lagkv": Pair("lagkv(keep={keep})", _press("LagKVPress"),
                   "kvpress replaces each chunk's scores by their ranks within the chunk (cross_scoring=False), so "
@@ -210,17 +210,13 @@ class KvslimSide:
         self.keep, self.stops = args.keep, stops
         self.memory = PeakMemory(self.device)
 
-    def _repeat_ids(self) -> list[int]:
-        """KVzip's repeat instruction in the model's tokens (its reconstruction pass reads it)."""
-        return self.tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False)
-
     def method(self, label: str) -> Any:
         return policy(PAIRS[label].kvslim.format(keep=self.keep))
 
     def _generate(self, method: Any, prompt: list[int], suffix: list[int] | None, max_new: int
                   ) -> tuple[list[int], Any, dict[str, Any]]:
         new, cache, timing = generate_ids(self.model, [prompt], method, max_new, self.stops, pad_token_id=self.stops[0],
-                                          repeat_ids=self._repeat_ids() if method.probes else (),
+                                          repeat=repeat_prompt(self.tokenizer) if method.probes else None,
                                           suffix_ids=[suffix] if suffix is not None else None)
         return new[0], cache, timing
 

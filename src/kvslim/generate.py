@@ -15,7 +15,7 @@ from torch import Tensor
 from .cache import Cache
 from .hf_compat import cache_arg
 from .methods import Method, policy as build_policy
-from .methods.kvzip import REPEAT_PROMPT, reconstruct
+from .methods.kvzip import RepeatPrompt, reconstruct, repeat_prompt
 
 
 @dataclass
@@ -67,13 +67,14 @@ def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int
 @torch.inference_mode()
 def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str | Method" = "full",
                  max_new_tokens: int = 32, eos_token_id: int | Sequence[int] | None = None,
-                 temperature: float = 0.0, seed: int = 0, pad_token_id: int = 0, repeat_ids: Sequence[int] = (),
+                 temperature: float = 0.0, seed: int = 0, pad_token_id: int = 0, repeat: RepeatPrompt | None = None,
                  suffix_ids: Sequence[Sequence[int]] | None = None,
                  **policy_params: Any) -> tuple[list[list[int]], Cache, dict[str, Any]]:
     """Generate from token ids; returns new ids per sequence, the cache, and timing/bytes measurements.
 
-    A probing policy (``kvzip``) runs its reconstruction pass right after the prefill, with ``repeat_ids``
-    (the repeat instruction in the model's tokens) before each chunk; its time counts in ``ttft_s``.
+    A probing policy (``kvzip``) runs its reconstruction pass right after the prefill, with ``repeat`` (its
+    instructions in the model's tokens, :func:`kvslim.methods.kvzip.repeat_prompt`) before each chunk; its time
+    counts in ``ttft_s``.
 
     ``suffix_ids`` (one non-empty list per prompt) are fed after the prompt has been prefilled and
     compressed, through :meth:`Cache.appended`: attended in full, kept as they are, and the answer is
@@ -109,7 +110,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], policy: "str |
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_arg(cache),
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # only the last position's logits
     if method.probes:
-        reconstruct(model, cache, ids, mask, repeat_ids)
+        reconstruct(model, cache, ids, mask, repeat)
     if suffix_ids is not None:
         logits, positions = _append(model, cache, suffix_ids, positions[:, -1:] + 1, pad_token_id)
     token = _sample(logits, temperature, generator)
@@ -175,7 +176,7 @@ def generate(model: Any, tokenizer: Any, prompts: str | Sequence[str], policy: "
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
     method = build_policy(policy, **policy_params)
-    repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False) if method.probes else []
+    repeat = repeat_prompt(tokenizer) if method.probes else None
     new_ids, cache, timing = generate_ids(model, prompt_ids, method, max_new_tokens, eos, temperature, seed, pad, repeat)
     end_bytes, kept, full = cache.bytes_per_sequence(), cache.tokens_per_sequence(), cache.full_bytes_per_sequence()
     host_bytes = cache.bytes_per_sequence(host=True)

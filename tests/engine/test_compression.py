@@ -57,7 +57,9 @@ def test_unsupported_methods_are_refused_clearly(llama, spec: str, reason: str) 
         LLM(llama, policy=spec, kv_memory=0.01)
 
 
-@pytest.mark.parametrize("spec", ["kvzip(keep=0.25,chunk=16)", "adakv(kvzip(keep=0.3,chunk=32))+int8"])
+@pytest.mark.parametrize("spec", ["kvzip(keep=0.25,chunk=16)",  # one budget over layers and heads: layers held, then stored
+                                  "kvzip(keep=0.25,chunk=16,level=pair-uniform)",
+                                  "adakv(kvzip(keep=0.3,chunk=32))+int8"])
 def test_kvzip_engine_matches_hf_cache_path(llama, spec: str) -> None:
     """The engine runs KVzip's reconstruction probes beside the prompt, layer by layer; kvslim.Cache runs them as a
     second pass after the prefill: same scores, same kept tokens, same greedy output."""
@@ -66,6 +68,21 @@ def test_kvzip_engine_matches_hf_cache_path(llama, spec: str) -> None:
     hf, _, _ = kvslim.generate_ids(llama, PROMPTS, spec, max_new_tokens=16)
     assert [out.token_ids for out in outs] == hf
     assert all(out.stats["peak_kv_blocks"] < out.stats["full_kv_bytes"] // llm.block_bytes for out in outs)
+
+
+def test_kvzip_engine_stores_the_request_wide_budget_ragged_over_layers(llama, monkeypatch) -> None:
+    """Under KVzip's default budget (one over every layer and head) the engine holds each layer until the last is
+    scored: what it then stores per layer and KV head is what kvslim.Cache keeps, and the layers differ."""
+    from kvslim.engine.sequence import Sequence
+
+    spec, stored = "kvzip(keep=0.25,chunk=16)", []
+    set_held = Sequence.set_held
+    monkeypatch.setattr(Sequence, "set_held", lambda seq, held: (stored.append(held.clone()), set_held(seq, held))[1])
+    LLM(llama, policy=spec, kv_memory=0.01, block_size=4).generate([PROMPTS[1]], SamplingParams(max_tokens=1))
+    _, cache, _ = kvslim.generate_ids(llama, [PROMPTS[1]], spec, max_new_tokens=1)
+    expected = torch.stack([layer.lengths[0] for layer in cache.layers])  # (L, H)
+    assert torch.equal(stored[0], expected)
+    assert int(expected.sum()) == expected.numel() * 18 and len(set(expected.flatten().tolist())) > 1
 
 
 @pytest.mark.parametrize("spec", [

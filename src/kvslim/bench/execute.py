@@ -14,7 +14,7 @@ import torch
 from ..cache import Cache
 from ..generate import generate_ids
 from ..hf_compat import cache_arg
-from ..methods.kvzip import REPEAT_PROMPT
+from ..methods.kvzip import repeat_prompt
 from .config import BenchConfig, Run
 from .memory import PeakMemory
 from .tasks import Sample, Task
@@ -62,10 +62,10 @@ def generate_batch(model: Any, tokenizer: Any, task: Task, samples: Sequence[Sam
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     memory.reset()
     method = run.build()
-    repeat = tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False) if method.probes else []  # KVzip's instruction
+    repeat = repeat_prompt(tokenizer) if method.probes else None  # KVzip's instructions
     max_new = max(task.new_tokens(s) for s in samples)
     new_ids, cache, timing = generate_ids(model, prompts, method, max_new, sorted(eos),
-                                          pad_token_id=pad, repeat_ids=repeat)
+                                          pad_token_id=pad, repeat=repeat)
     peak = memory.read()
     end_bytes, full_bytes = cache.bytes_per_sequence(), cache.full_bytes_per_sequence()
     host_bytes, kept = cache.bytes_per_sequence(host=True), cache.tokens_per_sequence()

@@ -15,7 +15,9 @@ What the engine supports, and why:
   the layers beside the prompt (:meth:`Compression.probe_inputs`); at each layer the probes attend to the
   prompt's full keys and to themselves, and the policy scores from them before the layer is compressed.
   Since a probe at layer ``i`` only reads layers up to ``i``, this is the same pass ``kvslim.Cache`` runs
-  after the prefill, and it gives the same scores.
+  after the prefill, and it gives the same scores. KVzip's default budget is shared by every layer and head
+  of the request (:attr:`Compression.across_layers`): its layers are held, scored and uncompressed, until the
+  last one is, then all are evicted together and only then stored.
 * **decode-time eviction**: StreamingLLM's rule needs no scores (sinks + the newest tokens), so its
   window slides by moving a start slot, exactly as its ``on_decode`` would, and blocks the window has
   passed are handed back. Every other decode-time scorer (R-KV, TOVA, H2O, any scorer with ``decode_budget=``
@@ -73,7 +75,7 @@ from ..methods.adakv import AdaptiveHeads
 from ..methods.auto import AutoBudget
 from ..methods.full import Full
 from ..methods.kcache import KCache
-from ..methods.kvzip import chunk_size
+from ..methods.kvzip import KVzip, RepeatPrompt, chunk_size
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.quest import Quest
@@ -90,10 +92,10 @@ class Compression:
     """One policy, checked once for what the engine can do, then applied per sequence and layer."""
 
     def __init__(self, policy: Method, num_layers: int, scaling: float, rope: Tensor | None = None,
-                 repeat: list[int] | None = None):
+                 repeat: RepeatPrompt | None = None):
         self.policy, self.num_layers, self.scaling, self.rope = policy, num_layers, scaling, rope
-        #: the repeat instruction's token ids before each probe chunk (KVzip), empty without a tokenizer
-        self.repeat = list(repeat or [])
+        #: KVzip's reconstruction instructions in the model's tokens, empty without a tokenizer
+        self.repeat = repeat or RepeatPrompt()
         self.states: list[dict] = []  # per layer, the last prefill's method state (see take_states)
         self.channels: list[Tensor] = []  # per layer, the last prefill's ThinK channels (see take_channels)
         unpruned = lambda p: isinstance(p, Full) or isinstance(p, ThinK) and p.ratio == 0  # noqa: E731
@@ -117,7 +119,11 @@ class Compression:
         self.decoding = self._decoding(policy, parts) if self.window is None else None
         #: runs :attr:`decoding` for every sequence of a decode step
         self.decode_eviction = None if self.decoding is None else DecodeEviction(self.decoding, num_layers, scaling, rope)
-        self.ragged_heads = any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
+        #: a layer's budget depends on every layer's scores (KVzip's ``pair`` level): :meth:`__call__` holds the
+        #: layers until the last one, :meth:`held_layers` gives them all back compressed
+        self.across_layers = any(isinstance(p, KVzip) and p.across_layers for p in parts)
+        self.ragged_heads = self.across_layers or any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
+        self._held: list[LayerKV] = []
         #: budgets weighed over every KV head of a layer and every layer of a request (auto): one process only
         self.whole_request = any(isinstance(p, AutoBudget) for p in parts)
         other = [p.name for p in parts if not isinstance(p, ScoredEviction)]
@@ -224,15 +230,15 @@ class Compression:
         """Token ids of the probes a prompt needs (KVzip: the repeat instruction, then each chunk of the prompt)."""
         if not self.policy.probes:
             return []
-        chunk = chunk_size(self.policy)
-        return [self.repeat + tokens[start : start + chunk] for start in range(0, len(tokens), chunk)]
+        return self.repeat.probes(tokens, chunk_size(self.policy))
 
     def __call__(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor,
-                 probes: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 probes: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
         """Queries (Hq,T,D), keys/values (H,T,D) of one sequence -> kept keys, values (H,T',D) and lengths (H,).
 
         ``probes``: the queries (Hq,P,D) and keys (H,P,D) of each probe of :meth:`probe_inputs` at this layer.
-        With ThinK the kept keys come back thin (H,T',D'), its channels in :attr:`channels`."""
+        With ThinK the kept keys come back thin (H,T',D'), its channels in :attr:`channels`. None under
+        :attr:`across_layers`: the layer is held until the last one, then :meth:`held_layers`."""
         layer = self._layer(layer_idx, keys[None], values[None])
         obs = Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", rope=self.rope)
         if self.evict is None:
@@ -247,9 +253,12 @@ class Compression:
                                              rope=self.rope))
         if self.decoding is not None:
             self.states = self.states[:layer_idx] + [layer.state]
-        kept_k, kept_v, valid = layer.dense(keys.dtype)
+        if self.across_layers and probes:
+            self._held = [*self._held[:layer_idx], layer]
+            return None
+        kept_k, kept_v, lens = self._kept(layer, keys.dtype)
         obs = Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", rope=self.rope)
-        return self._thin(obs, kept_k[0], kept_v[0], valid[0].sum(-1))
+        return self._thin(obs, kept_k, kept_v, lens)
 
     def _thin(self, obs: Observation, keys: Tensor, values: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With ThinK, choose the layer's channels from what the evictors kept (as ``ThinK.on_prefill`` does after
@@ -259,6 +268,19 @@ class Compression:
         channels = self.thin.channels(obs)[0]  # (H, D')
         self.channels = self.channels[: obs.layer_idx] + [channels]
         return keep_channels(keys[None], channels[None])[0], values, lens
+
+    @staticmethod
+    def _kept(layer: LayerKV, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        kept_k, kept_v, valid = layer.dense(dtype)
+        return kept_k[0], kept_v[0], valid[0].sum(-1)
+
+    def held_layers(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Every layer :meth:`__call__` held (:attr:`across_layers`), compressed now that the last one was scored:
+        kept keys, values (H,T',D) and lengths (H,) per layer."""
+        held, self._held = self._held, []
+        if len(held) != self.num_layers:
+            raise RuntimeError(f"{self.policy.spec}: {len(held)} of {self.num_layers} layers were scored before storing")
+        return [self._kept(layer, dtype) for layer in held]
 
     def start_window(self, seq_len: int, appended: int = 0) -> tuple[int, int] | None:
         """(sinks, budget) of a sliding window for a prefill of ``seq_len`` compressed tokens and ``appended``

@@ -10,7 +10,7 @@ import torch
 
 from ..cache.tier import KVTier, open_tier
 from ..methods import Method, policy as build_policy
-from ..methods.kvzip import REPEAT_PROMPT
+from ..methods.kvzip import RepeatPrompt, repeat_prompt
 from .admission import LengthAwareAdmission
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
@@ -35,9 +35,9 @@ class StepFailed(RuntimeError):
         self.request_ids = request_ids
 
 
-def _repeat_ids(tokenizer: Any) -> list[int]:
-    """KVzip's repeat instruction in the model's tokens; without a tokenizer the copy follows the prompt directly."""
-    return [] if tokenizer is None else list(tokenizer.encode(REPEAT_PROMPT, add_special_tokens=False))
+def _repeat_prompt(tokenizer: Any) -> RepeatPrompt:
+    """KVzip's repeat instructions in the model's tokens; without a tokenizer the copy follows the prompt directly."""
+    return RepeatPrompt() if tokenizer is None else repeat_prompt(tokenizer)
 
 
 class LLMEngine:
@@ -89,7 +89,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.policy = build_policy(policy)
         self.compression = Compression(self.policy, self.runner.num_layers, self.runner.scaling, self.runner.inv_freq,
-                                       _repeat_ids(tokenizer) if self.policy.probes else [])
+                                       _repeat_prompt(tokenizer) if self.policy.probes else None)
         if isinstance(self.runner, ParallelRunner) and (self.policy.probes or self.compression.decoding is not None
                                                         or self.compression.whole_request
                                                         or self.compression.thin is not None):

@@ -37,7 +37,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 GRAPH_BATCHES = (1, 2, 4, 8, *range(16, 513, 16))
 
 #: (layer, queries (Hq,T,D), keys (H,T,D), values (H,T,D), probes) -> kept keys, values (H,T',D) and lengths (H,);
-#: ``probes`` holds each probe's queries (Hq,P,D) and keys (H,P,D) at that layer (see ``Compression.probe_inputs``)
+#: ``probes`` holds each probe's queries (Hq,P,D) and keys (H,P,D) at that layer (see ``Compression.probe_inputs``);
+#: None while a budget across layers holds the layers (``Compression.across_layers``, then ``held_layers``)
 CompressHook = Any
 
 
@@ -232,8 +233,9 @@ class ModelRunner:
         x = self.model.model.embed_tokens(ids)
         probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compressing else [])]
         table = self._table(seq.block_table)
-        paged_per_layer: list[Tensor] = []  # on the device until the loop ends: one host copy, not one per layer
-        ring_per_layer: list[Tensor] = []
+        #: per layer, the slots each head holds in pages and in the ring, on the device until every layer is stored:
+        #: one host copy, not one per layer
+        stored: list[tuple[Tensor, Tensor | None] | None] = [None] * self.num_layers
         for i, layer in enumerate(self.layers):
             h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
             q, k, v = self._qkv(i, h, cos, sin)
@@ -244,24 +246,32 @@ class ModelRunner:
             out = self._attention(q, k, v, start)
             if compressing:
                 queries = q if not start else torch.cat([seq.prefill_queries[i], q], 1)  # type: ignore[index]
-                kept_k, kept_v, lens = compress(i, queries, k, v, [self._probe_layer(i, p, k, v) for p in probes])
+                kept = compress(i, queries, k, v, [self._probe_layer(i, p, k, v) for p in probes])
             else:
                 fresh = torch.full((self.num_kv_heads,), end - offset, device=self.device)
-                kept_k, kept_v, lens = k[:, offset:], v[:, offset:], fresh
+                kept = k[:, offset:], v[:, offset:], fresh
                 if compress is not None:
                     self._observe(seq, i, q, compress.observed)
-            slots = self._slots(table, offset, kept_k.shape[1])
-            paged, ring = self.kv.store_prefill(i, seq, slots, kept_k, kept_v, lens)
-            paged_per_layer.append(paged.to(self.device, torch.long))
-            if self.kv.ring:
-                ring_per_layer.append(ring.to(self.device, torch.long))
+            if kept is not None:  # None: held until every layer is scored (a budget across layers, KVzip)
+                stored[i] = self._store_prefill(seq, table, i, offset, kept)
             x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
             x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
-        held = torch.stack(paged_per_layer).cpu() + offset
-        tail = torch.stack(ring_per_layer).cpu() if self.kv.ring else None
+        if compressing and compress.across_layers and probes:  # type: ignore[union-attr]
+            for i, kept in enumerate(compress.held_layers(self.dtype)):  # type: ignore[union-attr]
+                stored[i] = self._store_prefill(seq, table, i, offset, kept)
+        held = torch.stack([paged for paged, _ in stored]).cpu() + offset  # type: ignore[misc]
+        tail = torch.stack([ring for _, ring in stored]).cpu() if self.kv.ring else None  # type: ignore[misc]
         if whole and len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
+
+    def _store_prefill(self, seq: Sequence, table: Tensor, i: int, offset: int, kept: tuple[Tensor, Tensor, Tensor]
+                       ) -> tuple[Tensor, Tensor | None]:
+        """Write layer ``i``'s kept keys, values (H,T',D) and lengths (H,) from slot ``offset`` (``table`` from
+        :meth:`_table`); the slots each head then holds in pages and in the ring (None without one), on the device."""
+        kept_k, kept_v, lens = kept
+        paged, ring = self.kv.store_prefill(i, seq, self._slots(table, offset, kept_k.shape[1]), kept_k, kept_v, lens)
+        return paged.to(self.device, torch.long), ring.to(self.device, torch.long) if self.kv.ring else None
 
     @staticmethod
     def _observe(seq: Sequence, layer: int, queries: Tensor, window: int) -> None:

@@ -1,34 +1,89 @@
 """KVzip: query-agnostic scores from context reconstruction: keep what the model reads to repeat the context.
 
 Kim et al., 2025, "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
-(arXiv:2505.23416). After the prefill, the model is prompted to repeat the context (``REPEAT_PROMPT``,
-then the context itself, as teacher-forced input) on top of the cache; a KV pair that the
-reconstruction attends to is one the context cannot be rebuilt without, whatever question comes later.
-A token's score is the largest attention any reconstruction query of its KV head's group pays it
-(softmax over the held tokens and the reconstruction's own). The context is reconstructed in chunks
-of ``chunk`` tokens, one forward each, so the attention matrix stays chunk x context; the probe
-tokens are never stored (:meth:`kvslim.Cache.probing`). Cost: one more forward over the context (plus
-the prompt per chunk), i.e. about twice the prefill, measured in the time to first token.
+(arXiv:2505.23416), following the authors' code (github.com/snu-mllab/KVzip, ``attention/score.py``,
+``model/wrapper.py``) and kvpress's ``KVzipPress``. After the prefill the model is asked to repeat the
+context, chunk by chunk: chunk ``c`` (``chunk`` tokens) is teacher-forced after an instruction
+(:class:`RepeatPrompt`: "Repeat the previous context exactly." for the first chunk, "Repeat the part of the
+previous context exactly, starting with" plus the previous chunk's last 8 tokens for the others) and the chat
+template's assistant opening, one forward per chunk on top of the cache. A KV pair the reconstruction attends to
+is one the context cannot be rebuilt without, whatever question comes later.
+
+Scoring, as the authors do it: a token of chunk ``c`` is scored only by chunk ``c``'s reconstruction, with the
+largest attention any of its queries, in any query head of its KV head's group, pays it, where the softmax runs
+over the ``sinks`` first tokens, chunk ``c``'s own tokens and the reconstruction tokens (causally), not over
+the whole context: a chunk's tokens compete with each other and with the copy, not with the rest of the
+context. The probe tokens are never stored (:meth:`kvslim.Cache.probing`). Cost: one more forward over the
+context plus the instructions, about twice the prefill, counted in the time to first token.
+
+Budget (``level``, the authors' ``--level``): ``pair`` (their default, and kvpress's ``layerwise=False``) keeps
+the best ``keep`` share of all (layer, KV head, token) scores of the request at once, so layers and heads hold
+different lengths (ragged, as AdaKV's) and the request's total is the fixed budget's; ``pair-uniform`` keeps the
+same number in every layer and head. The first ``sinks`` tokens are always kept (kvpress's ``n_sink=4``; the
+authors keep the whole system prompt, which kvslim cannot tell from the context). Under ``pair`` a layer can
+only evict once every layer is scored: :class:`kvslim.Cache` reaches that when probing ends, the engine holds
+the request's layers until its last one (:mod:`kvslim.engine.compression`). The mean kept share is ``keep``
+either way, but the engine sizes a sequence's pages by its longest (layer, head), which under ``pair`` can hold
+nearly all of the prompt (Qwen2.5-Coder-0.5B, RULER 1k, keep 0.25: one head kept 855 of 864 tokens), so there
+``pair`` saves almost no pages and ``pair-uniform`` saves ``keep``; :class:`kvslim.Cache` stores every head's own
+length.
 
 The pass needs the model, so it is driven from outside the cache: :func:`reconstruct` after the
 prefill (``kvslim.generate``/``generate_ids`` call it); a cache that is decoded without it refuses.
-The engine runs the same probes beside the prompt, layer by layer (see :mod:`kvslim.engine.compression`).
-Per-head budgets: ``adakv(kvzip)``.
+The engine runs the same probes beside the prompt, layer by layer. ``adakv(kvzip)``: each layer's total comes
+from the request-wide selection, AdaKV's rule spreads it over the layer's heads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ..hf_compat import cache_arg
-from .base import Observation, ScoredEviction
+from .base import Observation, ScoredEviction, keep_top
 from .registry import Chain, register
 
-#: the instruction that precedes the repeated context (the paper's wording)
+#: the instruction before the first chunk of the repeated context (the authors' wording)
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
+#: the instruction before every later chunk, followed by the end of the chunk before it (the authors' wording)
+CONTINUE_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
+#: tokens of the previous chunk quoted after :data:`CONTINUE_PROMPT` (the authors' ``prev_postfix_size``)
+OVERLAP = 8
+#: the budget levels: the authors' ``pair`` (one budget over every layer and head) and ``pair-uniform``
+LEVELS = ("pair", "pair-uniform")
+
+
+@dataclass(frozen=True)
+class RepeatPrompt:
+    """KVzip's reconstruction instruction in a model's tokens (empty without a tokenizer: the copy follows the
+    context directly)."""
+
+    first: tuple[int, ...] = ()  # :data:`REPEAT_PROMPT`
+    later: tuple[int, ...] = ()  # :data:`CONTINUE_PROMPT`
+    suffix: tuple[int, ...] = ()  # the chat template's end of the user turn and start of the assistant's
+
+    def probes(self, tokens: Sequence[int], chunk: int) -> list[list[int]]:
+        """Token ids of each chunk's reconstruction probe for a context of ``tokens``."""
+        pieces = [list(tokens[start : start + chunk]) for start in range(0, len(tokens), chunk)]
+        return [list(self.first if i == 0 else self.later + tuple(pieces[i - 1][-OVERLAP:])) + list(self.suffix) + piece
+                for i, piece in enumerate(pieces)]
+
+
+def repeat_prompt(tokenizer: Any) -> RepeatPrompt:
+    """The instructions in ``tokenizer``'s tokens, and the chat template's assistant opening that follows them (as
+    kvpress reads it off the template: a dummy user turn split at a marker); ``"\\n"`` without a chat template."""
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+    suffix = "\n"
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\n" + "#" * 13
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "dummy context" + marker}],
+                                             add_generation_prompt=True, tokenize=False, enable_thinking=False)
+        suffix = text.split(marker)[1]
+    return RepeatPrompt(encode(REPEAT_PROMPT), encode(CONTINUE_PROMPT), encode(suffix))
 
 
 @register
@@ -36,9 +91,14 @@ REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
 class KVzip(ScoredEviction):
     """Max attention from a chunked context-reconstruction pass; evicts when the pass ends."""
 
-    chunk: int = 1024
+    chunk: int = 2048
+    sinks: int = 4
+    level: str = "pair"
+    #: under ``pair``: the observations of the layers probed so far in this request, evicted with the last one
+    scored: list[Observation] = field(default_factory=list, init=False, repr=False, compare=False)
     name = "kvzip"
-    summary = "query-agnostic: max attention each token gets while the model repeats the context (2nd pass)"
+    summary = ("query-agnostic: max attention each token gets while the model repeats the context chunk by chunk "
+               "(2nd pass); one budget over all layers and heads")
     paper = "Kim et al. 2025, KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction, arXiv:2505.23416"
     probes = True
 
@@ -46,37 +106,74 @@ class KVzip(ScoredEviction):
         super().validate()
         if self.chunk < 1:
             raise ValueError(f"{self.name}: chunk={self.chunk} must be >= 1 (context tokens reconstructed per forward)")
+        if self.level not in LEVELS:
+            raise ValueError(f"{self.name}: level={self.level!r} must be one of {', '.join(LEVELS)} (pair: one budget "
+                             "over all layers and heads; pair-uniform: the same budget in every layer and head)")
         if self.decode_budget is not None or self.interval != 1:
             raise ValueError(f"{self.name} scores the prompt by reconstructing it, which decoded tokens are not: "
                              "decode_budget/interval do not apply; use e.g. expected_attention for decode-time budgets")
+
+    @property
+    def across_layers(self) -> bool:
+        """Whether a layer's budget depends on the other layers' scores (it evicts once all are probed)."""
+        return self.level == "pair"
 
     def on_prefill(self, obs: Observation) -> None:
         """Set the budget; scores come from the reconstruction, so nothing is evicted yet."""
         budget = obs.layer.state["budget"] = self.layer_budget(obs, obs.valid.sum(-1))
         obs.layer.state["kvzip"] = None  # new tokens: scores from an earlier pass no longer fit the layout
+        obs.layer.state["kvzip.chunks"] = 0
         obs.layer.state["kvzip.pending"] = bool((obs.valid.sum(-1) > budget).any())
 
     def on_probe(self, obs: Observation, keys: Tensor, real: Tensor) -> None:
-        group = obs.group
+        """Score the chunk this probe reconstructs (probes come in chunk order)."""
+        group, valid = obs.group, obs.valid
+        index = obs.layer.state["kvzip.chunks"]
+        obs.layer.state["kvzip.chunks"] = index + 1
+        rank = obs.time_rank()[0]
+        in_chunk = valid & (rank >= index * self.chunk) & (rank < (index + 1) * self.chunk)
+        counted = in_chunk | (valid & (rank < self.sinks))  # (B,H,T): the keys the score's softmax runs over
         queries = obs.queries.float()
         held = obs.keys.float().repeat_interleave(group, 1)
         own = keys.float().repeat_interleave(group, 1)
         logits = torch.cat([queries @ held.transpose(-1, -2), queries @ own.transpose(-1, -2)], -1) * obs.scaling
         q_len = queries.shape[2]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=real.device).tril() & real[:, None, :]
-        allowed = torch.cat([obs.valid.repeat_interleave(group, 1)[:, :, None, :].expand(-1, -1, q_len, -1),
+        allowed = torch.cat([counted.repeat_interleave(group, 1)[:, :, None, :].expand(-1, -1, q_len, -1),
                              causal[:, None].expand(-1, logits.shape[1], -1, -1)], -1)
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)[..., : held.shape[2]]
-        probs = probs * real[:, None, :, None]  # padding rows of the probe vote for nothing
+        probs = probs.nan_to_num(0.0) * real[:, None, :, None]  # padding rows of the probe vote for nothing
         batch, q_heads, _, length = probs.shape
         score = probs.amax(2).view(batch, q_heads // group, group, length).amax(2)
         past = obs.layer.state.get("kvzip")
-        obs.layer.state["kvzip"] = score if past is None else torch.maximum(past, score)
+        past = torch.zeros_like(score) if past is None else past
+        obs.layer.state["kvzip"] = torch.where(in_chunk, score, past)
 
     def on_probed(self, obs: Observation) -> None:
         if obs.layer.state.get("kvzip") is None:
             return
-        self.evict(obs, obs.layer.state["budget"])
+        if not self.across_layers:
+            self._evict_probed(obs, obs.layer.state["budget"])
+            return
+        self.scored = [*self.scored[: obs.layer_idx], obs]
+        if obs.layer_idx == obs.num_layers - 1:
+            scored, self.scored = self.scored, []
+            for layer_obs, k in zip(scored, self.request_budgets(scored)):
+                layer_obs.layer.state["budget"] = k
+                self._evict_probed(layer_obs, k)
+
+    def request_budgets(self, scored: list[Observation]) -> list[Tensor]:
+        """Each layer's kept tokens per (sequence, KV head) when the request's best scores over every layer and
+        head fill the sum of the layers' budgets (the authors' ``pair`` level)."""
+        ranked = [self.ranked(o, self.score(o).float()) for o in scored]
+        total = sum(o.layer.state["budget"].sum(-1) for o in scored)
+        flat = torch.cat([r.flatten(1) for r in ranked], 1)
+        keep = keep_top(flat[:, None], total[:, None])[:, 0]
+        sizes = [r[0].numel() for r in ranked]
+        return [part.view(r.shape).sum(-1) for part, r in zip(keep.split(sizes, 1), ranked)]
+
+    def _evict_probed(self, obs: Observation, k: Tensor) -> None:
+        self.evict(obs, k)
         obs.layer.state["kvzip"] = None
         obs.layer.state["kvzip.pending"] = False
 
@@ -100,23 +197,25 @@ def chunk_size(policy: Any) -> int:
 
 
 @torch.inference_mode()
-def reconstruct(model: Any, cache: Any, ids: Tensor, mask: Tensor | None = None, repeat: Sequence[int] = ()) -> None:
+def reconstruct(model: Any, cache: Any, ids: Tensor, mask: Tensor | None = None,
+                prompt: RepeatPrompt | None = None) -> None:
     """KVzip's scoring pass over a prefilled ``kvslim.Cache``, then its eviction.
 
     ``ids`` (B, T) is the context the cache was prefilled with (left-padded where ``mask`` (B, T) is 0);
-    ``repeat`` the token ids of the repeat instruction (:data:`REPEAT_PROMPT` in the model's tokenizer; empty,
-    the copy simply follows the context). Every row is cut into chunks from its own first token, so a
-    row's scores do not depend on the batch it is in; chunk ``c`` of every row goes in one probe forward
-    (left-padded), at the positions that follow its row's context. Leaving the probe block evicts.
+    ``prompt`` the instructions in the model's tokens (:func:`repeat_prompt`; None: the copy simply follows the
+    context). Every row is cut into chunks from its own first token, so a row's scores do not depend on the batch
+    it is in; chunk ``c`` of every row goes in one probe forward (left-padded), at the positions that follow its
+    row's context. Leaving the probe block evicts.
     """
     chunk = chunk_size(cache.policy)
+    prompt = prompt or RepeatPrompt()
     mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
-    rows = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+    rows = [prompt.probes(row[keep.bool()].tolist(), chunk) for row, keep in zip(ids, mask)]
     context = mask.sum(-1, keepdim=True)
     seen = torch.ones(len(rows), cache.get_seq_length(), dtype=torch.long, device=ids.device)
     with cache.probing():
-        for start in range(0, max(len(r) for r in rows), chunk):
-            pieces = [list(repeat) + r[start : start + chunk] if start < len(r) else [] for r in rows]
+        for index in range(max(len(r) for r in rows)):
+            pieces = [r[index] if index < len(r) else [] for r in rows]
             width = max(len(p) for p in pieces)
             inputs = torch.zeros(len(rows), width, dtype=ids.dtype)
             real = torch.zeros(len(rows), width, dtype=torch.long)
