@@ -72,6 +72,9 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
             bar.update(len(records))
     finally:
         bar.close()
+        if config.workers > 1:  # interrupted (Ctrl-C, a time limit): what the workers' cut-short units finished
+            batches.close()  # type: ignore[attr-defined]  # the workers stop before their shards are read
+            ran += absorb_leftovers(log)
         records = _final_records(log, planned, done, refused) if config.engine \
             else [log.records[k] for k in planned if done(k)]
         engine_records = [r for r in records if r.get("backend", HF) == ENGINE]

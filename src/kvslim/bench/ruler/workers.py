@@ -80,8 +80,12 @@ def worker_batches(config: RulerConfig, runs: list[Run], planned: list[Key], log
             if shard.exists():
                 yield read_shard(shard)
                 shard.unlink()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # Ctrl-C, a time limit, the caller closing us: stop now, not after the running units
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in multiprocessing.active_children():
+            process.terminate()
+        raise
+    pool.shutdown(wait=True)
 
 
 def run_unit(config: RulerConfig, run: Run, finished: set[Key], shard: Path, loader: Loader
