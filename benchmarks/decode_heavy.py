@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from engine_throughput import (
     appended_to,
+    benchmark_model,
     copy_bandwidth,
     decode_weight_bytes,
     drive,
@@ -61,7 +62,6 @@ from provenance import code_commit
 
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.latency import LatencyStats
-from kvslim.models import load_model
 
 MODES = ["full", "kivi4", "kivi2", "fp8_e4m3", "snapkv(keep=0.25)", "rkv(budget=1024,interval=64)",
          "snapkv(keep=0.25,decode_budget=1024,interval=64)", "streaming(budget=1024,sinks=4)"]
@@ -156,10 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
-    if not cuda and not args.smoke:
-        raise SystemExit("decode_heavy needs a CUDA GPU; --smoke runs tiny-llama on the CPU")
-    model, _ = load_model(args.model, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    model, cuda = benchmark_model("decode_heavy", args.model, args.smoke)
     vocab = model.config.vocab_size
     prompts = workload(args.requests, args.min_prompt, args.max_prompt, vocab, seed=0)
     outputs = output_lengths(args.requests, args.min_output, args.max_output, seed=0)

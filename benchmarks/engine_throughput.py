@@ -267,12 +267,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def benchmark_model(script: str, spec: str, smoke: bool) -> tuple[Any, bool]:
+    """The model a throughput benchmark runs and whether on the GPU: bfloat16 there, float32 on the CPU for
+    ``--smoke`` (anything else without a GPU exits naming the script)."""
+    cuda = torch.cuda.is_available() and not smoke
+    if not cuda and not smoke:
+        raise SystemExit(f"{script} needs a CUDA GPU; --smoke runs tiny-llama on the CPU")
+    model, _ = load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    return model, cuda
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
-    if not cuda and not args.smoke:
-        raise SystemExit("engine_throughput needs a CUDA GPU; --smoke runs tiny-llama on the CPU")
-    model, _ = load_model(args.model, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    model, cuda = benchmark_model("engine_throughput", args.model, args.smoke)
     prompts = workload(args.requests, args.min_prompt, args.max_prompt, model.config.vocab_size, seed=0)
     bandwidth = copy_bandwidth() if cuda else None
     weights = decode_weight_bytes(model)
