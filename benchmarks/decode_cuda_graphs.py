@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from kvslim.engine import LLM, SamplingParams
+from timing import wall
 from transformers import AutoModelForCausalLM
 
+from kvslim.engine import LLM, SamplingParams
 from kvslim.models import load_config
-from timing import wall  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 #: (model, policy, kv_memory GiB, batch sizes)
 RUNS = (("smollm2-135m", "full", 4.0, (1, 8, 32, 128)), ("smollm2-135m", "kivi4", 4.0, (1, 32)),

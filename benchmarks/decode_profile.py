@@ -20,22 +20,22 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import pstats
 import json
+import pstats
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from engine_throughput import decode_weight_bytes, kv_bytes_read
+from provenance import code_commit
+from timing import copy_bandwidth
 from torch.profiler import ProfilerActivity, profile
 
 from kvslim.engine import LLMEngine, SamplingParams
 from kvslim.engine.sequence import Sequence, Status
 from kvslim.models import load_model
-from engine_throughput import decode_weight_bytes, kv_bytes_read  # noqa: E402  (beside this script)
-from provenance import code_commit  # noqa: E402  (beside this script)
-from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 ATTENTION = ("paged", "combine")
 GEMM = ("gemm", "gemv", "nvjet", "cutlass", "sm90", "cublas", "splitk", "matmul")

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import triton
+from timing import copy_bandwidth
 
 import kvslim
 from kvslim.kernels.paged_attention import paged_decode
@@ -34,7 +35,6 @@ from kvslim.kernels.paged_attention_ref import paged_decode_ref
 from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention import paged_quant_decode
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
-from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 KV_HEADS, Q_HEADS, DIM = 8, 32, 128
 

@@ -49,13 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import code_commit
+from timing import copy_bandwidth
 from transformers import DynamicCache
 
 from kvslim.engine import LLMEngine, RequestOutput, SamplingParams
 from kvslim.hf_compat import cache_arg
 from kvslim.models import load_model
-from provenance import code_commit  # noqa: E402  (beside this script)
-from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 POLICIES = ["full", "kivi4", "kivi2", "fp8_e4m3", "snapkv(keep=0.25)", "rkv(keep=0.25,interval=64)"]
 #: the policies whose prompts the engine prefills in chunks (pages in the model dtype), run with and without

@@ -39,22 +39,23 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import pstats
 import json
 import math
+import pstats
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from provenance import code_commit
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
 import kvslim
 from kvslim.engine import LLM, SamplingParams
 from kvslim.models import load_config
-from provenance import code_commit  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 POLICIES = ("full", "snapkv(keep=0.25)", "kivi4", "kivi2")
 #: compiled in static mode too; a quantizer's packing every ``group`` steps changes shapes (a recompile each time)
@@ -239,7 +240,7 @@ def measure(model: Any, context: int, args: argparse.Namespace, device: str, row
         return lambda: kvslim.Cache(kvslim.policy(policy), model.config, max_length=max_length)
 
     record("DynamicCache", hf(lambda: DynamicCache(config=model.config)))
-    static = lambda: StaticCache(config=model.config, max_cache_len=room)  # noqa: E731
+    static = lambda: StaticCache(config=model.config, max_cache_len=room)
     record("StaticCache", hf(static))
     if compile_too:
         record("StaticCache+compile", hf(static, lambda: compiled(model)))

@@ -1,4 +1,4 @@
-"""Sweep the quantized paged decode kernel's launch (tile of blocks, warps, stages, programs per SM) on a GPU.
+r"""Sweep the quantized paged decode kernel's launch (tile of blocks, warps, stages, programs per SM) on a GPU.
 
 One layer of a Llama-3.1-8B-shaped model (8 KV heads, 32 query heads, head_dim 128, bf16 query), ``batch``
 sequences of ``context`` tokens in shuffled blocks (32 slots for KIVI, 16 otherwise, as the engine). Every
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import triton
+from timing import copy_bandwidth
 from triton.testing import do_bench
 
 import kvslim
@@ -29,7 +30,6 @@ from kvslim.kernels.paged_quant import CodePages, Codes, QuantPages
 from kvslim.kernels.paged_quant_attention import paged_quant_decode
 from kvslim.kernels.paged_quant_attention_ref import paged_quant_decode_ref
 from kvslim.methods.fp8_static import StaticFP8
-from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 KV_HEADS, Q_HEADS, DIM = 8, 32, 128
 
@@ -116,7 +116,7 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "copy_GBps": bw / 1e9, "rows": []}
-    bench = lambda f: do_bench(f, warmup=10, rep=50, return_mode="median")  # noqa: E731
+    bench = lambda f: do_bench(f, warmup=10, rep=50, return_mode="median")
     for shape in a.shapes:
         batch, context = map(int, shape.split("x"))
         if shape == a.shapes[0]:  # the model-dtype kernel at the engine's shape, for scale
@@ -172,10 +172,10 @@ def main() -> None:
             rs = [r for r in rows if r["format"] == fmt and r["batch"] == batch and r["context"] == context]
             if not rs:
                 continue
-            get = lambda n: next((r for r in rs if r["variant"] == n), None)  # noqa: E731
+            get = lambda n: next((r for r in rs if r["variant"] == n), None)
             o, d = get("old"), get("default")
             best = min((r for r in rs if r["variant"] != "old"), key=lambda r: r["ms"])
-            f = lambda r, k: f"{r[k]:.3f}" if r else "-"  # noqa: E731
+            f = lambda r, k: f"{r[k]:.3f}" if r else "-"
             print(f"{fmt:>6} {shape:>9} {f(o, 'ms'):>7} {f(d, 'ms'):>7} {best['variant']:>16} {best['ms']:7.3f} "
                   f"{(o or {}).get('GBps', 0):8.0f} {(d or {}).get('GBps', 0):8.0f} {best['GBps']:9.0f} "
                   f"{max(r['rel_err'] for r in rs if r['variant'] != 'old'):8.1e}")

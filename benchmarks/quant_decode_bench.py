@@ -24,16 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+import torch
+import torch.nn.functional as F
+import triton
+from timing import copy_bandwidth
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
 
-from kvslim.cache.quantized import ChannelGroups, QuantizedSegment, TokenGroups  # noqa: E402
-from kvslim.kernels.quant_decode import plan_decode, quant_decode  # noqa: E402
-from kvslim.kernels.quant_decode_ref import quant_decode_ref  # noqa: E402
-from timing import copy_bandwidth  # noqa: E402  (benchmarks/timing.py, beside this script)
+from kvslim.cache.quantized import ChannelGroups, QuantizedSegment, TokenGroups
+from kvslim.kernels.quant_decode import plan_decode, quant_decode
+from kvslim.kernels.quant_decode_ref import quant_decode_ref
 
 FORMATS = {
     "kivi2": (partial(ChannelGroups.encode, bits=2, group=32), partial(TokenGroups.encode, bits=2, group=32)),

@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 import triton
+from timing import wall
 from transformers import AutoModelForCausalLM
 
 from kvslim.engine import LLM, SamplingParams
 from kvslim.methods.quest import step_read_bytes
 from kvslim.models import load_config
 from kvslim.shape import KVShape
-from timing import wall  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def random_model(name: str) -> Any:
