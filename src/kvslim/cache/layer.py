@@ -152,7 +152,7 @@ class LayerKV:
         so :meth:`select` can give it a new value; packed rows are not re-encoded."""
         return torch.cat([s.valid_mask() & isinstance(s, DenseSegment) for s in self.segments], -1)
 
-    def select(self, keep: Tensor, values: Tensor | None = None) -> None:
+    def select(self, keep: Tensor, values: Tensor | None = None, width: int | None = None) -> None:
         """Keep only the tokens where ``keep`` (B,H,T over the dense layout) is True; storage shrinks.
 
         ``values`` (B,H,T,Dv over the dense layout), when given, replace the values of the kept tokens held in
@@ -160,13 +160,17 @@ class LayerKV:
         Consecutive dense segments are merged, so repeated eviction never piles up segments; a
         ragged result is closed and new tokens start a fresh uniform segment at the end of the
         layout (so the newest tokens are always the last columns of the dense layout).
+        ``width``: every (sequence, head) keeps exactly this many tokens, known on the host (a uniform budget over a
+        layer of one segment): the kept rows are then stored without reading anything back from the device.
         """
         kept: list[Segment] = []
+        width = width if len(self.segments) == 1 else None
         new_values = self._run_slices(values) if values is not None else [None] * len(self._groups())
         for (a, b), part, new in zip(self._groups(), self._run_slices(keep), new_values):
             if isinstance(self.segments[a], DenseSegment):
                 keys, old, valid = _dense_run(self.segments[a:b])
-                kept.append(DenseSegment.from_padded(keys, old if new is None else new.to(old.dtype), part & valid))
+                kept.append(DenseSegment.from_padded(keys, old if new is None else new.to(old.dtype), part & valid,
+                                                     width))
             else:
                 kept.append(self.segments[a].select(part))
         self.segments = [s for s in kept if s.tokens] or kept[-1:]

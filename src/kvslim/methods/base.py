@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import ClassVar
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -254,16 +255,39 @@ class ScoredEviction(Method):
         """Scores (B,H,T) in keeping order: protected tokens first (+inf), then by ``raw`` score, padding last (-inf)."""
         return raw.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
 
-    def evict(self, obs: Observation, k: Tensor, raw: Tensor | None = None) -> None:
+    def evict(self, obs: Observation, k: Tensor, raw: Tensor | None = None, budget: int | None = None) -> None:
         """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest; ``raw``: this
-        observation's :meth:`score`, when the caller already computed it."""
-        if bool((obs.valid.sum(-1) <= k).all()):
+        observation's :meth:`score`, when the caller already computed it; ``budget``: ``k``'s value in every row, when
+        known on the host (:meth:`uniform_budget`), so the host decides and stores without waiting for the device."""
+        if budget is not None:
+            if obs.layer.seen <= budget:
+                return
+        elif bool((obs.valid.sum(-1) <= k).all()):
             return
         raw = self.score(obs).float() if raw is None else raw
         keep = self.choose(self.ranked(obs, raw), k) & obs.valid
         values = self.kept_values(obs, raw, keep)
         self.reflow(obs, keep)
-        obs.layer.select(keep, values)
+        per_row = type(self).choose is ScoredEviction.choose  # the top ``k`` of each row: exactly ``budget`` each
+        obs.layer.select(keep, values, budget if per_row else None)
+
+    def uniform_budget(self, obs: Observation) -> int | None:
+        """The prefill budget :meth:`layer_budget` gives every (sequence, KV head), when the host knows it without
+        reading the device: the layer is one tail holding every token it has seen (a whole prompt, no batch padding,
+        nothing dropped yet: the engine's prefill, a padding-free ``kvslim.Cache`` one) and the budget is the plain
+        share of that prompt (a method with its own :meth:`layer_budget` or a sliding-window layer: None).
+
+        Computed in float32 as :meth:`tokens_for` computes it on a device tensor (``seen * keep`` in float64 may round
+        to another side of an integer), so both give the same budget."""
+        layer = obs.layer
+        if (type(self).layer_budget is not ScoredEviction.layer_budget or type(self).tokens_for is not
+                ScoredEviction.tokens_for or getattr(layer, "window", None) is not None or not layer.whole
+                or layer.seen != layer.segments[0].longest):
+            return None
+        seen = layer.seen
+        if self.keep is None:
+            return min(seen, self.budget)  # type: ignore[type-var]
+        return min(seen, max(1, math.ceil(numpy.float32(seen) * numpy.float32(self.keep))))
 
     def kept_values(self, obs: Observation, scores: Tensor, keep: Tensor) -> Tensor | None:
         """Values (B,H,T,Dv over the dense layout) the kept tokens take on when ``keep`` is applied, given the
@@ -317,7 +341,7 @@ class ScoredEviction(Method):
         obs.layer.state["budget"] = k
         if self.decodes:
             self.remember(obs)
-        self.evict(obs, k)
+        self.evict(obs, k, budget=self.uniform_budget(obs))
 
     def due(self, obs: Observation) -> tuple[Observation, Tensor] | None:
         """Remember this step's query; when an eviction is due now, the observation to score and the limit.
