@@ -23,12 +23,12 @@ def _layer(keys: torch.Tensor, values: torch.Tensor) -> LayerKV:
 
 
 @pytest.mark.parametrize("spec", ["snapkv(keep=0.3)", "keydiff(keep=0.1)", "snapkv(budget=37)", "knorm(keep=0.7)",
-                                  "expected_attention(keep=0.25)"])
+                                  "expected_attention(keep=0.25)", "pyramidkv(keep=0.3)"])
 @pytest.mark.parametrize("n", [1, 7, 40, 333, 1000])
 def test_host_budget_is_the_device_budget(spec: str, n: int) -> None:
     method = kvslim.policy(spec)
     layer = _layer(torch.zeros(2, 3, n, 4), torch.zeros(2, 3, n, 4))
-    obs = Observation(layer, 1, torch.zeros(2, 6, n, 4), 0.5, "prefill")
+    obs = Observation(layer, 4, torch.zeros(2, 6, n, 4), 0.5, "prefill")
     device_budget = method.layer_budget(obs, obs.valid.sum(-1))
     assert method.uniform_budget(obs) == int(device_budget[0, 0]) and bool((device_budget == device_budget[0, 0]).all())
 
@@ -59,7 +59,7 @@ def test_gathers_match_boolean_indexing() -> None:
 
 
 @pytest.mark.parametrize("spec", ["snapkv(keep=0.25,window=4)", "keydiff(keep=0.25)", "streaming(keep=0.25,sinks=2)",
-                                  "expected_attention(keep=0.25,future=8)"])
+                                  "expected_attention(keep=0.25,future=8)", "pyramidkv(keep=0.25,window=4)"])
 def test_uniform_prefill_eviction_reads_nothing_back(spec: str) -> None:
     """The engine's prefill hook for one layer: scoring, selection and the kept rows, with no host sync."""
     gen = torch.Generator().manual_seed(1)
@@ -68,4 +68,5 @@ def test_uniform_prefill_eviction_reads_nothing_back(spec: str) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         kept_k, kept_v, lens = compression(1, queries, keys, values)
     assert [e.name for e in prof.events() if e.name in SYNC_OPS] == []
-    assert kept_k.shape == (2, 16, 8) and torch.equal(lens, torch.full((2,), 16))
+    width = int(compression.evict.planned_tokens(64, 1, 2))  # the layer's budget, every head
+    assert width < 64 and kept_k.shape == (2, width, 8) and torch.equal(lens, torch.full((2,), width))

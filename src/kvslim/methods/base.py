@@ -271,23 +271,30 @@ class ScoredEviction(Method):
         per_row = type(self).choose is ScoredEviction.choose  # the top ``k`` of each row: exactly ``budget`` each
         obs.layer.select(keep, values, budget if per_row else None)
 
+    @staticmethod
+    def host_prompt(obs: Observation) -> int | None:
+        """Every sequence's prompt length (``state["prompt"]``), when the host knows it without reading the device:
+        the layer is one tail holding every token it has seen (a whole prompt, no batch padding, nothing dropped yet:
+        the engine's prefill, a padding-free ``kvslim.Cache`` one) outside a sliding window (which caps the prompt)."""
+        layer = obs.layer
+        if getattr(layer, "window", None) is not None or not layer.whole or layer.seen != layer.segments[0].longest:
+            return None
+        return layer.seen
+
     def uniform_budget(self, obs: Observation) -> int | None:
         """The prefill budget :meth:`layer_budget` gives every (sequence, KV head), when the host knows it without
-        reading the device: the layer is one tail holding every token it has seen (a whole prompt, no batch padding,
-        nothing dropped yet: the engine's prefill, a padding-free ``kvslim.Cache`` one) and the budget is the plain
-        share of that prompt (a method with its own :meth:`layer_budget` or a sliding-window layer: None).
+        reading the device (see :meth:`host_prompt`); a method with its own budget rule returns None unless it
+        overrides this too.
 
         Computed in float32 as :meth:`tokens_for` computes it on a device tensor (``seen * keep`` in float64 may round
         to another side of an integer), so both give the same budget."""
-        layer = obs.layer
-        if (type(self).layer_budget is not ScoredEviction.layer_budget or type(self).tokens_for is not
-                ScoredEviction.tokens_for or getattr(layer, "window", None) is not None or not layer.whole
-                or layer.seen != layer.segments[0].longest):
+        prompt = self.host_prompt(obs)
+        if (prompt is None or type(self).layer_budget is not ScoredEviction.layer_budget
+                or type(self).tokens_for is not ScoredEviction.tokens_for):
             return None
-        seen = layer.seen
         if self.keep is None:
-            return min(seen, self.budget)  # type: ignore[type-var]
-        return min(seen, max(1, math.ceil(numpy.float32(seen) * numpy.float32(self.keep))))
+            return min(prompt, self.budget)  # type: ignore[type-var]
+        return min(prompt, max(1, math.ceil(numpy.float32(prompt) * numpy.float32(self.keep))))
 
     def kept_values(self, obs: Observation, scores: Tensor, keep: Tensor) -> Tensor | None:
         """Values (B,H,T,Dv over the dense layout) the kept tokens take on when ``keep`` is applied, given the
