@@ -9,7 +9,8 @@ counts them without a GPU; on a GPU the same script also gives the time a prompt
 For each policy it prefills one prompt (after a warm-up prompt) through the paged engine (``LLMEngine``, prefill
 only: one step, ``max_tokens=1``) and through ``kvslim.Cache`` (one Hugging Face forward), under
 ``torch.profiler``, and prints per layer per prompt: syncs (``aten::_local_scalar_dense``, ``aten::nonzero``,
-``aten::masked_select``: every op whose result the host must read or whose output size depends on the data),
+``aten::masked_select``: every op whose result the host must read or whose output size depends on the data, and
+``Tensor.tolist``/``Tensor.cpu`` calls, which are no aten op),
 all aten ops, and the wall time per prompt (without the profiler, median of ``--iters``).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/prefill_syncs.py                      # tiny-llama, CPU
@@ -24,7 +25,8 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -37,6 +39,8 @@ from kvslim.models import load_model
 
 #: ops that make the host wait: a value read back, or an output whose size depends on the data
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
+#: reads back to the host that are no aten op (counted by wrapping them)
+READS = ("tolist", "cpu")
 POLICIES = ["full", "snapkv(keep=0.25)", "adakv(keep=0.25)", "expected_attention(keep=0.25)", "keydiff(keep=0.25)",
             "streaming(keep=0.25,sinks=4)", "pyramidkv(keep=0.25)", "kvzip(keep=0.25)"]
 
@@ -72,14 +76,37 @@ def cache_prefill(model: Any, policy: str, prompt: list[int], device: torch.devi
     return run
 
 
+@contextmanager
+def counting_reads(device: torch.device) -> Iterator[Counter]:
+    """Count ``Tensor.tolist()`` and ``Tensor.cpu()`` calls on ``device``'s tensors (every tensor on a CPU run): the
+    profiler does not see them as ops, yet on a GPU each waits for the device."""
+    reads: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counted(name: str) -> Callable[..., Any]:
+        def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if device.type == "cpu" or tensor.device.type != "cpu":
+                reads[name] += 1
+            return originals[name](tensor, *args, **kwargs)
+        return read
+    for name in READS:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 def measure(run: Callable[[], None], layers: int, device: torch.device, iters: int) -> dict[str, float]:
     """Syncs and aten ops per layer of one call of ``run`` (profiled), and its median wall ms (not profiled)."""
     run()  # warm-up: allocations, kernels' first launch
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof, counting_reads(device) as reads:
         run()
         synchronize(device)
     counts = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    counts.update({f"Tensor.{name}": n for name, n in reads.items()})
     times = []
     for _ in range(iters):
         synchronize(device)
@@ -87,9 +114,11 @@ def measure(run: Callable[[], None], layers: int, device: torch.device, iters: i
         run()
         synchronize(device)
         times.append((time.perf_counter() - begin) * 1e3)
-    return {"syncs_per_layer": sum(counts[op] for op in SYNC_OPS) / layers,
-            **{f"{op.split('::')[1]}_per_layer": counts[op] / layers for op in SYNC_OPS},
-            "aten_ops_per_layer": sum(counts.values()) / layers, "ms_per_prompt": statistics.median(times)}
+    syncs = SYNC_OPS + tuple(f"Tensor.{name}" for name in READS)
+    return {"syncs_per_layer": sum(counts[op] for op in syncs) / layers,
+            **{f"{op.split('::')[-1].split('.')[-1]}_per_layer": counts[op] / layers for op in syncs},
+            "aten_ops_per_layer": sum(n for op, n in counts.items() if op.startswith("aten::")) / layers,
+            "ms_per_prompt": statistics.median(times)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,14 +145,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     builders = {"engine": engine_prefill, "cache": cache_prefill}
     rows = []
     print(f"{args.model} on {device}, {args.tokens}-token prompt, {layers} layers; per layer per prompt:")
-    print(f"{'path':7s} {'policy':32s} {'syncs':>7s} {'scalar':>7s} {'nonzero':>7s} {'aten ops':>9s} {'ms/prompt':>10s}")
+    print(f"{'path':7s} {'policy':32s} {'syncs':>6s} {'scalar':>6s} {'nonzero':>7s} {'tolist':>6s} {'cpu':>5s} "
+          f"{'aten ops':>9s} {'ms/prompt':>10s}")
     for path in args.paths:
         for policy in args.policies:
             row = {"path": path, "policy": policy,
                    **measure(builders[path](model, policy, prompt, device), layers, device, args.iters)}
             rows.append(row)
-            print(f"{path:7s} {policy:32s} {row['syncs_per_layer']:7.2f} {row['_local_scalar_dense_per_layer']:7.2f} "
-                  f"{row['nonzero_per_layer']:7.2f} {row['aten_ops_per_layer']:9.1f} {row['ms_per_prompt']:10.2f}")
+            print(f"{path:7s} {policy:32s} {row['syncs_per_layer']:6.2f} {row['_local_scalar_dense_per_layer']:6.2f} "
+                  f"{row['nonzero_per_layer']:7.2f} {row['tolist_per_layer']:6.2f} {row['cpu_per_layer']:5.2f} "
+                  f"{row['aten_ops_per_layer']:9.1f} {row['ms_per_prompt']:10.2f}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": args.model, "device": str(device), "tokens": args.tokens,

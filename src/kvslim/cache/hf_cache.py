@@ -277,7 +277,7 @@ class Cache(HFCache):
             out = base(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
             real = routing.key_padding(attention_mask, keys.shape[0], q_len, keys.device)
             layer.state["prompt"] = layer.state["real"] = real.sum(-1)
-            if not bool(real.all()):  # batch padding is never stored
+            if attention_mask is not None and not bool(real.all()):  # batch padding is never stored (no mask: none)
                 layer.select(real[:, None, :].expand(keys.shape[:3]))
         else:
             window = layer.in_window(q_len)
