@@ -11,10 +11,14 @@ only: one step, ``max_tokens=1``) and through ``kvslim.Cache`` (one Hugging Face
 ``torch.profiler``, and prints per layer per prompt: syncs (``aten::_local_scalar_dense``, ``aten::nonzero``,
 ``aten::masked_select``: every op whose result the host must read or whose output size depends on the data, and
 ``Tensor.tolist``/``Tensor.cpu`` calls, which are no aten op),
-all aten ops, and the wall time per prompt (without the profiler, median of ``--iters``).
+all aten ops, and the wall time per prompt (without the profiler, median of ``--iters``). The ``full`` rows are the
+per-prompt floor spread over the layers (the engine copies the held counts to the host once and samples the token);
+on a CPU run every scalar read counts, also of tensors that are on the host anyway (the engine's held counts after
+that copy); on a GPU run ``tolist``/``cpu`` count only for device tensors.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/prefill_syncs.py                      # tiny-llama, CPU
-    PYTHONPATH=src python benchmarks/prefill_syncs.py --model qwen2.5-0.5b --device cuda --tokens 4096 \\
+    PYTHONPATH=src python benchmarks/prefill_syncs.py --model Qwen/Qwen2.5-0.5B-Instruct --dtype bfloat16 --device cuda \\
+        --tokens 4096 --iters 5 \\
         --out benchmarks/results/prefill_syncs_h200.json
 """
 from __future__ import annotations
@@ -125,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama", help="anything kvslim.load_model accepts")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the model's own")
     parser.add_argument("--tokens", type=int, default=512, help="prompt length")
     parser.add_argument("--iters", type=int, default=3, help="timed prefills per policy (median)")
     parser.add_argument("--policies", nargs="+", default=POLICIES)
@@ -137,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    model, _ = load_model(args.model, device=device)
+    model, _ = load_model(args.model, getattr(torch, args.dtype) if args.dtype else None, device=device)
     layers = model.config.num_hidden_layers
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
