@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import kvslim
 from kvslim.engine import LLM, SamplingParams
@@ -17,9 +18,19 @@ SPECS = ["think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.5)"]
 WITHOUT_THINK = {"think(ratio=0.5)": "full", "snapkv(keep=0.5)+think(ratio=0.5)": "snapkv(keep=0.5)"}
 
 
-@pytest.fixture(params=["gqa", "mha"])
+def qwen_shaped() -> torch.nn.Module:
+    """Qwen2.5-0.5B's attention in two layers: 14 query heads over 2 KV heads (a group of 7, not a power of two) of
+    64 channels, so ThinK keeps 32 key channels beside 64-wide values (the shapes the H200 RULER runs used)."""
+    config = AutoConfig.for_model("qwen2", num_hidden_layers=2, hidden_size=896, num_attention_heads=14,
+                                  num_key_value_heads=2, head_dim=64, intermediate_size=128, vocab_size=256,
+                                  max_position_embeddings=4096, dtype="float32")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(params=["gqa", "mha", "qwen-shaped"])
 def model(request):
-    return tiny_model("llama", request.param, seed=0)
+    return qwen_shaped() if request.param == "qwen-shaped" else tiny_model("llama", request.param, seed=0)
 
 
 @pytest.mark.parametrize("spec", [*SPECS, "adakv(keep=0.3,window=4)+think(ratio=0.5)",  # ragged heads
