@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import kvslim
 from kvslim.engine import LLM, SamplingParams
@@ -11,6 +10,7 @@ from kvslim.engine.scheduler import RequestTooLarge
 from kvslim.hf_compat import cache_arg
 from kvslim.models import tiny_model
 from hf_greedy import hf_greedy
+from qwen_shaped import qwen_shaped
 
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 71)]
 SPECS = ["think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.5)"]
@@ -18,18 +18,9 @@ SPECS = ["think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.5)"]
 WITHOUT_THINK = {"think(ratio=0.5)": "full", "snapkv(keep=0.5)+think(ratio=0.5)": "snapkv(keep=0.5)"}
 
 
-def qwen_shaped() -> torch.nn.Module:
-    """Qwen2.5-0.5B's attention in two layers: 14 query heads over 2 KV heads (a group of 7, not a power of two) of
-    64 channels, so ThinK keeps 32 key channels beside 64-wide values (the shapes the H200 RULER runs used)."""
-    config = AutoConfig.for_model("qwen2", num_hidden_layers=2, hidden_size=896, num_attention_heads=14,
-                                  num_key_value_heads=2, head_dim=64, intermediate_size=128, vocab_size=256,
-                                  max_position_embeddings=4096, dtype="float32")
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
 @pytest.fixture(params=["gqa", "mha", "qwen-shaped"])
 def model(request):
+    """Tiny Llamas, and Qwen2.5-0.5B's attention shapes (a group of 7, 32 of 64 key channels kept)."""
     return qwen_shaped() if request.param == "qwen-shaped" else tiny_model("llama", request.param, seed=0)
 
 
