@@ -47,6 +47,26 @@ def test_question_is_kept_whole_and_batches_match_one_by_one(name):
         assert cache.tokens_per_sequence() == held
 
 
+@pytest.mark.parametrize("prune_decoded", [True, False])
+def test_think_keeps_the_question_whole_while_decoding(prune_decoded):
+    """ThinK prunes the context's key channels; the question appended after it stays held with whole keys on every
+    decoding step, while each decoded key turns thin after its own step (prune_decoded) or stays whole. Once, the
+    first decoding step took the question's first token for its own and dropped the rest of the question."""
+    model = tiny_model("llama", "gqa", seed=0)
+    contexts, questions = _prompts(3, (64, 40, 52)), _prompts(4, (7, 2, 5))
+    spec, steps = f"think(ratio=0.5,prune_decoded={str(prune_decoded).lower()})", 5
+    batch, _, _ = kvslim.generate_ids(model, contexts, spec, max_new_tokens=steps + 1, suffix_ids=questions)
+    for i, (c, q) in enumerate(zip(contexts, questions)):
+        alone, cache, _ = kvslim.generate_ids(model, [c], spec, max_new_tokens=steps + 1, suffix_ids=[q])
+        assert batch[i] == alone[0]
+        layers, heads, element = 2, 2, 4
+        assert cache.tokens_per_sequence() == [layers * heads * (len(c) + len(q) + steps)]
+        decoded_key = 8 if prune_decoded else 16  # of 16 channels
+        per_head = len(c) * (8 + 16) + len(q) * (16 + 16) + steps * (decoded_key + 16)
+        index = layers * heads * 8 * 2  # the kept channels, int16
+        assert cache.nbytes() == layers * heads * per_head * element + index
+
+
 def test_question_does_not_vote_for_the_context():
     """SnapKV's window is the end of the context, not the question: what it keeps of the context is the
     same whatever question follows."""

@@ -11,6 +11,7 @@ import torch
 
 from kvslim.engine import LLM, SamplingParams
 from kvslim.models import tiny_model
+from qwen_shaped import qwen_shaped
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -31,7 +32,16 @@ def _run(llm: LLM) -> list[list[int]]:
                                     "snapkv(keep=0.5)", "quest(budget=64)", "streaming(budget=64,sinks=4)",
                                     "think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.25)"])
 def test_graph_decode_equals_eager(policy: str) -> None:
-    model = tiny_model("llama", "gqa").cuda()
+    _graph_equals_eager(tiny_model("llama", "gqa").cuda(), policy)
+
+
+@pytest.mark.parametrize("policy", ["think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.5)"])
+def test_think_graph_decode_equals_eager_at_qwen_shapes(policy: str) -> None:
+    """ThinK's Triton path with Qwen2.5-0.5B's heads: 32 of 64 key channels, a group of 7 padded to 16."""
+    _graph_equals_eager(qwen_shaped().cuda(), policy)
+
+
+def _graph_equals_eager(model: torch.nn.Module, policy: str) -> None:
     graphed = LLM(model, policy=policy, kv_memory=0.02)
     graphs = graphed.runner.graphs
     assert graphs is not None

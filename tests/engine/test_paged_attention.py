@@ -10,10 +10,10 @@ from kvslim.kernels.paged_attention_ref import paged_decode_ref
 from interpreted import run_interpreted
 
 
-def _case(seed: int, dtype: torch.dtype, block_size: int = 16, dim: int = 16):
+def _case(seed: int, dtype: torch.dtype, block_size: int = 16, dim: int = 16, q_heads: int = 4):
     """A pool with 3 sequences of ragged per-head lengths, one with a sliding window, blocks in shuffled order."""
     gen = torch.Generator().manual_seed(seed)
-    batch, q_heads, kv_heads, max_blocks = 3, 4, 2, 4
+    batch, kv_heads, max_blocks = 3, 2, 4
     num_blocks = batch * max_blocks
     k_pages = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
     v_pages = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
@@ -29,24 +29,24 @@ def _case(seed: int, dtype: torch.dtype, block_size: int = 16, dim: int = 16):
 KEPT = 8  # ThinK's key channels of the 16: keys narrower than values
 
 
-def _thin_case(seed: int, dtype: torch.dtype):
-    """ThinK's pages: keys of KEPT channels beside whole values, the query gathered to them, and each head's newest
+def _thin_case(seed: int, dtype: torch.dtype, kept: int = KEPT, dim: int = 16, q_heads: int = 4):
+    """ThinK's pages: keys of ``kept`` channels beside whole values, the query gathered to them, and each head's newest
     slot scored with its whole key (``newest``: the rest of the channels' score). Also the same case with whole keys
     whose pruned channels are zero except at the newest slot, which attention over whole keys must equal."""
-    query, k_pages, v_pages, tables, lens, starts, sinks = _case(seed, torch.float32)
+    query, k_pages, v_pages, tables, lens, starts, sinks = _case(seed, torch.float32, dim=dim, q_heads=q_heads)
     block_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
     group = query.shape[1] // kv_heads
     whole = k_pages.clone()
-    whole[..., KEPT:] = 0
+    whole[..., kept:] = 0
     newest = torch.empty(query.shape[:2])
     for b in range(query.shape[0]):
         for h in range(kv_heads):
             slot = int(lens[b, h]) - 1
             block = int(tables[b, slot // block_size])
             whole[block, slot % block_size, h] = k_pages[block, slot % block_size, h]
-            rest = query[b, h * group : (h + 1) * group, KEPT:] @ k_pages[block, slot % block_size, h, KEPT:]
+            rest = query[b, h * group : (h + 1) * group, kept:] @ k_pages[block, slot % block_size, h, kept:]
             newest[b, h * group : (h + 1) * group] = rest * 0.25
-    thin = (query[..., :KEPT].contiguous().to(dtype), k_pages[..., :KEPT].contiguous().to(dtype), v_pages.to(dtype),
+    thin = (query[..., :kept].contiguous().to(dtype), k_pages[..., :kept].contiguous().to(dtype), v_pages.to(dtype),
             tables, lens, starts, sinks)
     return thin, newest, (query, whole, v_pages, tables, lens, starts, sinks)
 
@@ -73,8 +73,13 @@ def test_reference_matches_dense_attention_with_ragged_heads_and_window() -> Non
     torch.testing.assert_close(got, _dense(*case, scale=0.25), atol=1e-5, rtol=1e-5)
 
 
-def test_reference_with_thin_keys_matches_dense_attention_over_whole_newest_key() -> None:
-    thin, newest, whole = _thin_case(0, torch.float32)
+#: ThinK on Qwen2.5-0.5B's heads: a group of 7 query heads (padded to 16 in the kernel), 32 of 64 key channels
+QWEN_SHAPED = {"kept": 32, "dim": 64, "q_heads": 14}
+
+
+@pytest.mark.parametrize("shape", [{}, QWEN_SHAPED], ids=["small", "qwen-shaped"])
+def test_reference_with_thin_keys_matches_dense_attention_over_whole_newest_key(shape: dict) -> None:
+    thin, newest, whole = _thin_case(0, torch.float32, **shape)
     got = paged_decode_ref(*thin, scale=0.25, newest=newest)
     assert got.shape == whole[0].shape  # values' width, not the keys'
     torch.testing.assert_close(got, _dense(*whole, scale=0.25), atol=1e-5, rtol=1e-5)
@@ -92,12 +97,14 @@ def check_triton_kernel(dtype: torch.dtype) -> None:
     for splits, tile_tokens in ((None, 16), (3, 16), (None, 64), (2, 32), (3, 48)):
         got = paged_decode(*case, scale=0.25, splits=splits, tile_tokens=tile_tokens).float()
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    thin, newest, _ = _thin_case(2, dtype)  # ThinK: keys of KEPT channels (padded in the kernel), values of 16
-    thin, newest = [t.to(device) for t in thin], newest.to(device)
-    want = paged_decode_ref(*thin, scale=0.25, newest=newest).float()
-    for splits in (None, 3):
-        got = paged_decode(*thin, scale=0.25, splits=splits, newest=newest).float()
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    # ThinK: keys of KEPT channels (padded in the kernel), values of 16; then Qwen-shaped (group 7, 32 of 64)
+    for shape in ({}, QWEN_SHAPED):
+        thin, newest, _ = _thin_case(2, dtype, **shape)
+        thin, newest = [t.to(device) for t in thin], newest.to(device)
+        want = paged_decode_ref(*thin, scale=0.25, newest=newest).float()
+        for splits in (None, 3):
+            got = paged_decode(*thin, scale=0.25, splits=splits, newest=newest).float()
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 DTYPES = (torch.bfloat16, torch.float32)

@@ -10,6 +10,7 @@ from kvslim.engine.scheduler import RequestTooLarge
 from kvslim.hf_compat import cache_arg
 from kvslim.models import tiny_model
 from hf_greedy import hf_greedy
+from qwen_shaped import qwen_shaped
 
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 71)]
 SPECS = ["think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.5)"]
@@ -17,9 +18,10 @@ SPECS = ["think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.5)"]
 WITHOUT_THINK = {"think(ratio=0.5)": "full", "snapkv(keep=0.5)+think(ratio=0.5)": "snapkv(keep=0.5)"}
 
 
-@pytest.fixture(params=["gqa", "mha"])
+@pytest.fixture(params=["gqa", "mha", "qwen-shaped"])
 def model(request):
-    return tiny_model("llama", request.param, seed=0)
+    """Tiny Llamas, and Qwen2.5-0.5B's attention shapes (a group of 7, 32 of 64 key channels kept)."""
+    return qwen_shaped() if request.param == "qwen-shaped" else tiny_model("llama", request.param, seed=0)
 
 
 @pytest.mark.parametrize("spec", [*SPECS, "adakv(keep=0.3,window=4)+think(ratio=0.5)",  # ragged heads

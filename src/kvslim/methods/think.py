@@ -131,15 +131,21 @@ class ThinK(Method):
         return head_dim - int(round(self.ratio * head_dim))
 
     def on_decode(self, obs: Observation) -> None:
-        """Move the step's keys, attended whole, into the thin tail of decoded keys (the layer's open tail holds just
-        this step's tokens: every earlier step moved its own)."""
+        """Move the step's keys, attended whole, into the thin tail of decoded keys. The layer's open tail ends with
+        this step's tokens (every earlier step moved its own); tokens before them there were appended whole after the
+        prefill (:meth:`kvslim.cache.Cache.appended`, the query-agnostic question) and stay whole in a segment of
+        their own."""
         channels = obs.layer.state.get("think")
         new = obs.layer.segments[-1]
         if not self.prune_decoded or channels is None or not isinstance(new, DenseSegment):
             return
-        keys, values, _ = new.dense()
-        keys, values = keys[:, :, : obs.q_len], values[:, :, : obs.q_len]
+        keys, values, valid = new.dense()
+        appended = keys.shape[2] - obs.q_len
         before = obs.layer.segments[:-1]
+        if appended:
+            before = before + [DenseSegment.from_padded(keys[:, :, :appended], values[:, :, :appended],
+                                                        valid[:, :, :appended])]
+        keys, values = keys[:, :, appended:], values[:, :, appended:]
         if before and isinstance(before[-1], ChannelPrunedTail):
             before[-1].append(keys, values)
         else:
