@@ -76,10 +76,18 @@ class _Layer(LayerKV, CacheLayerMixin):
         if held is not None:
             self.tracker.appended(held, self.seen - keys.shape[2], keys.shape[2])  # type: ignore[union-attr]
 
-    def select(self, keep: Tensor, values: Tensor | None = None) -> None:
+    def select(self, keep: Tensor, values: Tensor | None = None, count: int | None = None) -> None:
         if self.tracker is not None:
             self.tracker.selected(self.valid(), keep, self.lengths, self.seen)
-        super().select(keep, values)
+        super().select(keep, values, count)
+
+    def drop_span(self, first: int, stop: int) -> None:
+        if self.tracker is None:
+            super().drop_span(first, stop)
+            return
+        keep = self.valid().clone()  # the recorded slots follow a mask
+        keep[..., first:stop] = False
+        self.select(keep, count=int(keep.shape[-1]) - (stop - first))
 
     def nbytes(self) -> int:
         """Storage plus the recorded slots (see :mod:`.window`): both are device memory this layer holds."""

@@ -106,6 +106,16 @@ def keep_top(scores: Tensor, k: Tensor) -> Tensor:
     return ranks < k.unsqueeze(-1)
 
 
+def host_range(layer: LayerKV, k: Tensor) -> tuple[int, int]:
+    """The smallest and largest of a budget ``k`` (B,H), read on the host once per budget tensor (a host sync)
+    and remembered in the layer's state: a decoding step that evicts against the same budget reads none."""
+    cached = layer.state.get("budget.range")
+    if cached is None or cached[0] is not k:
+        low, high = torch.aminmax(k)
+        cached = layer.state["budget.range"] = (k, int(low), int(high))
+    return cached[1], cached[2]
+
+
 @dataclass
 class Method:
     """Base of every registered method. Subclasses are dataclasses whose fields are the parameters."""
@@ -194,6 +204,10 @@ class ScoredEviction(Method):
     #: to (H2O's accumulated attention, see :meth:`attended`); :meth:`reflow` moves them with their tokens, and a
     #: token appended since the last step has zero there
     token_state: ClassVar[tuple[str, ...]] = ()
+    #: :meth:`choose` keeps exactly ``min(k, held)`` tokens in every row (the plain top-k), so a layer whose rows
+    #: all hold the same count, evicted against a budget equal in every row, keeps them in place (see :meth:`evict`);
+    #: AdaKV, which shares a layer's budget among its heads, does not
+    exact_budget: ClassVar[bool] = True
 
     def validate(self) -> None:
         self.validate_budget()
@@ -257,13 +271,36 @@ class ScoredEviction(Method):
     def evict(self, obs: Observation, k: Tensor, raw: Tensor | None = None) -> None:
         """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest; ``raw``: this
         observation's :meth:`score`, when the caller already computed it."""
-        if bool((obs.valid.sum(-1) <= k).all()):
-            return
+        layer, count = obs.layer, None
+        held = layer.held_per_row
+        if held is None:
+            if bool((obs.valid.sum(-1) <= k).all()):
+                return
+        else:  # every row holds ``held`` tokens (an open tail): decided on the host, no sync at a decoding step
+            low, high = host_range(layer, k)
+            if held <= low:
+                return
+            count = low if low == high and self.exact_budget else None
+            span = None if count is None or raw is not None else self.dropped_span(obs, held, count)
+            if span is not None and self.plain_selection:
+                layer.drop_span(*span)
+                return
         raw = self.score(obs).float() if raw is None else raw
         keep = self.choose(self.ranked(obs, raw), k) & obs.valid
         values = self.kept_values(obs, raw, keep)
         self.reflow(obs, keep)
-        obs.layer.select(keep, values)
+        layer.select(keep, values, count)
+
+    def dropped_span(self, obs: Observation, held: int, count: int) -> tuple[int, int] | None:
+        """The columns [first, stop) that keeping ``count`` of the ``held`` tokens of every row drops, when they are
+        one run known without scoring (StreamingLLM: the oldest after the sinks); None: score and choose."""
+        return None
+
+    @property
+    def plain_selection(self) -> bool:
+        """Whether an eviction only drops tokens: kept values stay as they are (no merging) and no per-token state
+        follows them, so :meth:`dropped_span` may stand for the scores."""
+        return type(self).kept_values is ScoredEviction.kept_values and not self.token_state
 
     def kept_values(self, obs: Observation, scores: Tensor, keep: Tensor) -> Tensor | None:
         """Values (B,H,T,Dv over the dense layout) the kept tokens take on when ``keep`` is applied, given the
@@ -294,9 +331,14 @@ class ScoredEviction(Method):
         if not self.decodes or "budget" not in obs.layer.state:
             return None
         kept = obs.layer.state["budget"]
-        if self.decode_budget is not None:
-            return torch.full_like(kept, self.decode_budget)
-        return kept.clamp(min=self.budget) if self.budget is not None else kept
+        if self.decode_budget is None and self.budget is None:
+            return kept
+        cached = obs.layer.state.get("decode_limit")  # the same tensor every step: its host range is read once
+        if cached is None or cached[0] is not kept:
+            limit = torch.full_like(kept, self.decode_budget) if self.decode_budget is not None \
+                else kept.clamp(min=self.budget)
+            cached = obs.layer.state["decode_limit"] = (kept, limit)
+        return cached[1]
 
     def remember(self, obs: Observation) -> Observation:
         """Carry the newest :attr:`observed` queries across steps; an observation whose queries are those.
