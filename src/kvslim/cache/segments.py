@@ -32,8 +32,8 @@ def ragged_to_padded(rows: Tensor, lengths: Tensor, longest: int | None = None) 
     if rows.shape[0] == batch * heads * longest:  # uniform lengths: a free view
         return rows.view(batch, heads, longest, *rows.shape[1:]), valid
     padded = rows.new_zeros(batch, heads, longest, *rows.shape[1:])
-    padded[valid] = rows
-    return padded, valid
+    # a masked scatter, not ``padded[valid] = rows``: indexing by a mask counts it on the host (a GPU sync)
+    return padded.masked_scatter_(valid.view(*valid.shape, *[1] * (rows.dim() - 1)), rows), valid
 
 
 def grouped_logits(query: Tensor, keys: Tensor, scaling: float) -> Tensor:
@@ -154,6 +154,7 @@ class DenseSegment(Segment):
 
     def __init__(self, keys: Tensor, values: Tensor, lengths: Tensor):
         self.keys, self.values, self.lengths = keys, values, lengths
+        self._longest: int | None = None
 
     @classmethod
     def from_padded(cls, keys: Tensor, values: Tensor, keep: Tensor | None = None) -> "DenseSegment":
@@ -168,9 +169,17 @@ class DenseSegment(Segment):
     def uniform(self) -> bool:
         return bool((self.lengths == self.lengths.flatten()[0]).all()) if self.lengths.numel() else True
 
+    @property
+    def longest(self) -> int:
+        """Read on the host once: the rows of a dense segment never change after it is made, and a layer that holds
+        ragged rows (after an eviction that left heads different lengths) reads its width at every decoding step."""
+        if self._longest is None:
+            self._longest = super().longest
+        return self._longest
+
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
-        keys, valid = ragged_to_padded(self.keys, self.lengths)
-        values, _ = ragged_to_padded(self.values, self.lengths)
+        keys, valid = ragged_to_padded(self.keys, self.lengths, self.longest)
+        values, _ = ragged_to_padded(self.values, self.lengths, self.longest)
         return keys, values, valid
 
     def select(self, keep: Tensor) -> "DenseSegment":
