@@ -113,9 +113,11 @@ def test_bfloat16_prefill_decode_and_suffix(spec):
     with torch.no_grad():
         for _ in range(3):
             token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        logits = model(prompt[:, :12], past_key_values=cache, use_cache=True).logits  # an appended suffix
+        with cache.appended():  # a question after the compressed context (RULER's query-agnostic protocol)
+            model(prompt[:, :12], past_key_values=cache, use_cache=True)
+        logits = model(token, past_key_values=cache, use_cache=True).logits  # decoding after it stores it too
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    assert all((layer.lengths == 96 + 3 + 12).all() for layer in cache.layers)
+    assert all((layer.lengths == 96 + 3 + 12 + 1).all() for layer in cache.layers)
     assert all(isinstance(s, LowRankSegment) for layer in cache.layers for s in layer.segments)
     assert all(layer.state["lowrank"][0].dtype == torch.bfloat16 for layer in cache.layers)
     assert 0 < max(max(e.values()) for e in cache.stats()["reconstruction_error"]) < 1

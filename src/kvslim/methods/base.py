@@ -94,6 +94,11 @@ class Observation:
 
     def time_rank(self) -> tuple[Tensor, Tensor]:
         """Each held token's rank in time order (B,H,T) and the count held (B,H): for sinks and windows."""
+        return self._time_rank
+
+    @cached_property
+    def _time_rank(self) -> tuple[Tensor, Tensor]:
+        # computed once per observation, as its dense layout: scoring reads it twice (the window, the protected)
         rank = self.valid.long().cumsum(-1) - 1
         return rank, self.valid.sum(-1)
 
