@@ -132,6 +132,13 @@ class GrowingSegment(DenseSegment):
         self.value_buffer[:, :, self.start : self.start + count] = kept_values
         self.filled = count
 
+    def fitted(self) -> "GrowingSegment":
+        """This segment, or its held tokens in new buffers when an eviction left the buffers larger than a growing tail
+        of that many tokens reserves (a prefill that kept a quarter): the evicted room is given back, not kept."""
+        if self.capacity - self.start <= grown_capacity(self.filled):
+            return self
+        return GrowingSegment.holding(*self.dense()[:2])
+
     def drop(self, first: int, stop: int) -> None:
         """Drop the held columns [first, stop) of every row (StreamingLLM's oldest tokens after its sinks): the
         ``first`` columns before them move ``stop - first`` columns on and the start advances, so only those few

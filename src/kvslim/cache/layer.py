@@ -175,6 +175,7 @@ class LayerKV:
             # kept columns in time order: a stable sort puts the kept ones first, in their order
             index = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :count]
             self.segments[0].keep_columns(index, values)  # type: ignore[attr-defined]
+            self.segments[0] = self.segments[0].fitted()  # type: ignore[attr-defined]
             return
         kept: list[Segment] = []
         new_values = self._run_slices(values) if values is not None else [None] * len(self._groups())
@@ -193,6 +194,7 @@ class LayerKV:
         """Drop the columns [first, stop) of every row of a :attr:`whole` layer (oldest tokens after the sinks), in
         place: what ``select`` does with a mask that is False there and True elsewhere."""
         self.segments[0].drop(first, stop)  # type: ignore[attr-defined]
+        self.segments[0] = self.segments[0].fitted()  # type: ignore[attr-defined]
 
     def compact_like(self, x: Tensor, keep: Tensor) -> Tensor:
         """Apply to a per-token tensor (B,H,T,...) the same re-layout that :meth:`select` applies to the cache."""
