@@ -76,10 +76,10 @@ class _Layer(LayerKV, CacheLayerMixin):
         if held is not None:
             self.tracker.appended(held, self.seen - keys.shape[2], keys.shape[2])  # type: ignore[union-attr]
 
-    def select(self, keep: Tensor, values: Tensor | None = None, count: int | None = None) -> None:
+    def select(self, keep: Tensor, values: Tensor | None = None, width: int | None = None) -> None:
         if self.tracker is not None:
             self.tracker.selected(self.valid(), keep, self.lengths, self.seen)
-        super().select(keep, values, count)
+        super().select(keep, values, width)
 
     def drop_span(self, first: int, stop: int) -> None:
         if self.tracker is None:
@@ -87,7 +87,7 @@ class _Layer(LayerKV, CacheLayerMixin):
             return
         keep = self.valid().clone()  # the recorded slots follow a mask
         keep[..., first:stop] = False
-        self.select(keep, count=int(keep.shape[-1]) - (stop - first))
+        self.select(keep, width=int(keep.shape[-1]) - (stop - first))
 
     def nbytes(self) -> int:
         """Storage plus the recorded slots (see :mod:`.window`): both are device memory this layer holds."""
@@ -285,7 +285,7 @@ class Cache(HFCache):
             out = base(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)[0]
             real = routing.key_padding(attention_mask, keys.shape[0], q_len, keys.device)
             layer.state["prompt"] = layer.state["real"] = real.sum(-1)
-            if not bool(real.all()):  # batch padding is never stored
+            if attention_mask is not None and not bool(real.all()):  # batch padding is never stored (no mask: none)
                 layer.select(real[:, None, :].expand(keys.shape[:3]))
         else:
             window = layer.in_window(q_len)

@@ -158,31 +158,33 @@ class LayerKV:
         so :meth:`select` can give it a new value; packed rows are not re-encoded."""
         return torch.cat([s.valid_mask() & isinstance(s, DenseSegment) for s in self.segments], -1)
 
-    def select(self, keep: Tensor, values: Tensor | None = None, count: int | None = None) -> None:
+    def select(self, keep: Tensor, values: Tensor | None = None, width: int | None = None) -> None:
         """Keep only the tokens where ``keep`` (B,H,T over the dense layout) is True; storage shrinks.
-
-        ``count``: the caller knows that every row keeps exactly that many tokens. A :attr:`whole` layer then keeps
-        them in place (:meth:`GrowingSegment.keep_columns`): a decode-time eviction costs a few operations and no
-        host sync instead of a ragged copy of the layer and a new tail at the next step.
 
         ``values`` (B,H,T,Dv over the dense layout), when given, replace the values of the kept tokens held in
         dense segments (see :meth:`rewritable`; merging methods fold evicted values into them).
         Consecutive dense segments are merged, so repeated eviction never piles up segments; a
         ragged result is closed and new tokens start a fresh uniform segment at the end of the
         layout (so the newest tokens are always the last columns of the dense layout).
+        ``width``: every (sequence, head) keeps exactly this many tokens, known on the host (a uniform budget over a
+        layer of one segment): the kept rows are then stored without reading anything back from the device. A
+        :attr:`whole` layer keeps them in place (:meth:`GrowingSegment.keep_columns`): a decode-time eviction then
+        costs a few operations instead of a ragged copy of the layer and a new tail at the next step.
         """
-        if count is not None and self.whole:
+        if width is not None and self.whole:
             # kept columns in time order: a stable sort puts the kept ones first, in their order
-            index = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :count]
+            index = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :width]
             self.segments[0].keep_columns(index, values)  # type: ignore[attr-defined]
             self.segments[0] = self.segments[0].fitted()  # type: ignore[attr-defined]
             return
         kept: list[Segment] = []
+        width = width if len(self.segments) == 1 else None
         new_values = self._run_slices(values) if values is not None else [None] * len(self._groups())
         for (a, b), part, new in zip(self._groups(), self._run_slices(keep), new_values):
             if isinstance(self.segments[a], DenseSegment):
                 keys, old, valid = _dense_run(self.segments[a:b])
-                kept.append(DenseSegment.from_padded(keys, old if new is None else new.to(old.dtype), part & valid))
+                kept.append(DenseSegment.from_padded(keys, old if new is None else new.to(old.dtype), part & valid,
+                                                     width))
             else:
                 kept.append(self.segments[a].select(part))
         self.segments = [s for s in kept if s.tokens] or kept[-1:]

@@ -24,16 +24,30 @@ from torch import Tensor
 def ragged_to_padded(rows: Tensor, lengths: Tensor, longest: int | None = None) -> tuple[Tensor, Tensor]:
     """Scatter rows ordered by (batch, head, token) into a padded (B, H, T, ...) tensor and its valid mask.
 
-    ``longest``: ``lengths.max()`` when the caller knows it (reading it is a host sync)."""
+    ``longest``: ``lengths.max()`` when the caller knows it (reading it is a host sync). The rows are gathered with
+    an index of known size, not written through the mask (a boolean index is one more host sync)."""
     batch, heads = lengths.shape
     if longest is None:
         longest = int(lengths.max()) if lengths.numel() else 0
     valid = torch.arange(longest, device=lengths.device) < lengths.unsqueeze(-1)
     if rows.shape[0] == batch * heads * longest:  # uniform lengths: a free view
         return rows.view(batch, heads, longest, *rows.shape[1:]), valid
-    padded = rows.new_zeros(batch, heads, longest, *rows.shape[1:])
-    # a masked scatter, not ``padded[valid] = rows``: indexing by a mask counts it on the host (a GPU sync)
-    return padded.masked_scatter_(valid.view(*valid.shape, *[1] * (rows.dim() - 1)), rows), valid
+    if rows.shape[0] == 0:
+        return rows.new_zeros(batch, heads, longest, *rows.shape[1:]), valid
+    starts = lengths.flatten().cumsum(0).view(batch, heads) - lengths  # each row's first entry in ``rows``
+    source = (starts.unsqueeze(-1) + torch.arange(longest, device=lengths.device)).clamp(max=rows.shape[0] - 1)
+    padded = rows[source]
+    fill = valid.view(*valid.shape, *([1] * (rows.dim() - 1)))
+    return torch.where(fill, padded, torch.zeros((), dtype=rows.dtype, device=rows.device)), valid
+
+
+def kept_positions(keep: Tensor, count: int) -> Tensor:
+    """Flat positions (``count``,) of the True entries of ``keep`` in order, ``count`` their number known on the
+    host: what ``keep.flatten().nonzero()`` gives, without the host reading the size back from the device."""
+    flat = keep.flatten()
+    slot = torch.where(flat, flat.long().cumsum(0) - 1, count)  # dropped entries land in a spare last slot
+    positions = torch.empty(count + 1, dtype=torch.long, device=keep.device)
+    return positions.scatter_(0, slot, torch.arange(flat.numel(), device=keep.device))[:count]
 
 
 def grouped_logits(query: Tensor, keys: Tensor, scaling: float) -> Tensor:
@@ -150,36 +164,57 @@ class Segment(ABC):
 
 
 class DenseSegment(Segment):
-    """Keys and values in the model's dtype, stored as exactly the kept rows."""
+    """Keys and values in the model's dtype, stored as exactly the kept rows.
 
-    def __init__(self, keys: Tensor, values: Tensor, lengths: Tensor):
-        self.keys, self.values, self.lengths = keys, values, lengths
-        self._longest: int | None = None
+    ``counts``: (longest row, tokens held, whether every row is as long) when known on the host (see
+    :meth:`from_padded`), so neither attention's dense copy nor the layer's bookkeeping reads ``lengths`` back.
+    """
+
+    _counts: tuple[int, int, bool] | None = None  # subclasses that update ``lengths`` in place never set it
+
+    def __init__(self, keys: Tensor, values: Tensor, lengths: Tensor, counts: tuple[int, int, bool] | None = None):
+        self.keys, self.values, self.lengths, self._counts = keys, values, lengths, counts
 
     @classmethod
-    def from_padded(cls, keys: Tensor, values: Tensor, keep: Tensor | None = None) -> "DenseSegment":
-        """Store (B,H,T,D) keys/values, keeping only rows where ``keep`` is True (all rows when None)."""
+    def from_padded(cls, keys: Tensor, values: Tensor, keep: Tensor | None = None,
+                    width: int | None = None) -> "DenseSegment":
+        """Store (B,H,T,D) keys/values, keeping only rows where ``keep`` is True (all rows when None).
+
+        ``width``: every (sequence, head) keeps exactly this many tokens, known on the host (a uniform budget): the
+        rows are gathered with no host sync. Otherwise the kept counts are read back once (one sync per call)."""
         batch, heads, length = keys.shape[:3]
         if keep is None:
             lengths = torch.full((batch, heads), length, dtype=torch.long, device=keys.device)
-            return cls(keys.reshape(-1, keys.shape[-1]), values.reshape(-1, values.shape[-1]), lengths)
-        return cls(keys[keep], values[keep], keep.sum(-1))
+            counts = (length, batch * heads * length, True)
+            return cls(keys.reshape(-1, keys.shape[-1]), values.reshape(-1, values.shape[-1]), lengths, counts)
+        lengths = keep.sum(-1)
+        if width is not None:
+            counts = (width, batch * heads * width, True)
+        else:
+            per_row = lengths.flatten().tolist()
+            counts = (max(per_row, default=0), sum(per_row), len(set(per_row)) <= 1)
+        positions = kept_positions(keep, counts[1])  # (sequence, head, token) order, as ``keys[keep]`` gives
+        index = positions // (heads * length), positions // length % heads, positions % length
+        return cls(keys[index], values[index], lengths, counts)
 
     @property
     def uniform(self) -> bool:
+        if self._counts is not None:
+            return self._counts[2]
         return bool((self.lengths == self.lengths.flatten()[0]).all()) if self.lengths.numel() else True
 
     @property
     def longest(self) -> int:
-        """Read on the host once: the rows of a dense segment never change after it is made, and a layer that holds
-        ragged rows (after an eviction that left heads different lengths) reads its width at every decoding step."""
-        if self._longest is None:
-            self._longest = super().longest
-        return self._longest
+        return self._counts[0] if self._counts is not None else super().longest
+
+    @property
+    def tokens(self) -> int:
+        return self._counts[1] if self._counts is not None else super().tokens
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
-        keys, valid = ragged_to_padded(self.keys, self.lengths, self.longest)
-        values, _ = ragged_to_padded(self.values, self.lengths, self.longest)
+        longest = self.longest  # read once for keys and values
+        keys, valid = ragged_to_padded(self.keys, self.lengths, longest)
+        values, _ = ragged_to_padded(self.values, self.lengths, longest)
         return keys, values, valid
 
     def select(self, keep: Tensor) -> "DenseSegment":
@@ -188,4 +223,3 @@ class DenseSegment(Segment):
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-

@@ -74,7 +74,8 @@ def write_heads(pages: Tensor, slots: Tensor, rows: Tensor, lens: Tensor) -> Non
     dest = slots[torch.where(valid, steps, 0)]
     head = torch.arange(heads, device=rows.device)[:, None].expand_as(dest)
     flat = pages.view(-1, heads, rows.shape[-1])
-    first = torch.where((lens > 0)[:, None], rows[:, 0], flat[slots[0], head[:, 0]])  # (H, D)
+    # ``slots[:1]``, not ``slots[0]``: a 0-d index tensor is read back to the host (one wait per call)
+    first = torch.where((lens > 0)[:, None], rows[:, 0], flat[slots[:1], head[:, 0]])  # (H, D)
     flat[dest, head] = torch.where(valid[..., None], rows, first[:, None])
 
 

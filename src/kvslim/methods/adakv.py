@@ -30,7 +30,6 @@ class AdaptiveHeads(ScoredEviction):
 
     floor: float = 0.2
     name = "adakv"
-    exact_budget = False  # heads keep different shares of the layer's budget
     #: the scorer whose selection this class makes adaptive (None for the registered ``adakv``)
     scorer: ClassVar[type[ScoredEviction] | None] = None
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import ClassVar
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -209,10 +210,6 @@ class ScoredEviction(Method):
     #: to (H2O's accumulated attention, see :meth:`attended`); :meth:`reflow` moves them with their tokens, and a
     #: token appended since the last step has zero there
     token_state: ClassVar[tuple[str, ...]] = ()
-    #: :meth:`choose` keeps exactly ``min(k, held)`` tokens in every row (the plain top-k), so a layer whose rows
-    #: all hold the same count, evicted against a budget equal in every row, keeps them in place (see :meth:`evict`);
-    #: AdaKV, which shares a layer's budget among its heads, does not
-    exact_budget: ClassVar[bool] = True
 
     def validate(self) -> None:
         self.validate_budget()
@@ -273,28 +270,40 @@ class ScoredEviction(Method):
         """Scores (B,H,T) in keeping order: protected tokens first (+inf), then by ``raw`` score, padding last (-inf)."""
         return raw.masked_fill(self.protected(obs), float("inf")).masked_fill(~obs.valid, float("-inf"))
 
-    def evict(self, obs: Observation, k: Tensor, raw: Tensor | None = None) -> None:
+    def evict(self, obs: Observation, k: Tensor, raw: Tensor | None = None, budget: int | None = None) -> None:
         """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest; ``raw``: this
-        observation's :meth:`score`, when the caller already computed it."""
-        layer, count = obs.layer, None
+        observation's :meth:`score`, when the caller already computed it; ``budget``: ``k``'s value in every row, when
+        known on the host (:meth:`uniform_budget`), so the host decides and stores without waiting for the device.
+
+        A layer whose rows all hold the same count (an open tail) reads ``k``'s range on the host once per budget
+        tensor (:func:`host_range`), so a decoding step that evicts against it makes no host sync either, and evicts
+        in place (``LayerKV.select``'s ``width``; :meth:`dropped_span` when the dropped tokens are known unscored)."""
+        layer = obs.layer
         held = layer.held_per_row
-        if held is None:
-            if bool((obs.valid.sum(-1) <= k).all()):
+        if held is not None:  # every row holds ``held`` tokens: decided on the host
+            if budget is None:
+                low, high = host_range(layer, k)
+                if held <= low:
+                    return
+                budget = low if low == high else None
+            elif held <= budget:
                 return
-        else:  # every row holds ``held`` tokens (an open tail): decided on the host, no sync at a decoding step
-            low, high = host_range(layer, k)
-            if held <= low:
+        elif budget is not None:
+            if layer.seen <= budget:
                 return
-            count = low if low == high and self.exact_budget else None
-            span = None if count is None or raw is not None else self.dropped_span(obs, held, count)
-            if span is not None and self.plain_selection:
-                layer.drop_span(*span)
-                return
+        elif bool((obs.valid.sum(-1) <= k).all()):
+            return
+        per_row = type(self).choose is ScoredEviction.choose  # the top ``k`` of each row: exactly ``budget`` each
+        width = budget if per_row else None
+        span = None if width is None or held is None or raw is not None else self.dropped_span(obs, held, width)
+        if span is not None and self.plain_selection:
+            layer.drop_span(*span)
+            return
         raw = self.score(obs).float() if raw is None else raw
         keep = self.choose(self.ranked(obs, raw), k) & obs.valid
         values = self.kept_values(obs, raw, keep)
         self.reflow(obs, keep)
-        layer.select(keep, values, count)
+        layer.select(keep, values, width)
 
     def dropped_span(self, obs: Observation, held: int, count: int) -> tuple[int, int] | None:
         """The columns [first, stop) that keeping ``count`` of the ``held`` tokens of every row drops, when they are
@@ -306,6 +315,31 @@ class ScoredEviction(Method):
         """Whether an eviction only drops tokens: kept values stay as they are (no merging) and no per-token state
         follows them, so :meth:`dropped_span` may stand for the scores."""
         return type(self).kept_values is ScoredEviction.kept_values and not self.token_state
+
+    @staticmethod
+    def host_prompt(obs: Observation) -> int | None:
+        """Every sequence's prompt length (``state["prompt"]``), when the host knows it without reading the device:
+        the layer is one tail holding every token it has seen (a whole prompt, no batch padding, nothing dropped yet:
+        the engine's prefill, a padding-free ``kvslim.Cache`` one) outside a sliding window (which caps the prompt)."""
+        layer = obs.layer
+        if getattr(layer, "window", None) is not None or not layer.whole or layer.seen != layer.segments[0].longest:
+            return None
+        return layer.seen
+
+    def uniform_budget(self, obs: Observation) -> int | None:
+        """The prefill budget :meth:`layer_budget` gives every (sequence, KV head), when the host knows it without
+        reading the device (see :meth:`host_prompt`); a method with its own budget rule returns None unless it
+        overrides this too.
+
+        Computed in float32 as :meth:`tokens_for` computes it on a device tensor (``seen * keep`` in float64 may round
+        to another side of an integer), so both give the same budget."""
+        prompt = self.host_prompt(obs)
+        if (prompt is None or type(self).layer_budget is not ScoredEviction.layer_budget
+                or type(self).tokens_for is not ScoredEviction.tokens_for):
+            return None
+        if self.keep is None:
+            return min(prompt, self.budget)  # type: ignore[type-var]
+        return min(prompt, max(1, math.ceil(numpy.float32(prompt) * numpy.float32(self.keep))))
 
     def kept_values(self, obs: Observation, scores: Tensor, keep: Tensor) -> Tensor | None:
         """Values (B,H,T,Dv over the dense layout) the kept tokens take on when ``keep`` is applied, given the
@@ -364,7 +398,7 @@ class ScoredEviction(Method):
         obs.layer.state["budget"] = k
         if self.decodes:
             self.remember(obs)
-        self.evict(obs, k)
+        self.evict(obs, k, budget=self.uniform_budget(obs))
 
     def due(self, obs: Observation) -> tuple[Observation, Tensor] | None:
         """Remember this step's query; when an eviction is due now, the observation to score and the limit.

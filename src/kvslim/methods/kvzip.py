@@ -123,7 +123,9 @@ class KVzip(ScoredEviction):
         budget = obs.layer.state["budget"] = self.layer_budget(obs, obs.valid.sum(-1))
         obs.layer.state["kvzip"] = None  # new tokens: scores from an earlier pass no longer fit the layout
         obs.layer.state["kvzip.chunks"] = 0
-        obs.layer.state["kvzip.pending"] = bool((obs.valid.sum(-1) > budget).any())
+        uniform = self.uniform_budget(obs)  # known on the host: no read of the device
+        pending = obs.layer.seen > uniform if uniform is not None else bool((obs.valid.sum(-1) > budget).any())
+        obs.layer.state["kvzip.pending"] = pending
 
     def on_probe(self, obs: Observation, keys: Tensor, real: Tensor) -> None:
         """Score the chunk this probe reconstructs (probes come in chunk order)."""
@@ -173,7 +175,7 @@ class KVzip(ScoredEviction):
         return [part.view(r.shape).sum(-1) for part, r in zip(keep.split(sizes, 1), ranked)]
 
     def _evict_probed(self, obs: Observation, k: Tensor) -> None:
-        self.evict(obs, k)
+        self.evict(obs, k, budget=None if self.across_layers else self.uniform_budget(obs))
         obs.layer.state["kvzip"] = None
         obs.layer.state["kvzip.pending"] = False
 

@@ -54,12 +54,19 @@ class PyramidKV(SnapKV):
             raise ValueError(f"{self.name}: beta={self.beta} must be > 1 (ratio of the bottom to the top budget)")
 
     def layer_budget(self, obs: Observation, held: Tensor) -> Tensor:
-        prompt = obs.layer.state["prompt"].tolist()
-        per_seq = [
-            pyramid_budgets(int(self.tokens_for(n)), n, obs.num_layers, self.beta)[obs.layer_idx] for n in prompt
-        ]
+        known = self.host_prompt(obs)  # read ``state["prompt"]`` back only when the host does not know it
+        prompt = [known] * held.shape[0] if known is not None else obs.layer.state["prompt"].tolist()
+        per_seq = [self.pyramid_budget(n, obs) for n in prompt]
         target = torch.tensor(per_seq, device=held.device).unsqueeze(-1).expand_as(held)
         return torch.minimum(target, held)
+
+    def pyramid_budget(self, n_tokens: int, obs: Observation) -> int:
+        """This layer's budget for a prompt of ``n_tokens``."""
+        return pyramid_budgets(int(self.tokens_for(n_tokens)), n_tokens, obs.num_layers, self.beta)[obs.layer_idx]
+
+    def uniform_budget(self, obs: Observation) -> int | None:
+        prompt = self.host_prompt(obs)  # every row holds the prompt: the budget capped by it
+        return None if prompt is None else min(prompt, self.pyramid_budget(prompt, obs))
 
     def planned_tokens(self, n_tokens: int, layer_idx: int, num_layers: int) -> float:
         return float(pyramid_budgets(int(self.tokens_for(n_tokens)), n_tokens, num_layers, self.beta)[layer_idx])
