@@ -252,7 +252,7 @@ def test_decode_eviction_never_drops_the_newest_window(llama, prompt):
         for _ in range(10):
             logits = llama(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
             held = cache.layers[1].dense(torch.float32)[0]
-            keys_seen.append(held[0, :, -1])
+            keys_seen.append(held[0, :, -1].clone())  # a view of the tail: evictions rewrite it in place
             if len(keys_seen) >= 6:  # the six newest tokens are the last six columns, every step
                 newest = torch.stack(keys_seen[-6:], 1)
                 torch.testing.assert_close(held[0, :, -6:], newest)

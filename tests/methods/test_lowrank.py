@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import kvslim
 from kvslim.engine import LLM
 from kvslim.methods.lowrank import LowRankSegment
+from kvslim.models.tiny import tiny_config
 
 
 def _prefill(model, ids, policy) -> kvslim.Cache:
@@ -96,3 +97,27 @@ def test_refusals(llama, prompt):
         kvslim.policy("lowrank(rank=4)+kivi4")
     with pytest.raises(ValueError, match="use kvslim.Cache for lowrank"):
         LLM(llama, policy="snapkv(keep=0.25)+lowrank(rank=4)", kv_memory=0.01)
+
+
+@pytest.mark.parametrize("spec", ["lowrank(rank=16)", "lowrank(rank=32)", "lowrank(rank=16,bits=4)",
+                                  "lowrank(rank=32,bits=4)"])
+def test_bfloat16_prefill_decode_and_suffix(spec):
+    """bf16 models (the GPU benchmarks): the float32 eigen-decomposition meets bf16 bases and coefficients."""
+    config = tiny_config("qwen2", "gqa")
+    config.head_dim = 64  # Qwen2.5-Coder-0.5B's, so rank=32 is allowed
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    prompt = torch.randint(1, 256, (1, 96), generator=torch.Generator().manual_seed(1))
+    cache = _prefill(model, prompt, kvslim.policy(spec))
+    token = prompt[:, -1:]
+    with torch.no_grad():
+        for _ in range(3):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        with cache.appended():  # a question after the compressed context (RULER's query-agnostic protocol)
+            model(prompt[:, :12], past_key_values=cache, use_cache=True)
+        logits = model(token, past_key_values=cache, use_cache=True).logits  # decoding after it stores it too
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert all((layer.lengths == 96 + 3 + 12 + 1).all() for layer in cache.layers)
+    assert all(isinstance(s, LowRankSegment) for layer in cache.layers for s in layer.segments)
+    assert all(layer.state["lowrank"][0].dtype == torch.bfloat16 for layer in cache.layers)
+    assert 0 < max(max(e.values()) for e in cache.stats()["reconstruction_error"]) < 1

@@ -46,11 +46,14 @@ def _too_long(tokens: int, capacity: int) -> ValueError:
 class GrowingSegment(DenseSegment):
     """The open tail of a layer, every (sequence, head) holding ``filled`` tokens, in buffers with spare room.
 
-    ``nbytes`` counts the held tokens; the spare room is at most an eighth more (plus 64 tokens).
+    ``nbytes`` counts the held tokens; the spare room is at most an eighth more (plus 64 tokens), whether it lies
+    after the held tokens or, after :meth:`drop`, before them.
     """
 
     def __init__(self, key_buffer: Tensor, value_buffer: Tensor, filled: int):
         self.key_buffer, self.value_buffer, self.filled = key_buffer, value_buffer, filled
+        #: the buffer column of the oldest held token: :meth:`drop` advances it instead of moving what follows
+        self.start = 0
         self._valid = torch.ones(key_buffer.shape[:3], dtype=torch.bool, device=key_buffer.device)
         self._lengths: tuple[int, Tensor] | None = None
 
@@ -76,11 +79,11 @@ class GrowingSegment(DenseSegment):
     @property
     def keys(self) -> Tensor:  # type: ignore[override]
         """Held key rows (N, D) in (sequence, head, token) order, as :class:`DenseSegment` stores them (a copy)."""
-        return self.key_buffer[:, :, : self.filled].reshape(-1, self.key_buffer.shape[-1])
+        return self.dense()[0].reshape(-1, self.key_buffer.shape[-1])
 
     @property
     def values(self) -> Tensor:  # type: ignore[override]
-        return self.value_buffer[:, :, : self.filled].reshape(-1, self.value_buffer.shape[-1])
+        return self.dense()[1].reshape(-1, self.value_buffer.shape[-1])
 
     @property
     def uniform(self) -> bool:
@@ -98,20 +101,54 @@ class GrowingSegment(DenseSegment):
         return self._valid[:, :, : self.filled]
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Views of the buffers: callers must not write to them."""
-        n = self.filled
-        return self.key_buffer[:, :, :n], self.value_buffer[:, :, :n], self._valid[:, :, :n]
+        """Views of the buffers: callers must not write to them, and they hold the layer's tokens only until its next
+        eviction (:meth:`keep_columns` and :meth:`drop` rewrite the buffers in place)."""
+        start, end = self.start, self.start + self.filled
+        return self.key_buffer[:, :, start:end], self.value_buffer[:, :, start:end], self._valid[:, :, : self.filled]
 
     def append(self, keys: Tensor, values: Tensor) -> "GrowingSegment":
         """Write q new tokens (B,H,q,D) after the held ones, in place while there is room."""
-        end = self.filled + keys.shape[2]
+        held, end = self.start + self.filled, self.start + self.filled + keys.shape[2]
         if end > self.capacity:  # move to buffers with room: one copy of what is held per ~filled/8 tokens
             held_k, held_v, _ = self.dense()
-            return GrowingSegment.holding(held_k, held_v, grown_capacity(end)).append(keys, values)
-        self.key_buffer[:, :, self.filled : end] = keys
-        self.value_buffer[:, :, self.filled : end] = values
-        self.filled = end
+            return GrowingSegment.holding(held_k, held_v, grown_capacity(self.filled + keys.shape[2])).append(keys,
+                                                                                                             values)
+        self.key_buffer[:, :, held:end] = keys
+        self.value_buffer[:, :, held:end] = values
+        self.filled += keys.shape[2]
         return self
+
+    def keep_columns(self, index: Tensor, values: Tensor | None = None) -> None:
+        """Keep, in every row, the held columns ``index`` (B,H,n, ascending): an eviction that leaves every row the
+        same count, done in place (a gather into the first n columns), so the layer stays one open tail and no host
+        sync, allocation of new buffers or ragged copy is made. ``values`` (B,H,filled,Dv), when given, are the held
+        tokens' new values (merging methods)."""
+        keys, held_values, _ = self.dense()
+        source = held_values if values is None else values.to(held_values.dtype)
+        count, where = index.shape[-1], index.unsqueeze(-1)
+        kept_keys = keys.gather(2, where.expand(-1, -1, -1, keys.shape[-1]))
+        kept_values = source.gather(2, where.expand(-1, -1, -1, source.shape[-1]))
+        self.key_buffer[:, :, self.start : self.start + count] = kept_keys
+        self.value_buffer[:, :, self.start : self.start + count] = kept_values
+        self.filled = count
+
+    def fitted(self) -> "GrowingSegment":
+        """This segment, or its held tokens in new buffers when an eviction left the buffers larger than a growing tail
+        of that many tokens reserves (a prefill that kept a quarter): the evicted room is given back, not kept."""
+        if self.capacity - self.start <= grown_capacity(self.filled):
+            return self
+        return GrowingSegment.holding(*self.dense()[:2])
+
+    def drop(self, first: int, stop: int) -> None:
+        """Drop the held columns [first, stop) of every row (StreamingLLM's oldest tokens after its sinks): the
+        ``first`` columns before them move ``stop - first`` columns on and the start advances, so only those few
+        are copied, not the tokens that follow."""
+        gap = stop - first
+        if first:
+            for buffer in (self.key_buffer, self.value_buffer):
+                buffer[:, :, self.start + gap : self.start + stop] = buffer[:, :, self.start : self.start + first].clone()
+        self.start += gap
+        self.filled -= gap
 
     def nbytes(self) -> int:
         per_token = self.key_buffer.shape[-1] * self.key_buffer.element_size() \

@@ -81,6 +81,14 @@ class _Layer(LayerKV, CacheLayerMixin):
             self.tracker.selected(self.valid(), keep, self.lengths, self.seen)
         super().select(keep, values, width)
 
+    def drop_span(self, first: int, stop: int) -> None:
+        if self.tracker is None:
+            super().drop_span(first, stop)
+            return
+        keep = self.valid().clone()  # the recorded slots follow a mask
+        keep[..., first:stop] = False
+        self.select(keep, width=int(keep.shape[-1]) - (stop - first))
+
     def nbytes(self) -> int:
         """Storage plus the recorded slots (see :mod:`.window`): both are device memory this layer holds."""
         return super().nbytes() + self.slot_bytes()

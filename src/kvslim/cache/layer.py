@@ -77,6 +77,12 @@ class LayerKV:
         sync: one growing tail (see :class:`GrowingSegment`) and nothing else. Attention then needs no mask."""
         return len(self.segments) == 1 and isinstance(self.segments[0], GrowingSegment)
 
+    @property
+    def held_per_row(self) -> int | None:
+        """Tokens every (sequence, head) holds when the layer is :attr:`whole`, read on the host without a sync;
+        None otherwise."""
+        return self.segments[0].filled if self.whole else None  # type: ignore[attr-defined]
+
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.segments)
 
@@ -161,8 +167,16 @@ class LayerKV:
         ragged result is closed and new tokens start a fresh uniform segment at the end of the
         layout (so the newest tokens are always the last columns of the dense layout).
         ``width``: every (sequence, head) keeps exactly this many tokens, known on the host (a uniform budget over a
-        layer of one segment): the kept rows are then stored without reading anything back from the device.
+        layer of one segment): the kept rows are then stored without reading anything back from the device. A
+        :attr:`whole` layer keeps them in place (:meth:`GrowingSegment.keep_columns`): a decode-time eviction then
+        costs a few operations instead of a ragged copy of the layer and a new tail at the next step.
         """
+        if width is not None and self.whole:
+            # kept columns in time order: a stable sort puts the kept ones first, in their order
+            index = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :width]
+            self.segments[0].keep_columns(index, values)  # type: ignore[attr-defined]
+            self.segments[0] = self.segments[0].fitted()  # type: ignore[attr-defined]
+            return
         kept: list[Segment] = []
         width = width if len(self.segments) == 1 else None
         new_values = self._run_slices(values) if values is not None else [None] * len(self._groups())
@@ -177,6 +191,12 @@ class LayerKV:
         last = self.segments[-1]
         # static buffers take ragged rows too (padded, masked): the tail stays open for the next step
         self._tail_open = isinstance(last, DenseSegment) and (self.capacity is not None or last.uniform)
+
+    def drop_span(self, first: int, stop: int) -> None:
+        """Drop the columns [first, stop) of every row of a :attr:`whole` layer (oldest tokens after the sinks), in
+        place: what ``select`` does with a mask that is False there and True elsewhere."""
+        self.segments[0].drop(first, stop)  # type: ignore[attr-defined]
+        self.segments[0] = self.segments[0].fitted()  # type: ignore[attr-defined]
 
     def compact_like(self, x: Tensor, keep: Tensor) -> Tensor:
         """Apply to a per-token tensor (B,H,T,...) the same re-layout that :meth:`select` applies to the cache."""

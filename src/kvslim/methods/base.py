@@ -95,6 +95,11 @@ class Observation:
 
     def time_rank(self) -> tuple[Tensor, Tensor]:
         """Each held token's rank in time order (B,H,T) and the count held (B,H): for sinks and windows."""
+        return self._time_rank
+
+    @cached_property
+    def _time_rank(self) -> tuple[Tensor, Tensor]:
+        # computed once per observation, as its dense layout: scoring reads it twice (the window, the protected)
         rank = self.valid.long().cumsum(-1) - 1
         return rank, self.valid.sum(-1)
 
@@ -105,6 +110,16 @@ def keep_top(scores: Tensor, k: Tensor) -> Tensor:
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return ranks < k.unsqueeze(-1)
+
+
+def host_range(layer: LayerKV, k: Tensor) -> tuple[int, int]:
+    """The smallest and largest of a budget ``k`` (B,H), read on the host once per budget tensor (a host sync)
+    and remembered in the layer's state: a decoding step that evicts against the same budget reads none."""
+    cached = layer.state.get("budget.range")
+    if cached is None or cached[0] is not k:
+        low, high = torch.aminmax(k)
+        cached = layer.state["budget.range"] = (k, int(low), int(high))
+    return cached[1], cached[2]
 
 
 @dataclass
@@ -258,18 +273,48 @@ class ScoredEviction(Method):
     def evict(self, obs: Observation, k: Tensor, raw: Tensor | None = None, budget: int | None = None) -> None:
         """Keep the ``k`` (B,H) best tokens per row by score and physically drop the rest; ``raw``: this
         observation's :meth:`score`, when the caller already computed it; ``budget``: ``k``'s value in every row, when
-        known on the host (:meth:`uniform_budget`), so the host decides and stores without waiting for the device."""
-        if budget is not None:
-            if obs.layer.seen <= budget:
+        known on the host (:meth:`uniform_budget`), so the host decides and stores without waiting for the device.
+
+        A layer whose rows all hold the same count (an open tail) reads ``k``'s range on the host once per budget
+        tensor (:func:`host_range`), so a decoding step that evicts against it makes no host sync either, and evicts
+        in place (``LayerKV.select``'s ``width``; :meth:`dropped_span` when the dropped tokens are known unscored)."""
+        layer = obs.layer
+        held = layer.held_per_row
+        if held is not None:  # every row holds ``held`` tokens: decided on the host
+            if budget is None:
+                low, high = host_range(layer, k)
+                if held <= low:
+                    return
+                budget = low if low == high else None
+            elif held <= budget:
+                return
+        elif budget is not None:
+            if layer.seen <= budget:
                 return
         elif bool((obs.valid.sum(-1) <= k).all()):
+            return
+        per_row = type(self).choose is ScoredEviction.choose  # the top ``k`` of each row: exactly ``budget`` each
+        width = budget if per_row else None
+        span = None if width is None or held is None or raw is not None else self.dropped_span(obs, held, width)
+        if span is not None and self.plain_selection:
+            layer.drop_span(*span)
             return
         raw = self.score(obs).float() if raw is None else raw
         keep = self.choose(self.ranked(obs, raw), k) & obs.valid
         values = self.kept_values(obs, raw, keep)
         self.reflow(obs, keep)
-        per_row = type(self).choose is ScoredEviction.choose  # the top ``k`` of each row: exactly ``budget`` each
-        obs.layer.select(keep, values, budget if per_row else None)
+        layer.select(keep, values, width)
+
+    def dropped_span(self, obs: Observation, held: int, count: int) -> tuple[int, int] | None:
+        """The columns [first, stop) that keeping ``count`` of the ``held`` tokens of every row drops, when they are
+        one run known without scoring (StreamingLLM: the oldest after the sinks); None: score and choose."""
+        return None
+
+    @property
+    def plain_selection(self) -> bool:
+        """Whether an eviction only drops tokens: kept values stay as they are (no merging) and no per-token state
+        follows them, so :meth:`dropped_span` may stand for the scores."""
+        return type(self).kept_values is ScoredEviction.kept_values and not self.token_state
 
     @staticmethod
     def host_prompt(obs: Observation) -> int | None:
@@ -325,9 +370,14 @@ class ScoredEviction(Method):
         if not self.decodes or "budget" not in obs.layer.state:
             return None
         kept = obs.layer.state["budget"]
-        if self.decode_budget is not None:
-            return torch.full_like(kept, self.decode_budget)
-        return kept.clamp(min=self.budget) if self.budget is not None else kept
+        if self.decode_budget is None and self.budget is None:
+            return kept
+        cached = obs.layer.state.get("decode_limit")  # the same tensor every step: its host range is read once
+        if cached is None or cached[0] is not kept:
+            limit = torch.full_like(kept, self.decode_budget) if self.decode_budget is not None \
+                else kept.clamp(min=self.budget)
+            cached = obs.layer.state["decode_limit"] = (kept, limit)
+        return cached[1]
 
     def remember(self, obs: Observation) -> Observation:
         """Carry the newest :attr:`observed` queries across steps; an observation whose queries are those.

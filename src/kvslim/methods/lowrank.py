@@ -186,7 +186,7 @@ class LowRank(Method):
 
 def _error(rows: Tensor, valid: Tensor, basis: Tensor) -> float:
     """Relative Frobenius error of projecting the ``valid`` rows of (B,H,T,D) onto (B,H,D,R) ``basis`` and back."""
-    x = rows.float() * valid.unsqueeze(-1)
+    x, basis = rows.float() * valid.unsqueeze(-1), basis.float()  # the basis is held in the model's dtype
     residual = x - x @ basis @ basis.transpose(-1, -2)
     norm = float(x.norm())
     return float(residual.norm()) / norm if norm else 0.0

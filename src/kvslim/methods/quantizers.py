@@ -158,7 +158,7 @@ class Quantizer(Method):
         move = max(0, filled - self.residual) // self.block() * self.block()
         if move == 0:
             return
-        keys, values = tail.key_buffer[:, :, :filled], tail.value_buffer[:, :, :filled]
+        keys, values = (x[:, :, :filled] for x in tail.dense()[:2])  # a static tail's buffers are wider
         moving = torch.ones(keys.shape[:2] + (move,), dtype=torch.bool, device=keys.device)
         packed = self.packed_segment(layer, keys[:, :, :move], values[:, :, :move], moving)
         packed.per_row = move  # every row packed ``move`` tokens: merging with the packed head needs no sort

@@ -25,3 +25,11 @@ class Streaming(ScoredEviction):
 
     def score(self, obs: Observation) -> Tensor:
         return obs.time_rank()[0].float()  # newer is better; sinks are protected by the base
+
+    def dropped_span(self, obs: Observation, held: int, count: int) -> tuple[int, int] | None:
+        """Keeping ``count`` of ``held`` tokens in time order drops the oldest after the sinks, one run per row,
+        when the sinks and the protected window fit in ``count`` (else the protected ones compete: score them)."""
+        window = self.window if obs.phase == "prefill" else max(self.window, 1)
+        if self.sinks + window > count:
+            return None
+        return self.sinks, self.sinks + held - count
