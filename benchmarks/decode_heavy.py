@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 from pathlib import Path
@@ -55,6 +54,7 @@ from engine_throughput import (
     decode_weight_bytes,
     drive,
     pool_fields,
+    report_header,
     warm_up,
     workload,
 )
@@ -164,16 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights = decode_weight_bytes(model)
     commit = code_commit(args.commit)
     report = {
-        "benchmark": "decode_heavy",
-        "model": f"{args.model} architecture, RANDOM weights, {'bfloat16' if cuda else 'float32'}",
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": commit,
-        "kv_memory_gib": args.kv_memory,
-        "max_num_seqs": args.max_num_seqs,
-        "requests": args.requests,
-        "prompt_tokens": [len(p) for p in prompts],
+        **report_header("decode_heavy", args, cuda, commit, prompts),
         "output_tokens": outputs,
         "eos_ignored": True,
         "decode_weight_bytes": weights,

@@ -277,15 +277,12 @@ def benchmark_model(script: str, spec: str, smoke: bool) -> tuple[Any, bool]:
     return model, cuda
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    model, cuda = benchmark_model("engine_throughput", args.model, args.smoke)
-    prompts = workload(args.requests, args.min_prompt, args.max_prompt, model.config.vocab_size, seed=0)
-    bandwidth = copy_bandwidth() if cuda else None
-    weights = decode_weight_bytes(model)
-    commit = code_commit(args.commit)
-    report = {
-        "benchmark": "engine_throughput (saturated)",
+def report_header(benchmark: str, args: argparse.Namespace, cuda: bool, commit: str, prompts: list[list[int]]
+                  ) -> dict[str, Any]:
+    """What every throughput report starts with: the benchmark, the random-weight model, the device and software, the
+    commit, the pool and the queue's prompts (``--append`` compares these before adding results)."""
+    return {
+        "benchmark": benchmark,
         "model": f"{args.model} architecture, RANDOM weights, {'bfloat16' if cuda else 'float32'}",
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -295,6 +292,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs,
         "requests": args.requests,
         "prompt_tokens": [len(p) for p in prompts],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    model, cuda = benchmark_model("engine_throughput", args.model, args.smoke)
+    prompts = workload(args.requests, args.min_prompt, args.max_prompt, model.config.vocab_size, seed=0)
+    bandwidth = copy_bandwidth() if cuda else None
+    weights = decode_weight_bytes(model)
+    commit = code_commit(args.commit)
+    report = {
+        **report_header("engine_throughput (saturated)", args, cuda, commit, prompts),
         "output_tokens_per_request": args.output_tokens,
         "eos_ignored": True,
         "decode_weight_bytes": weights,
