@@ -106,10 +106,13 @@ def measure(run: Callable[[], None], layers: int, device: torch.device, iters: i
     """Syncs and aten ops per layer of one call of ``run`` (profiled), and its median wall ms (not profiled)."""
     run()  # warm-up: allocations, kernels' first launch
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU]) as prof, counting_reads(device) as reads:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof, counting_reads(device) as reads:
         run()
         synchronize(device)
     counts = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    averages = prof.key_averages()
+    gpu = sorted(((e.self_device_time_total / 1e3, e.key) for e in averages if e.self_device_time_total > 0), reverse=True)
     counts.update({f"Tensor.{name}": n for name, n in reads.items()})
     times = []
     for _ in range(iters):
@@ -122,7 +125,10 @@ def measure(run: Callable[[], None], layers: int, device: torch.device, iters: i
     return {"syncs_per_layer": sum(counts[op] for op in syncs) / layers,
             **{f"{op.split('::')[-1].split('.')[-1]}_per_layer": counts[op] / layers for op in syncs},
             "aten_ops_per_layer": sum(n for op, n in counts.items() if op.startswith("aten::")) / layers,
-            "ms_per_prompt": statistics.median(times)}
+            "ms_per_prompt": statistics.median(times),
+            # GPU busy time of the profiled prompt (kernels, summed) and its five largest ops: wall ms far above it
+            # means the host, not the GPU, sets the pace
+            "gpu_ms_per_prompt": sum(ms for ms, _ in gpu), "top_gpu_ops": [[name, round(ms, 3)] for ms, name in gpu[:5]]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     print(f"{args.model} on {device}, {args.tokens}-token prompt, {layers} layers; per layer per prompt:")
     print(f"{'path':7s} {'policy':32s} {'syncs':>6s} {'scalar':>6s} {'nonzero':>7s} {'tolist':>6s} {'cpu':>5s} "
-          f"{'aten ops':>9s} {'ms/prompt':>10s}")
+          f"{'aten ops':>9s} {'ms/prompt':>10s} {'gpu ms':>7s}")
     for path in args.paths:
         for policy in args.policies:
             row = {"path": path, "policy": policy,
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows.append(row)
             print(f"{path:7s} {policy:32s} {row['syncs_per_layer']:6.2f} {row['_local_scalar_dense_per_layer']:6.2f} "
                   f"{row['nonzero_per_layer']:7.2f} {row['tolist_per_layer']:6.2f} {row['cpu_per_layer']:5.2f} "
-                  f"{row['aten_ops_per_layer']:9.1f} {row['ms_per_prompt']:10.2f}")
+                  f"{row['aten_ops_per_layer']:9.1f} {row['ms_per_prompt']:10.2f} {row['gpu_ms_per_prompt']:7.2f}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": args.model, "device": str(device), "tokens": args.tokens,
