@@ -139,6 +139,11 @@ class Compression:
         self.observed = max(windows + ([self.thin.window] if self.thin is not None else []), default=1)
         #: whether the runner must hand each prefill to :meth:`__call__` (an evictor or ThinK acts on it)
         self.acts = self.evict is not None or self.thin is not None
+        #: whether several prompts may be prefilled in one forward (``ModelRunner.prefill_batch``), which compresses
+        #: their layers in turn: nothing here or in the method may carry one prompt's state from a layer to the next
+        #: (auto's ledger, KVzip's probes and held layers, ThinK's channels, decode-time compression's states)
+        self.batchable = not (self.whole_request or self.policy.probes or self.across_layers or self.thin is not None
+                              or self.decoding is not None)
         #: whether a prompt may be prefilled in chunks with the same result: chunks are stored, then read back by the
         #: next chunks and by the evictor, exactly only in the model dtype (quantized or offloaded pages would give
         #: back other keys than the ones an unchunked prefill attends to and scores)

@@ -283,9 +283,10 @@ class LLMEngine:
                 self._slide(seq)
             self._evict_decoded(step.decode)
             seqs, rows = list(step.decode), list(logits)
+        rows_of = self._prefill_batch([seq for seq, tokens in step.prefill if self._batchable(seq, tokens)])
         done, last = [], []
         for seq, tokens in step.prefill:
-            row = self._prefill(seq, tokens)
+            row = rows_of[seq] if seq in rows_of else self._prefill(seq, tokens)
             if row is not None:
                 done.append(seq)
                 last.append(row)
@@ -314,6 +315,28 @@ class LLMEngine:
             dropped.append(request_id)
         return dropped
 
+    def _batchable(self, seq: Sequence, tokens: int) -> bool:
+        """Whether this step's prefill of ``seq`` may share a forward with others (``ModelRunner.prefill_batch``): its
+        whole prompt from token 0 (nothing cached, not split into chunks, no suffix), in one process, with a method
+        that keeps no state across a prompt's layers, and no KV tier (which may give it a prefix when it starts)."""
+        return (isinstance(self.runner, ModelRunner) and self.tier_link is None and self.compression.batchable
+                and not seq.num_prefilled and not seq.num_cached_tokens and tokens >= seq.prefill_len
+                and seq.compressed_len == len(seq))
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> dict[Sequence, torch.Tensor]:
+        """Prefill whole fresh prompts in one forward; each one's last token's logits. Run before the step's other
+        prefills: they may read these prompts' blocks (a prefix shared in the same step), never the reverse, since
+        these read nothing cached."""
+        if len(seqs) < 2:
+            return {}
+        compress = self.compression if self.compression.acts else None
+        logits, held, tails = self.runner.prefill_batch(seqs, compress)  # type: ignore[union-attr]
+        for i, seq in enumerate(seqs):
+            seq.tail = None if tails is None else tails[i]
+            seq.num_prefilled = seq.prefill_len
+            self._prefilled(seq, held[i])
+        return dict(zip(seqs, logits))
+
     def _prefill(self, seq: Sequence, tokens: int) -> torch.Tensor | None:
         """Run up to ``tokens`` more of the sequence's prompt; its last token's logits once the whole prompt has run,
         else None (a chunk: its keys and values wait in the pages for the next one)."""
@@ -328,6 +351,11 @@ class LLMEngine:
         seq.num_prefilled = end
         if end < seq.prefill_len:
             return None
+        self._prefilled(seq, held)
+        return logits
+
+    def _prefilled(self, seq: Sequence, held: torch.Tensor) -> None:
+        """A prompt's prefill has ended with ``held`` (L, H) page slots: size its blocks, start what decodes after."""
         seq.prefill_queries = None
         if self.tier_link is not None:
             self.tier_link.save(seq)
@@ -342,7 +370,6 @@ class LLMEngine:
         if window is not None:
             seq.sinks, seq.window_budget = window
             seq.window_start = seq.sinks
-        return logits
 
     def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """Add the other n-1 completions of freshly prefilled requests; they share the prompt's blocks."""

@@ -194,6 +194,21 @@ class ModelRunner:
     def _mlp(self, i: int, x: Tensor) -> Tensor:
         return self.layers[i].mlp.down_proj(self.ops.silu_mul(F.linear(x, self.gate_up[i])))
 
+    def _layer_qkv(self, i: int, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer ``i`` up to its attention: heads-first rotated queries (Hq,T,D), keys and values (H,T,D) of hidden
+        states (T, hidden). Tokens are independent here, so T may pack several sequences (cos/sin at each one's
+        positions)."""
+        h = self.ops.rms_norm(x, self.layers[i].input_layernorm.weight, self.eps)
+        q, k, v = self._qkv(i, h, cos, sin)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+    def _layer_rest(self, i: int, x: Tensor, out: Tensor) -> Tensor:
+        """Layer ``i`` after its attention: the hidden states (T, hidden) once the attention output (Hq,T,D) is
+        projected and the MLP has run (per token, as :meth:`_layer_qkv`)."""
+        layer = self.layers[i]
+        x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(x), -1))
+        return x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+
     def _norm(self, x: Tensor) -> Tensor:
         return self.ops.rms_norm(x, self.model.model.norm.weight, self.eps)
 
@@ -233,16 +248,15 @@ class ModelRunner:
         x = self.model.model.embed_tokens(ids)
         probes = [self._probe_input(p, len(tokens)) for p in (compress.probe_inputs(tokens) if compressing else [])]
         table = self._table(seq.block_table)
+        slots = self._slots(table, offset, end - offset)  # every slot this call may write, whatever a layer keeps
         #: per layer, the slots each head holds in pages and in the ring, on the device until every layer is stored:
         #: one host copy, not one per layer
         stored: list[tuple[Tensor, Tensor | None] | None] = [None] * self.num_layers
-        for i, layer in enumerate(self.layers):
-            h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
-            q, k, v = self._qkv(i, h, cos, sin)
+        for i in range(self.num_layers):
+            q, k, v = self._layer_qkv(i, x, cos, sin)
             if start:
                 past_k, past_v = self.kv.read(i, self._slots(table, 0, start))  # type: ignore[union-attr]
-                k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
-            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+                k, v = torch.cat([past_k.transpose(0, 1), k], 1), torch.cat([past_v.transpose(0, 1), v], 1)
             out = self._attention(q, k, v, start)
             if compressing:
                 queries = q if not start else torch.cat([seq.prefill_queries[i], q], 1)  # type: ignore[index]
@@ -253,24 +267,65 @@ class ModelRunner:
                 if compress is not None:
                     self._observe(seq, i, q, compress.observed)
             if kept is not None:  # None: held until every layer is scored (a budget across layers, KVzip)
-                stored[i] = self._store_prefill(seq, table, i, offset, kept)
-            x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
-            x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+                stored[i] = self._store_prefill(seq, slots, i, kept)
+            x = self._layer_rest(i, x, out)
         if compressing and compress.across_layers and probes:  # type: ignore[union-attr]
             for i, kept in enumerate(compress.held_layers(self.dtype)):  # type: ignore[union-attr]
-                stored[i] = self._store_prefill(seq, table, i, offset, kept)
-        held = torch.stack([paged for paged, _ in stored]).cpu() + offset  # type: ignore[misc]
-        tail = torch.stack([ring for _, ring in stored]).cpu() if self.kv.ring else None  # type: ignore[misc]
+                stored[i] = self._store_prefill(seq, slots, i, kept)
+        held, tail = self._counts([stored])  # type: ignore[list-item]
+        held = held[0] + offset
+        tail = None if tail is None else tail[0]
         if whole and len(tokens) < len(seq):
             return (*self._extend(seq, held), tail)
         return self._logits(self._norm(x[-1:]))[0], held, tail
 
-    def _store_prefill(self, seq: Sequence, table: Tensor, i: int, offset: int, kept: tuple[Tensor, Tensor, Tensor]
+    @torch.inference_mode()
+    def prefill_batch(self, seqs: list[Sequence], compress: CompressHook | None
+                      ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`prefill` of several whole prompts in one forward: each runs from token 0 (no cached prefix, no
+        chunk, no suffix) and ``compress`` keeps no state from one layer of a prompt to the next
+        (``Compression.batchable``: layers of different prompts are compressed in turn). Returns each last
+        token's logits (B, vocab), page slots (B, L, H) and ring tokens (B, L, H) or None.
+
+        Why: a prefill is host-bound on a GPU (Python and op dispatch, paid per layer per call), so prompts that
+        share a forward share that cost. Their tokens are packed one after the other (no padding): the norms,
+        projections, RoPE and MLP run once over all of them; attention, the hook and the stores run per prompt,
+        over its own slice of the keys, as :meth:`prefill` runs them.
+        """
+        lengths = [len(s) for s in seqs]
+        bounds = np.cumsum([0, *lengths]).tolist()
+        ids = self._upload([t for s in seqs for t in s.token_ids])
+        cos, sin = self._rope(self._upload([p for n in lengths for p in range(n)]))
+        x = self.model.model.embed_tokens(ids)
+        slots = [self._slots(self._table(s.block_table), 0, n) for s, n in zip(seqs, lengths)]
+        stored: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in seqs]
+        for i in range(self.num_layers):
+            q, k, v = self._layer_qkv(i, x, cos, sin)
+            outs = []
+            for seq, held, seq_slots, lo, hi in zip(seqs, stored, slots, bounds, bounds[1:]):
+                q_s, k_s, v_s = q[:, lo:hi], k[:, lo:hi], v[:, lo:hi]
+                outs.append(self._attention(q_s, k_s, v_s, 0))
+                whole = torch.full((self.num_kv_heads,), hi - lo, device=self.device)
+                kept = (k_s, v_s, whole) if compress is None else compress(i, q_s, k_s, v_s, [])
+                held.append(self._store_prefill(seq, seq_slots, i, kept))
+            x = self._layer_rest(i, x, torch.cat(outs, 1))
+        held_all, tail = self._counts(stored)
+        last = self._upload([hi - 1 for hi in bounds[1:]])
+        return self._logits(self._norm(x[last])), held_all, tail
+
+    def _counts(self, stored: list[list[tuple[Tensor, Tensor | None]]]) -> tuple[Tensor, Tensor | None]:
+        """Per sequence and layer, the device counts :meth:`_store_prefill` returned -> page slots (B, L, H) and
+        ring tokens (B, L, H) or None, on the host: one copy for all of them, not one per layer or sequence."""
+        counts = [t for layers in stored for pair in layers for t in (pair if self.kv.ring else pair[:1])]
+        both = torch.stack(counts).view(len(stored), self.num_layers, -1, self.num_kv_heads).cpu()  # type: ignore[arg-type]
+        return both[:, :, 0], both[:, :, 1] if self.kv.ring else None
+
+    def _store_prefill(self, seq: Sequence, slots: Tensor, i: int, kept: tuple[Tensor, Tensor, Tensor]
                        ) -> tuple[Tensor, Tensor | None]:
-        """Write layer ``i``'s kept keys, values (H,T',D) and lengths (H,) from slot ``offset`` (``table`` from
-        :meth:`_table`); the slots each head then holds in pages and in the ring (None without one), on the device."""
+        """Write layer ``i``'s kept keys, values (H,T',D) and lengths (H,) to the first T' of flat ``slots`` (from
+        :meth:`_slots`); the slots each head then holds in pages and in the ring (None without one), on the device."""
         kept_k, kept_v, lens = kept
-        paged, ring = self.kv.store_prefill(i, seq, self._slots(table, offset, kept_k.shape[1]), kept_k, kept_v, lens)
+        paged, ring = self.kv.store_prefill(i, seq, slots[: kept_k.shape[1]], kept_k, kept_v, lens)
         return paged.to(self.device, torch.long), ring.to(self.device, torch.long) if self.kv.ring else None
 
     @staticmethod
@@ -303,17 +358,15 @@ class ModelRunner:
         kept = self._slots(table, 0, width)
         new = self._flat(table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
         own = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
-        for i, layer in enumerate(self.layers):
-            h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
-            q, k, v = (t.transpose(0, 1) for t in self._qkv(i, h, cos, sin))  # heads first
+        for i in range(self.num_layers):
+            q, k, v = self._layer_qkv(i, x, cos, sin)
             past_k, past_v = self.kv.read(i, kept)
             held_here = torch.arange(width, device=self.device)[None, None, :] < lens[i][:, None, None]
             visible = torch.cat([held_here.expand(-1, len(ids), -1), own.expand(len(lens[i]), -1, -1)], -1)
             out = self._masked_attention(q, torch.cat([past_k.transpose(0, 1), k], 1),
                                          torch.cat([past_v.transpose(0, 1), v], 1), visible)
             self.kv.write(i, new[i], k, v)
-            x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(ids), -1))
-            x = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+            x = self._layer_rest(i, x, out)
         return self._logits(self._norm(x[-1:]))[0], held + len(ids)
 
     def _probe_input(self, ids: list[int], start: int) -> list[Tensor]:
@@ -325,12 +378,9 @@ class ModelRunner:
         """Run a probe through layer ``i``, attending to the prompt's uncompressed keys/values (H,T,D) and to itself;
         advances its hidden states in place and returns its queries (Hq,P,D) and keys (H,P,D) there."""
         x, cos, sin = probe
-        layer = self.layers[i]
-        h = self.ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
-        q_p, k_p, v_p = (t.transpose(0, 1) for t in self._qkv(i, h, cos, sin))
+        q_p, k_p, v_p = self._layer_qkv(i, x, cos, sin)
         out = self._attention(q_p, torch.cat([k, k_p], 1), torch.cat([v, v_p], 1), k.shape[1])
-        x = x + layer.self_attn.o_proj(out.transpose(0, 1).reshape(len(x), -1))
-        probe[0] = x + self._mlp(i, self.ops.rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        probe[0] = self._layer_rest(i, x, out)
         return q_p, k_p
 
     def _masked_attention(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:

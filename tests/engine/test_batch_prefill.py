@@ -1,0 +1,125 @@
+"""Prompts prefilled together in one forward (``ModelRunner.prefill_batch``) store what each stores alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvslim.engine import LLM, SamplingParams
+from kvslim.engine.model_runner import ModelRunner
+
+LENGTHS = (37, 64, 9, 50)
+PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
+
+
+def _engine(model, spec: str, alone: bool, **kwargs) -> LLM:
+    """``alone``: a step's prefill token budget of one token admits one prompt per step (prefills come before any
+    decode step), so each prompt runs by itself through ``ModelRunner.prefill``."""
+    return LLM(model, policy=spec, kv_memory=0.01, block_size=4, max_prefill_tokens=1 if alone else 32768, **kwargs)
+
+
+def _stored(llm: LLM) -> list[tuple]:
+    """Per running sequence: its held slots, pads, ring tokens, and the page bytes (and ring rows) it holds."""
+    kv = llm.runner.kv
+    out = []
+    for seq in llm.scheduler.running:
+        held = seq.slot_lens(llm.runner.num_layers, llm.runner.num_kv_heads)
+        pages = [torch.cat([t.flatten(1).float() for t in kv.block_tensors(b)], 1) for b in seq.block_table]
+        ring = [] if not kv.ring else [kv.ring_k[:, seq.ring_row], kv.ring_v[:, seq.ring_row]]
+        out.append((held, seq.tail, seq.block_table, pages, ring))
+    return out
+
+
+def _assert_same(a: list[tuple], b: list[tuple]) -> None:
+    assert len(a) == len(b)
+    for (held_a, tail_a, table_a, pages_a, ring_a), (held_b, tail_b, table_b, pages_b, ring_b) in zip(a, b):
+        assert torch.equal(held_a, held_b)
+        assert (tail_a is None) == (tail_b is None) and (tail_a is None or torch.equal(tail_a, tail_b))
+        assert table_a == table_b
+        for x, y in zip(pages_a + ring_a, pages_b + ring_b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def _prefill_all(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> int:
+    """Add the prompts and step until every one is prefilled; the number of steps that took."""
+    for prompt in prompts:
+        llm.add_request(prompt, params)
+    steps = 0
+    while llm.scheduler.waiting or any(s.prefilling for s in llm.scheduler.running):
+        llm.step()
+        steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("spec", [
+    "full",
+    "kivi4(group=4,residual=8)",  # quantized pages and a residual ring per sequence
+    "snapkv(keep=0.25,window=4)",
+    "adakv(keep=0.3,window=4)",  # per-head lengths
+    "pyramidkv(keep=0.3,window=4)",  # per-layer lengths
+    "expected_attention(keep=0.25,history=16,future=32)",
+    "streaming(keep=0.25,sinks=2)",  # a sliding window from the first decode step
+    "snapkv(keep=0.3,window=4)+int8",
+])
+def test_batched_prefill_stores_what_one_at_a_time_stores(llama, spec: str, monkeypatch) -> None:
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    calls = []
+    batch = ModelRunner.prefill_batch
+    monkeypatch.setattr(ModelRunner, "prefill_batch", lambda self, seqs, compress: calls.append(len(seqs)) or batch(
+        self, seqs, compress))
+    together, alone = _engine(llama, spec, alone=False), _engine(llama, spec, alone=True)
+    assert _prefill_all(together, PROMPTS, params) == 1 and calls == [len(PROMPTS)]
+    assert _prefill_all(alone, PROMPTS, params) == len(PROMPTS) and calls == [len(PROMPTS)]
+    _assert_same(_stored(together), _stored(alone))
+    for llm in (together, alone):
+        while llm.has_unfinished:
+            llm.step()
+    tokens = lambda llm: [llm.finished[r].token_ids for r in sorted(llm.finished)]  # noqa: E731
+    assert tokens(together) == tokens(alone)
+
+
+def test_forks_of_batched_prompts_decode_as_alone(llama) -> None:
+    params = SamplingParams(max_tokens=8, ignore_eos=True, n=2)
+    together = _engine(llama, "snapkv(keep=0.3,window=4)", alone=False).generate(PROMPTS[:3], params)
+    alone = _engine(llama, "snapkv(keep=0.3,window=4)", alone=True).generate(PROMPTS[:3], params)
+    assert [[c.token_ids for c in o.completions] for o in together] == [[c.token_ids for c in o.completions] for o in alone]
+    assert all(len(o.completions) == 2 for o in together)
+
+
+def test_a_step_mixes_batched_and_prefix_cached_prompts(llama, monkeypatch) -> None:
+    """The second prompt shares the first one's prefix in the same step: it runs alone, after the batch that writes
+    the blocks it reads."""
+    shared = PROMPTS[1][:32]
+    prompts = [shared + [5, 6, 7], PROMPTS[0], shared + [9], PROMPTS[2]]
+    batched = []
+    batch = ModelRunner.prefill_batch
+    monkeypatch.setattr(ModelRunner, "prefill_batch", lambda self, seqs, compress: batched.append(
+        [s.request_id for s in seqs]) or batch(self, seqs, compress))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    outs = _engine(llama, "full", alone=False).generate(prompts, params)
+    assert batched == [["req-0", "req-1", "req-3"]]
+    assert outs[2].stats["cached_prompt_tokens"] == 32
+    alone = _engine(llama, "full", alone=True).generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+
+
+def test_a_chunked_step_batches_only_whole_fresh_prompts(llama, monkeypatch) -> None:
+    """With chunked prefill a long prompt is split (runs alone) while short ones after it run whole, together."""
+    batched = []
+    batch = ModelRunner.prefill_batch
+    monkeypatch.setattr(ModelRunner, "prefill_batch", lambda self, seqs, compress: batched.append(
+        sorted(len(s) for s in seqs)) or batch(self, seqs, compress))
+    long = torch.randint(1, 256, (90,), generator=torch.Generator().manual_seed(7)).tolist()
+    prompts = [PROMPTS[2], PROMPTS[0], long, PROMPTS[3]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    spec = "snapkv(keep=0.3,window=4)"
+    chunked = _engine(llama, spec, alone=False, chunked_prefill=True, max_num_batched_tokens=64).generate(prompts, params)
+    assert batched and batched[0] == [len(PROMPTS[2]), len(PROMPTS[0])]
+    alone = _engine(llama, spec, alone=True).generate(prompts, params)
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in alone]
+
+
+@pytest.mark.parametrize("spec", ["kvzip(keep=0.3,chunk=16)", "auto(keep=0.3,window=4)", "h2o(keep=0.4)",
+                                  "snapkv(keep=0.5,window=4)+think(ratio=0.5)"])
+def test_methods_with_state_across_layers_prefill_one_at_a_time(llama, spec: str) -> None:
+    """KVzip's probes, auto's ledger, decode-time states and ThinK's channels carry a prompt from layer to layer."""
+    assert not _engine(llama, spec, alone=False).compression.batchable
