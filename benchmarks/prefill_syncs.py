@@ -16,6 +16,11 @@ per-prompt floor spread over the layers (the engine copies the held counts to th
 on a CPU run every scalar read counts, also of tensors that are on the host anyway (the engine's held counts after
 that copy); on a GPU run ``tolist``/``cpu`` count only for device tensors.
 
+``--batch N`` sends N different prompts at once instead: the engine prefills them in one step (one forward, see
+``ModelRunner.prefill_batch``, where the method allows), ``kvslim.Cache`` one after another; every number is still
+per prompt, so ``--batch 1`` against ``--batch 8`` shows what sharing a forward saves. The prefix cache is reset
+before each run, so the engine computes every prompt rather than finding it.
+
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/prefill_syncs.py                      # tiny-llama, CPU
     PYTHONPATH=src python benchmarks/prefill_syncs.py --model Qwen/Qwen2.5-0.5B-Instruct --dtype bfloat16 --device cuda \\
         --tokens 4096 --iters 5 \\
@@ -54,29 +59,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_prefill(model: Any, policy: str, prompt: list[int], device: torch.device) -> Callable[[], None]:
-    """A callable prefilling ``prompt`` once through a fresh request of one engine (pool built once)."""
-    engine = LLMEngine(model, policy=policy, kv_memory=0.05 if device.type == "cpu" else 0.3, device=device,
-                       enforce_eager=True)
+def engine_prefill(model: Any, policy: str, prompts: list[list[int]], device: torch.device) -> Callable[[], None]:
+    """A callable prefilling ``prompts`` once, as fresh requests sent together, through one engine (pool built once,
+    large enough for all of them uncompressed; a step's prefill budget holds them all)."""
+    engine = LLMEngine(model, policy=policy, kv_memory=(0.05 if device.type == "cpu" else 0.3) * len(prompts),
+                       device=device, enforce_eager=True, max_prefill_tokens=sum(map(len, prompts)))
 
     def run() -> None:
-        engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        engine.reset_prefix_cache()  # else the last run's freed blocks give the prompts back without computing them
+        for prompt in prompts:
+            engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
         while engine.has_unfinished:
             engine.step()
         engine.finished.clear()
     return run
 
 
-def cache_prefill(model: Any, policy: str, prompt: list[int], device: torch.device) -> Callable[[], None]:
-    """A callable prefilling ``prompt`` once through a fresh ``kvslim.Cache`` (KVzip's probing pass included)."""
+def cache_prefill(model: Any, policy: str, prompts: list[list[int]], device: torch.device) -> Callable[[], None]:
+    """A callable prefilling ``prompts`` once each through a fresh ``kvslim.Cache`` (KVzip's probing pass included)."""
     method = kvslim.policy(policy)
-    ids = torch.tensor([prompt], device=device)
+    batch = [torch.tensor([prompt], device=device) for prompt in prompts]
 
     def run() -> None:
-        cache = kvslim.Cache(method, model.config)
-        model(ids, use_cache=True, **cache_arg(cache))
-        if method.probes:
-            reconstruct(model, cache, ids)
+        for ids in batch:
+            cache = kvslim.Cache(method, model.config)
+            model(ids, use_cache=True, **cache_arg(cache))
+            if method.probes:
+                reconstruct(model, cache, ids)
     return run
 
 
@@ -102,8 +111,9 @@ def counting_reads(device: torch.device) -> Iterator[Counter]:
             setattr(torch.Tensor, name, original)
 
 
-def measure(run: Callable[[], None], layers: int, device: torch.device, iters: int) -> dict[str, float]:
-    """Syncs and aten ops per layer of one call of ``run`` (profiled), and its median wall ms (not profiled)."""
+def measure(run: Callable[[], None], layers: int, device: torch.device, iters: int, prompts: int = 1) -> dict[str, float]:
+    """Syncs and aten ops per layer of one call of ``run`` (profiled), and its median wall ms (not profiled); each per
+    prompt of the ``prompts`` one call runs."""
     run()  # warm-up: allocations, kernels' first launch
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -122,13 +132,15 @@ def measure(run: Callable[[], None], layers: int, device: torch.device, iters: i
         synchronize(device)
         times.append((time.perf_counter() - begin) * 1e3)
     syncs = SYNC_OPS + tuple(f"Tensor.{name}" for name in READS)
-    return {"syncs_per_layer": sum(counts[op] for op in syncs) / layers,
-            **{f"{op.split('::')[-1].split('.')[-1]}_per_layer": counts[op] / layers for op in syncs},
-            "aten_ops_per_layer": sum(n for op, n in counts.items() if op.startswith("aten::")) / layers,
-            "ms_per_prompt": statistics.median(times),
-            # GPU busy time of the profiled prompt (kernels, summed) and its five largest ops: wall ms far above it
+    per = layers * prompts
+    return {"syncs_per_layer": sum(counts[op] for op in syncs) / per,
+            **{f"{op.split('::')[-1].split('.')[-1]}_per_layer": counts[op] / per for op in syncs},
+            "aten_ops_per_layer": sum(n for op, n in counts.items() if op.startswith("aten::")) / per,
+            "ms_per_prompt": statistics.median(times) / prompts,
+            # GPU busy time of the profiled prompts (kernels, summed) and the five largest ops: wall ms far above it
             # means the host, not the GPU, sets the pace
-            "gpu_ms_per_prompt": sum(ms for ms, _ in gpu), "top_gpu_ops": [[name, round(ms, 3)] for ms, name in gpu[:5]]}
+            "gpu_ms_per_prompt": sum(ms for ms, _ in gpu) / prompts,
+            "top_gpu_ops": [[name, round(ms / prompts, 3)] for ms, name in gpu[:5]]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the model's own")
     parser.add_argument("--tokens", type=int, default=512, help="prompt length")
     parser.add_argument("--iters", type=int, default=3, help="timed prefills per policy (median)")
+    parser.add_argument("--batch", type=int, default=1, help="different prompts sent at once (numbers stay per prompt)")
     parser.add_argument("--policies", nargs="+", default=POLICIES)
     parser.add_argument("--paths", nargs="+", default=["engine", "cache"], choices=["engine", "cache"])
     parser.add_argument("--out", type=Path, help="also write the table as JSON here")
@@ -152,16 +165,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     layers = model.config.num_hidden_layers
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(1, min(vocab, 30000), (args.tokens,), generator=generator).tolist()
+    prompts = torch.randint(1, min(vocab, 30000), (args.batch, args.tokens), generator=generator).tolist()
     builders = {"engine": engine_prefill, "cache": cache_prefill}
     rows = []
-    print(f"{args.model} on {device}, {args.tokens}-token prompt, {layers} layers; per layer per prompt:")
+    print(f"{args.model} on {device}, {args.batch} x {args.tokens}-token prompts, {layers} layers; per layer per prompt:")
     print(f"{'path':7s} {'policy':32s} {'syncs':>6s} {'scalar':>6s} {'nonzero':>7s} {'tolist':>6s} {'cpu':>5s} "
           f"{'aten ops':>9s} {'ms/prompt':>10s} {'gpu ms':>7s}")
     for path in args.paths:
         for policy in args.policies:
             row = {"path": path, "policy": policy,
-                   **measure(builders[path](model, policy, prompt, device), layers, device, args.iters)}
+                   **measure(builders[path](model, policy, prompts, device), layers, device, args.iters, args.batch)}
             rows.append(row)
             print(f"{path:7s} {policy:32s} {row['syncs_per_layer']:6.2f} {row['_local_scalar_dense_per_layer']:6.2f} "
                   f"{row['nonzero_per_layer']:7.2f} {row['tolist_per_layer']:6.2f} {row['cpu_per_layer']:5.2f} "
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": args.model, "device": str(device), "tokens": args.tokens,
-                                        "rows": rows}, indent=1) + "\n")
+                                        "batch": args.batch, "rows": rows}, indent=1) + "\n")
     return rows
 
 

@@ -61,14 +61,24 @@ def _prefill_all(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> 
     "snapkv(keep=0.3,window=4)+int8",
 ])
 def test_batched_prefill_stores_what_one_at_a_time_stores(llama, spec: str, monkeypatch) -> None:
+    _compare(llama, spec, PROMPTS, monkeypatch)
+
+
+@pytest.mark.parametrize("spec", ["full", "snapkv(keep=0.25,window=4)", "kivi4(group=4,residual=8)"])
+def test_prompts_of_far_apart_lengths_attend_one_by_one(llama, spec: str, monkeypatch) -> None:
+    """Padding them to the longest would more than double the tokens: each attends alone, the rest is shared."""
+    _compare(llama, spec, [PROMPTS[2], PROMPTS[1], PROMPTS[0][:5]], monkeypatch)
+
+
+def _compare(llama, spec: str, prompts: list[list[int]], monkeypatch) -> None:
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     calls = []
     batch = ModelRunner.prefill_batch
     monkeypatch.setattr(ModelRunner, "prefill_batch", lambda self, seqs, compress: calls.append(len(seqs)) or batch(
         self, seqs, compress))
     together, alone = _engine(llama, spec, alone=False), _engine(llama, spec, alone=True)
-    assert _prefill_all(together, PROMPTS, params) == 1 and calls == [len(PROMPTS)]
-    assert _prefill_all(alone, PROMPTS, params) == len(PROMPTS) and calls == [len(PROMPTS)]
+    assert _prefill_all(together, prompts, params) == 1 and calls == [len(prompts)]
+    assert _prefill_all(alone, prompts, params) == len(prompts) and calls == [len(prompts)]
     _assert_same(_stored(together), _stored(alone))
     for llm in (together, alone):
         while llm.has_unfinished:

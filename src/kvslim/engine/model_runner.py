@@ -298,18 +298,34 @@ class ModelRunner:
         cos, sin = self._rope(self._upload([p for n in lengths for p in range(n)]))
         x = self.model.model.embed_tokens(ids)
         slots = [self._slots(self._table(s.block_table), 0, n) for s, n in zip(seqs, lengths)]
+        # every token kept, in a store that keeps nothing per sequence (no ring): one write of all of them per layer
+        at_once = compress is None and not self.kv.ring
+        packed = (torch.cat(slots), torch.full((self.num_kv_heads,), bounds[-1], device=self.device)) if at_once else None
+        # one SDPA over the prompts right-padded to the longest, unless padding would more than double the tokens
+        width = max(lengths)
+        padded = None
+        if len(seqs) * width <= 2 * bounds[-1]:
+            padded = self._upload([row * width + t for row, n in enumerate(lengths) for t in range(n)])
         stored: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in seqs]
         for i in range(self.num_layers):
             q, k, v = self._layer_qkv(i, x, cos, sin)
+            if packed is not None:
+                self.kv.store_prefill(i, seqs[0], packed[0], k, v, packed[1])  # the sequence: read by ring stores only
             outs = []
             for seq, held, seq_slots, lo, hi in zip(seqs, stored, slots, bounds, bounds[1:]):
                 q_s, k_s, v_s = q[:, lo:hi], k[:, lo:hi], v[:, lo:hi]
-                outs.append(self._attention(q_s, k_s, v_s, 0))
-                whole = torch.full((self.num_kv_heads,), hi - lo, device=self.device)
-                kept = (k_s, v_s, whole) if compress is None else compress(i, q_s, k_s, v_s, [])
-                held.append(self._store_prefill(seq, seq_slots, i, kept))
-            x = self._layer_rest(i, x, torch.cat(outs, 1))
-        held_all, tail = self._counts(stored)
+                if padded is None:
+                    outs.append(self._attention(q_s, k_s, v_s, 0))
+                if packed is None:
+                    whole = torch.full((self.num_kv_heads,), hi - lo, device=self.device)
+                    kept = (k_s, v_s, whole) if compress is None else compress(i, q_s, k_s, v_s, [])
+                    held.append(self._store_prefill(seq, seq_slots, i, kept))
+            out = torch.cat(outs, 1) if padded is None else self._padded_attention(q, k, v, padded, len(seqs), width)
+            x = self._layer_rest(i, x, out)
+        if packed is None:
+            held_all, tail = self._counts(stored)
+        else:  # every head of every layer holds its whole prompt
+            held_all, tail = torch.tensor(lengths)[:, None, None].expand(-1, self.num_layers, self.num_kv_heads), None
         last = self._upload([hi - 1 for hi in bounds[1:]])
         return self._logits(self._norm(x[last])), held_all, tail
 
@@ -389,6 +405,22 @@ class ModelRunner:
         group = self.num_heads // self.num_kv_heads
         k, v, mask = (t.repeat_interleave(group, 0)[None] for t in (k, v, visible))
         return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, scale=self.scaling)[0]
+
+    def _padded_attention(self, q: Tensor, k: Tensor, v: Tensor, index: Tensor, rows: int, width: int) -> Tensor:
+        """Causal SDPA of packed sequences, each over its own tokens: (Hq,N,D) queries, (H,N,D) keys and values;
+        ``index`` (N,) puts token t of sequence b at ``b * width + t`` of a (rows, width) right-padded batch.
+
+        Exact for the real queries: causal masking hides the padding, which comes after them. One SDPA per layer
+        instead of one per sequence: prefill is host-bound, and each call is several ops."""
+        def pad(t: Tensor) -> Tensor:
+            out = t.new_zeros(t.shape[0], rows * width, t.shape[2])
+            out[:, index] = t
+            return out.view(t.shape[0], rows, width, -1).transpose(0, 1)  # (rows, heads, width, D)
+
+        group = self.num_heads // self.num_kv_heads
+        k, v = pad(k).repeat_interleave(group, 1), pad(v).repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(pad(q), k, v, is_causal=True, scale=self.scaling)
+        return out.transpose(0, 1).reshape(len(q), rows * width, -1)[:, index]
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """Causal SDPA of (Hq,T,D) queries over (H,offset+T,D) keys; query t sits at position offset + t.
