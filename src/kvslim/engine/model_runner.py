@@ -1,10 +1,12 @@
 """A direct Llama-family decoder (Llama, Qwen2, Qwen3, Mistral) over a paged KV pool.
 
 Weights are the Hugging Face model's own tensors (no copy), so the engine and ``model.generate``
-run the same numbers. Prefill runs one sequence at a time with torch SDPA over its whole prompt
-(the method needs those keys and queries anyway); each layer's keys and values then go through the
-compression hook straight into the sequence's blocks, so a long prompt never sits in the pool in
-full. Decode runs every running sequence in one batch over the pool with paged attention.
+run the same numbers. Prefill runs torch SDPA over each prompt whole (the method needs those keys and
+queries anyway); each layer's keys and values then go through the compression hook straight into the
+sequence's blocks, so a long prompt never sits in the pool in full. Fresh prompts admitted together share
+one forward (:meth:`ModelRunner.prefill_batch`, tokens packed); the others (a cached prefix, a chunk, a
+suffix) run one at a time (:meth:`ModelRunner.prefill`). Decode runs every running sequence in one batch
+over the pool with paged attention.
 
 The pool is a :mod:`kvslim.engine.kv_store` store: model-dtype pages, or quantized pages plus a
 full-precision residual ring. A slot is ``block * block_size + offset``. Heads of one sequence may
@@ -289,19 +291,22 @@ class ModelRunner:
 
         Why: a prefill is host-bound on a GPU (Python and op dispatch, paid per layer per call), so prompts that
         share a forward share that cost. Their tokens are packed one after the other (no padding): the norms,
-        projections, RoPE and MLP run once over all of them; attention, the hook and the stores run per prompt,
-        over its own slice of the keys, as :meth:`prefill` runs them.
+        projections, RoPE and MLP run once over all of them, and so does attention (:meth:`_padded_attention`),
+        unless padding the prompts to the longest would more than double the tokens (then it runs per prompt).
+        The hook and the stores run per prompt, over its own slice of the keys, as :meth:`prefill` runs them;
+        without a hook, a store that keeps nothing per sequence (no ring) writes every prompt's tokens at once.
         """
         lengths = [len(s) for s in seqs]
         bounds = np.cumsum([0, *lengths]).tolist()
+        spans = list(zip(bounds, bounds[1:]))
         ids = self._upload([t for s in seqs for t in s.token_ids])
         cos, sin = self._rope(self._upload([p for n in lengths for p in range(n)]))
         x = self.model.model.embed_tokens(ids)
         slots = [self._slots(self._table(s.block_table), 0, n) for s, n in zip(seqs, lengths)]
-        # every token kept, in a store that keeps nothing per sequence (no ring): one write of all of them per layer
+        whole = [torch.full((self.num_kv_heads,), n, device=self.device) for n in lengths]  # every token kept
         at_once = compress is None and not self.kv.ring
-        packed = (torch.cat(slots), torch.full((self.num_kv_heads,), bounds[-1], device=self.device)) if at_once else None
-        # one SDPA over the prompts right-padded to the longest, unless padding would more than double the tokens
+        all_slots = torch.cat(slots) if at_once else None
+        all_kept = torch.full((self.num_kv_heads,), bounds[-1], device=self.device)
         width = max(lengths)
         padded = None
         if len(seqs) * width <= 2 * bounds[-1]:
@@ -309,20 +314,19 @@ class ModelRunner:
         stored: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in seqs]
         for i in range(self.num_layers):
             q, k, v = self._layer_qkv(i, x, cos, sin)
-            if packed is not None:
-                self.kv.store_prefill(i, seqs[0], packed[0], k, v, packed[1])  # the sequence: read by ring stores only
-            outs = []
-            for seq, held, seq_slots, lo, hi in zip(seqs, stored, slots, bounds, bounds[1:]):
-                q_s, k_s, v_s = q[:, lo:hi], k[:, lo:hi], v[:, lo:hi]
-                if padded is None:
-                    outs.append(self._attention(q_s, k_s, v_s, 0))
-                if packed is None:
-                    whole = torch.full((self.num_kv_heads,), hi - lo, device=self.device)
-                    kept = (k_s, v_s, whole) if compress is None else compress(i, q_s, k_s, v_s, [])
+            if all_slots is not None:  # ``seq`` is read by ring stores only
+                self.kv.store_prefill(i, seqs[0], all_slots, k, v, all_kept)
+            else:
+                for seq, held, seq_slots, kept_all, (lo, hi) in zip(seqs, stored, slots, whole, spans):
+                    k_s, v_s = k[:, lo:hi], v[:, lo:hi]
+                    kept = (k_s, v_s, kept_all) if compress is None else compress(i, q[:, lo:hi], k_s, v_s, [])
                     held.append(self._store_prefill(seq, seq_slots, i, kept))
-            out = torch.cat(outs, 1) if padded is None else self._padded_attention(q, k, v, padded, len(seqs), width)
+            if padded is not None:
+                out = self._padded_attention(q, k, v, padded, len(seqs), width)
+            else:
+                out = torch.cat([self._attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], 0) for lo, hi in spans], 1)
             x = self._layer_rest(i, x, out)
-        if packed is None:
+        if all_slots is None:
             held_all, tail = self._counts(stored)
         else:  # every head of every layer holds its whole prompt
             held_all, tail = torch.tensor(lengths)[:, None, None].expand(-1, self.num_layers, self.num_kv_heads), None
