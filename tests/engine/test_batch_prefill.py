@@ -95,6 +95,21 @@ def test_forks_of_batched_prompts_decode_as_alone(llama) -> None:
     assert all(len(o.completions) == 2 for o in together)
 
 
+def test_suffixes_run_after_their_batched_prompts(llama, monkeypatch) -> None:
+    """The query-agnostic protocol: contexts compressed together, each question then run alone over its context."""
+    calls = []
+    batch = ModelRunner.prefill_batch
+    monkeypatch.setattr(ModelRunner, "prefill_batch", lambda self, seqs, compress: calls.append(len(seqs)) or batch(
+        self, seqs, compress))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    suffixes = [p[:6] for p in reversed(PROMPTS)]
+    together = _engine(llama, "adakv(keep=0.3,window=4)", alone=False).generate(PROMPTS, params, suffixes)
+    assert calls == [len(PROMPTS)]
+    alone = _engine(llama, "adakv(keep=0.3,window=4)", alone=True).generate(PROMPTS, params, suffixes)
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [o.stats["peak_kv_blocks"] for o in together] == [o.stats["peak_kv_blocks"] for o in alone]
+
+
 def test_a_step_mixes_batched_and_prefix_cached_prompts(llama, monkeypatch) -> None:
     """The second prompt shares the first one's prefix in the same step: it runs alone, after the batch that writes
     the blocks it reads."""

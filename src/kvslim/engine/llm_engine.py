@@ -324,11 +324,10 @@ class LLMEngine:
 
     def _batchable(self, seq: Sequence, tokens: int) -> bool:
         """Whether this step's prefill of ``seq`` may share a forward with others (``ModelRunner.prefill_batch``): its
-        whole prompt from token 0 (nothing cached, not split into chunks, no suffix), in one process, with a method
-        that keeps no state across a prompt's layers, and no KV tier (which may give it a prefix when it starts)."""
+        whole prompt from token 0 (nothing cached, not split into chunks), in one process, with a method that keeps
+        no state across a prompt's layers, and no KV tier (which may give it a prefix when it starts)."""
         return (isinstance(self.runner, ModelRunner) and self.tier_link is None and self.compression.batchable
-                and not seq.num_prefilled and not seq.num_cached_tokens and tokens >= seq.prefill_len
-                and seq.compressed_len == len(seq))
+                and not seq.num_prefilled and not seq.num_cached_tokens and tokens >= seq.prefill_len)
 
     def _prefill_batch(self, seqs: list[Sequence]) -> dict[Sequence, torch.Tensor]:
         """Prefill whole fresh prompts in one forward; each one's last token's logits. Run before the step's other

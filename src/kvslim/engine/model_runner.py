@@ -285,9 +285,9 @@ class ModelRunner:
     def prefill_batch(self, seqs: list[Sequence], compress: CompressHook | None
                       ) -> tuple[Tensor, Tensor, Tensor | None]:
         """:meth:`prefill` of several whole prompts in one forward: each runs from token 0 (no cached prefix, no
-        chunk, no suffix) and ``compress`` keeps no state from one layer of a prompt to the next
-        (``Compression.batchable``: layers of different prompts are compressed in turn). Returns each last
-        token's logits (B, vocab), page slots (B, L, H) and ring tokens (B, L, H) or None.
+        chunk) and ``compress`` keeps no state from one layer of a prompt to the next (``Compression.batchable``:
+        layers of different prompts are compressed in turn); a suffix then runs alone (:meth:`_extend`). Returns
+        each last token's logits (B, vocab), page slots (B, L, H) and ring tokens (B, L, H) or None.
 
         Why: a prefill is host-bound on a GPU (Python and op dispatch, paid per layer per call), so prompts that
         share a forward share that cost. Their tokens are packed one after the other (no padding): the norms,
@@ -296,10 +296,10 @@ class ModelRunner:
         The hook and the stores run per prompt, over its own slice of the keys, as :meth:`prefill` runs them;
         without a hook, a store that keeps nothing per sequence (no ring) writes every prompt's tokens at once.
         """
-        lengths = [len(s) for s in seqs]
+        lengths = [s.compressed_len for s in seqs]
         bounds = np.cumsum([0, *lengths]).tolist()
         spans = list(zip(bounds, bounds[1:]))
-        ids = self._upload([t for s in seqs for t in s.token_ids])
+        ids = self._upload([t for s in seqs for t in s.token_ids[: s.compressed_len]])
         cos, sin = self._rope(self._upload([p for n in lengths for p in range(n)]))
         x = self.model.model.embed_tokens(ids)
         slots = [self._slots(self._table(s.block_table), 0, n) for s, n in zip(seqs, lengths)]
@@ -331,7 +331,11 @@ class ModelRunner:
         else:  # every head of every layer holds its whole prompt
             held_all, tail = torch.tensor(lengths)[:, None, None].expand(-1, self.num_layers, self.num_kv_heads), None
         last = self._upload([hi - 1 for hi in bounds[1:]])
-        return self._logits(self._norm(x[last])), held_all, tail
+        logits, held = list(self._logits(self._norm(x[last]))), list(held_all)
+        for j, seq in enumerate(seqs):
+            if seq.compressed_len < len(seq):
+                logits[j], held[j] = self._extend(seq, held[j])
+        return torch.stack(logits), torch.stack(held), tail
 
     def _counts(self, stored: list[list[tuple[Tensor, Tensor | None]]]) -> tuple[Tensor, Tensor | None]:
         """Per sequence and layer, the device counts :meth:`_store_prefill` returned -> page slots (B, L, H) and
