@@ -67,6 +67,7 @@ class LLMEngine:
     together, up to ``max_num_batched_tokens`` tokens (default 2048), so a long prompt does not stall the
     sequences decoding beside it (see :mod:`kvslim.engine.scheduler`); greedy outputs are the same as without
     it. It is off by default: each step then prefills whole prompts (up to ``max_prefill_tokens``) or decodes.
+    The decode part of a step still replays a CUDA graph; the chunks run eagerly after it.
 
     Fresh prompts prefilled in the same step share one forward (see :meth:`ModelRunner.prefill_batch`; the
     method must keep no state across a prompt's layers, which rules out KVzip, auto, ThinK and decode-time
@@ -74,7 +75,6 @@ class LLMEngine:
     ``max_prefill_tokens`` (default 32768: eight 4k-token prompts) thus also bounds that forward's activations:
     the packed hidden states and MLP intermediates are those of one prompt of that many tokens, which the engine
     runs alone anyway when given one (and padded attention holds at most twice the tokens).
-    The decode part of a step still replays a CUDA graph; the chunks run eagerly after it.
 
     ``length_aware`` admits a request only when the pool also holds the output every running sequence is still
     expected to write (see :mod:`kvslim.engine.admission`): fewer preemptions when outputs run long.
