@@ -60,6 +60,7 @@ def engine_prefill(model: Any, policy: str, prompt: list[int], device: torch.dev
                        enforce_eager=True)
 
     def run() -> None:
+        engine.reset_prefix_cache()  # else every prefill after the first reads the prompt back from the pool
         engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
         while engine.has_unfinished:
             engine.step()
