@@ -53,6 +53,7 @@ class RulerConfig:
     engine: bool = False
     kv_memory: float | None = None
     workers: int = 1
+    report_only: bool = False
 
     def runs(self) -> list[Run]:
         return BenchConfig(policies=self.policies, keeps=self.keeps).runs()
