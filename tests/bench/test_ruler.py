@@ -265,6 +265,22 @@ def test_engine_smoke_run_reports_throughput_and_runs_what_it_refuses_through_hf
     assert again["settings"]["ran_now"] == 0 and again["settings"]["done"] == len(records)
 
 
+def test_report_only_rebuilds_from_the_log_and_runs_nothing(tmp_path: Path) -> None:
+    """A run cut short, then its report rebuilt for a wider grid: the finished cells, refused ones' HF records
+    included, and nothing run; cells never run are absent."""
+    first = run_ruler(_engine_config(tmp_path), progress=False, loader=_tiny)
+    records = (tmp_path / "samples.jsonl").read_text()
+    (tmp_path / "leaderboard.md").unlink()
+    wider = _engine_config(tmp_path, keeps=[0.5, 0.25], report_only=True)
+    summary = run_ruler(wider, progress=False, loader=_tiny)
+    assert (tmp_path / "samples.jsonl").read_text() == records
+    assert summary["settings"]["ran_now"] == 0 and summary["settings"]["done"] == first["settings"]["done"]
+    assert summary["settings"]["planned"] > first["settings"]["planned"]  # the 0.25 cells, never run
+    cells = {(r["label"], r["protocol"], r["backend"], r["score"]) for r in summary["leaderboard"]}
+    assert cells == {(r["label"], r["protocol"], r["backend"], r["score"]) for r in first["leaderboard"]}
+    assert (tmp_path / "leaderboard.md").exists() and "0.25" in (tmp_path / "leaderboard.md").read_text()
+
+
 def test_engine_workers_answer_as_one_process_and_fall_back_alike(tmp_path: Path) -> None:
     """Through the engine, two workers give one process's answers, the refused runs through the HF path too."""
     def answers(out: Path) -> dict[tuple[Any, ...], tuple[Any, ...]]:

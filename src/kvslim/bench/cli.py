@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default=None,
                         help="ruler: worker processes running the policy runs at once on the same device, each with "
                              "its own model (and engine and --kv-memory pool); default 1")
+    parser.add_argument("--report-only", action="store_true",
+                        help="ruler: rebuild the leaderboard, figure and report of --out from its samples.jsonl, running "
+                             "nothing (cells never run stay empty); give the run's --device and --dtype, it loads "
+                             "only the tokenizer's model on the CPU")
     parser.add_argument("--ppl-tokens", type=int, default=256, help="continuation tokens scored per perplexity sample")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--demo", action="store_true",
@@ -88,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
     if args.workers is not None:
         raise ValueError("--workers spreads RULER's policy runs over processes: add --suite ruler, or leave it out")
+    if args.report_only:
+        raise ValueError("--report-only rebuilds a RULER run's report: add --suite ruler, or leave it out")
 
     return BenchConfig(
         model=get("model"), policies=parse_policies(get("policies"), args.kv_cache_dtype, args.kv_scale),

@@ -39,7 +39,7 @@ def config_from_args(args: argparse.Namespace) -> RulerConfig:
         protocols=parse_protocols(args.protocols), out=args.out or "results/ruler", device=args.device,
         dtype=default_dtype(args.dtype, args.device), seed=args.seed, batch_size=get("batch_size"),
         chat=True if args.chat else False if args.no_chat else None, engine=args.engine, kv_memory=args.kv_memory,
-        workers=workers,
+        workers=workers, report_only=args.report_only,
     )
 
 

@@ -53,6 +53,7 @@ class RulerConfig:
     engine: bool = False
     kv_memory: float | None = None
     workers: int = 1
+    report_only: bool = False
 
     def runs(self) -> list[Run]:
         return BenchConfig(policies=self.policies, keeps=self.keeps).runs()
@@ -72,8 +73,8 @@ class RulerConfig:
         if not self.lengths or min(self.lengths) < shortest:
             raise ValueError(f"lengths {self.lengths}: RULER lengths count input and answer tokens; give at "
                              f"least {shortest}, e.g. 4k,8k")
-        check_settings(self.model, model_config, self.lengths, self.dtype, self.device,
-                       {"samples": self.samples, "batch_size": self.batch_size})
+        check_settings(self.model, model_config, self.lengths, self.dtype, "cpu" if self.report_only else self.device,
+                       {"samples": self.samples, "batch_size": self.batch_size})  # a report reads no device
         if self.engine and (self.kv_memory is None or self.kv_memory <= 0):
             raise ValueError(f"kv_memory={self.kv_memory}: --engine runs every policy in a fixed KV pool; give its "
                              "size in GiB, e.g. --kv-memory 2")

@@ -12,7 +12,8 @@ import gc
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
     log = SampleLog(out)
     absorb_leftovers(log)
     started = time.perf_counter()
-    setup = prepare(config, loader or load)  # with workers too: a GGUF file is converted here, once
+    # report_only needs the tokenizer and the samples' ids, not the device the results came from
+    setup = prepare(replace(config, device="cpu") if config.report_only else config, loader or load)
     chat, memory_kind = setup.chat, setup.memory.kind
     setup_s = time.perf_counter() - started
     backend = ENGINE if config.engine else HF
@@ -57,7 +59,9 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
     ran = 0
     refused: list[dict[str, Any]] = []
     failed: list[str] = []
-    if config.workers > 1:
+    if config.report_only:
+        batches: Iterator[list[dict[str, Any]]] = iter(())
+    elif config.workers > 1:
         del setup  # the workers load their own; this process only gathers
         gc.collect()
         if torch.cuda.is_available():
@@ -72,10 +76,10 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
             bar.update(len(records))
     finally:
         bar.close()
-        if config.workers > 1:  # interrupted (Ctrl-C, a time limit): what the workers' cut-short units finished
+        if config.workers > 1 and not config.report_only:  # interrupted: what the workers' cut-short units finished
             batches.close()  # type: ignore[attr-defined]  # the workers stop before their shards are read
             ran += absorb_leftovers(log)
-        records = _final_records(log, planned, done, refused) if config.engine \
+        records = _final_records(log, planned, done, refused, config.report_only) if config.engine \
             else [log.records[k] for k in planned if done(k)]
         engine_records = [r for r in records if r.get("backend", HF) == ENGINE]
         other = HF if config.engine else ENGINE
@@ -89,17 +93,19 @@ def run_ruler(config: RulerConfig, progress: bool = True, loader: Loader | None 
     return summary
 
 
-def _final_records(log: SampleLog, planned: list[Key], done: Callable[[Key], bool], refused: list[dict[str, Any]]
-                   ) -> list[dict[str, Any]]:
+def _final_records(log: SampleLog, planned: list[Key], done: Callable[[Key], bool], refused: list[dict[str, Any]],
+                   any_fallback: bool = False) -> list[dict[str, Any]]:
     """An engine run's records: the engine's, and where it refused a policy run, protocol and length, the Hugging
-    Face path's that ran instead (the directory may hold the HF path's records of other runs too: only these)."""
+    Face path's that ran instead (the directory may hold the HF path's records of other runs too: only these;
+    ``any_fallback``: a report rebuilt without running, which cannot know the refusals, takes every HF record
+    where the engine has none)."""
     instead = {(r["label"], r["protocol"], r["length"]) for r in refused}
     records = []
     for key in planned:
         fallback = key[:-1] + (HF,)
         if done(key):
             records.append(log.records[key])
-        elif (Run(key[3], key[4]).label, key[5], key[1]) in instead and done(fallback):
+        elif (any_fallback or (Run(key[3], key[4]).label, key[5], key[1]) in instead) and done(fallback):
             records.append(log.records[fallback])
     return records
 
