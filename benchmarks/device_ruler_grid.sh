@@ -1,29 +1,56 @@
 #!/bin/bash
 # One device call (after the 9 Qwen pieces were shipped to ~/ship, see benchmarks/ship_model.py): join and convert the model
-# once, then the RULER-4k grid through --workers and the kvpress side by side at the same time (RULER_S, WORKERS,
-# SAMPLES override the time limit, worker count and samples per task; POL and KEEPS the policies and keeps, in the order
-# their units run; RESUME a recorded run directory under benchmarks/results to continue; PROFILE=1 first times one
-# 4k-token prefill per policy, host vs GPU (benchmarks/prefill_syncs.py); KVP=0 skips kvpress). Writes into $OUT.
+# once, then, at the same time, the RULER-4k grid through --workers and the optional jobs below. Writes into $OUT.
+#   RULER_S, WORKERS, SAMPLES: the grid's time limit, worker processes, samples per task
+#   POL, KEEPS, PROTOCOLS: the grid's policies, keeps and protocols, in the order their units run; or
+#   PASSES: space-separated runs one after the other, each KEEPS/PROTOCOLS/POLICIES (e.g. "0.125/query-aware/merge(snapkv)")
+#   RESUME: a recorded run directory under benchmarks/results to continue (its config.json and samples.jsonl.gz)
+#   PROFILE=1: first, one 4k-token engine prefill per policy, host vs GPU time (benchmarks/prefill_syncs.py; PREFILL_ARGS)
+#   GPU_TESTS=1: first, the CUDA-only engine tests (pytest from .whl-test, carried)
+#   KVP=1: the kvpress side by side (carry .whl-kvpress)
+#   LONGGEN=1: the long-generation task (4k context: a ~1k-token list repeated for ~3k tokens) per LONGGEN_POL
+#   QUEST=1: RULER-32k, full vs Quest, QUEST_SAMPLES per task, through the engine
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvpress-site .whl-kvpress/*.whl
+[ -d .whl-test ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-test/*.whl
+[ -d .whl-kvpress ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvpress-site .whl-kvpress/*.whl
 export PYTHONPATH=src:/tmp/site
-python3 benchmarks/ship_model.py join qwen2.5-coder-0.5b --pieces ~/ship || exit 1
-python3 -c "from kvslim.models import resolve; import time; t=time.time(); resolve('qwen2.5-coder-0.5b').load(None,'cpu','sdpa',0,False); print('converted', time.time()-t)"
+python3 benchmarks/ship_model.py join qwen2.5-coder-0.5b --pieces ~/ship 2>&1 | tail -1 || exit 1
+python3 -c "from kvslim.models import resolve; import time; t=time.time(); resolve('qwen2.5-coder-0.5b').load(None,'cpu','sdpa',0,False); print('converted', time.time()-t)" 2>&1 | tail -1
 echo "ready after $(( $(date +%s) - T0 )) s"
-POL=${POL:-'full,snapkv,pyramidkv,adakv,streaming,tova,knorm,keydiff,lagkv,expected_attention,adakv(expected_attention),kvzip,h2o,merge(snapkv),auto,think(ratio=0.5),lowrank(rank=16),lowrank(rank=32),lowrank(rank=16,bits=4),lowrank(rank=32,bits=4),auto(tolerance=0.1),auto(tolerance=0.2)'}
-R=/tmp/ruler4k
-if [ -n "$RESUME" ]; then mkdir -p $R && cp $RESUME/config.json $R/ && zcat $RESUME/samples.jsonl.gz > $R/samples.jsonl; fi
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+  python3 -m pytest -x -q -p no:cacheprovider tests/engine/test_cuda_graphs.py tests/engine/test_think_engine.py \
+    tests/engine/test_paged_attention.py tests/engine/test_decode_eviction.py tests/engine/test_quest_engine.py 2>&1 | tail -4
+fi
 if [ "${PROFILE:-0}" = 1 ]; then
   python3 benchmarks/prefill_syncs.py --model qwen2.5-coder-0.5b --dtype bfloat16 --device cuda --tokens 4096 --iters 3 \
-    --paths engine --out $OUT/prefill_syncs_h200.json 2>&1 | grep -v USDT
+    --paths engine --out $OUT/prefill_syncs_h200.json $PREFILL_ARGS 2>&1 | grep -v "USDT\|Warn\|warn"
 fi
-( timeout -s INT -k 25 ${RULER_S:-300} python3 -m kvslim.cli bench --suite ruler --model qwen2.5-coder-0.5b --device cuda \
-   --engine --kv-memory 4 --workers ${WORKERS:-10} --lengths 4k --samples ${SAMPLES:-10} --keep ${KEEPS:-0.25,0.125,0.5,0.75} \
-   --policies "$POL" --out $R --no-progress > /tmp/ruler.log 2>&1; echo "ruler rc $?" >> /tmp/ruler.log ) &
+POL=${POL:-'full,snapkv,pyramidkv,adakv,streaming,tova,knorm,keydiff,lagkv,expected_attention,adakv(expected_attention),kvzip,h2o,merge(snapkv),auto,think(ratio=0.5),auto(tolerance=0.1),auto(tolerance=0.2)'}
+R=/tmp/ruler4k
+if [ -n "$RESUME" ]; then mkdir -p $R && cp $RESUME/config.json $R/ && zcat $RESUME/samples.jsonl.gz > $R/samples.jsonl; fi
+END=$(( $(date +%s) + ${RULER_S:-300} ))
+( for pass in ${PASSES:-"${KEEPS:-0.25,0.125,0.5,0.75}/${PROTOCOLS:-query-aware,query-agnostic}/$POL"}; do
+    IFS=/ read -r keeps protocols policies <<< "$pass"; left=$(( END - $(date +%s) )); [ $left -gt 30 ] || break
+    echo "pass $keeps $protocols $policies ($left s left)" >> /tmp/ruler.log
+    timeout -s INT -k 25 $left python3 -m kvslim.cli bench --suite ruler --model qwen2.5-coder-0.5b --device cuda --engine \
+      --kv-memory 4 --workers ${WORKERS:-10} --lengths 4k --samples ${SAMPLES:-10} --keep $keeps --protocols $protocols \
+      --policies "$policies" --out $R --no-progress >> /tmp/ruler.log 2>&1
+    echo "ruler rc $?" >> /tmp/ruler.log
+  done ) &
+if [ "${LONGGEN:-0}" = 1 ]; then
+  ( timeout -s INT -k 25 ${RULER_S:-300} python3 -m kvslim.cli bench --model qwen2.5-coder-0.5b --device cuda --tasks longgen \
+     --lengths 4k --samples ${LONGGEN_SAMPLES:-4} --batch-size ${LONGGEN_SAMPLES:-4} --policies "${LONGGEN_POL:-full,rkv(budget=1280)}" \
+     --out /tmp/longgen --no-progress > /tmp/longgen.log 2>&1; echo "longgen rc $?" >> /tmp/longgen.log ) &
+fi
+if [ "${QUEST:-0}" = 1 ]; then
+  ( timeout -s INT -k 25 ${RULER_S:-300} python3 -m kvslim.cli bench --suite ruler --model qwen2.5-coder-0.5b --device cuda \
+     --engine --kv-memory 8 --lengths 32k --samples ${QUEST_SAMPLES:-3} --protocols query-aware \
+     --policies "full,quest(budget=2048)" --out /tmp/quest32k --no-progress > /tmp/quest.log 2>&1; echo "quest rc $?" >> /tmp/quest.log ) &
+fi
 D=/tmp/kvp
-if [ "${KVP:-1}" = 1 ]; then
+if [ "${KVP:-0}" = 1 ]; then
 M=full,snapkv,snapkv@kvpress,streaming,tova,knorm,expected_attention,kvzip
 A="--model qwen2.5-coder-0.5b --length 4096 --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt --samples 3 --kept-samples 1 --methods $M --protocols query-agnostic --out $D --site /tmp/kvpress-site"
 python3 benchmarks/kvpress_compare.py $A --sides none > /tmp/kvp.log 2>&1
@@ -38,7 +65,7 @@ cp /tmp/kvp.log $OUT/
 fi
 wait
 pkill -f "kvslim" 2>/dev/null
-tail -5 /tmp/ruler.log; tail -8 /tmp/kvp.log 2>/dev/null
-cp /tmp/ruler.log $OUT/
-tar czf $OUT/ruler4k.tgz -C /tmp ruler4k
+for f in /tmp/ruler.log /tmp/longgen.log /tmp/quest.log /tmp/kvp.log; do [ -f $f ] && grep -v "Loading\|Converting" $f | tail -4; done
+cp /tmp/ruler.log /tmp/longgen.log /tmp/quest.log $OUT/ 2>/dev/null
+tar czf $OUT/runs.tgz -C /tmp ruler4k $( [ -d /tmp/longgen ] && echo longgen ) $( [ -d /tmp/quest32k ] && echo quest32k )
 echo "total $(( $(date +%s) - T0 )) s"
