@@ -123,6 +123,9 @@ class Compression:
         #: layers until the last one, :meth:`held_layers` gives them all back compressed
         self.across_layers = any(isinstance(p, KVzip) and p.across_layers for p in parts)
         self.ragged_heads = self.across_layers or any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
+        #: (layer, KV head)s keep different numbers of tokens (per-head or per-layer budgets, PyramidKV's included)
+        self.uneven = self.ragged_heads or self.evict is not None and len(
+            {self.evict.planned_tokens(1024, i, num_layers) for i in range(num_layers)}) > 1
         self._held: list[LayerKV] = []
         #: budgets weighed over every KV head of a layer and every layer of a request (auto): one process only
         self.whole_request = any(isinstance(p, AutoBudget) for p in parts)
