@@ -31,7 +31,7 @@ class HeadBlockManager:
         self.num_blocks, self.block_size, self.rows = num_blocks, block_size, rows
         self.tables = tables  # (rows, L, H, width) int32 on the device: what the store reads
         _, self.num_layers, self.num_kv_heads, self.width = tables.shape
-        self.heads = self.num_layers * self.num_kv_heads
+        self.heads = self.num_layers * self.num_kv_heads  # blocks a slot of every (layer, KV head) takes
         self.host = np.full(tuple(tables.shape), -1, dtype=np.int32)  # the host copy of every row
         self.counts = np.zeros(tables.shape[:3], dtype=np.int64)  # (rows, L, H) blocks each head holds
         self.free: deque[int] = deque(range(num_blocks))

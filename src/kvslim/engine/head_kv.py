@@ -9,11 +9,12 @@ and holds ``ceil(kept / block_size)`` blocks; only its last block may be partly 
 
 Where the tables live: each running sequence holds a *row* (the block manager hands rows out as it does residual
 ring rows) of ``tables`` ``(rows, L, H, width)`` on the device, ``width`` the most blocks one head can need
-(``max_model_len / block_size``, or less in a pool that could not hold more for every head). The rows' bytes come out of ``kv_memory`` like a ring's. The rest of the engine
-keeps addressing a sequence by one *virtual* table: ``seq.block_table[j] = row * width + j`` (see
-:class:`~kvslim.engine.head_blocks.HeadBlockManager`), and a virtual slot ``(row * width + j) * block_size + offset``
-means offset ``offset`` of block ``j`` of each head's own table. The store resolves it per (layer, head), so the
-runner's prefill, suffix and decode paths write and read through the same calls as over dense pages.
+(``max_model_len / block_size``, or less in a pool that could not hold more for every head). The rows' bytes come
+out of ``kv_memory`` like a ring's. The rest of the engine keeps addressing a sequence by one *virtual* table:
+``seq.block_table[j] = row * width + j`` (see :class:`~kvslim.engine.head_blocks.HeadBlockManager`), and a virtual
+slot ``(row * width + j) * block_size + offset`` means offset ``offset`` of block ``j`` of each head's own table.
+The store resolves it per (layer, head), so the runner's prefill, suffix and decode paths write and read through the
+same calls as over dense pages.
 
 The paged decode kernels need no change: each (sequence, KV head) is one row of a batch over pages with one KV
 head, with its own table, its own length, and its query group (see :func:`head_decode`).

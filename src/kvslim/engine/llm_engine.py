@@ -73,6 +73,14 @@ class LLMEngine:
 
     ``length_aware`` admits a request only when the pool also holds the output every running sequence is still
     expected to write (see :mod:`kvslim.engine.admission`): fewer preemptions when outputs run long.
+
+    ``head_blocks`` (on by default): a policy whose layers or KV heads keep different numbers of tokens (AdaKV, auto,
+    PyramidKV, KVzip's request-wide budget) over model-dtype pages gets a block table per (layer, KV head)
+    (:mod:`kvslim.engine.head_kv`), so each head holds the blocks of what it kept, not of the longest head. Then
+    ``block_bytes``, block counts and ``peak_kv_blocks`` are per (layer, KV head) block, decode runs without CUDA
+    graphs, and requests take ``n=1``. With tensor parallelism, chunked prefill, a KV tier, ``length_aware``,
+    decode-time compression or ``head_blocks=False`` such policies keep one table per sequence, every head padded
+    to the longest.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
