@@ -69,6 +69,8 @@ def _most_running(llama, spec: str, head_blocks: bool, kv_memory: float) -> int:
     while llm.has_unfinished:
         llm.step()
         most = max(most, len(llm.scheduler.running))
+    assert all(out.stats["completion_tokens"] == 16 for out in llm.finished.values())  # preempted ones too
+    assert llm.blocks.num_free == llm.blocks.num_blocks
     return most
 
 
