@@ -128,7 +128,37 @@ def test_other_policies_and_features_keep_one_table_per_sequence(llama, spec: st
     assert not LLM(llama, policy=spec, kv_memory=0.01, **args).head_blocks
 
 
-def test_forks_are_refused_with_head_blocks(llama) -> None:
-    llm = LLM(llama, policy="adakv(keep=0.25)", kv_memory=0.01)
-    with pytest.raises(ValueError, match="n=2.*head_blocks=False"):
-        llm.add_request(PROMPTS[0], SamplingParams(max_tokens=4, n=2))
+def test_forks_share_head_blocks_and_copy_the_ones_they_write(llama) -> None:
+    """n completions start from the prompt's head-blocks; each head copies its shared last block before writing it."""
+    spec = "adakv(keep=0.25,window=4)"
+    greedy = SamplingParams(max_tokens=12, n=2, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=12, n=3, temperature=1.0, seed=4, ignore_eos=True)
+    runs = {}
+    for head_blocks in (True, False):
+        llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4, head_blocks=head_blocks)
+        assert llm.head_blocks == head_blocks
+        runs[head_blocks] = [[c.token_ids for c in out.completions] for out in llm.generate(PROMPTS[:1], greedy)]
+        runs[head_blocks] += [[c.token_ids for c in out.completions] for out in llm.generate(PROMPTS[1:], sampled)]
+        assert llm.blocks.num_free == llm.blocks.num_blocks
+    assert runs[True][0] == [hf_greedy(llama, spec, PROMPTS[0], 12)] * 2
+    assert runs[True] == runs[False]  # the same seeded samples from either layout
+
+
+def test_a_fork_copies_only_the_shared_blocks_its_heads_write() -> None:
+    tables = torch.full((2, 1, 2, 4), -1, dtype=torch.int32)
+    blocks = HeadBlockManager(10, 4, 2, tables)
+    parent = Sequence(list(range(8)), SamplingParams())
+    blocks.allocate(parent, 8)
+    parent.set_held(torch.tensor([[6, 8]]))  # head 0's last block is half full, head 1's full
+    blocks.trim(parent, parent.kv_slots)
+    child = parent.fork()
+    blocks.fork(parent, child)
+    assert blocks.num_used == 4 and (blocks.host[child.ring_row] == blocks.host[parent.ring_row]).all()
+    copies = blocks.append_slot(child)
+    shared = int(blocks.host[parent.ring_row, 0, 0, 1])
+    assert copies == [(shared, int(blocks.host[child.ring_row, 0, 0, 1]))]  # head 0 copies, head 1 takes a new block
+    assert blocks.counts[child.ring_row].tolist() == [[2, 3]] and blocks.num_used == 6
+    assert blocks.append_slot(parent) == [] and blocks.num_used == 7  # its block is its own again; head 1 grows
+    for seq in (parent, child):
+        blocks.free_seq(seq)
+    assert blocks.num_free == 10 and not blocks.ref_counts.any()

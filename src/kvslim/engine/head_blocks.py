@@ -10,8 +10,11 @@ Admission and the scheduler's headroom ask for slots as for dense blocks: ``bloc
 ``slots`` for every (layer, KV head), so a prefill is admitted with room for its whole prompt in every head (as
 the dense layout admits per-head policies), and :meth:`trim` then gives back, per head, the blocks past what it
 kept. Each decoded token adds a slot to every head, so a step takes a block only for the heads whose last block is
-full. Prefix sharing, forks and KV tiers are not supported here: the engine routes those to the dense layout or
-refuses them.
+full.
+
+Forks (``n`` completions of a prompt) share the prompt's head-blocks by reference count; a head whose next slot
+lies in a shared block gets a copy first (copy-on-write, head by head: the caller performs the copies returned).
+Prefix sharing and KV tiers are not supported here: the engine keeps the dense layout for them.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class HeadBlockManager:
         self.heads = self.num_layers * self.num_kv_heads  # blocks a slot of every (layer, KV head) takes
         self.host = np.full(tuple(tables.shape), -1, dtype=np.int32)  # the host copy of every row
         self.counts = np.zeros(tables.shape[:3], dtype=np.int64)  # (rows, L, H) blocks each head holds
+        self.ref_counts = np.zeros(num_blocks, dtype=np.int64)  # rows holding each block (forks share)
         self.free: deque[int] = deque(range(num_blocks))
         self.free_rows: deque[int] = deque(range(rows))
 
@@ -56,7 +60,9 @@ class HeadBlockManager:
 
     # -- allocation ---------------------------------------------------------------------------------
     def _take(self, count: int) -> np.ndarray:
-        return np.array([self.free.popleft() for _ in range(count)], dtype=np.int32)
+        blocks = np.array([self.free.popleft() for _ in range(count)], dtype=np.int32)
+        self.ref_counts[blocks] = 1
+        return blocks
 
     def _sync(self, row: int) -> None:
         """Copy a row's host tables to the device (after a change of many heads)."""
@@ -64,7 +70,9 @@ class HeadBlockManager:
 
     def _virtual(self, seq: Sequence) -> None:
         """Its virtual table: one entry per block of its longest head."""
-        seq.block_table = [seq.ring_row * self.width + j for j in range(int(self.counts[seq.ring_row].max()))]
+        longest = int(self.counts[seq.ring_row].max())
+        if longest != len(seq.block_table):
+            seq.block_table = [seq.ring_row * self.width + j for j in range(longest)]
 
     def can_allocate(self, slots: int, rows: int = 1) -> bool:
         """Whether ``slots`` slots in every head and ``rows`` table rows are free."""
@@ -95,7 +103,9 @@ class HeadBlockManager:
         """Give back each head's blocks past its first ``keep[l, h]``."""
         past = np.arange(self.width) >= keep[..., None]
         blocks = self.host[row][past]
-        self.free.extend(blocks[blocks >= 0].tolist())
+        blocks = blocks[blocks >= 0]  # a block appears once in a row, so each loses one reference here
+        self.ref_counts[blocks] -= 1
+        self.free.extend(blocks[self.ref_counts[blocks] == 0].tolist())
         self.host[row][past] = -1
         self.counts[row] = np.minimum(self.counts[row], keep)
         self._sync(row)
@@ -115,28 +125,52 @@ class HeadBlockManager:
             seq.ring_row = -1
         seq.block_table = []
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` shares all of ``parent``'s head-blocks, in a table row of its own (which holds no ring to copy:
+        returns None)."""
+        row, source = self.free_rows.popleft(), parent.ring_row
+        self.host[row], self.counts[row] = self.host[source], self.counts[source]
+        held = self.host[row][self.host[row] >= 0]
+        self.ref_counts[held] += 1
+        self._sync(row)
+        child.ring_row, child.peak_blocks = row, parent.peak_blocks
+        self._virtual(child)
+
     # -- decoding -----------------------------------------------------------------------------------
-    def _full(self, seq: Sequence) -> np.ndarray:
-        """(L, H) heads whose blocks are all written: the next token needs a new block there."""
-        held = seq.slot_lens(self.num_layers, self.num_kv_heads).numpy()
-        return held >= self.counts[seq.ring_row] * self.block_size
+    def _needs(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(L, H) heads whose blocks are all written (the next token needs a new block there), heads whose next slot
+        lies in a block another sequence shares (it needs a copy), and each head's block column of that slot."""
+        row = seq.ring_row
+        held = seq.kv_slots if seq.pad is None else seq.kv_slots - seq.pad.numpy()  # seq.slot_lens, without torch
+        held = np.broadcast_to(held, self.counts[row].shape)
+        full = held >= self.counts[row] * self.block_size
+        column = np.minimum(held // self.block_size, self.width - 1)
+        block = np.take_along_axis(self.host[row], column[..., None], -1)[..., 0]
+        return full, ~full & (self.ref_counts[block] > 1), column
 
     def can_append(self, seq: Sequence) -> bool:
-        """Whether every head that needs a block for the next token can get one."""
-        return int(self._full(seq).sum()) <= self.num_free
+        """Whether every head that needs a block (new or copied) for the next token can get one."""
+        full, shared, _ = self._needs(seq)
+        return int(full.sum() + shared.sum()) <= self.num_free
 
     def append_slot(self, seq: Sequence) -> list[tuple[int, int]]:
-        """Give a new block to each head whose blocks are full; nothing is shared, so no copies (returns [])."""
-        full = self._full(seq)
-        if full.any():
-            row = seq.ring_row
-            layer, head = full.nonzero()
-            column = self.counts[row, layer, head]
-            blocks = self._take(len(layer))
-            self.host[row, layer, head, column] = blocks
-            self.counts[row, layer, head] += 1
-            at = [torch.from_numpy(x).to(self.tables.device) for x in (layer, head, column, blocks)]
-            self.tables[row, at[0], at[1], at[2]] = at[3]
-            self._virtual(seq)
-            seq.peak_blocks = max(seq.peak_blocks, self.held(seq))
-        return []
+        """Give a new block to each head whose blocks are full and a copy of its block to each head whose next slot
+        is shared; returns the (source, destination) block copies to perform."""
+        full, shared, column = self._needs(seq)
+        need = full | shared
+        if not need.any():
+            return []
+        row = seq.ring_row
+        layer, head = need.nonzero()
+        at = column[layer, head]
+        old = self.host[row, layer, head, at]
+        blocks = self._take(len(layer))
+        copied = shared[layer, head]
+        self.ref_counts[old[copied]] -= 1  # shared: another row still holds each
+        self.host[row, layer, head, at] = blocks
+        self.counts[row, layer, head] += full[layer, head]
+        index = [torch.from_numpy(x).to(self.tables.device) for x in (layer, head, at, blocks)]
+        self.tables[row, index[0], index[1], index[2]] = index[3]
+        self._virtual(seq)
+        seq.peak_blocks = max(seq.peak_blocks, self.held(seq))
+        return list(zip(old[copied].tolist(), blocks[copied].tolist()))

@@ -99,6 +99,11 @@ class HeadKV:
         self.tables = torch.full((rows, self.num_layers, self.num_kv_heads, self.width), -1, dtype=torch.int32,
                                  device=self.device)
 
+    def copy_blocks(self, src: Tensor, dst: Tensor) -> None:
+        """Copy-on-write of head-blocks a fork shared."""
+        self.k_cache[dst] = self.k_cache[src]
+        self.v_cache[dst] = self.v_cache[src]
+
     def physical(self, layer: int, slots: Tensor) -> Tensor:
         """(H, T) physical slots of virtual ``slots`` (T,) or (H, T) in layer ``layer``: each head's own block; -1
         where a slot is -1 or lies past the head's blocks."""

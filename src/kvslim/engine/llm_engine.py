@@ -78,7 +78,7 @@ class LLMEngine:
     PyramidKV, KVzip's request-wide budget) over model-dtype pages gets a block table per (layer, KV head)
     (:mod:`kvslim.engine.head_kv`), so each head holds the blocks of what it kept, not of the longest head. Then
     ``block_bytes``, block counts and ``peak_kv_blocks`` are per (layer, KV head) block, decode runs without CUDA
-    graphs, and requests take ``n=1``. With tensor parallelism, chunked prefill, a KV tier, ``length_aware``,
+    graphs. With tensor parallelism, chunked prefill, a KV tier, ``length_aware``,
     decode-time compression or ``head_blocks=False`` such policies keep one table per sequence, every head padded
     to the longest.
     """
@@ -199,10 +199,6 @@ class LLMEngine:
     def check(self, num_prompt_tokens: int, params: SamplingParams, suffix_tokens: int = 0) -> None:
         """Raise RequestTooLarge (a ValueError) if such a request (the last ``suffix_tokens`` of its prompt a suffix)
         could never run; reads no mutable state, so a server may call it from any thread before queuing the request."""
-        if params.n > 1 and self.head_blocks:
-            raise ValueError(f"n={params.n}: {self.policy.spec} keeps a block table per (layer, KV head), whose "
-                             "completions cannot share the prompt's blocks; send n=1 requests, or pass "
-                             "head_blocks=False (one table per sequence, every head padded to the longest)")
         if params.n > 1 and self.compression.decoding is not None:
             raise ValueError(f"n={params.n}: {self.policy.spec} compacts a sequence's blocks while decoding, which "
                              "completions sharing the prompt's blocks cannot; send n=1 requests")
