@@ -83,9 +83,6 @@ class HeadKV:
     def host_block_bytes(self, block_size: int) -> int:
         return 0
 
-    def default_block_size(self) -> int:
-        return self.block_size
-
     def rows_for(self, budget: int, max_num_seqs: int) -> int:
         what = f"a sequence's per-head block tables ({self.num_layers} layers x {self.num_kv_heads} KV heads)"
         return ring_rows(budget, max_num_seqs, self.row_bytes, self.ring_share, what)
