@@ -59,6 +59,36 @@ def test_bytes_after_prefill_are_the_hf_paths_kept_bytes(llama, spec: str) -> No
     assert llm.blocks.num_used * llm.block_bytes < dense.blocks.num_used * dense.block_bytes  # the padding is gone
 
 
+def test_chunked_prefill_over_head_blocks(llama) -> None:
+    """Chunks are stored whole in every head's blocks and read back by the next chunk; the evictor then keeps what an
+    unchunked prefill keeps: the same tokens."""
+    spec = "adakv(keep=0.3,window=4)"
+    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (41, 19, 33)]
+    llm = LLM(llama, policy=spec, kv_memory=0.01, block_size=4, chunked_prefill=True, max_num_batched_tokens=8)
+    assert llm.head_blocks
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
+    assert [out.token_ids for out in outs] == [hf_greedy(llama, spec, prompt, 16) for prompt in prompts]
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_length_aware_admission_reserves_head_blocks(llama) -> None:
+    """Six long outputs outgrow the pool: the default admission preempts (a recomputed prefill compresses the output
+    so far too, so those tokens differ from kvslim.Cache's), length-aware admission reserves their growth in
+    head-blocks and waits instead: no preemption, kvslim.Cache's tokens."""
+    spec, params = "adakv(keep=0.3,window=4)", SamplingParams(max_tokens=48, ignore_eos=True)
+    prompts = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (30, 33, 29, 32, 31, 28)]
+    memory = 40 * LLM(llama, kv_memory=0.001, block_size=4).block_bytes / 2**30
+    plain = LLM(llama, policy=spec, kv_memory=memory, block_size=4)
+    aware = LLM(llama, policy=spec, kv_memory=memory, block_size=4, length_aware=True)
+    assert plain.head_blocks and aware.head_blocks
+    plain.generate(prompts, params)
+    outs = aware.generate(prompts, params)
+    assert aware.scheduler.preemptions == 0 < plain.scheduler.preemptions
+    assert [out.token_ids for out in outs] == [hf_greedy(llama, spec, prompt, 48) for prompt in prompts]
+    assert aware.blocks.num_free == aware.blocks.num_blocks
+
+
 def _most_running(llama, spec: str, head_blocks: bool, kv_memory: float) -> int:
     llm = LLM(llama, policy=spec, kv_memory=kv_memory, block_size=4, head_blocks=head_blocks, max_num_seqs=16)
     assert llm.head_blocks == head_blocks
@@ -119,8 +149,6 @@ def test_a_step_waits_when_a_full_head_finds_no_block() -> None:
 @pytest.mark.parametrize(("spec", "args"), [
     ("snapkv(keep=0.25)", {}),  # every head keeps the same: one table per sequence wastes nothing
     ("adakv(keep=0.25)+int8", {}),  # quantized pages
-    ("adakv(keep=0.25)", {"chunked_prefill": True}),
-    ("adakv(keep=0.25)", {"length_aware": True}),
     ("adakv(keydiff(keep=0.5,decode_budget=24,interval=2))", {}),  # decode-time compression rewrites pages
     ("adakv(keep=0.25)", {"head_blocks": False}),
 ])

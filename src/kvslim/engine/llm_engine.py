@@ -77,10 +77,9 @@ class LLMEngine:
     ``head_blocks`` (on by default): a policy whose layers or KV heads keep different numbers of tokens (AdaKV, auto,
     PyramidKV, KVzip's request-wide budget) over model-dtype pages gets a block table per (layer, KV head)
     (:mod:`kvslim.engine.head_kv`), so each head holds the blocks of what it kept, not of the longest head. Then
-    ``block_bytes``, block counts and ``peak_kv_blocks`` are per (layer, KV head) block, decode runs without CUDA
-    graphs. With tensor parallelism, chunked prefill, a KV tier, ``length_aware``,
-    decode-time compression or ``head_blocks=False`` such policies keep one table per sequence, every head padded
-    to the longest.
+    ``block_bytes``, block counts and ``peak_kv_blocks`` are per (layer, KV head) block, and decode runs without
+    CUDA graphs. With tensor parallelism, a KV tier, decode-time compression or ``head_blocks=False`` such
+    policies keep one table per sequence, every head padded to the longest.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
@@ -115,7 +114,7 @@ class LLMEngine:
         block_size = block_size or kv.default_block_size()
         #: per-(layer, KV head) blocks (:mod:`kvslim.engine.head_kv`): for per-head or per-layer budgets over
         #: model-dtype pages, where one block table per sequence would pad every head to the longest
-        self.head_blocks = head_blocks and self._head_layout(tensor_parallel_size, chunked_prefill, kv_tier, length_aware)
+        self.head_blocks = head_blocks and self._head_layout(tensor_parallel_size, kv_tier)
         budget = kv_budget(kv_memory, self.runner.device, kv_fraction)
         if self.head_blocks:
             kv = self.runner.kv = HeadKV(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
@@ -150,13 +149,13 @@ class LLMEngine:
         #: prefill and decode apart
         self.last_step_prefill = False
 
-    def _head_layout(self, tensor_parallel_size: int, chunked_prefill: bool, kv_tier: Any, length_aware: bool) -> bool:
+    def _head_layout(self, tensor_parallel_size: int, kv_tier: Any) -> bool:
         """Whether the policy's (layer, KV head)s keep different numbers of tokens in model-dtype pages, and nothing
-        that needs one block table per sequence is asked for (tensor parallelism, chunked prefill, a KV tier,
-        length-aware admission, decode-time compression, a sliding window): those keep the dense layout."""
+        that needs one block table per sequence is asked for (tensor parallelism, a KV tier, decode-time
+        compression, a sliding window): those keep the dense layout."""
         c = self.compression
         return (c.uneven and c.storage is None and c.decoding is None and c.window is None and tensor_parallel_size == 1
-                and not chunked_prefill and kv_tier is None and not length_aware)
+                and kv_tier is None)
 
     @staticmethod
     def _runner(model: Any, enforce_eager: bool, tensor_parallel_size: int, device: "str | torch.device | None",
