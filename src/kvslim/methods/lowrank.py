@@ -16,7 +16,8 @@ RULER-4k niah_single_1 prompt, float32, mean relative key error over the 24 laye
 ``4616400`` (0/8 samples; RULER-4k on an H200: 0-9 where full scores 78); fit before RoPE it answers. Values
 (no RoPE) lose 0.19 at rank 16, 0.09 at 32, 0.04 at 48, and alone (full keys) still answered at rank 16.
 Each token's position is stored with it (int32, 4 bytes per token and KV head). After the fix, bf16, CPU, RULER-4k
-niah_single_1, 8 samples in one left-padded batch: rank 32 answers 8/8 as full does (0/8 before); rank 16 still
+niah_single_1, 8 samples in one left-padded batch: ranks 32 and 48 answer 8/8 as full does (rank 32: 0/8 before, 0.52
+of full's bytes); rank 16 (0.27 of full's bytes) answers 0/8, still
 misses (one sample at batch 1: ``4612`` for ``4616400``, key error 0.06 but value error 0.19 per layer).
 
 Each token is stored as ``rank`` key and ``rank`` value coefficients in the model's dtype (or, with ``bits=4``
