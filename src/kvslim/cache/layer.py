@@ -171,6 +171,7 @@ class LayerKV:
         :attr:`whole` layer keeps them in place (:meth:`GrowingSegment.keep_columns`): a decode-time eviction then
         costs a few operations instead of a ragged copy of the layer and a new tail at the next step.
         """
+        self._follow(keep)
         if width is not None and self.whole:
             # kept columns in time order: a stable sort puts the kept ones first, in their order
             index = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :width]
@@ -195,8 +196,16 @@ class LayerKV:
     def drop_span(self, first: int, stop: int) -> None:
         """Drop the columns [first, stop) of every row of a :attr:`whole` layer (oldest tokens after the sinks), in
         place: what ``select`` does with a mask that is False there and True elsewhere."""
+        keep = self.segments[0].valid_mask().clone()
+        keep[..., first:stop] = False
+        self._follow(keep)
         self.segments[0].drop(first, stop)  # type: ignore[attr-defined]
         self.segments[0] = self.segments[0].fitted()  # type: ignore[attr-defined]
+
+    def _follow(self, keep: Tensor) -> None:
+        """Re-lay ``state["positions"]`` (B,H,T over the dense layout, see ``Method.before_prefill``) as the tokens."""
+        if "positions" in self.state:
+            self.state["positions"] = self.compact_like(self.state["positions"], keep)
 
     def compact_like(self, x: Tensor, keep: Tensor) -> Tensor:
         """Apply to a per-token tensor (B,H,T,...) the same re-layout that :meth:`select` applies to the cache."""

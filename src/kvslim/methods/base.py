@@ -145,6 +145,11 @@ class Method:
     def on_prefill(self, obs: Observation) -> None:
         """Called after each prompt chunk's attention; may evict or re-store the layer's tokens."""
 
+    def before_prefill(self, obs: Observation) -> None:
+        """Called by a hybrid before any of its parts acts on a prompt chunk: a later part records per-token facts
+        an earlier part's eviction would lose (lowrank: each token's RoPE position, in ``state["positions"]``, which
+        :meth:`LayerKV.select` keeps in step with the tokens)."""
+
     def on_decode(self, obs: Observation) -> None:
         """Called after each decoding step's attention."""
 

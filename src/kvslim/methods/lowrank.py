@@ -7,18 +7,32 @@ basis is the top-``rank`` eigenvectors of the Gram matrix ``X^T X`` of the keys 
 values), i.e. the right singular vectors of the prompt's own keys/values. Uncentred, so a rank of ``head_dim``
 is an orthonormal change of basis and reconstructs exactly (up to float rounding).
 
+Keys are fit and stored *before RoPE*, as Palu and ShadowKV do: the cache holds rotated keys, so each is turned
+back by its own position (:func:`rotate`), projected, and turned forward again when read. Why: RoPE turns every
+channel pair by a position-dependent angle, so a key set of rank R before RoPE spans up to 2R directions after it,
+and a basis fit to rotated keys loses what retrieval needs. Measured on Qwen2.5-Coder-0.5B (head_dim 64), one
+RULER-4k niah_single_1 prompt, float32, mean relative key error over the 24 layers: rank 16: 0.29 after RoPE vs
+0.057 before; rank 32: 0.14 vs 0.020; rank 48: 0.048 vs 0.007. Fit after RoPE, rank 32 answered ``4.`` for
+``4616400`` (0/8 samples; RULER-4k on an H200: 0-9 where full scores 78); fit before RoPE it answers. Values
+(no RoPE) lose 0.19 at rank 16, 0.09 at 32, 0.04 at 48, and alone (full keys) still answered at rank 16.
+Each token's position is stored with it (int32, 4 bytes per token and KV head). After the fix, bf16, CPU, RULER-4k
+niah_single_1, 8 samples in one left-padded batch: ranks 32 and 48 answer 8/8 as full does (rank 32: 0/8 before, 0.52
+of full's bytes); rank 16 (0.27 of full's bytes) answers 0/8, still
+misses (one sample at batch 1: ``4612`` for ``4616400``, key error 0.06 but value error 0.19 per layer).
+
 Each token is stored as ``rank`` key and ``rank`` value coefficients in the model's dtype (or, with ``bits=4``
-or ``bits=8``, as per-token integer codes with one fp16 scale and zero point); attention
-reconstructs keys and values (coefficients times basis) for the layer that attends. Tokens decoded later, and
-prompt chunks after the first, are projected onto that prefill basis. Bytes held: per (sequence, KV head),
-``2 x rank`` coefficients per token (plus their scales with ``bits=``) and the two ``head_dim x rank`` bases.
+or ``bits=8``, as per-token integer codes with one fp16 scale and zero point) and its position; attention
+reconstructs keys and values (coefficients times basis, keys turned to their position) for the layer that
+attends. Tokens decoded later, and prompt chunks after the first, are projected onto that prefill basis. Bytes
+held: per (sequence, KV head), ``2 x rank`` coefficients per token (plus their scales with ``bits=``), its
+position, and the two ``head_dim x rank`` bases.
 
 A storage format: it comes last, after any evictor (``snapkv+lowrank(rank=16)``: the basis is computed from
-the tokens the evictor kept). A quantizer after it is refused: it would quantize full rows, which lowrank no
-longer holds; ``bits=`` quantizes the coefficients themselves. The paged engine refuses it (its pages hold
-full rows).
-The relative reconstruction error (Frobenius) of the prefill's keys and values is recorded per layer in
-``state["reconstruction_error"]`` and reported by ``kvslim.Cache.stats()``.
+the tokens the evictor kept, at the positions recorded before it acted, see :func:`newest_positions`). A quantizer
+after it is refused: it would quantize full rows, which lowrank no longer holds; ``bits=`` quantizes the
+coefficients themselves. The paged engine refuses it (its pages hold full rows).
+The relative reconstruction error (Frobenius) of the prefill's keys (before RoPE) and values is recorded per
+layer in ``state["reconstruction_error"]`` and reported by ``kvslim.Cache.stats()``.
 """
 from __future__ import annotations
 
@@ -36,6 +50,23 @@ from .quantizers import SCALE_BYTES
 from .registry import register
 
 
+def rotate(rows: Tensor, positions: Tensor, rope: Tensor | None, sign: int = 1) -> Tensor:
+    """(B,H,T,D) float32 ``rows`` turned by RoPE to their (B,H,T) ``positions`` (``sign=-1``: turned back), in
+    Hugging Face's half-split layout over the first ``2 * len(rope)`` channels; as they are where ``rope`` is None.
+
+    Any rotation undoes itself exactly, so stored keys come back as the model's whatever the positions; right
+    positions only make the turned-back keys low-rank (see the module docstring).
+    """
+    rows = rows.float()
+    if rope is None:
+        return rows
+    half = rope.shape[0]
+    angle = positions.unsqueeze(-1).float() * rope.to(rows.device)
+    cos, sin = angle.cos(), angle.sin() * sign
+    first, second, rest = rows[..., :half], rows[..., half:2 * half], rows[..., 2 * half:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin, rest], -1)
+
+
 def principal_basis(rows: Tensor, valid: Tensor, rank: int) -> Tensor:
     """(B,H,D,rank) orthonormal basis of the top-``rank`` directions of ``rows`` (B,H,T,D) where ``valid``.
 
@@ -46,6 +77,9 @@ def principal_basis(rows: Tensor, valid: Tensor, rank: int) -> Tensor:
     _, vectors = torch.linalg.eigh(x.transpose(-1, -2) @ x)  # ascending eigenvalues
     return vectors.flip(-1)[..., :rank].contiguous()
 
+
+#: each stored token's RoPE position (int32), which its key is turned by when read
+POSITION_BYTES = 4
 
 #: a segment's coefficient rows (N, rank): in the model's dtype, or per-token integer codes (``bits=``)
 Coefficients = Tensor | TokenGroups
@@ -66,50 +100,54 @@ def _concat(older: Coefficients, newer: Coefficients, heads: Tensor, newer_heads
 
 
 class LowRankSegment(Segment):
-    """Key and value coefficients (rows ordered by sequence, head, token; ``rank`` each) and per-head bases."""
+    """Key and value coefficients and each token's RoPE position (rows ordered by sequence, head, token; ``rank``
+    coefficients each), per-head bases, and the RoPE frequencies the keys' basis was fit under (None: no RoPE)."""
 
-    def __init__(self, key_coef: Coefficients, value_coef: Coefficients, lengths: Tensor, key_basis: Tensor,
-                 value_basis: Tensor):
-        self.key_coef, self.value_coef, self.lengths = key_coef, value_coef, lengths
-        self.key_basis, self.value_basis = key_basis, value_basis
+    def __init__(self, key_coef: Coefficients, value_coef: Coefficients, positions: Tensor, lengths: Tensor,
+                 key_basis: Tensor, value_basis: Tensor, rope: Tensor | None):
+        self.key_coef, self.value_coef, self.positions, self.lengths = key_coef, value_coef, positions, lengths
+        self.key_basis, self.value_basis, self.rope = key_basis, value_basis, rope
 
     @classmethod
-    def project(cls, keys: Tensor, values: Tensor, valid: Tensor, key_basis: Tensor, value_basis: Tensor,
-                bits: int | None) -> LowRankSegment:
-        """Store the ``valid`` rows of (B,H,T,D) keys/values as coefficients on the (B,H,D,R) bases, in the model's
-        dtype or (``bits``) as per-token codes with one fp16 scale and zero point per token."""
+    def project(cls, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor, key_basis: Tensor,
+                value_basis: Tensor, rope: Tensor | None, bits: int | None) -> LowRankSegment:
+        """Store the ``valid`` rows of (B,H,T,D) keys (turned back to position 0 by ``rope``) and values as
+        coefficients on the (B,H,D,R) bases, in the model's dtype or (``bits``) as per-token codes with one fp16
+        scale and zero point per token; ``positions`` (B,H,T) are each token's RoPE position."""
         coefs = []
-        for rows, basis in ((keys, key_basis), (values, value_basis)):
-            coef = (rows.float() @ basis.float())[valid]
-            coefs.append(coef.to(rows.dtype) if bits is None else TokenGroups.encode(coef, bits, coef.shape[-1]))
-        return cls(*coefs, valid.sum(-1), key_basis, value_basis)
+        for rows, basis in ((rotate(keys, positions, rope, -1), key_basis), (values.float(), value_basis)):
+            coef = (rows @ basis.float())[valid]
+            coefs.append(coef.to(values.dtype) if bits is None else TokenGroups.encode(coef, bits, coef.shape[-1]))
+        return cls(*coefs, positions[valid].to(torch.int32), valid.sum(-1), key_basis, value_basis, rope)
 
     def dense(self) -> tuple[Tensor, Tensor, Tensor]:
         key_coef, valid = ragged_to_padded(_decode(self.key_coef), self.lengths)
         value_coef, _ = ragged_to_padded(_decode(self.value_coef), self.lengths)
-        keys = (key_coef @ self.key_basis.float().transpose(-1, -2)).to(self.key_basis.dtype)
-        values = (value_coef @ self.value_basis.float().transpose(-1, -2)).to(self.value_basis.dtype)
-        return keys, values, valid
+        positions, _ = ragged_to_padded(self.positions, self.lengths)
+        keys = rotate(key_coef @ self.key_basis.float().transpose(-1, -2), positions, self.rope)
+        values = value_coef @ self.value_basis.float().transpose(-1, -2)
+        return keys.to(self.key_basis.dtype), values.to(self.value_basis.dtype), valid
 
     def select(self, keep: Tensor) -> LowRankSegment:
         index, valid = ragged_to_padded(torch.arange(self.tokens, device=self.lengths.device), self.lengths)
         mask = keep & valid
         rows = index[mask]
-        return LowRankSegment(_take(self.key_coef, rows), _take(self.value_coef, rows), mask.sum(-1),
-                              self.key_basis, self.value_basis)
+        return LowRankSegment(_take(self.key_coef, rows), _take(self.value_coef, rows), self.positions[rows],
+                              mask.sum(-1), self.key_basis, self.value_basis, self.rope)
 
     def concat(self, newer: LowRankSegment) -> LowRankSegment:
         """This segment's tokens followed, per (sequence, head), by ``newer``'s (same bases)."""
         heads, newer_heads = (torch.repeat_interleave(torch.arange(s.lengths.numel(), device=s.lengths.device),
                                                       s.lengths.flatten()) for s in (self, newer))
+        positions = torch.cat([self.positions, newer.positions])[merge_order(heads, newer_heads)]
         return LowRankSegment(_concat(self.key_coef, newer.key_coef, heads, newer_heads),
-                              _concat(self.value_coef, newer.value_coef, heads, newer_heads),
-                              self.lengths + newer.lengths, self.key_basis, self.value_basis)
+                              _concat(self.value_coef, newer.value_coef, heads, newer_heads), positions,
+                              self.lengths + newer.lengths, self.key_basis, self.value_basis, self.rope)
 
     def nbytes(self) -> int:
         coefs = sum(c.nbytes() if isinstance(c, TokenGroups) else c.numel() * c.element_size()
                     for c in (self.key_coef, self.value_coef))
-        return coefs + sum(t.numel() * t.element_size() for t in (self.key_basis, self.value_basis))
+        return coefs + sum(t.numel() * t.element_size() for t in (self.positions, self.key_basis, self.value_basis))
 
 
 @register
@@ -144,31 +182,47 @@ class LowRank(Method):
                              f"'snapkv+{self.name}'")
 
     def on_prefill(self, obs: Observation) -> None:
-        self.store(obs.layer)
+        self.store(obs.layer, obs.rope)
 
     def on_decode(self, obs: Observation) -> None:
-        self.store(obs.layer)
+        self.store(obs.layer, obs.rope)
 
-    def store(self, layer: LayerKV) -> None:
+    def before_prefill(self, obs: Observation) -> None:
+        """In a hybrid, record every held token's position before the evictor keeps some (see :meth:`store`)."""
+        layer = obs.layer
+        dense = iter(newest_positions(layer, [s for s in layer.segments if isinstance(s, DenseSegment)]))
+        layer.state["positions"] = torch.cat([next(dense) if isinstance(s, DenseSegment) else
+                                              ragged_to_padded(s.positions, s.lengths)[0]  # type: ignore[attr-defined]
+                                              for s in layer.segments], -1)
+
+    def store(self, layer: LayerKV, rope: Tensor | None) -> None:
         """Project every full-precision token onto the layer's bases (computed from what it holds, the first time)."""
         dense = [s for s in layer.segments if isinstance(s, DenseSegment)]
         if not dense:
             return
+        recorded = layer.state.pop("positions", None)  # a hybrid's (before_prefill): what the evictor kept
+        if recorded is None:
+            positions = newest_positions(layer, dense)
+        else:
+            split = recorded.split(layer.widths(), -1)
+            positions = [p for p, s in zip(split, layer.segments) if isinstance(s, DenseSegment)]
         if "lowrank" not in layer.state:
             keys, values, valid = layer.dense(dense[0].keys.dtype)
             if self.rank > min(keys.shape[-1], values.shape[-1]):
                 raise ValueError(f"{self.name}: rank={self.rank} must be at most head_dim={keys.shape[-1]}")
+            unturned = rotate(keys, torch.cat(positions, -1), rope, -1)  # nothing is stored yet: all dense
             # the bases are stored in the model's dtype, as the coefficients
-            layer.state["lowrank"] = bases = (principal_basis(keys, valid, self.rank).to(keys.dtype),
+            layer.state["lowrank"] = bases = (principal_basis(unturned, valid, self.rank).to(keys.dtype),
                                               principal_basis(values, valid, self.rank).to(values.dtype))
-            layer.state["reconstruction_error"] = {"keys": _error(keys, valid, bases[0]),
+            layer.state["reconstruction_error"] = {"keys": _error(unturned, valid, bases[0]),
                                                    "values": _error(values, valid, bases[1])}
         key_basis, value_basis = layer.state["lowrank"]
         stored: list[Segment] = []
         for seg in layer.segments:
             if isinstance(seg, DenseSegment):
                 keys, values, valid = seg.dense()
-                seg = LowRankSegment.project(keys, values, valid, key_basis, value_basis, self.bits)
+                seg = LowRankSegment.project(keys, values, positions.pop(0), valid, key_basis, value_basis, rope,
+                                             self.bits)
             if stored and isinstance(seg, LowRankSegment) and isinstance(stored[-1], LowRankSegment):
                 seg = stored.pop().concat(seg)
             stored.append(seg)
@@ -179,9 +233,26 @@ class LowRank(Method):
             per_token = self.rank * shape.element_bytes
         else:
             per_token = self.rank * self.bits // 8 + 2 * SCALE_BYTES
-        coefficients = sum(tokens) * 2 * per_token
+        coefficients = sum(tokens) * (2 * per_token + POSITION_BYTES)
         bases = len(tokens) * 2 * shape.head_dim * self.rank * shape.element_bytes
         return int(round((coefficients + bases) * shape.num_kv_heads))
+
+
+def newest_positions(layer: LayerKV, dense: list[DenseSegment]) -> list[Tensor]:
+    """(B,H,T) RoPE positions of each of the layer's ``dense`` segments' tokens: the newest tokens each sequence
+    has seen (real prompt and appended tokens plus decoding steps, batch padding not counted), in time order.
+
+    Right whenever the full-precision tokens are the newest ones with no gap: lowrank alone, every step (its
+    earlier tokens are stored with their positions), and a hybrid's decoding steps (the evictor keeps the newest
+    token). An evictor before it (``snapkv+lowrank``) leaves gaps in the prompt it stores: there the positions are
+    recorded before it acts (:meth:`LowRank.before_prefill`). Read off ranks instead, snapkv(keep=0.25)+lowrank
+    on RULER-4k had rank-32 key errors of 0.15 (as fit after RoPE) and lost the needle.
+    """
+    valid = torch.cat([s.valid_mask() for s in dense], -1)
+    seen = layer.state["real"] + layer.state.get("decoded", 0)  # (B,)
+    rank = valid.long().cumsum(-1) - 1
+    positions = seen[:, None, None] - valid.sum(-1, keepdim=True) + rank
+    return list(positions.split([s.longest for s in dense], -1))
 
 
 def _error(rows: Tensor, valid: Tensor, basis: Tensor) -> float:

@@ -187,6 +187,8 @@ class Chain(Method):
 
     def on_prefill(self, obs: Observation) -> None:
         for part in self.parts:
+            part.before_prefill(self._fresh(obs))
+        for part in self.parts:
             part.on_prefill(self._fresh(obs))
 
     def on_decode(self, obs: Observation) -> None:
