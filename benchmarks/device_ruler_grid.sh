@@ -20,8 +20,8 @@ python3 benchmarks/ship_model.py join qwen2.5-coder-0.5b --pieces ~/ship 2>&1 | 
 python3 -c "from kvslim.models import resolve; import time; t=time.time(); resolve('qwen2.5-coder-0.5b').load(None,'cpu','sdpa',0,False); print('converted', time.time()-t)" 2>&1 | tail -1
 echo "ready after $(( $(date +%s) - T0 )) s"
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  python3 -m pytest -x -q -p no:cacheprovider tests/engine/test_cuda_graphs.py tests/engine/test_think_engine.py \
-    tests/engine/test_paged_attention.py tests/engine/test_decode_eviction.py tests/engine/test_quest_engine.py 2>&1 | tail -4
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda_graphs.py tests/engine/test_head_decode.py \
+    tests/engine/test_paged_attention.py tests/engine/test_think_engine.py tests/engine/test_quest_engine.py 2>&1 | tail -6
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   python3 benchmarks/prefill_syncs.py --model qwen2.5-coder-0.5b --dtype bfloat16 --device cuda --tokens 4096 --iters 3 \
