@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+
+import torch
 
 
 def run_interpreted(path: str, timeout_s: int = 600) -> None:
@@ -16,3 +19,12 @@ def run_interpreted(path: str, timeout_s: int = 600) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     done = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def natively_or_interpreted(path: str, check: Callable[[], None], timeout_s: int = 300) -> None:
+    """Run a Triton kernel's ``check`` in this process on a GPU; on a CPU, ``path``'s ``__main__`` (which runs the
+    same check) in a child process under the interpreter."""
+    if torch.cuda.is_available():
+        check()
+        return
+    run_interpreted(path, timeout_s)

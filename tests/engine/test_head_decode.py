@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kvslim.engine.head_kv import head_decode
 from kvslim.kernels.paged_attention_ref import paged_decode_ref
-from interpreted import run_interpreted
+from interpreted import natively_or_interpreted
 
 LENS = [[49, 3], [16, 64], [1, 33]]  # ragged heads: a block and one slot, a partial block, whole blocks, one slot
 
@@ -71,13 +71,13 @@ DTYPES = (torch.bfloat16, torch.float32)
 def test_triton_kernel_reads_each_heads_own_blocks() -> None:
     """On a GPU in process; on a CPU in a child process under Triton's interpreter (see tests/interpreted.py)."""
     pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        for dtype in DTYPES:
-            check_triton_kernel(dtype)
-        return
-    run_interpreted(__file__, timeout_s=300)
+    natively_or_interpreted(__file__, check_all_dtypes)
+
+
+def check_all_dtypes() -> None:
+    for dtype in DTYPES:
+        check_triton_kernel(dtype)
 
 
 if __name__ == "__main__":
-    for dtype in DTYPES:
-        check_triton_kernel(dtype)
+    check_all_dtypes()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvslim.kernels.paged_attention_ref import paged_decode_ref
-from interpreted import run_interpreted
+from interpreted import natively_or_interpreted
 
 
 def _case(seed: int, dtype: torch.dtype, block_size: int = 16, dim: int = 16, q_heads: int = 4):
@@ -114,13 +114,13 @@ def test_triton_kernel_matches_reference() -> None:
     """bf16 and float32 pages. On a GPU in process; on a CPU in a child process under Triton's interpreter,
     which must be switched on before Triton is first imported (this process imported it already)."""
     pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        for dtype in DTYPES:
-            check_triton_kernel(dtype)
-        return
-    run_interpreted(__file__, timeout_s=300)
+    natively_or_interpreted(__file__, check_all_dtypes)
+
+
+def check_all_dtypes() -> None:
+    for dtype in DTYPES:
+        check_triton_kernel(dtype)
 
 
 if __name__ == "__main__":
-    for dtype in DTYPES:
-        check_triton_kernel(dtype)
+    check_all_dtypes()
