@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kvslim.engine import LLM, SamplingParams
+from kvslim.engine.compression import Compression
 from kvslim.engine.model_runner import ModelRunner
 
 LENGTHS = (37, 64, 9, 50)
@@ -59,9 +60,42 @@ def _prefill_all(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> 
     "expected_attention(keep=0.25,history=16,future=32)",
     "streaming(keep=0.25,sinks=2)",  # a sliding window from the first decode step
     "snapkv(keep=0.3,window=4)+int8",
+    "snapkv(keep=0.3,window=4)+kivi4(group=4,residual=8)",  # evicted, then quantized pages and a ring per prompt
+    "snapkv(keep=0.25,window=16)",  # the 9-token prompt is shorter than the window: left-padded queries
+    "expected_attention(keep=0.3,history=16,future=32)",  # the same, and padding queries weigh nothing
+    "adakv(expected_attention(keep=0.3,history=16,future=32))",
+    "keydiff(keep=0.3)",
+    "knorm(keep=0.3)",
+    "lagkv(keep=0.5,lag=4,sinks=2)",
+    "merge(snapkv(keep=0.3,window=4))",  # evicted values folded into the kept ones
+    "keydiff(keep=0.6)+snapkv(keep=0.5,window=4)",  # two evictors, one after the other
 ])
 def test_batched_prefill_stores_what_one_at_a_time_stores(llama, spec: str, monkeypatch) -> None:
     _compare(llama, spec, PROMPTS, monkeypatch)
+
+
+@pytest.mark.parametrize("spec", ["snapkv(keep=0.25,window=4)", "adakv(keep=0.3,window=4)",
+                                  "pyramidkv(keep=0.3,window=4)+kivi4(group=4,residual=8)"])
+def test_prompts_of_one_length_compress_as_one_tail(llama, spec: str, monkeypatch) -> None:
+    """No padding: the evictor sees one whole tail of every prompt, as a padding-free kvslim.Cache prefill."""
+    _compare(llama, spec, [p[:37] for p in (PROMPTS[0], PROMPTS[1], PROMPTS[3])], monkeypatch)
+
+
+def test_the_evictor_runs_once_per_layer_for_the_batch(llama, monkeypatch) -> None:
+    llm = _engine(llama, "adakv(keep=0.3,window=4)", alone=False)
+    batches = []
+    packed = Compression.compress_packed
+    monkeypatch.setattr(Compression, "compress_packed", lambda self, i, q, k, v, prompts: batches.append(
+        len(prompts.lengths)) or packed(self, i, q, k, v, prompts))
+    monkeypatch.setattr(Compression, "__call__", lambda *args: pytest.fail("a prompt of the batch compressed alone"))
+    _prefill_all(llm, PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert batches == [len(PROMPTS)] * llm.runner.num_layers
+
+
+def test_random_scores_prefill_one_at_a_time(llama) -> None:
+    """Its scores are drawn for the shape of a call: several prompts in one call would draw other ones."""
+    assert not _engine(llama, "random(keep=0.3)", alone=False).compression.batchable
+    assert _engine(llama, "knorm(keep=0.3)", alone=False).compression.batchable
 
 
 @pytest.mark.parametrize("spec", ["full", "snapkv(keep=0.25,window=4)", "kivi4(group=4,residual=8)"])
