@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvslim
+from kvslim.cache.layer import LayerKV
 from kvslim.engine import LLM, SamplingParams
-from kvslim.engine.compression import Compression
+from kvslim.engine.compression import Compression, PackedPrompts
 from kvslim.engine.model_runner import ModelRunner
 
 LENGTHS = (37, 64, 9, 50)
@@ -182,3 +184,63 @@ def test_a_chunked_step_batches_only_whole_fresh_prompts(llama, monkeypatch) -> 
 def test_methods_with_state_across_layers_prefill_one_at_a_time(llama, spec: str) -> None:
     """KVzip's probes, auto's ledger, decode-time states and ThinK's channels carry a prompt from layer to layer."""
     assert not _engine(llama, spec, alone=False).compression.batchable
+
+
+def _packed(lengths: list[int], heads: int = 2, q_heads: int = 4, dim: int = 8) -> tuple[torch.Tensor, ...]:
+    """Random packed queries (Hq,N,D), keys and values (H,N,D) of prompts of these lengths."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(h, sum(lengths), dim, generator=gen) for h in (q_heads, heads, heads))
+
+
+def _left_padded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Packed (heads,N,D) -> the left-padded batch (B,heads,T,D) a Hugging Face forward of these prompts holds."""
+    out = x.new_zeros(len(lengths), x.shape[0], max(lengths), x.shape[-1])
+    start = 0
+    for row, n in zip(out, lengths):
+        row[:, row.shape[1] - n:] = x[:, start:start + n]
+        start += n
+    return out
+
+
+def test_packed_prompts_are_laid_out_as_kvslim_cache_lays_out_a_padded_batch() -> None:
+    """kvslim.Cache's first forward over a left-padded batch drops the padding from the layer (its real columns
+    selected) and keeps each prompt's length as its budget's base; the queries stay left-padded."""
+    lengths, observed = [5, 9, 3], 4
+    q, k, v = _packed(lengths)
+    prompts = PackedPrompts.of(lengths, k.shape[0], observed, torch.tensor)
+    real = torch.arange(max(lengths)) >= max(lengths) - torch.tensor(lengths)[:, None]  # (B, T) the attention mask
+    hf = LayerKV(0)
+    hf.append(_left_padded(k, lengths), _left_padded(v, lengths))
+    hf.select(real[:, None].expand(-1, k.shape[0], -1))
+    packed = prompts.layer(0, k, v)
+    for ours, theirs in zip(packed.dense(k.dtype), hf.dense(k.dtype)):
+        assert torch.equal(ours, theirs)
+    assert packed.state["prompt"].tolist() == lengths
+    window = real[:, None, -observed:, None]  # padding queries are never attended with: only the real ones count
+    assert torch.equal(prompts.queries(q) * window, _left_padded(q, lengths)[:, :, -observed:] * window)
+
+
+ROPE = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+
+
+@pytest.mark.parametrize("lengths", [[37, 64, 9, 50], [20, 20, 20]])
+@pytest.mark.parametrize("spec", [
+    "snapkv(keep=0.25,window=16)", "adakv(keep=0.3,window=4)", "pyramidkv(keep=0.3,window=4)",
+    "expected_attention(keep=0.25,history=16,future=32)", "keydiff(keep=0.3)", "knorm(keep=0.3)",
+    "lagkv(keep=0.5,lag=4,sinks=2)", "streaming(keep=0.25,sinks=2)", "merge(keydiff(keep=0.3))",
+])
+def test_packed_hook_keeps_what_each_prompt_keeps_alone(spec: str, lengths: list[int]) -> None:
+    compression = Compression(kvslim.policy(spec), num_layers=4, scaling=8 ** -0.5, rope=ROPE)
+    q, k, v = _packed(lengths)
+    prompts = compression.packed(lengths, k.shape[0], torch.tensor)
+    for layer in (0, 3):  # PyramidKV's budgets differ by layer
+        kept_k, kept_v, lens = compression.compress_packed(layer, q, k, v, prompts)
+        start = 0
+        for b, n in enumerate(lengths):
+            span = slice(start, start + n)
+            alone_k, alone_v, alone_lens = compression(layer, q[:, span], k[:, span], v[:, span])
+            start += n
+            assert torch.equal(lens[b], alone_lens)
+            for h, held in enumerate(alone_lens.tolist()):
+                torch.testing.assert_close(kept_k[b, h, :held], alone_k[h, :held], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(kept_v[b, h, :held], alone_v[h, :held], rtol=1e-5, atol=1e-5)
