@@ -26,8 +26,8 @@ def _stored(llm: LLM) -> list[tuple]:
     out = []
     for seq in llm.scheduler.running:
         held = seq.slot_lens(llm.runner.num_layers, llm.runner.num_kv_heads)
-        pages = [torch.cat([t.flatten(1).float() for t in kv.block_tensors(b)], 1) for b in seq.block_table]
-        ring = [] if not kv.ring else [kv.ring_k[:, seq.ring_row], kv.ring_v[:, seq.ring_row]]
+        pages = [torch.cat([t.flatten().float() for t in kv.block_tensors(b)]) for b in seq.block_table]
+        ring = [getattr(kv, name)[:, seq.ring_row] for name in ("ring_k", "ring_v") if kv.ring and hasattr(kv, name)]
         out.append((held, seq.tail, seq.block_table, pages, ring))
     return out
 
@@ -71,6 +71,9 @@ def _prefill_all(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> 
     "lagkv(keep=0.5,lag=4,sinks=2)",
     "merge(snapkv(keep=0.3,window=4))",  # evicted values folded into the kept ones
     "keydiff(keep=0.6)+snapkv(keep=0.5,window=4)",  # two evictors, one after the other
+    "adakv(keep=0.3,window=4)+fp8",  # scales measured over each prompt's kept tokens
+    "pyramidkv(keep=0.3,window=4)+kcache(n=6,full_layers=1,recent=4)",  # keys in device pages, values on the host
+    "snapkv(keep=0.3,window=4)+quest(page=4,budget=16)",  # each block's key extrema
 ])
 def test_batched_prefill_stores_what_one_at_a_time_stores(llama, spec: str, monkeypatch) -> None:
     _compare(llama, spec, PROMPTS, monkeypatch)
@@ -94,9 +97,11 @@ def test_the_evictor_runs_once_per_layer_for_the_batch(llama, monkeypatch) -> No
     assert batches == [len(PROMPTS)] * llm.runner.num_layers
 
 
-def test_random_scores_prefill_one_at_a_time(llama) -> None:
-    """Its scores are drawn for the shape of a call: several prompts in one call would draw other ones."""
-    assert not _engine(llama, "random(keep=0.3)", alone=False).compression.batchable
+@pytest.mark.parametrize("spec", ["random(keep=0.3)", "snapkv(keep=0.5,window=4)+pqcache(k=6,window=4)"])
+def test_draws_shaped_by_the_batch_prefill_one_at_a_time(llama, spec: str) -> None:
+    """Random scores and PQCache's k-means initialisation are drawn for the shape of what they get: a prompt compressed
+    within a batch would draw other numbers than alone."""
+    assert not _engine(llama, spec, alone=False).compression.batchable
     assert _engine(llama, "knorm(keep=0.3)", alone=False).compression.batchable
 
 

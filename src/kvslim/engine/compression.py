@@ -209,9 +209,12 @@ class Compression:
         #: the method may carry one prompt's state from a layer to the next
         #: (auto's ledger, KVzip's probes and held layers, ThinK's channels, decode-time compression's states). The
         #: prompts' layers are compressed together (:meth:`compress_packed`), so the method must also choose for each
-        #: prompt what it chooses alone: not ``random``, whose scores are drawn for the whole batch's shape at once
+        #: prompt what it chooses alone: not ``random``, whose scores are drawn for the whole batch's shape at once.
+        #: Nor PQCache's store: its k-means draws initial centroids with noise of the kept keys' padded shape, and a
+        #: prompt's kept keys come out of a batch padded to the batch's longest row, not to its own
         self.batchable = not (self.whole_request or self.policy.probes or self.across_layers or self.thin is not None
-                              or self.decoding is not None or any(isinstance(p, Random) for p in parts))
+                              or self.decoding is not None or any(isinstance(p, Random) for p in parts)
+                              or isinstance(self.storage, PQCache))
         #: whether a prompt may be prefilled in chunks with the same result: chunks are stored, then read back by the
         #: next chunks and by the evictor, exactly only in the model dtype (quantized or offloaded pages would give
         #: back other keys than the ones an unchunked prefill attends to and scores)
