@@ -58,6 +58,11 @@ What the engine supports, and why:
   the last chunk: dropping as it goes would change what the later prompt tokens attend to. Quantized, offloaded
   and thin-key (ThinK) stores are not chunked (a chunk would attend to dequantized or pruned keys): their prompts
   run whole.
+* **batched prefill** (``ModelRunner.prefill_batch``): fresh prompts admitted together share one forward, and each
+  layer of all of them is compressed in one call (:meth:`Compression.compress_packed`), laid out as ``kvslim.Cache``
+  lays out a left-padded batch (:class:`PackedPrompts`), so each prompt keeps what it keeps alone. Methods that
+  carry a prompt from layer to layer, or draw random numbers by the batch's shape, prefill one prompt at a time
+  (:attr:`Compression.batchable`).
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
   whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
@@ -205,13 +210,11 @@ class Compression:
         self.observed = max(windows + ([self.thin.window] if self.thin is not None else []), default=1)
         #: whether the runner must hand each prefill to :meth:`__call__` (an evictor or ThinK acts on it)
         self.acts = self.evict is not None or self.thin is not None
-        #: whether several prompts may be prefilled in one forward (``ModelRunner.prefill_batch``): nothing here or in
-        #: the method may carry one prompt's state from a layer to the next
-        #: (auto's ledger, KVzip's probes and held layers, ThinK's channels, decode-time compression's states). The
-        #: prompts' layers are compressed together (:meth:`compress_packed`), so the method must also choose for each
-        #: prompt what it chooses alone: not ``random``, whose scores are drawn for the whole batch's shape at once.
-        #: Nor PQCache's store: its k-means draws initial centroids with noise of the kept keys' padded shape, and a
-        #: prompt's kept keys come out of a batch padded to the batch's longest row, not to its own
+        #: whether several prompts may be prefilled in one forward (``ModelRunner.prefill_batch``), their layers
+        #: compressed together (:meth:`compress_packed`): nothing here or in the method may carry one prompt's state
+        #: from a layer to the next (auto's ledger, KVzip's probes and held layers, ThinK's channels, decode-time
+        #: compression's states), nor draw random numbers by the shape of what it gets, which a batch pads to its
+        #: longest row (``random``'s scores; PQCache's k-means initialisation, over a prompt's kept keys)
         self.batchable = not (self.whole_request or self.policy.probes or self.across_layers or self.thin is not None
                               or self.decoding is not None or any(isinstance(p, Random) for p in parts)
                               or isinstance(self.storage, PQCache))
@@ -350,8 +353,8 @@ class Compression:
         Why: a prefill is host-bound, and the evictor's few hundred operations per call then cost more than the
         layer's own math, which the prompts already share; one call for all of them pays those once per layer."""
         layer = prompts.layer(layer_idx, keys, values)
-        self.evict.on_prefill(Observation(layer, self.num_layers, prompts.queries(queries), self.scaling,  # type: ignore[union-attr]
-                                          "prefill", rope=self.rope))
+        obs = Observation(layer, self.num_layers, prompts.queries(queries), self.scaling, "prefill", rope=self.rope)
+        self.evict.on_prefill(obs)  # type: ignore[union-attr]
         return self._kept(layer, keys.dtype)
 
     def _thin(self, obs: Observation, keys: Tensor, values: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
