@@ -39,10 +39,14 @@ END=$(( $(date +%s) + ${RULER_S:-300} ))
       --policies "$policies" --out $R --no-progress >> /tmp/ruler.log 2>&1
     echo "ruler rc $?" >> /tmp/ruler.log
   done ) &
-if [ "${LONGGEN:-0}" = 1 ]; then
-  ( timeout -s INT -k 25 ${RULER_S:-300} python3 -m kvslim.cli bench --model qwen2.5-coder-0.5b --device cuda --tasks longgen \
-     --lengths 4k --samples ${LONGGEN_SAMPLES:-4} --batch-size ${LONGGEN_SAMPLES:-4} --policies "${LONGGEN_POL:-full,rkv(budget=1280)}" \
-     --out /tmp/longgen --no-progress > /tmp/longgen.log 2>&1; echo "longgen rc $?" >> /tmp/longgen.log ) &
+if [ "${LONGGEN:-0}" = 1 ]; then  # one process per space-separated group of LONGGEN_POL, each its own directory
+  i=0
+  for group in ${LONGGEN_POL:-"full,rkv(budget=1280)"}; do
+    i=$((i + 1))
+    ( timeout -s INT -k 25 ${RULER_S:-300} python3 -m kvslim.cli bench --model qwen2.5-coder-0.5b --device cuda --tasks longgen \
+       --lengths 4k --keep 1 --samples ${LONGGEN_SAMPLES:-4} --batch-size ${LONGGEN_SAMPLES:-4} --policies "$group" \
+       --out /tmp/longgen/$i --no-progress > /tmp/longgen$i.log 2>&1; echo "longgen $group rc $?" >> /tmp/longgen$i.log ) &
+  done
 fi
 if [ "${QUEST:-0}" = 1 ]; then
   ( timeout -s INT -k 25 ${RULER_S:-300} python3 -m kvslim.cli bench --suite ruler --model qwen2.5-coder-0.5b --device cuda \
@@ -65,7 +69,7 @@ cp /tmp/kvp.log $OUT/
 fi
 wait
 pkill -f "kvslim" 2>/dev/null
-for f in /tmp/ruler.log /tmp/longgen.log /tmp/quest.log /tmp/kvp.log; do [ -f $f ] && grep -v "Loading\|Converting" $f | tail -4; done
-cp /tmp/ruler.log /tmp/longgen.log /tmp/quest.log $OUT/ 2>/dev/null
+for f in /tmp/ruler.log /tmp/longgen*.log /tmp/quest.log /tmp/kvp.log; do [ -f $f ] && grep -v "Loading\|Converting" $f | tail -4; done
+cat /tmp/longgen*.log > /tmp/longgen.log 2>/dev/null; cp /tmp/ruler.log /tmp/longgen.log /tmp/quest.log $OUT/ 2>/dev/null
 tar czf $OUT/runs.tgz -C /tmp ruler4k $( [ -d /tmp/longgen ] && echo longgen ) $( [ -d /tmp/quest32k ] && echo quest32k )
 echo "total $(( $(date +%s) - T0 )) s"

@@ -94,7 +94,7 @@ def kv_bytes_read(engine: LLMEngine, seqs: list[Any]) -> int:
     """KV bytes a decode step over ``seqs`` reads: each one's blocks (whole) and the ring tokens it holds."""
     kv = engine.runner.kv
     ring_token = kv.row_bytes // kv.capacity if kv.quantized else 0
-    return sum(s.num_blocks_held * engine.block_bytes + (int(s.tail.max()) * ring_token if s.tail is not None else 0)
+    return sum(engine.blocks.held(s) * engine.block_bytes + (int(s.tail.max()) * ring_token if s.tail is not None else 0)
                for s in seqs)
 
 
@@ -193,7 +193,7 @@ def pool_fields(engine: LLMEngine) -> dict[str, Any]:
         "block_size": engine.blocks.block_size,
         "kv_blocks": engine.blocks.num_blocks,
         "kv_block_bytes": engine.block_bytes,
-        "kv_tokens_capacity": engine.blocks.num_blocks * engine.blocks.block_size,
+        "kv_tokens_capacity": engine.blocks.num_blocks * engine.blocks.block_size // engine.blocks.heads,
         "ring_rows": engine.blocks.rows,
         "ring_bytes": engine.blocks.rows * engine.runner.kv.row_bytes,
     }

@@ -26,9 +26,24 @@ def _stored(llm: LLM) -> list[tuple]:
     out = []
     for seq in llm.scheduler.running:
         held = seq.slot_lens(llm.runner.num_layers, llm.runner.num_kv_heads)
-        pages = [torch.cat([t.flatten().float() for t in kv.block_tensors(b)]) for b in seq.block_table]
+        pages = _pages(llm, seq, held)
         ring = [getattr(kv, name)[:, seq.ring_row] for name in ("ring_k", "ring_v") if kv.ring and hasattr(kv, name)]
         out.append((held, seq.tail, seq.block_table, pages, ring))
+    return out
+
+
+def _pages(llm: LLM, seq, held: torch.Tensor) -> list[torch.Tensor]:
+    """What a sequence holds in pages: its blocks across every layer, or with per-head block tables (per-head
+    budgets) each layer's slots read through the head's own table, zero past what the head holds."""
+    kv = llm.runner.kv
+    if hasattr(kv, "block_tensors"):
+        return [torch.cat([t.flatten().float() for t in kv.block_tensors(b)]) for b in seq.block_table]
+    size = llm.blocks.block_size
+    slots = torch.tensor([b * size + o for b in seq.block_table for o in range(size)])[: seq.kv_slots]
+    out = []
+    for layer in range(llm.runner.num_layers):
+        mine = (torch.arange(len(slots))[:, None] < held[layer][None, :])[..., None]  # (T, H, 1)
+        out += [torch.where(mine, t.float(), 0.0) for t in kv.read(layer, slots)]
     return out
 
 

@@ -30,7 +30,8 @@ def _prompts() -> list[list[int]]:
                                     "pyramidkv(keep=0.3)", "quest(budget=32)"])
 def test_two_ranks_match_one_process(policy: str) -> None:
     prompts = _prompts()
-    single = LLM(tiny_model(), policy=policy, kv_memory=0.01)
+    # ranks keep one block table per sequence (no head_blocks under tensor parallelism): one process does the same
+    single = LLM(tiny_model(), policy=policy, kv_memory=0.01, head_blocks=False)
     expected = single.generate(prompts, PARAMS)
     parallel = LLM(tiny_model(), policy=policy, kv_memory=0.01, tensor_parallel_size=2)
     try:
@@ -138,7 +139,7 @@ def test_biases_several_heads_per_rank_and_cached_prefixes(arch: str, attention:
     common = _prompts()[0][:64]
     prompts = [common + [5, 6, 7], common + [9, 10]]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    single = LLM(tiny_model(arch, attention), policy=policy, kv_memory=0.01)
+    single = LLM(tiny_model(arch, attention), policy=policy, kv_memory=0.01, head_blocks=False)  # the ranks' layout
     expected = [single.generate([p], params)[0] for p in prompts]
     parallel = LLM(tiny_model(arch, attention), policy=policy, kv_memory=0.01, tensor_parallel_size=2)
     try:

@@ -19,6 +19,7 @@ from collections import deque
 
 from .block_manager import BlockManager
 from .compression import Compression
+from .head_blocks import HeadBlockManager
 from .sequence import Sequence
 
 
@@ -72,7 +73,8 @@ class OutputLengths:
 class LengthAwareAdmission:
     """Blocks to hold back when admitting a sequence: every running sequence's expected remaining growth."""
 
-    def __init__(self, blocks: BlockManager, compression: Compression, lengths: OutputLengths | None = None):
+    def __init__(self, blocks: "BlockManager | HeadBlockManager", compression: Compression,
+                 lengths: OutputLengths | None = None):
         self.blocks, self.compression = blocks, compression
         self.lengths = lengths or OutputLengths()
         self._caps: dict[tuple[int, int], int | None] = {}  # block_cap by prompt and suffix: asked every step
@@ -107,8 +109,8 @@ class LengthAwareAdmission:
         if not running:
             return 0
         reserve = self._growth(seq, self.blocks.blocks_for(slots))
-        reserve += sum(self._growth(s, s.num_blocks_held) for s in running)
-        return reserve * self.blocks.block_size
+        reserve += sum(self._growth(s, self.blocks.held(s)) for s in running)
+        return -(-reserve // self.blocks.heads) * self.blocks.block_size  # head-blocks: a slot takes one per head
 
     def _growth(self, seq: Sequence, held: int) -> int:
         """:meth:`future_blocks` of ``seq``, once for each completion it forks into: a prompt not yet prefilled

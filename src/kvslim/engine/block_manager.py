@@ -69,6 +69,8 @@ def chain_hash(previous: int, tokens: list[int]) -> int:
 class BlockManager:
     """Hands out blocks of ``block_size`` slots to sequences and takes them back."""
 
+    heads = 1  # blocks a slot of every (layer, KV head) takes: one block holds them all (see head_blocks.py)
+
     def __init__(self, num_blocks: int, block_size: int, rows: int = 0):
         self.num_blocks, self.block_size = num_blocks, block_size
         #: called with (block, prefix hash) just before a cached prefix block is reused for new contents
@@ -92,6 +94,10 @@ class BlockManager:
 
     def blocks_for(self, slots: int) -> int:
         return -(-slots // self.block_size)
+
+    def held(self, seq: Sequence) -> int:
+        """Blocks ``seq`` holds."""
+        return seq.num_blocks_held
 
     # -- allocation ---------------------------------------------------------------------------------
     def _take(self) -> int:

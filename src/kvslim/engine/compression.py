@@ -7,10 +7,11 @@ into the sequence's blocks, so a compressed sequence holds fewer blocks.
 
 What the engine supports, and why:
 
-* **ragged heads and layers** (AdaKV, auto, PyramidKV): every (layer, KV head) keeps its own length,
-  padded within the sequence's blocks; a sequence takes blocks for its *longest* head, so the
-  memory saved is set by the longest head, not the mean (AdaKV saves less here than its bytes
-  accounting in the Hugging Face path says).
+* **ragged heads and layers** (AdaKV, auto, PyramidKV, KVzip's request-wide budget, :attr:`Compression.uneven`):
+  every (layer, KV head) keeps its own length, in blocks of its own (:mod:`kvslim.engine.head_kv`), so the pool
+  holds the bytes the Hugging Face path holds, up to each head's last, partly filled block. Where the engine keeps
+  one block table per sequence instead (see ``LLMEngine``'s ``head_blocks``), heads are padded within the
+  sequence's blocks and it takes blocks for its *longest* head.
 * **probing** (KVzip): the runner feeds each chunk of the prompt, after the repeat instruction, through
   the layers beside the prompt (:meth:`Compression.probe_inputs`); at each layer the probes attend to the
   prompt's full keys and to themselves, and the policy scores from them before the layer is compressed.
@@ -194,6 +195,9 @@ class Compression:
         #: layers until the last one, :meth:`held_layers` gives them all back compressed
         self.across_layers = any(isinstance(p, KVzip) and p.across_layers for p in parts)
         self.ragged_heads = self.across_layers or any(isinstance(p, (AdaptiveHeads, AutoBudget)) for p in parts)
+        #: (layer, KV head)s keep different numbers of tokens (per-head or per-layer budgets, PyramidKV's included)
+        self.uneven = self.ragged_heads or self.evict is not None and len(
+            {self.evict.planned_tokens(1024, i, num_layers) for i in range(num_layers)}) > 1
         self._held: list[LayerKV] = []
         #: budgets weighed over every KV head of a layer and every layer of a request (auto): one process only
         self.whole_request = any(isinstance(p, AutoBudget) for p in parts)

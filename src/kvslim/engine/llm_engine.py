@@ -14,6 +14,8 @@ from ..methods.kvzip import RepeatPrompt, repeat_prompt
 from .admission import LengthAwareAdmission
 from .block_manager import BlockManager, kv_budget, num_blocks_for
 from .compression import Compression
+from .head_blocks import HeadBlockManager
+from .head_kv import HeadKV
 from .kv_store import dense_block_bytes
 from .latency import LatencyStats, percentiles
 from .model_runner import ModelRunner
@@ -78,13 +80,21 @@ class LLMEngine:
 
     ``length_aware`` admits a request only when the pool also holds the output every running sequence is still
     expected to write (see :mod:`kvslim.engine.admission`): fewer preemptions when outputs run long.
+
+    ``head_blocks`` (on by default): a policy whose layers or KV heads keep different numbers of tokens (AdaKV, auto,
+    PyramidKV, KVzip's request-wide budget) over model-dtype pages gets a block table per (layer, KV head)
+    (:mod:`kvslim.engine.head_kv`), so each head holds the blocks of what it kept, not of the longest head. Then
+    ``block_bytes``, block counts and ``peak_kv_blocks`` are per (layer, KV head) block, and decode runs without
+    CUDA graphs. With tensor parallelism, a KV tier, decode-time compression or ``head_blocks=False`` such
+    policies keep one table per sequence, every head padded to the longest.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, policy: "str | Method" = "full", kv_memory: float | None = None,
                  block_size: int | None = None, max_num_seqs: int = 256, max_prefill_tokens: int = 32768,
                  kv_fraction: float = 0.9, kv_tier: "str | KVTier | None" = None, enforce_eager: bool = False,
                  tensor_parallel_size: int = 1, device: "str | torch.device | None" = None,
-                 chunked_prefill: bool = False, max_num_batched_tokens: int | None = None, length_aware: bool = False):
+                 chunked_prefill: bool = False, max_num_batched_tokens: int | None = None, length_aware: bool = False,
+                 head_blocks: bool = True):
         if max_num_batched_tokens is not None and not chunked_prefill:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} is the token budget of a chunked-prefill "
                              "step: pass chunked_prefill=True too (without it a step prefills whole prompts)")
@@ -109,16 +119,24 @@ class LLMEngine:
             self.runner.keep_queries = True
         kv = self.runner.kv
         block_size = block_size or kv.default_block_size()
+        #: per-(layer, KV head) blocks (:mod:`kvslim.engine.head_kv`): for per-head or per-layer budgets over
+        #: model-dtype pages, where one block table per sequence would pad every head to the longest
+        self.head_blocks = head_blocks and self._head_layout(tensor_parallel_size, kv_tier)
+        budget = kv_budget(kv_memory, self.runner.device, kv_fraction)
+        if self.head_blocks:
+            kv = self.runner.kv = HeadKV(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
+                                         self.runner.dtype, self.runner.device, block_size, self.runner.max_model_len,
+                                         budget)
         self.block_bytes = kv.block_bytes(block_size)
         self.host_block_bytes = kv.host_block_bytes(block_size)  # what offloading stores keep in host memory
         #: what the same block would take in the model dtype (a full cache's bytes, for the stats)
-        self.dense_block_bytes = dense_block_bytes(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
-                                                   self.runner.dtype, block_size)
-        budget = kv_budget(kv_memory, self.runner.device, kv_fraction)
+        self.dense_block_bytes = self.block_bytes if self.head_blocks else dense_block_bytes(
+            self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim, self.runner.dtype, block_size)
         rows = kv.rows_for(budget, max_num_seqs)
         num_blocks = num_blocks_for(self.block_bytes, budget - rows * kv.row_bytes)
         self.runner.allocate(num_blocks, block_size, rows)
-        self.blocks = BlockManager(num_blocks, block_size, rows)
+        self.blocks = (HeadBlockManager(num_blocks, block_size, rows, kv.tables) if isinstance(kv, HeadKV)
+                       else BlockManager(num_blocks, block_size, rows))
         admission = LengthAwareAdmission(self.blocks, self.compression) if length_aware else None
         self.scheduler = Scheduler(self.blocks, self.compression, min(max_num_seqs, rows or max_num_seqs),
                                    max_prefill_tokens, self.runner.max_model_len, kv.grows,
@@ -137,6 +155,14 @@ class LLMEngine:
         #: whether the last step ran a prefill (with chunked prefill, perhaps beside decodes): benchmarks time
         #: prefill and decode apart
         self.last_step_prefill = False
+
+    def _head_layout(self, tensor_parallel_size: int, kv_tier: Any) -> bool:
+        """Whether the policy's (layer, KV head)s keep different numbers of tokens in model-dtype pages, and nothing
+        that needs one block table per sequence is asked for (tensor parallelism, a KV tier, decode-time
+        compression, a sliding window): those keep the dense layout."""
+        c = self.compression
+        return (c.uneven and c.storage is None and c.decoding is None and c.window is None and tensor_parallel_size == 1
+                and kv_tier is None)
 
     @staticmethod
     def _runner(model: Any, enforce_eager: bool, tensor_parallel_size: int, device: "str | torch.device | None",

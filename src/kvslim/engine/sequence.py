@@ -72,7 +72,7 @@ class Sequence:
     preemptions: int = 0
     peak_blocks: int = 0
     generator: torch.Generator | None = None  # seeded sampling (SamplingParams.seed)
-    ring_row: int = -1  # row of the ring of newest tokens (quantized pages, KCache)
+    ring_row: int = -1  # row of the ring of newest tokens (quantized pages, KCache) or of the per-head tables (head_kv)
     tail: Tensor | None = None  # (L, H) tokens each head holds in its ring row (stores with a ring)
     #: decode-time compression's state (each layer's budget, the remembered queries); None: none
     method_state: DecodeState | None = None

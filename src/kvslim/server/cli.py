@@ -147,7 +147,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     engine = app.state.engine.engine
     tier = f", KV tier {engine.tier.name}" if engine.tier is not None else ""
     print(f"kvslim serve: {args.model} on {engine.runner.device}, policy {engine.policy.spec}, "
-          f"{engine.blocks.num_blocks} KV blocks of {engine.blocks.block_size} tokens{tier}; "
+          f"{engine.blocks.num_blocks} KV blocks of {engine.blocks.block_size} tokens"
+          f"{' of one layer and KV head' if engine.head_blocks else ''}{tier}; "
           f"http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
