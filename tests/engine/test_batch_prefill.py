@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvslim
+from kvslim.cache.layer import LayerKV
 from kvslim.engine import LLM, SamplingParams
+from kvslim.engine.compression import Compression, PackedPrompts
 from kvslim.engine.model_runner import ModelRunner
 
 LENGTHS = (37, 64, 9, 50)
@@ -24,7 +27,7 @@ def _stored(llm: LLM) -> list[tuple]:
     for seq in llm.scheduler.running:
         held = seq.slot_lens(llm.runner.num_layers, llm.runner.num_kv_heads)
         pages = _pages(llm, seq, held)
-        ring = [] if not kv.ring else [kv.ring_k[:, seq.ring_row], kv.ring_v[:, seq.ring_row]]
+        ring = [getattr(kv, name)[:, seq.ring_row] for name in ("ring_k", "ring_v") if kv.ring and hasattr(kv, name)]
         out.append((held, seq.tail, seq.block_table, pages, ring))
     return out
 
@@ -34,7 +37,7 @@ def _pages(llm: LLM, seq, held: torch.Tensor) -> list[torch.Tensor]:
     budgets) each layer's slots read through the head's own table, zero past what the head holds."""
     kv = llm.runner.kv
     if hasattr(kv, "block_tensors"):
-        return [torch.cat([t.flatten(1).float() for t in kv.block_tensors(b)], 1) for b in seq.block_table]
+        return [torch.cat([t.flatten().float() for t in kv.block_tensors(b)]) for b in seq.block_table]
     size = llm.blocks.block_size
     slots = torch.tensor([b * size + o for b in seq.block_table for o in range(size)])[: seq.kv_slots]
     out = []
@@ -74,9 +77,47 @@ def _prefill_all(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> 
     "expected_attention(keep=0.25,history=16,future=32)",
     "streaming(keep=0.25,sinks=2)",  # a sliding window from the first decode step
     "snapkv(keep=0.3,window=4)+int8",
+    "snapkv(keep=0.3,window=4)+kivi4(group=4,residual=8)",  # evicted, then quantized pages and a ring per prompt
+    "snapkv(keep=0.25,window=16)",  # the 9-token prompt is shorter than the window: left-padded queries
+    "expected_attention(keep=0.3,history=16,future=32)",  # the same, and padding queries weigh nothing
+    "adakv(expected_attention(keep=0.3,history=16,future=32))",
+    "keydiff(keep=0.3)",
+    "knorm(keep=0.3)",
+    "lagkv(keep=0.5,lag=4,sinks=2)",
+    "merge(snapkv(keep=0.3,window=4))",  # evicted values folded into the kept ones
+    "keydiff(keep=0.6)+snapkv(keep=0.5,window=4)",  # two evictors, one after the other
+    "adakv(keep=0.3,window=4)+fp8",  # scales measured over each prompt's kept tokens
+    "pyramidkv(keep=0.3,window=4)+kcache(n=6,full_layers=1,recent=4)",  # keys in device pages, values on the host
+    "snapkv(keep=0.3,window=4)+quest(page=4,budget=16)",  # each block's key extrema
 ])
 def test_batched_prefill_stores_what_one_at_a_time_stores(llama, spec: str, monkeypatch) -> None:
     _compare(llama, spec, PROMPTS, monkeypatch)
+
+
+@pytest.mark.parametrize("spec", ["snapkv(keep=0.25,window=4)", "adakv(keep=0.3,window=4)",
+                                  "pyramidkv(keep=0.3,window=4)+kivi4(group=4,residual=8)"])
+def test_prompts_of_one_length_compress_as_one_tail(llama, spec: str, monkeypatch) -> None:
+    """No padding: the evictor sees one whole tail of every prompt, as a padding-free kvslim.Cache prefill."""
+    _compare(llama, spec, [p[:37] for p in (PROMPTS[0], PROMPTS[1], PROMPTS[3])], monkeypatch)
+
+
+def test_the_evictor_runs_once_per_layer_for_the_batch(llama, monkeypatch) -> None:
+    llm = _engine(llama, "adakv(keep=0.3,window=4)", alone=False)
+    batches = []
+    packed = Compression.compress_packed
+    monkeypatch.setattr(Compression, "compress_packed", lambda self, i, q, k, v, prompts: batches.append(
+        len(prompts.lengths)) or packed(self, i, q, k, v, prompts))
+    monkeypatch.setattr(Compression, "__call__", lambda *args: pytest.fail("a prompt of the batch compressed alone"))
+    _prefill_all(llm, PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert batches == [len(PROMPTS)] * llm.runner.num_layers
+
+
+@pytest.mark.parametrize("spec", ["random(keep=0.3)", "snapkv(keep=0.5,window=4)+pqcache(k=6,window=4)"])
+def test_draws_shaped_by_the_batch_prefill_one_at_a_time(llama, spec: str) -> None:
+    """Random scores and PQCache's k-means initialisation are drawn for the shape of what they get: a prompt compressed
+    within a batch would draw other numbers than alone."""
+    assert not _engine(llama, spec, alone=False).compression.batchable
+    assert _engine(llama, "knorm(keep=0.3)", alone=False).compression.batchable
 
 
 @pytest.mark.parametrize("spec", ["full", "snapkv(keep=0.25,window=4)", "kivi4(group=4,residual=8)"])
@@ -163,3 +204,63 @@ def test_a_chunked_step_batches_only_whole_fresh_prompts(llama, monkeypatch) -> 
 def test_methods_with_state_across_layers_prefill_one_at_a_time(llama, spec: str) -> None:
     """KVzip's probes, auto's ledger, decode-time states and ThinK's channels carry a prompt from layer to layer."""
     assert not _engine(llama, spec, alone=False).compression.batchable
+
+
+def _packed(lengths: list[int], heads: int = 2, q_heads: int = 4, dim: int = 8) -> tuple[torch.Tensor, ...]:
+    """Random packed queries (Hq,N,D), keys and values (H,N,D) of prompts of these lengths."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(h, sum(lengths), dim, generator=gen) for h in (q_heads, heads, heads))
+
+
+def _left_padded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Packed (heads,N,D) -> the left-padded batch (B,heads,T,D) a Hugging Face forward of these prompts holds."""
+    out = x.new_zeros(len(lengths), x.shape[0], max(lengths), x.shape[-1])
+    start = 0
+    for row, n in zip(out, lengths):
+        row[:, row.shape[1] - n:] = x[:, start:start + n]
+        start += n
+    return out
+
+
+def test_packed_prompts_are_laid_out_as_kvslim_cache_lays_out_a_padded_batch() -> None:
+    """kvslim.Cache's first forward over a left-padded batch drops the padding from the layer (its real columns
+    selected) and keeps each prompt's length as its budget's base; the queries stay left-padded."""
+    lengths, observed = [5, 9, 3], 4
+    q, k, v = _packed(lengths)
+    prompts = PackedPrompts.of(lengths, k.shape[0], observed, torch.tensor)
+    real = torch.arange(max(lengths)) >= max(lengths) - torch.tensor(lengths)[:, None]  # (B, T) the attention mask
+    hf = LayerKV(0)
+    hf.append(_left_padded(k, lengths), _left_padded(v, lengths))
+    hf.select(real[:, None].expand(-1, k.shape[0], -1))
+    packed = prompts.layer(0, k, v)
+    for ours, theirs in zip(packed.dense(k.dtype), hf.dense(k.dtype)):
+        assert torch.equal(ours, theirs)
+    assert packed.state["prompt"].tolist() == lengths
+    window = real[:, None, -observed:, None]  # padding queries are never attended with: only the real ones count
+    assert torch.equal(prompts.queries(q) * window, _left_padded(q, lengths)[:, :, -observed:] * window)
+
+
+ROPE = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+
+
+@pytest.mark.parametrize("lengths", [[37, 64, 9, 50], [20, 20, 20]])
+@pytest.mark.parametrize("spec", [
+    "snapkv(keep=0.25,window=16)", "adakv(keep=0.3,window=4)", "pyramidkv(keep=0.3,window=4)",
+    "expected_attention(keep=0.25,history=16,future=32)", "keydiff(keep=0.3)", "knorm(keep=0.3)",
+    "lagkv(keep=0.5,lag=4,sinks=2)", "streaming(keep=0.25,sinks=2)", "merge(keydiff(keep=0.3))",
+])
+def test_packed_hook_keeps_what_each_prompt_keeps_alone(spec: str, lengths: list[int]) -> None:
+    compression = Compression(kvslim.policy(spec), num_layers=4, scaling=8 ** -0.5, rope=ROPE)
+    q, k, v = _packed(lengths)
+    prompts = compression.packed(lengths, k.shape[0], torch.tensor)
+    for layer in (0, 3):  # PyramidKV's budgets differ by layer
+        kept_k, kept_v, lens = compression.compress_packed(layer, q, k, v, prompts)
+        start = 0
+        for b, n in enumerate(lengths):
+            span = slice(start, start + n)
+            alone_k, alone_v, alone_lens = compression(layer, q[:, span], k[:, span], v[:, span])
+            start += n
+            assert torch.equal(lens[b], alone_lens)
+            for h, held in enumerate(alone_lens.tolist()):
+                torch.testing.assert_close(kept_k[b, h, :held], alone_k[h, :held], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(kept_v[b, h, :held], alone_v[h, :held], rtol=1e-5, atol=1e-5)

@@ -59,6 +59,11 @@ What the engine supports, and why:
   the last chunk: dropping as it goes would change what the later prompt tokens attend to. Quantized, offloaded
   and thin-key (ThinK) stores are not chunked (a chunk would attend to dequantized or pruned keys): their prompts
   run whole.
+* **batched prefill** (``ModelRunner.prefill_batch``): fresh prompts admitted together share one forward, and each
+  layer of all of them is compressed in one call (:meth:`Compression.compress_packed`), laid out as ``kvslim.Cache``
+  lays out a left-padded batch (:class:`PackedPrompts`), so each prompt keeps what it keeps alone. Methods that
+  carry a prompt from layer to layer, or draw random numbers by the batch's shape, prefill one prompt at a time
+  (:attr:`Compression.batchable`).
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
   whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
@@ -67,10 +72,15 @@ What the engine supports, and why:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..cache.layer import LayerKV
+from ..cache.segments import DenseSegment
 from ..methods import Chain, Method, Observation, ScoredEviction
 from ..methods.adakv import AdaptiveHeads
 from ..methods.auto import AutoBudget
@@ -80,6 +90,7 @@ from ..methods.kvzip import KVzip, RepeatPrompt, chunk_size
 from ..methods.pqcache import PQCache
 from ..methods.quantizers import Quantizer
 from ..methods.quest import Quest
+from ..methods.random_keep import Random
 from ..methods.streaming import Streaming
 from ..methods.think import ThinK, keep_channels
 from .decode_eviction import DecodeEviction
@@ -87,6 +98,66 @@ from .decode_eviction import DecodeEviction
 
 def _parts(policy: Method) -> list[Method]:
     return list(policy.parts) if isinstance(policy, Chain) else [policy]
+
+
+@dataclass
+class PackedPrompts:
+    """Where the tokens of prompts packed one after another (``ModelRunner.prefill_batch``) go in one batched layer,
+    laid out as ``kvslim.Cache`` lays out a left-padded batch once its first forward dropped the padding.
+
+    There, a prompt's padding is never stored (``LayerKV.select`` of the attention mask's real columns): each row
+    holds its own tokens left-aligned in a :class:`DenseSegment` (ragged rows, no padding), ``state["prompt"]`` is
+    each prompt's real length (the budgets' base), and scorers skip what ``valid`` marks as not held and count time by
+    rank (sinks, windows). The queries stay left-padded, so the newest ones of every prompt are the last columns (the
+    observation window); a padding query's attention is masked whole (no votes) and ExpectedAttention weighs it 0.
+    Built here directly from the packed rows, with the same layout, so the evictor keeps for each prompt the tokens
+    it keeps for that prompt alone. Prompts of one length need no padding: one whole tail, as alone.
+    """
+
+    lengths: list[int]
+    #: each prompt's tokens (B,): its layer state's ``prompt`` and ``real``
+    real: Tensor
+    #: queries kept per prompt: its newest ones (the evictors' observation windows, ``Compression.observed``)
+    width: int
+    #: (head, token) indices of the packed keys in the ragged rows' order (prompt, head, token); None: one length
+    rows: tuple[Tensor, Tensor] | None
+    #: (B * width,) packed index of each prompt's newest ``width`` queries, left-padded with its first one
+    window: Tensor | None
+
+    @classmethod
+    def of(cls, lengths: list[int], heads: int, observed: int, upload: Callable[[list[int]], Tensor]
+           ) -> "PackedPrompts":
+        """``upload``: a host list to the device without waiting for it (``ModelRunner._upload``)."""
+        width = min(observed, max(lengths))
+        real = upload(lengths)
+        if len(set(lengths)) == 1:
+            return cls(lengths, real, width, None, None)
+        starts = np.cumsum([0, *lengths[:-1]])
+        tokens = np.concatenate([np.tile(np.arange(s, s + n), heads) for s, n in zip(starts, lengths)])
+        head = np.concatenate([np.repeat(np.arange(heads), n) for n in lengths])
+        window = np.concatenate([s + np.maximum(np.arange(n - width, n), 0) for s, n in zip(starts, lengths)])
+        return cls(lengths, real, width, (upload(head.tolist()), upload(tokens.tolist())), upload(window.tolist()))
+
+    def layer(self, index: int, keys: Tensor, values: Tensor) -> LayerKV:
+        """Layer ``index`` of packed keys/values (H,N,D): every prompt's tokens, one row per (prompt, head)."""
+        if self.rows is None:
+            return Compression._layer(index, self._split(keys), self._split(values))
+        layer = LayerKV(index)
+        counts = (max(self.lengths), len(self.rows[0]), False)
+        held = self.real[:, None].expand(-1, keys.shape[0])
+        layer.replace([DenseSegment(keys[self.rows], values[self.rows], held, counts)])
+        layer.state["prompt"] = layer.state["real"] = self.real
+        return layer
+
+    def queries(self, queries: Tensor) -> Tensor:
+        """Each prompt's newest ``width`` queries (B,Hq,width,D) of the packed ones (Hq,N,D)."""
+        if self.window is None:
+            return self._split(queries)[:, :, -self.width:]
+        return queries[:, self.window].view(len(queries), len(self.lengths), self.width, -1).transpose(0, 1)
+
+    def _split(self, x: Tensor) -> Tensor:
+        """(heads, B * n, D) packed rows of prompts of one length n -> (B, heads, n, D)."""
+        return x.view(x.shape[0], len(self.lengths), -1, x.shape[-1]).transpose(0, 1)
 
 
 class Compression:
@@ -143,11 +214,14 @@ class Compression:
         self.observed = max(windows + ([self.thin.window] if self.thin is not None else []), default=1)
         #: whether the runner must hand each prefill to :meth:`__call__` (an evictor or ThinK acts on it)
         self.acts = self.evict is not None or self.thin is not None
-        #: whether several prompts may be prefilled in one forward (``ModelRunner.prefill_batch``), which compresses
-        #: their layers in turn: nothing here or in the method may carry one prompt's state from a layer to the next
-        #: (auto's ledger, KVzip's probes and held layers, ThinK's channels, decode-time compression's states)
+        #: whether several prompts may be prefilled in one forward (``ModelRunner.prefill_batch``), their layers
+        #: compressed together (:meth:`compress_packed`): nothing here or in the method may carry one prompt's state
+        #: from a layer to the next (auto's ledger, KVzip's probes and held layers, ThinK's channels, decode-time
+        #: compression's states), nor draw random numbers by the shape of what it gets, which a batch pads to its
+        #: longest row (``random``'s scores; PQCache's k-means initialisation, over a prompt's kept keys)
         self.batchable = not (self.whole_request or self.policy.probes or self.across_layers or self.thin is not None
-                              or self.decoding is not None)
+                              or self.decoding is not None or any(isinstance(p, Random) for p in parts)
+                              or isinstance(self.storage, PQCache))
         #: whether a prompt may be prefilled in chunks with the same result: chunks are stored, then read back by the
         #: next chunks and by the evictor, exactly only in the model dtype (quantized or offloaded pages would give
         #: back other keys than the ones an unchunked prefill attends to and scores)
@@ -265,9 +339,27 @@ class Compression:
         if self.across_layers and probes:
             self._held = [*self._held[:layer_idx], layer]
             return None
-        kept_k, kept_v, lens = self._kept(layer, keys.dtype)
+        kept_k, kept_v, lens = (t[0] for t in self._kept(layer, keys.dtype))
         obs = Observation(layer, self.num_layers, queries[None], self.scaling, "prefill", rope=self.rope)
         return self._thin(obs, kept_k, kept_v, lens)
+
+    def packed(self, lengths: list[int], heads: int, upload: Callable[[list[int]], Tensor]) -> PackedPrompts:
+        """The layout :meth:`compress_packed` reads prompts of these lengths in (``heads`` KV heads), built once for
+        every layer of a batched prefill."""
+        return PackedPrompts.of(lengths, heads, self.observed, upload)
+
+    def compress_packed(self, layer_idx: int, queries: Tensor, keys: Tensor, values: Tensor, prompts: PackedPrompts
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`__call__` of several prompts at once (:attr:`batchable` policies): packed queries (Hq,N,D), keys
+        and values (H,N,D) of the prompts of ``prompts`` -> kept keys, values (B,H,T',D) and lengths (B,H); prompt b's
+        head h keeps its first ``lengths[b, h]`` (T' is the most any row keeps).
+
+        Why: a prefill is host-bound, and the evictor's few hundred operations per call then cost more than the
+        layer's own math, which the prompts already share; one call for all of them pays those once per layer."""
+        layer = prompts.layer(layer_idx, keys, values)
+        obs = Observation(layer, self.num_layers, prompts.queries(queries), self.scaling, "prefill", rope=self.rope)
+        self.evict.on_prefill(obs)  # type: ignore[union-attr]
+        return self._kept(layer, keys.dtype)
 
     def _thin(self, obs: Observation, keys: Tensor, values: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With ThinK, choose the layer's channels from what the evictors kept (as ``ThinK.on_prefill`` does after
@@ -280,8 +372,9 @@ class Compression:
 
     @staticmethod
     def _kept(layer: LayerKV, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Kept keys, values (B,H,T',D) and lengths (B,H) of an evicted layer."""
         kept_k, kept_v, valid = layer.dense(dtype)
-        return kept_k[0], kept_v[0], valid[0].sum(-1)
+        return kept_k, kept_v, valid.sum(-1)
 
     def held_layers(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Every layer :meth:`__call__` held (:attr:`across_layers`), compressed now that the last one was scored:
@@ -289,7 +382,7 @@ class Compression:
         held, self._held = self._held, []
         if len(held) != self.num_layers:
             raise RuntimeError(f"{self.policy.spec}: {len(held)} of {self.num_layers} layers were scored before storing")
-        return [self._kept(layer, dtype) for layer in held]
+        return [tuple(t[0] for t in self._kept(layer, dtype)) for layer in held]  # type: ignore[misc]
 
     def start_window(self, seq_len: int, appended: int = 0) -> tuple[int, int] | None:
         """(sinks, budget) of a sliding window for a prefill of ``seq_len`` compressed tokens and ``appended``

@@ -285,16 +285,17 @@ class ModelRunner:
     def prefill_batch(self, seqs: list[Sequence], compress: CompressHook | None
                       ) -> tuple[Tensor, Tensor, Tensor | None]:
         """:meth:`prefill` of several whole prompts in one forward: each runs from token 0 (no cached prefix, no
-        chunk) and ``compress`` keeps no state from one layer of a prompt to the next (``Compression.batchable``:
-        layers of different prompts are compressed in turn); a suffix then runs alone (:meth:`_extend`). Returns
-        each last token's logits (B, vocab), page slots (B, L, H) and ring tokens (B, L, H) or None.
+        chunk) and ``compress`` keeps no state from one layer of a prompt to the next (``Compression.batchable``);
+        a suffix then runs alone (:meth:`_extend`). Returns each last token's logits (B, vocab), page slots (B, L, H)
+        and ring tokens (B, L, H) or None.
 
         Why: a prefill is host-bound on a GPU (Python and op dispatch, paid per layer per call), so prompts that
         share a forward share that cost. Their tokens are packed one after the other (no padding): the norms,
         projections, RoPE and MLP run once over all of them, and so does attention (:meth:`_padded_attention`),
         unless padding the prompts to the longest would more than double the tokens (then it runs per prompt).
-        The hook and the stores run per prompt, over its own slice of the keys, as :meth:`prefill` runs them;
-        without a hook, a store that keeps nothing per sequence (no ring) writes every prompt's tokens at once.
+        The hook runs once per layer for all of them (``Compression.compress_packed``: the evictor chooses for each
+        prompt what it chooses alone), and each prompt's kept tokens are then stored in its own blocks; without a
+        hook, a store that keeps nothing per sequence (no ring) writes every prompt's tokens at once.
         """
         lengths = [s.compressed_len for s in seqs]
         bounds = np.cumsum([0, *lengths]).tolist()
@@ -311,15 +312,19 @@ class ModelRunner:
         padded = None
         if len(seqs) * width <= 2 * bounds[-1]:
             padded = self._upload([row * width + t for row, n in enumerate(lengths) for t in range(n)])
+        prompts = None if compress is None else compress.packed(lengths, self.num_kv_heads, self._upload)
         stored: list[list[tuple[Tensor, Tensor | None]]] = [[] for _ in seqs]
         for i in range(self.num_layers):
             q, k, v = self._layer_qkv(i, x, cos, sin)
             if all_slots is not None:  # ``seq`` is read by ring stores only
                 self.kv.store_prefill(i, seqs[0], all_slots, k, v, all_kept)
-            else:
+            elif prompts is None:
                 for seq, held, seq_slots, kept_all, (lo, hi) in zip(seqs, stored, slots, whole, spans):
-                    k_s, v_s = k[:, lo:hi], v[:, lo:hi]
-                    kept = (k_s, v_s, kept_all) if compress is None else compress(i, q[:, lo:hi], k_s, v_s, [])
+                    held.append(self._store_prefill(seq, seq_slots, i, (k[:, lo:hi], v[:, lo:hi], kept_all)))
+            else:  # one call of the evictor for every prompt; a prompt keeps at most its own tokens
+                kept_k, kept_v, kept_lens = compress.compress_packed(i, q, k, v, prompts)  # type: ignore[union-attr]
+                for b, (seq, held, seq_slots, n) in enumerate(zip(seqs, stored, slots, lengths)):
+                    kept = kept_k[b, :, :n], kept_v[b, :, :n], kept_lens[b]
                     held.append(self._store_prefill(seq, seq_slots, i, kept))
             if padded is not None:
                 out = self._padded_attention(q, k, v, padded, len(seqs), width)
