@@ -5,8 +5,9 @@
 #   POL, KEEPS, PROTOCOLS: the grid's policies, keeps and protocols, in the order their units run; or
 #   PASSES: space-separated runs one after the other, each KEEPS/PROTOCOLS/POLICIES (e.g. "0.125/query-aware/merge(snapkv)")
 #   RESUME: a recorded run directory under benchmarks/results to continue (its config.json and samples.jsonl.gz)
-#   PROFILE=1: first, one 4k-token engine prefill per policy, host vs GPU time (benchmarks/prefill_syncs.py; PREFILL_ARGS)
-#   GPU_TESTS=1: first, the CUDA-only engine tests (pytest from .whl-test, carried)
+#   PROFILE=1: first, 4k-token engine prefills per policy, host vs GPU time, per batch of PROFILE_BATCHES prompts
+#     (benchmarks/prefill_syncs.py; PREFILL_ARGS adds to its options)
+#   GPU_TESTS=1: the CUDA-only engine tests beside the runs (pytest from .whl-test, carried)
 #   KVP=1: the kvpress side by side (carry .whl-kvpress)
 #   LONGGEN=1: the long-generation task (4k context: a ~1k-token list repeated for ~3k tokens) per LONGGEN_POL
 #   QUEST=1: RULER-32k, full vs Quest, QUEST_SAMPLES per task, through the engine
@@ -19,13 +20,16 @@ export PYTHONPATH=src:/tmp/site
 python3 benchmarks/ship_model.py join qwen2.5-coder-0.5b --pieces ~/ship 2>&1 | tail -1 || exit 1
 python3 -c "from kvslim.models import resolve; import time; t=time.time(); resolve('qwen2.5-coder-0.5b').load(None,'cpu','sdpa',0,False); print('converted', time.time()-t)" 2>&1 | tail -1
 echo "ready after $(( $(date +%s) - T0 )) s"
-if [ "${GPU_TESTS:-0}" = 1 ]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda_graphs.py tests/engine/test_head_decode.py \
-    tests/engine/test_paged_attention.py tests/engine/test_think_engine.py tests/engine/test_quest_engine.py 2>&1 | tail -6
+if [ "${PROFILE:-0}" = 1 ]; then  # before anything else runs on the GPU: these are timings
+  for b in ${PROFILE_BATCHES:-1 8}; do
+    python3 benchmarks/prefill_syncs.py --model qwen2.5-coder-0.5b --dtype bfloat16 --device cuda --tokens 4096 --iters 3 \
+      --paths engine --batch $b --out $OUT/prefill_syncs_b$b.json $PREFILL_ARGS 2>&1 | grep -v "USDT\|Warn\|warn"
+  done
 fi
-if [ "${PROFILE:-0}" = 1 ]; then
-  python3 benchmarks/prefill_syncs.py --model qwen2.5-coder-0.5b --dtype bfloat16 --device cuda --tokens 4096 --iters 3 \
-    --paths engine --out $OUT/prefill_syncs_h200.json $PREFILL_ARGS 2>&1 | grep -v "USDT\|Warn\|warn"
+if [ "${GPU_TESTS:-0}" = 1 ]; then  # beside the runs below: correctness only
+  ( timeout 300 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda_graphs.py tests/engine/test_head_decode.py \
+      tests/engine/test_paged_attention.py tests/engine/test_think_engine.py tests/engine/test_quest_engine.py \
+      > /tmp/gputests.log 2>&1; echo "gpu tests rc $?" >> /tmp/gputests.log ) &
 fi
 POL=${POL:-'full,snapkv,pyramidkv,adakv,streaming,tova,knorm,keydiff,lagkv,expected_attention,adakv(expected_attention),kvzip,h2o,merge(snapkv),auto,think(ratio=0.5),auto(tolerance=0.1),auto(tolerance=0.2)'}
 R=/tmp/ruler4k
@@ -69,7 +73,7 @@ cp /tmp/kvp.log $OUT/
 fi
 wait
 pkill -f "kvslim" 2>/dev/null
-for f in /tmp/ruler.log /tmp/longgen*.log /tmp/quest.log /tmp/kvp.log; do [ -f $f ] && grep -v "Loading\|Converting" $f | tail -4; done
-cat /tmp/longgen*.log > /tmp/longgen.log 2>/dev/null; cp /tmp/ruler.log /tmp/longgen.log /tmp/quest.log $OUT/ 2>/dev/null
+for f in /tmp/gputests.log /tmp/ruler.log /tmp/longgen*.log /tmp/quest.log /tmp/kvp.log; do [ -f $f ] && grep -v "Loading\|Converting" $f | tail -4; done
+cat /tmp/longgen*.log > /tmp/longgen.log 2>/dev/null; cp /tmp/gputests.log /tmp/ruler.log /tmp/longgen.log /tmp/quest.log $OUT/ 2>/dev/null
 tar czf $OUT/runs.tgz -C /tmp ruler4k $( [ -d /tmp/longgen ] && echo longgen ) $( [ -d /tmp/quest32k ] && echo quest32k )
 echo "total $(( $(date +%s) - T0 )) s"
