@@ -16,7 +16,9 @@ import torch
 def run_interpreted(path: str, timeout_s: int = 600) -> None:
     tests = os.path.dirname(os.path.abspath(__file__))  # the child imports this module too, as pytest's pythonpath does
     paths = [tests, os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    # no GPU in the child, as in CI: on a GPU machine the interpreter would otherwise meet CUDA tensors
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     done = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, done.stderr[-3000:]
 

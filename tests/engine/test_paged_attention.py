@@ -91,7 +91,8 @@ def check_triton_kernel(dtype: torch.dtype) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = [t.to(device) for t in _case(1, dtype)]
     want = paged_decode_ref(*case, scale=0.25).float()
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-3
+    # float32 pages on a GPU: Triton's dots run in TF32 (10-bit mantissa), ~2e-3 off the float32 reference
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3 if device == "cuda" else 1e-3
     # splits: as many as fill the device, or the blocks shared by several programs, then merged; tiles of one
     # page per loop step, or of several (the last tile of a split then runs past its chunk and is masked)
     for splits, tile_tokens in ((None, 16), (3, 16), (None, 64), (2, 32), (3, 48)):
