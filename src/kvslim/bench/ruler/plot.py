@@ -15,6 +15,8 @@ from .leaderboard import FULL, settings
 MIB = 2**20
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
             "#7f7f7f", "#393b79", "#637939"]
+#: a method past the palette's length takes the next marker, so no two lines look alike
+_MARKERS = "osD^v"
 
 
 def score_vs_kv(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
@@ -24,6 +26,7 @@ def score_vs_kv(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         return None
     policies = [p for p in dict.fromkeys(r["policy"] for r in rows) if p != FULL]
     colors = {p: _PALETTE[i % len(_PALETTE)] for i, p in enumerate(policies)}
+    markers = {p: _MARKERS[i // len(_PALETTE) % len(_MARKERS)] for i, p in enumerate(policies)}
     fig = Figure(figsize=(6.2 * len(panels), 4.8), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (protocol, length) in zip(axes, panels):
@@ -35,7 +38,7 @@ def score_vs_kv(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
             line = sorted((r for r in mine if r["policy"] == policy), key=lambda r: r["kv_bytes"])
             if not line:
                 continue
-            ax.plot([r["kv_bytes"] / MIB for r in line], [r["score"] for r in line], "o-", color=colors[policy],
+            ax.plot([r["kv_bytes"] / MIB for r in line], [r["score"] for r in line], f"{markers[policy]}-", color=colors[policy],
                     label=policy)
             for r in line:
                 if r["keep"] is not None:
