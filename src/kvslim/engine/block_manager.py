@@ -66,7 +66,22 @@ def chain_hash(previous: int, tokens: list[int]) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
-class BlockManager:
+class FreeBlocks:
+    """What both block managers count the same way: a fixed pool of ``num_blocks`` and the free ones in ``free``."""
+
+    num_blocks: int
+    free: deque[int]
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+
+class BlockManager(FreeBlocks):
     """Hands out blocks of ``block_size`` slots to sequences and takes them back."""
 
     heads = 1  # blocks a slot of every (layer, KV head) takes: one block holds them all (see head_blocks.py)
@@ -84,14 +99,6 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
 
     # -- accounting ---------------------------------------------------------------------------------
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self.free)
-
     def blocks_for(self, slots: int) -> int:
         return -(-slots // self.block_size)
 

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .block_manager import FreeBlocks
 from .sequence import Sequence
 
 
-class HeadBlockManager:
+class HeadBlockManager(FreeBlocks):
     """Hands out head-blocks and table rows to sequences and takes them back."""
 
     def __init__(self, num_blocks: int, block_size: int, rows: int, tables: Tensor):
@@ -42,14 +43,6 @@ class HeadBlockManager:
         self.free_rows: deque[int] = deque(range(rows))
 
     # -- accounting ---------------------------------------------------------------------------------
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self.free)
-
     def blocks_for(self, slots: int) -> int:
         """Head-blocks for ``slots`` slots in every (layer, KV head)."""
         return self.heads * -(-slots // self.block_size)
