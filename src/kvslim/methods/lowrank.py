@@ -78,6 +78,20 @@ def principal_basis(rows: Tensor, valid: Tensor, rank: int) -> Tensor:
     return vectors.flip(-1)[..., :rank].contiguous()
 
 
+def scaled_basis(rows: Tensor, valid: Tensor, basis: Tensor) -> Tensor:
+    """(B,H,D,R) ``basis`` with each column scaled by the root-mean-square of its coefficient over the ``valid``
+    rows of (B,H,T,D), so that every stored coefficient spreads over about one unit.
+
+    Why: the first components carry most of the variance, and ``bits=`` quantizes each token's coefficients with
+    one scale, set by the largest; unscaled, the small components round to their zero point (see the module
+    docstring for the measured loss). The scales cost no bytes: they live in the basis' column norms, which the
+    projection divides by (:meth:`LowRankSegment.project`). A component no valid row reaches keeps norm 1.
+    """
+    coef = (rows.float() @ basis) * valid.unsqueeze(-1)
+    rms = (coef.square().sum(-2) / valid.sum(-1, keepdim=True).clamp(min=1)).sqrt()  # (B,H,R)
+    return basis * torch.where(rms > 0, rms, torch.ones_like(rms)).unsqueeze(-2)
+
+
 #: each stored token's RoPE position (int32), which its key is turned by when read
 POSITION_BYTES = 4
 
@@ -116,7 +130,8 @@ class LowRankSegment(Segment):
         scale and zero point per token; ``positions`` (B,H,T) are each token's RoPE position."""
         coefs = []
         for rows, basis in ((rotate(keys, positions, rope, -1), key_basis), (values.float(), value_basis)):
-            coef = (rows @ basis.float())[valid]
+            basis = basis.float()  # columns scaled to each component's spread (:func:`scaled_basis`): undo it
+            coef = ((rows @ basis) / basis.square().sum(-2, keepdim=True))[valid]
             coefs.append(coef.to(values.dtype) if bits is None else TokenGroups.encode(coef, bits, coef.shape[-1]))
         return cls(*coefs, positions[valid].to(torch.int32), valid.sum(-1), key_basis, value_basis, rope)
 
@@ -212,10 +227,12 @@ class LowRank(Method):
                 raise ValueError(f"{self.name}: rank={self.rank} must be at most head_dim={keys.shape[-1]}")
             unturned = rotate(keys, torch.cat(positions, -1), rope, -1)  # nothing is stored yet: all dense
             # the bases are stored in the model's dtype, as the coefficients
-            layer.state["lowrank"] = bases = (principal_basis(unturned, valid, self.rank).to(keys.dtype),
-                                              principal_basis(values, valid, self.rank).to(values.dtype))
+            bases = principal_basis(unturned, valid, self.rank), principal_basis(values, valid, self.rank)
             layer.state["reconstruction_error"] = {"keys": _error(unturned, valid, bases[0]),
                                                    "values": _error(values, valid, bases[1])}
+            # the bases are stored in the model's dtype, as the coefficients
+            layer.state["lowrank"] = (scaled_basis(unturned, valid, bases[0]).to(keys.dtype),
+                                      scaled_basis(values, valid, bases[1]).to(values.dtype))
         key_basis, value_basis = layer.state["lowrank"]
         stored: list[Segment] = []
         for seg in layer.segments:
@@ -257,7 +274,7 @@ def newest_positions(layer: LayerKV, dense: list[DenseSegment]) -> list[Tensor]:
 
 def _error(rows: Tensor, valid: Tensor, basis: Tensor) -> float:
     """Relative Frobenius error of projecting the ``valid`` rows of (B,H,T,D) onto (B,H,D,R) ``basis`` and back."""
-    x, basis = rows.float() * valid.unsqueeze(-1), basis.float()  # the basis is held in the model's dtype
+    x, basis = rows.float() * valid.unsqueeze(-1), basis.float()
     residual = x - x @ basis @ basis.transpose(-1, -2)
     norm = float(x.norm())
     return float(residual.norm()) / norm if norm else 0.0
