@@ -31,16 +31,18 @@ A storage format: it comes last, after any evictor (``snapkv+lowrank(rank=16)``:
 the tokens the evictor kept, at the positions recorded before it acted, see :func:`newest_positions`). A quantizer
 after it is refused: it would quantize full rows, which lowrank no longer holds; ``bits=`` quantizes the
 coefficients themselves. The paged engine refuses it (its pages hold full rows).
+
 With ``bits=``, one scale per token is set by its largest coefficient, and the first components carry most of
 the variance (uncentred keys: the first is near the mean key), so raw coefficients quantized that way round the
-small, token-telling components to their zero point: RULER-4k on an H200, niah_single_1..3, rank 32 at ``bits=4``
-scored 40.0 where full scored 100 (rank 48: 36.7). So each basis column is scaled by its component's RMS over the
-prefill's tokens (:func:`scaled_basis`) and the coefficients stored are about unit-spread; the scales cost no bytes
-(they are the basis' column norms). Measured on Qwen2.5-Coder-0.5B, float32, CPU, a 1536-token essay prompt,
-relative key error (before RoPE) per layer, mean over 24 layers: rank 32 unquantized 0.079, at ``bits=4`` 0.137
-before the scaling and 0.115 after (rank 48, ``bits=4``: 0.139 and 0.093); on a synthetic head whose components'
-spreads differ 1000-fold, the smallest components' errors go from 2-23x their size to 0.05
-(``test_four_bit_coefficients_keep_small_components``). RULER-2k, CPU: ACCURACY_PLACEHOLDER
+small components to their zero point: RULER-4k on an H200, niah_single_1..3, rank 32 at ``bits=4`` scored 40.0
+where full scored 100 (rank 48: 36.7). So each basis column is scaled by the square root of its component's RMS
+over the prefill's tokens (:func:`scaled_basis`; free: the scales are the basis' column norms). Measured on
+Qwen2.5-Coder-0.5B, float32, CPU, a 1536-token essay prompt, relative key error (before RoPE) per layer, mean over
+24 layers: rank 32 unquantized 0.079; at ``bits=4`` 0.137 unscaled, 0.115 scaled by the full RMS, 0.087 by its
+square root (rank 48, ``bits=4``: 0.139, 0.093, 0.051). Values (truncation-dominated on that prompt) 0.416 ->
+0.413 at rank 32. RULER-2k, CPU, float32, niah_single_1,2, 4 samples each, query-agnostic: rank 32 at ``bits=4``
+7/8 before (``44999934``), 8/8 after, as full and unquantized rank 32. Bytes are unchanged: per token and KV head,
+``2 x (rank/2 + 4) + 4`` (44 at rank 32, 0.17 of bf16 full rows' 256).
 
 The relative reconstruction error (Frobenius) of the prefill's keys (before RoPE) and values is recorded per
 layer in ``state["reconstruction_error"]`` and reported by ``kvslim.Cache.stats()``.
@@ -191,8 +193,8 @@ class LowRank(Method):
     bits: int | None = None
     name = "lowrank"
     summary = ("keys and values stored as rank-R coefficients on each head's own prefill basis (SVD of the prompt's "
-               "keys/values, no calibration), reconstructed at attention; bits=4|8 quantizes the coefficients (per token, on a basis scaled by each component's spread); "
-               "HF path only")
+               "keys/values, no calibration), reconstructed at attention; bits=4|8 quantizes the coefficients "
+               "(per token, on a basis scaled by each component's spread); HF path only")
     paper = ("after Palu (Chang et al. 2024, arXiv:2407.21118) and Eigen Attention (Saxena et al. 2024, "
              "arXiv:2408.05646), calibration-free")
 
