@@ -41,7 +41,8 @@ Qwen2.5-Coder-0.5B, float32, CPU, a 1536-token essay prompt, relative key error 
 24 layers: rank 32 unquantized 0.079; at ``bits=4`` 0.137 unscaled, 0.115 scaled by the full RMS, 0.087 by its
 square root (rank 48, ``bits=4``: 0.139, 0.093, 0.051). Values (truncation-dominated on that prompt) 0.416 ->
 0.413 at rank 32. RULER-2k, CPU, float32, niah_single_1,2, 4 samples each, query-agnostic: rank 32 at ``bits=4``
-7/8 before (``44999934``), 8/8 after, as full and unquantized rank 32. Bytes are unchanged: per token and KV head,
+7/8 before (``44999934``), 8/8 after, as full and unquantized rank 32; rank 48 at ``bits=4`` 4/8 before
+(``44999999``, ``8180st09``), 8/8 after. Bytes are unchanged: per token and KV head,
 ``2 x (rank/2 + 4) + 4`` (44 at rank 32, 0.17 of bf16 full rows' 256).
 
 The relative reconstruction error (Frobenius) of the prefill's keys (before RoPE) and values is recorded per
