@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvslim.engine import LLM, SamplingParams
+from kvslim.engine.head_kv import HeadKV
 from kvslim.models import tiny_model
 from qwen_shaped import qwen_shaped
 
@@ -30,7 +31,8 @@ def _run(llm: LLM) -> list[list[int]]:
 
 @pytest.mark.parametrize("policy", ["full", "kivi2", "kivi4", "int4(group=16)", "fp8", "fp8_e4m3", "fp8_e5m2(scale=per-head)",
                                     "snapkv(keep=0.5)", "quest(budget=64)", "streaming(budget=64,sinks=4)",
-                                    "think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.25)"])
+                                    "think(ratio=0.5)", "snapkv(keep=0.5)+think(ratio=0.25)",
+                                    "adakv(keep=0.5)", "pyramidkv(keep=0.5)", "kvzip(keep=0.5)"])
 def test_graph_decode_equals_eager(policy: str) -> None:
     _graph_equals_eager(tiny_model("llama", "gqa").cuda(), policy)
 
@@ -41,7 +43,14 @@ def test_think_graph_decode_equals_eager_at_qwen_shapes(policy: str) -> None:
     _graph_equals_eager(qwen_shaped().cuda(), policy)
 
 
-def _graph_equals_eager(model: torch.nn.Module, policy: str) -> None:
+@pytest.mark.parametrize("policy", ["adakv(keep=0.25)", "kvzip(keep=0.25)"])
+def test_head_blocks_graph_decode_equals_eager_at_qwen_shapes(policy: str) -> None:
+    """Per-(layer, KV head) tables (ragged budgets) replayed: Qwen2.5-0.5B's 7 query heads per KV head."""
+    graphed = _graph_equals_eager(qwen_shaped().cuda(), policy)
+    assert isinstance(graphed.runner.kv, HeadKV)
+
+
+def _graph_equals_eager(model: torch.nn.Module, policy: str) -> LLM:
     graphed = LLM(model, policy=policy, kv_memory=0.02)
     graphs = graphed.runner.graphs
     assert graphs is not None
@@ -62,6 +71,7 @@ def _graph_equals_eager(model: torch.nn.Module, policy: str) -> None:
     eager = LLM(model, policy=policy, kv_memory=0.02)
     eager.runner.enforce_eager = True
     assert _run(eager) == outputs
+    return graphed
 
 
 def test_enforce_eager_captures_nothing() -> None:

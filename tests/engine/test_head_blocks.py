@@ -123,11 +123,13 @@ def test_decode_appends_grow_only_the_full_heads_and_free_returns_every_block() 
     assert blocks.counts[seq.ring_row].tolist() == [[3, 1], [2, 0]] and blocks.num_used == 6
     for _ in range(6):  # each decoded token adds a slot to every head: a block only where the last one is full
         lens = seq.slot_lens(layers, heads)
-        before = blocks.counts[seq.ring_row].copy()
+        before, device_before = blocks.counts[seq.ring_row].copy(), tables[seq.ring_row].clone()
         blocks.append_slot(seq)
         full = (lens >= torch.from_numpy(before) * block_size).numpy()
         assert (blocks.counts[seq.ring_row] - before == full).all()
-        assert torch.equal(tables[seq.ring_row], torch.from_numpy(blocks.host[seq.ring_row]))  # the device copy follows
+        assert torch.equal(tables[seq.ring_row], device_before)  # the step's entries wait for one copy ...
+        blocks.flush()  # ... which the scheduler makes once every sequence of the step has its slot
+        assert torch.equal(tables[seq.ring_row], torch.from_numpy(blocks.host[seq.ring_row]))
         seq.kv_slots += 1
     assert blocks.counts[seq.ring_row].tolist() == [[4, 3], [4, 2]]  # ceil((kept + 6) / 4)
     assert len(set(blocks.host[seq.ring_row][blocks.host[seq.ring_row] >= 0].tolist())) == blocks.num_used == 13
@@ -189,4 +191,4 @@ def test_a_fork_copies_only_the_shared_blocks_its_heads_write() -> None:
     assert blocks.append_slot(parent) == [] and blocks.num_used == 7  # its block is its own again; head 1 grows
     for seq in (parent, child):
         blocks.free_seq(seq)
-    assert blocks.num_free == 10 and not blocks.ref_counts.any()
+    assert blocks.num_free == 10 and not blocks.ref_counts.any() and blocks.extra_refs == 0

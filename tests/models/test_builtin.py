@@ -29,6 +29,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("llama-3.1-8b", (32, 32, 8, 128)),
         ("llama-3.1-70b", (80, 64, 8, 128)),
         ("qwen2.5-7b", (28, 28, 4, 128)),
+        ("qwen2.5-0.5b", (24, 14, 2, 64)),
         ("mistral-7b", (32, 32, 8, 128)),
         ("smollm2-135m", (30, 9, 3, 64)),
     ],
@@ -46,6 +47,7 @@ def test_preset_kv_geometry(name: str, geometry: tuple[int, int, int, int]) -> N
         ("llama-3.1-8b", "llama", 8_030_261_248),
         ("llama-3.1-70b", "llama", 70_553_706_496),
         ("qwen2.5-7b", "qwen2", 7_615_616_512),
+        ("qwen2.5-0.5b", "qwen2", 494_032_768),
         ("mistral-7b", "mistral", 7_241_732_096),
     ],
 )

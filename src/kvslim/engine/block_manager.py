@@ -80,6 +80,10 @@ class FreeBlocks:
     def num_used(self) -> int:
         return self.num_blocks - len(self.free)
 
+    def flush(self) -> None:
+        """Send the device what the step's allocations changed, once per step (nothing to send for dense blocks:
+        the runner uploads each step's block tables itself)."""
+
 
 class BlockManager(FreeBlocks):
     """Hands out blocks of ``block_size`` slots to sequences and takes them back."""

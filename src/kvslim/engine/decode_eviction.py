@@ -5,10 +5,12 @@ counts steps per layer; run per sequence and per layer on every step, that bookk
 step (issues 13/14). Here the same rule runs once per sequence: every layer sees the same steps, so one counter
 says when an eviction is due (every ``interval`` steps), and the newest :attr:`~ScoredEviction.observed` queries of
 every layer live in one ring (L, Hq, W, D) a step writes with one copy. On a step that evicts, the sequences due that
-hold the same number of slots and queries are scored together: one page read, one :meth:`~ScoredEviction.evict`
-and one page write for all their layers, each (layer, sequence) a row of the observation's batch. Each row is
-exactly the observation the method would see for that layer alone (same shapes), so it keeps the same tokens as
-under ``kvslim.Cache``. The contract this relies on: a decode-time scorer's ``evict`` treats batch rows
+hold the same number of remembered queries are scored together, whatever their lengths: one page read, one
+:meth:`~ScoredEviction.evict` and one page write for all their layers, each (layer, sequence) a row of the
+observation's batch, padded to the longest as a ``kvslim.Cache`` batch of prompts of different lengths is (its
+valid mask keeps padding out of every score and budget), so it keeps the same tokens as under ``kvslim.Cache``.
+Grouping by length instead made a step of 110 RULER answers of different prompt lengths 110 evictions, each
+waiting for the device (~200 ms a step on an H200). The contract this relies on: a decode-time scorer's ``evict`` treats batch rows
 independently and does not look at the layer index (``ScoredEviction.evict`` and every registered scorer; the
 layer-dependent budgets of PyramidKV or auto are set at prefill, in the state's ``budget``).
 
@@ -114,14 +116,14 @@ class DecodeEviction:
     def step(self, seqs: list, queries: Tensor, runner) -> list:
         """Record the step's queries (B, L, Hq, D) of each sequence (``None`` state: skipped); evict where due.
         Returns the sequences whose pages were compacted (their held slots changed)."""
-        due: dict[tuple[int, int], list] = defaultdict(list)
+        due: dict[int, list] = defaultdict(list)
         for row, seq in enumerate(seqs):
             state: DecodeState | None = seq.method_state
             if state is None:
                 continue
             state.push(queries[row])
             if state.steps % self.method.interval == 0:
-                due[(seq.kv_slots, state.count)].append(seq)
+                due[state.count].append(seq)
         changed = []
         for group in due.values():
             self._evict(group, runner)
@@ -129,12 +131,15 @@ class DecodeEviction:
         return changed
 
     def _evict(self, seqs: list, runner) -> None:
-        """Score and compact a group of sequences holding the same slots and remembered queries."""
-        kv, device, length = runner.kv, runner.device, seqs[0].kv_slots
+        """Score and compact a group of sequences holding the same number of remembered queries: their pages are
+        read as one padded batch over the longest one's slots (a shorter one's extra columns repeat its first block
+        and are masked out by its held lengths, as a padded ``kvslim.Cache`` batch is)."""
+        kv, device, length = runner.kv, runner.device, max(s.kv_slots for s in seqs)
         num_layers, heads, dim = runner.num_layers, runner.num_kv_heads, kv.head_dim
         held = torch.stack([s.slot_lens(num_layers, heads) for s in seqs]).to(device)  # (G, L, H)
         blocks = -(-length // kv.block_size)
-        table = torch.tensor([s.block_table[:blocks] for s in seqs], device=device)
+        rows = [s.block_table[:blocks] for s in seqs]
+        table = torch.tensor([row + row[:1] * (blocks - len(row)) for row in rows], device=device)
         logical = torch.arange(length, device=device)
         slots = table[:, logical // kv.block_size] * kv.block_size + logical % kv.block_size  # (G, T)
         pages = (kv.k_cache.view(num_layers, -1, heads, dim), kv.v_cache.view(num_layers, -1, heads, dim))

@@ -12,6 +12,11 @@ the dense layout admits per-head policies), and :meth:`trim` then gives back, pe
 kept. Each decoded token adds a slot to every head, so a step takes a block only for the heads whose last block is
 full.
 
+Decoding adds blocks to a few heads of many sequences per step: those table entries are collected and sent to the
+device in one copy per step (:meth:`HeadBlockManager.flush`, which the scheduler calls once it has made every
+sequence's next slot writable): a small host-to-device copy per sequence would make the host wait for the device's
+queue each time (25 ms a step at 110 sequences on an H200).
+
 Forks (``n`` completions of a prompt) share the prompt's head-blocks by reference count; a head whose next slot
 lies in a shared block gets a copy first (copy-on-write, head by head: the caller performs the copies returned).
 Prefix sharing and KV tiers are not supported here: the engine keeps the dense layout for them.
@@ -41,6 +46,12 @@ class HeadBlockManager(FreeBlocks):
         self.ref_counts = np.zeros(num_blocks, dtype=np.int64)  # rows holding each block (forks share)
         self.free: deque[int] = deque(range(num_blocks))
         self.free_rows: deque[int] = deque(range(rows))
+        #: references beyond the first, over all blocks: 0 unless forks share blocks (then copy-on-write applies)
+        self.extra_refs = 0
+        #: (row, layer, head, column, block) table entries set on the host and not yet on the device
+        self.pending: list[np.ndarray] = []
+        #: :meth:`can_append`'s :meth:`_needs` answer, which :meth:`append_slot` takes while nothing it depends on changed
+        self._last: tuple[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     # -- accounting ---------------------------------------------------------------------------------
     def blocks_for(self, slots: int) -> int:
@@ -57,9 +68,28 @@ class HeadBlockManager(FreeBlocks):
         self.ref_counts[blocks] = 1
         return blocks
 
+    def _unref(self, blocks: np.ndarray) -> None:
+        """Drop one reference to each of ``blocks`` (distinct); those left with none are free again."""
+        self.extra_refs -= int((self.ref_counts[blocks] > 1).sum())
+        self.ref_counts[blocks] -= 1
+        self.free.extend(blocks[self.ref_counts[blocks] == 0].tolist())
+
     def _sync(self, row: int) -> None:
-        """Copy a row's host tables to the device (after a change of many heads)."""
+        """Copy a row's host tables to the device (after a change of many heads), after the entries still pending:
+        they may be older entries of the same row."""
+        self.flush()
         self.tables[row].copy_(torch.from_numpy(self.host[row]), non_blocking=False)
+
+    def flush(self) -> None:
+        """Write the pending table entries to the device in one copy (from pinned memory: the host does not wait)."""
+        if not self.pending:
+            return
+        entries = torch.from_numpy(np.concatenate(self.pending, 1).astype(np.int64))
+        self.pending = []
+        if self.tables.device.type == "cuda":
+            entries = entries.pin_memory().to(self.tables.device, non_blocking=True)
+        row, layer, head, column, block = entries
+        self.tables[row, layer, head, column] = block.to(self.tables.dtype)
 
     def _virtual(self, seq: Sequence) -> None:
         """Its virtual table: one entry per block of its longest head."""
@@ -96,9 +126,7 @@ class HeadBlockManager(FreeBlocks):
         """Give back each head's blocks past its first ``keep[l, h]``."""
         past = np.arange(self.width) >= keep[..., None]
         blocks = self.host[row][past]
-        blocks = blocks[blocks >= 0]  # a block appears once in a row, so each loses one reference here
-        self.ref_counts[blocks] -= 1
-        self.free.extend(blocks[self.ref_counts[blocks] == 0].tolist())
+        self._unref(blocks[blocks >= 0])  # a block appears once in a row, so each loses one reference here
         self.host[row][past] = -1
         self.counts[row] = np.minimum(self.counts[row], keep)
         self._sync(row)
@@ -125,6 +153,7 @@ class HeadBlockManager(FreeBlocks):
         self.host[row], self.counts[row] = self.host[source], self.counts[source]
         held = self.host[row][self.host[row] >= 0]
         self.ref_counts[held] += 1
+        self.extra_refs += len(held)
         self._sync(row)
         child.ring_row, child.peak_blocks = row, parent.peak_blocks
         self._virtual(child)
@@ -138,18 +167,29 @@ class HeadBlockManager(FreeBlocks):
         held = np.broadcast_to(held, self.counts[row].shape)
         full = held >= self.counts[row] * self.block_size
         column = np.minimum(held // self.block_size, self.width - 1)
-        block = np.take_along_axis(self.host[row], column[..., None], -1)[..., 0]
-        return full, ~full & (self.ref_counts[block] > 1), column
+        shared = np.zeros_like(full)
+        if self.extra_refs:  # only forks share blocks
+            block = np.take_along_axis(self.host[row], column[..., None], -1)[..., 0]
+            shared = ~full & (self.ref_counts[block] > 1)
+        return full, shared, column
+
+    def _state(self, seq: Sequence) -> tuple[int, ...]:
+        """What :meth:`_needs` depends on besides the sequence's lengths: blocks taken or freed change ``free``,
+        shared ones ``extra_refs``."""
+        return seq.seq_id, seq.ring_row, seq.kv_slots, len(self.free), self.extra_refs
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether every head that needs a block (new or copied) for the next token can get one."""
-        full, shared, _ = self._needs(seq)
+        needs = self._needs(seq)
+        self._last = self._state(seq), needs  # the scheduler asks append_slot next, for the same answer
+        full, shared, _ = needs
         return int(full.sum() + shared.sum()) <= self.num_free
 
     def append_slot(self, seq: Sequence) -> list[tuple[int, int]]:
         """Give a new block to each head whose blocks are full and a copy of its block to each head whose next slot
         is shared; returns the (source, destination) block copies to perform."""
-        full, shared, column = self._needs(seq)
+        last, self._last = self._last, None
+        full, shared, column = last[1] if last is not None and last[0] == self._state(seq) else self._needs(seq)
         need = full | shared
         if not need.any():
             return []
@@ -159,11 +199,10 @@ class HeadBlockManager(FreeBlocks):
         old = self.host[row, layer, head, at]
         blocks = self._take(len(layer))
         copied = shared[layer, head]
-        self.ref_counts[old[copied]] -= 1  # shared: another row still holds each
+        self._unref(old[copied])  # shared: another row still holds each
         self.host[row, layer, head, at] = blocks
         self.counts[row, layer, head] += full[layer, head]
-        index = [torch.from_numpy(x).to(self.tables.device) for x in (layer, head, at, blocks)]
-        self.tables[row, index[0], index[1], index[2]] = index[3]
+        self.pending.append(np.stack([np.full_like(layer, row), layer, head, at, blocks]))
         self._virtual(seq)
         seq.peak_blocks = max(seq.peak_blocks, self.held(seq))
         return list(zip(old[copied].tolist(), blocks[copied].tolist()))

@@ -53,7 +53,7 @@ class HeadStep:
 
     slots: Tensor  # (B, L, H) physical slot each head's new token is written to
     rows: Tensor  # (B,) each sequence's row of the tables
-    width: int  # table columns any head of the batch reads (the widest virtual table)
+    width: int  # table columns any head of the batch reads (the widest virtual table; a CUDA graph's: all of them)
 
 
 class HeadKV:
@@ -62,7 +62,7 @@ class HeadKV:
     quantized = False
     ring = False
     ring_share = MAX_RING_SHARE  # the most of ``kv_memory`` the table rows may take
-    graphable = False  # the decode step is not captured in CUDA graphs (DecodeGraphs reads one table per sequence)
+    graphable = True  # a graph replays the step with ``width`` = :attr:`width` (see ``DecodeGraphs``)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  block_size: int, max_model_len: int, budget: int):
@@ -95,6 +95,11 @@ class HeadKV:
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.tables = torch.full((rows, self.num_layers, self.num_kv_heads, self.width), -1, dtype=torch.int32,
                                  device=self.device)
+
+    def pad_row(self, row: int, block: int) -> None:
+        """Point every head of table row ``row`` at block ``block``: a CUDA graph's padding rows attend there (to the
+        one token they write into it) and never touch a real sequence's blocks."""
+        self.tables[row, :, :, 0] = block
 
     def copy_blocks(self, src: Tensor, dst: Tensor) -> None:
         """Copy-on-write of head-blocks a fork shared."""

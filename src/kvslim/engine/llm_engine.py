@@ -84,8 +84,8 @@ class LLMEngine:
     ``head_blocks`` (on by default): a policy whose layers or KV heads keep different numbers of tokens (AdaKV, auto,
     PyramidKV, KVzip's request-wide budget) over model-dtype pages gets a block table per (layer, KV head)
     (:mod:`kvslim.engine.head_kv`), so each head holds the blocks of what it kept, not of the longest head. Then
-    ``block_bytes``, block counts and ``peak_kv_blocks`` are per (layer, KV head) block, and decode runs without
-    CUDA graphs. With tensor parallelism, a KV tier, decode-time compression or ``head_blocks=False`` such
+    ``block_bytes``, block counts and ``peak_kv_blocks`` are per (layer, KV head) block (decode graphs read each
+    head's own table). With tensor parallelism, a KV tier, decode-time compression or ``head_blocks=False`` such
     policies keep one table per sequence, every head padded to the longest.
     """
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..kernels import fused_ops_ref
 from ..methods import Method
 from .fused_weights import stack_linears
+from .head_kv import HeadKV, HeadStep
 from .kv_store import QuantStep, make_store
 from .sequence import Sequence
 from .think_kv import ThinKV, ThinStep
@@ -524,6 +525,8 @@ class DecodeGraphs:
     so a replay never touches a real sequence's storage.
 
     ThinK's pages: the step's slots and each sequence's channel row are inputs; a padding row reads the scratch row.
+    Per-head pages (:class:`~kvslim.engine.head_kv.HeadKV`): the step's per-head slots and each sequence's table row
+    are inputs, the graph reads every column of the tables, and the scratch row's heads all point at the scratch block.
 
     Quantized pages: packing full rings into pages (the store's ``finish``) has data-dependent shapes,
     so it runs eagerly after the replay; the step's ring writes and the attention are in the graph.
@@ -535,8 +538,14 @@ class DecodeGraphs:
         rows, device = GRAPH_BATCHES[-1], runner.device
         per_head = lambda: torch.empty(rows, runner.num_layers, runner.num_kv_heads, dtype=torch.long, device=device)  # noqa: E731
         flat = lambda dtype: torch.empty(rows, dtype=dtype, device=device)  # noqa: E731
-        kv = (QuantStep(flat(torch.long), per_head(), per_head(), None) if runner.kv.quantized
-              else ThinStep(per_head(), flat(torch.long)) if isinstance(runner.kv, ThinKV) else per_head())
+        kv: Any = per_head()
+        if runner.kv.quantized:
+            kv = QuantStep(flat(torch.long), per_head(), per_head(), None)
+        elif isinstance(runner.kv, ThinKV):
+            kv = ThinStep(per_head(), flat(torch.long))
+        elif isinstance(runner.kv, HeadKV):
+            kv = HeadStep(per_head(), flat(torch.long), runner.kv.width)
+            runner.kv.pad_row(scratch_row, scratch_block)
         #: the static inputs every graph reads (the DecodeBatch fields, GRAPH_BATCHES[-1] rows)
         self.inputs = DecodeBatch(flat(torch.long), flat(torch.long), torch.empty(rows, width, dtype=torch.int32, device=device),
                                   per_head(), flat(torch.int32), flat(torch.int32), kv)
@@ -574,7 +583,7 @@ class DecodeGraphs:
                 break
 
     def _kv_fields(self, kv: Any) -> list[Tensor]:
-        if isinstance(kv, ThinStep):
+        if isinstance(kv, (ThinStep, HeadStep)):
             return [kv.slots, kv.rows]
         return [kv] if isinstance(kv, Tensor) else [kv.rows, kv.ring_write, kv.ring_lens]
 
@@ -587,7 +596,7 @@ class DecodeGraphs:
         x.block_tables[lo:hi, 0] = self.scratch_block
         if isinstance(x.kv, Tensor):
             x.kv[lo:hi] = self.scratch_block * self.runner.block_size
-        elif isinstance(x.kv, ThinStep):
+        elif isinstance(x.kv, (ThinStep, HeadStep)):
             x.kv.slots[lo:hi] = self.scratch_block * self.runner.block_size
             x.kv.rows[lo:hi] = self.scratch_row
         else:
@@ -599,6 +608,8 @@ class DecodeGraphs:
         x = self.inputs
         if isinstance(x.kv, ThinStep):
             kv: Any = ThinStep(x.kv.slots[:size], x.kv.rows[:size])
+        elif isinstance(x.kv, HeadStep):
+            kv = HeadStep(x.kv.slots[:size], x.kv.rows[:size], x.kv.width)
         else:
             kv = x.kv[:size] if isinstance(x.kv, Tensor) else QuantStep(*(t[:size] for t in self._kv_fields(x.kv)), None)
         return DecodeBatch(x.tokens[:size], x.positions[:size], x.block_tables[:size], x.lens[:size],

@@ -229,6 +229,7 @@ class Scheduler:
             else:
                 copies += self.blocks.append_slot(seq)
                 batch.append(seq)
+        self.blocks.flush()
         return batch, copies
 
     def preempt(self, seq: Sequence) -> None:

@@ -78,6 +78,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "dtype": "bfloat16",
     },
+    # Qwen/Qwen2.5-0.5B-Instruct: the shape of Qwen2.5-Coder-0.5B-Instruct (the evaluation model), for random-weight
+    # speed runs where the real weights are not at hand
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "num_hidden_layers": 24,
+        "hidden_size": 896,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "tie_word_embeddings": True,
+        "dtype": "bfloat16",
+    },
     # mistralai/Mistral-7B-v0.1 (vocab 32000, 4096-token sliding window)
     "mistral-7b": {
         "model_type": "mistral",
