@@ -3,8 +3,9 @@
 Recipe (one lease; the machine stays warm about 30 s between calls, so make the calls back to back):
 
 1. Here: ``python benchmarks/ship_model.py split qwen2.5-coder-0.5b`` joins and verifies the model (as
-   ``kvslim models fetch`` does) and cuts its GGUF into 60,000,000-byte pieces under ``.models/`` (git-ignored).
-   It prints one device command per piece.
+   ``kvslim models fetch`` does) and cuts its GGUF into 50,000,000-byte pieces under ``.models/`` (git-ignored).
+   It prints one device command per piece. A call carries its piece and the working tree within 64 MiB: 50 MB
+   pieces leave the tree 17 MB (60 MB pieces left it 7 MB, which the recorded results outgrew).
 2. Device, once per piece, ``carry=[".models/<piece>"]``: ``mkdir -p ~/ship && mv .models/<piece> ~/ship/``.
 3. Device, last call: ``python3 benchmarks/ship_model.py join qwen2.5-coder-0.5b --pieces ~/ship && <the job>``.
    ``join`` concatenates the pieces into kvslim's cache and checks the pinned SHA-256 before anything uses
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from kvslim.models import packaged
 
-PIECE = 60_000_000
+PIECE = 50_000_000
 OUT = Path(".models")
 
 
