@@ -151,17 +151,24 @@ def test_forks_of_batched_prompts_decode_as_alone(llama) -> None:
     assert all(len(o.completions) == 2 for o in together)
 
 
-def test_suffixes_run_after_their_batched_prompts(llama, monkeypatch) -> None:
-    """The query-agnostic protocol: contexts compressed together, each question then run alone over its context."""
-    calls = []
-    batch = ModelRunner.prefill_batch
+@pytest.mark.parametrize("spec", ["adakv(keep=0.3,window=4)", "snapkv(keep=0.3,window=4)", "full"])
+def test_suffixes_run_together_after_their_batched_prompts(llama, monkeypatch, spec: str) -> None:
+    """The query-agnostic protocol: contexts compressed together, then every question in one more forward, each over
+    its own context's kept slots (ragged heads with adakv) and its own tokens; questions of different lengths are
+    padded there, which must change nothing."""
+    calls, extends = [], []
+    batch, extend = ModelRunner.prefill_batch, ModelRunner._extend
     monkeypatch.setattr(ModelRunner, "prefill_batch", lambda self, seqs, compress: calls.append(len(seqs)) or batch(
         self, seqs, compress))
+    monkeypatch.setattr(ModelRunner, "_extend", lambda self, seqs, helds: extends.append(len(seqs)) or extend(
+        self, seqs, helds))
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    suffixes = [p[:6] for p in reversed(PROMPTS)]
-    together = _engine(llama, "adakv(keep=0.3,window=4)", alone=False).generate(PROMPTS, params, suffixes)
-    assert calls == [len(PROMPTS)]
-    alone = _engine(llama, "adakv(keep=0.3,window=4)", alone=True).generate(PROMPTS, params, suffixes)
+    suffixes = [p[: 3 + 4 * i] for i, p in enumerate(reversed(PROMPTS))]
+    apart = spec != "full"  # without compression a suffix is the rest of its prompt
+    together = _engine(llama, spec, alone=False).generate(PROMPTS, params, suffixes)
+    assert calls == [len(PROMPTS)] and extends == [len(PROMPTS)] * apart
+    alone = _engine(llama, spec, alone=True).generate(PROMPTS, params, suffixes)
+    assert extends[apart:] == [1] * len(PROMPTS) * apart
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert [o.stats["peak_kv_blocks"] for o in together] == [o.stats["peak_kv_blocks"] for o in alone]
 

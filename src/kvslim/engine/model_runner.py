@@ -4,8 +4,8 @@ Weights are the Hugging Face model's own tensors (no copy), so the engine and ``
 run the same numbers. Prefill runs torch SDPA over each prompt whole (the method needs those keys and
 queries anyway); each layer's keys and values then go through the compression hook straight into the
 sequence's blocks, so a long prompt never sits in the pool in full. Fresh prompts admitted together share
-one forward (:meth:`ModelRunner.prefill_batch`, tokens packed); the others (a cached prefix, a chunk, a
-suffix) run one at a time (:meth:`ModelRunner.prefill`). Decode runs every running sequence in one batch
+one forward (:meth:`ModelRunner.prefill_batch`, tokens packed, their uncompressed suffixes in one more); the
+others (a cached prefix, a chunk) run one at a time (:meth:`ModelRunner.prefill`). Decode runs every running sequence in one batch
 over the pool with paged attention.
 
 The pool is a :mod:`kvslim.engine.kv_store` store: model-dtype pages, or quantized pages plus a
@@ -279,7 +279,8 @@ class ModelRunner:
         held = held[0] + offset
         tail = None if tail is None else tail[0]
         if whole and len(tokens) < len(seq):
-            return (*self._extend(seq, held), tail)
+            (logits,), (held,) = self._extend([seq], [held])
+            return logits, held, tail
         return self._logits(self._norm(x[-1:]))[0], held, tail
 
     @torch.inference_mode()
@@ -287,7 +288,7 @@ class ModelRunner:
                       ) -> tuple[Tensor, Tensor, Tensor | None]:
         """:meth:`prefill` of several whole prompts in one forward: each runs from token 0 (no cached prefix, no
         chunk) and ``compress`` keeps no state from one layer of a prompt to the next (``Compression.batchable``);
-        a suffix then runs alone (:meth:`_extend`). Returns each last token's logits (B, vocab), page slots (B, L, H)
+        the suffixes then run together (:meth:`_extend`). Returns each last token's logits (B, vocab), page slots (B, L, H)
         and ring tokens (B, L, H) or None.
 
         Why: a prefill is host-bound on a GPU (Python and op dispatch, paid per layer per call), so prompts that
@@ -338,9 +339,11 @@ class ModelRunner:
             held_all, tail = torch.tensor(lengths)[:, None, None].expand(-1, self.num_layers, self.num_kv_heads), None
         last = self._upload([hi - 1 for hi in bounds[1:]])
         logits, held = list(self._logits(self._norm(x[last]))), list(held_all)
-        for j, seq in enumerate(seqs):
-            if seq.compressed_len < len(seq):
-                logits[j], held[j] = self._extend(seq, held[j])
+        suffixed = [j for j, seq in enumerate(seqs) if seq.compressed_len < len(seq)]
+        if suffixed:  # every question in one more forward
+            extended = self._extend([seqs[j] for j in suffixed], [held[j] for j in suffixed])
+            for j, row, slots in zip(suffixed, *extended):
+                logits[j], held[j] = row, slots
         return torch.stack(logits), torch.stack(held), tail
 
     def _counts(self, stored: list[list[tuple[Tensor, Tensor | None]]]) -> tuple[Tensor, Tensor | None]:
@@ -369,35 +372,51 @@ class ModelRunner:
         else:
             seq.prefill_queries.append(queries[:, -window:].clone())
 
-    def _extend(self, seq: Sequence, held: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the tokens past ``seq.compressed_len`` uncompressed over what its prefill kept in model-dtype pages
-        (``held`` (L, H) slots per layer and KV head): each attends to every slot its head holds and to the tokens
-        before it, and is stored right after them. Returns the last token's logits and the slots held after.
+    def _extend(self, seqs: list[Sequence], helds: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Run each sequence's tokens past its ``compressed_len`` uncompressed over what its prefill kept in model-dtype
+        pages (``helds``: (L, H) slots per layer and KV head, on the host): each token attends to every slot its head
+        holds and to its own sequence's tokens before it, and is stored right after them. Returns each sequence's last
+        token's logits and the slots it holds after.
 
         Why: the query-agnostic protocol (a context compressed alone, then a question read from the compressed
         cache, as ``kvslim.Cache.appended`` does) must neither compress the question nor let it choose what the
-        context keeps.
+        context keeps. The sequences of a batched prefill share one forward here too: their questions are packed,
+        and attention runs as one padded, masked SDPA over each one's kept slots and its own tokens (run one
+        sequence at a time, the questions of 110 RULER prompts cost as much as their batched contexts).
         """
-        start = seq.compressed_len
-        ids = torch.tensor(seq.token_ids[start:], device=self.device)
-        cos, sin = self._rope(torch.arange(start, len(seq), device=self.device))
+        counts = [len(s) - s.compressed_len for s in seqs]
+        rows, longest, width = len(seqs), max(counts), int(max(int(h.max()) for h in helds))
+        ids = self._upload([t for s in seqs for t in s.token_ids[s.compressed_len :]])
+        cos, sin = self._rope(self._upload([p for s in seqs for p in range(s.compressed_len, len(s))]))
         x = self.model.model.embed_tokens(ids)
-        lens = held.to(self.device)
-        width = int(held.max())
-        table = self._table(seq.block_table)
-        kept = self._slots(table, 0, width)
-        new = self._flat(table, lens[:, :, None] + torch.arange(len(ids), device=self.device))  # (L, H, n)
-        own = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
+        lens = torch.stack(helds).to(self.device)  # (B, L, H)
+        tables = [self._table(s.block_table) for s in seqs]
+        kept = torch.stack([self._slots(t, 0, width) for t in tables]).clamp(min=0).flatten()  # past a row's: masked
+        steps = [torch.arange(n, device=self.device) for n in counts]
+        new = torch.cat([self._flat(t, lens[b][:, :, None] + steps[b]) for b, t in enumerate(tables)], -1)  # (L, H, N)
+        index = self._upload([b * longest + j for b, n in enumerate(counts) for j in range(n)])
+        own = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
+        group, heads = self.num_heads // self.num_kv_heads, self.num_kv_heads
+
+        def padded(t: Tensor) -> Tensor:  # (heads, N, D) packed -> (B, heads, longest, D)
+            out = t.new_zeros(t.shape[0], rows * longest, t.shape[2])
+            out[:, index] = t
+            return out.view(t.shape[0], rows, longest, -1).transpose(0, 1)
+
         for i in range(self.num_layers):
             q, k, v = self._layer_qkv(i, x, cos, sin)
-            past_k, past_v = self.kv.read(i, kept)
-            held_here = torch.arange(width, device=self.device)[None, None, :] < lens[i][:, None, None]
-            visible = torch.cat([held_here.expand(-1, len(ids), -1), own.expand(len(lens[i]), -1, -1)], -1)
-            out = self._masked_attention(q, torch.cat([past_k.transpose(0, 1), k], 1),
-                                         torch.cat([past_v.transpose(0, 1), v], 1), visible)
+            past_k, past_v = (t.view(rows, width, heads, -1).transpose(1, 2) for t in self.kv.read(i, kept))
+            keys = torch.cat([past_k, padded(k)], 2).repeat_interleave(group, 1)
+            values = torch.cat([past_v, padded(v)], 2).repeat_interleave(group, 1)
+            held_here = torch.arange(width, device=self.device) < lens[:, i, :, None]  # (B, H, width)
+            visible = torch.cat([held_here[:, :, None].expand(-1, -1, longest, -1),
+                                 own.expand(rows, heads, -1, -1)], -1).repeat_interleave(group, 1)
+            out = F.scaled_dot_product_attention(padded(q), keys, values, attn_mask=visible, scale=self.scaling)
+            out = out.transpose(0, 1).reshape(self.num_heads, rows * longest, -1)[:, index]
             self.kv.write(i, new[i], k, v)
             x = self._layer_rest(i, x, out)
-        return self._logits(self._norm(x[-1:]))[0], held + len(ids)
+        last = self._upload((np.cumsum(counts) - 1).tolist())
+        return list(self._logits(self._norm(x[last]))), [h + n for h, n in zip(helds, counts)]
 
     def _probe_input(self, ids: list[int], start: int) -> list[Tensor]:
         """A probe's hidden states and RoPE tables: its tokens sit at the positions after the prompt's."""
