@@ -83,6 +83,11 @@ class LayerKV:
         None otherwise."""
         return self.segments[0].filled if self.whole else None  # type: ignore[attr-defined]
 
+    def fits(self, k: Tensor) -> bool:
+        """Whether no (sequence, head) holds more than ``k`` (B,H) tokens: a host sync here; a layer whose counts the
+        host knows (the engine's pages, read back for a decode-time eviction) answers without one."""
+        return bool((self.lengths <= k).all())
+
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.segments)
 

@@ -3,10 +3,10 @@
 The method's own :meth:`~kvslim.methods.ScoredEviction.due` keeps each layer's newest queries in a Python dict and
 counts steps per layer; run per sequence and per layer on every step, that bookkeeping cost more than the model's
 step (issues 13/14). Here the same rule runs once per sequence: every layer sees the same steps, so one counter
-says when an eviction is due (every ``interval`` steps), and the newest :attr:`~ScoredEviction.observed` queries of
-every layer live in one ring (L, Hq, W, D) a step writes with one copy. On a step that evicts, the sequences due that
-hold the same number of remembered queries are scored together, whatever their lengths: one page read, one
-:meth:`~ScoredEviction.evict` and one page write for all their layers, each (layer, sequence) a row of the
+says when an eviction is due (every ``interval`` steps), and the newest :attr:`~ScoredEviction.decode_observed`
+queries of every layer live in one ring (L, Hq, W, D) a step writes with one copy. On a step that evicts, the
+sequences due that hold the same number of remembered queries are scored together, whatever their lengths: one page
+read, one :meth:`~ScoredEviction.evict` and one page write for all their layers, each (layer, sequence) a row of the
 observation's batch, padded to the longest as a ``kvslim.Cache`` batch of prompts of different lengths is (its
 valid mask keeps padding out of every score and budget), so it keeps the same tokens as under ``kvslim.Cache``.
 Grouping by length instead made a step of 110 RULER answers of different prompt lengths 110 evictions, each
@@ -29,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..cache.buffers import GrowingSegment
-from ..cache.layer import LayerKV
-from ..cache.segments import DenseSegment
 from ..methods import Observation, ScoredEviction
+from .page_batch import PageBatch
 
 #: query columns a ring holds past the prompt's before it grows (a method that observes fewer gets exactly that many)
 RING_ROOM = 64
@@ -51,6 +49,16 @@ class DecodeState:
     steps: int = 0  # decoding steps since the prefill
     #: the method's per-token state (see the module docstring), each (L, H, slots); slots past a head's held ones are 0
     tokens: dict[str, Tensor] = field(default_factory=dict)
+    #: the per-layer states' tensors of one shape (1, ...) as one (L, ...) each: a group stacks G of them, not L*G
+    stacked: dict[str, Tensor] = field(default_factory=dict)
+    host_limit: Tensor | None = None  # (L, H) the decode limit on the host, read the first time it evicts
+
+    def __post_init__(self) -> None:
+        for name, value in self.layers[0].items():
+            per_layer = [state[name] for state in self.layers]
+            if isinstance(value, Tensor) and value.dim() and value.shape[0] == 1 \
+                    and all(x.shape == value.shape for x in per_layer):
+                self.stacked[name] = torch.cat(per_layer)
 
     def push(self, queries: Tensor) -> None:
         """Record one step's queries (L, Hq, D) of every layer."""
@@ -106,7 +114,9 @@ class DecodeEviction:
             tokens[name] = torch.cat([_fit(x, width) for x in per_layer])
         # may be unbounded (expected_attention(history=None)): the ring then grows; a method with per-token state
         # also needs every query since the last eviction
-        limit = max(self.method.observed, self.method.interval if tokens else 1)
+        limit = max(self.method.decode_observed, self.method.interval if tokens else 1)
+        if prompt.shape[2] > limit:  # the prefill remembered its ``observed`` queries, more than decoding needs
+            prompt = prompt[:, :, -limit:]
         width = min(limit, prompt.shape[2] + RING_ROOM)
         ring = prompt.new_zeros(*prompt.shape[:2], width, prompt.shape[3])
         # the ring's order: the prompt's queries first, then each step's (as push writes them while filling)
@@ -133,25 +143,21 @@ class DecodeEviction:
     def _evict(self, seqs: list, runner) -> None:
         """Score and compact a group of sequences holding the same number of remembered queries: their pages are
         read as one padded batch over the longest one's slots (a shorter one's extra columns repeat its first block
-        and are masked out by its held lengths, as a padded ``kvslim.Cache`` batch is)."""
+        and are masked out by its held lengths, as a padded ``kvslim.Cache`` batch is), scored as one layer
+        (:class:`PageBatch`) and written back in place. The host waits for the device only the first time a sequence
+        evicts (to read its decode limit) and for a method with its own selection rule (to read the kept counts)."""
         kv, device, length = runner.kv, runner.device, max(s.kv_slots for s in seqs)
-        num_layers, heads, dim = runner.num_layers, runner.num_kv_heads, kv.head_dim
-        held = torch.stack([s.slot_lens(num_layers, heads) for s in seqs]).to(device)  # (G, L, H)
-        blocks = -(-length // kv.block_size)
+        num_layers, heads, dim, block = runner.num_layers, runner.num_kv_heads, kv.head_dim, kv.block_size
+        held = torch.stack([s.slot_lens(num_layers, heads) for s in seqs], 1).flatten(0, 1)  # (L*G, H), layer-major
+        blocks = -(-length // block)
         rows = [s.block_table[:blocks] for s in seqs]
         table = torch.tensor([row + row[:1] * (blocks - len(row)) for row in rows], device=device)
         logical = torch.arange(length, device=device)
-        slots = table[:, logical // kv.block_size] * kv.block_size + logical % kv.block_size  # (G, T)
+        slots = table[:, logical // block] * block + logical % block  # (G, T)
         pages = (kv.k_cache.view(num_layers, -1, heads, dim), kv.v_cache.view(num_layers, -1, heads, dim))
-        keys, values = (p[:, slots].permute(0, 1, 3, 2, 4) for p in pages)  # (L, G, H, T, D): one read, all layers
-        valid = (logical < held[..., None]).transpose(0, 1).flatten(0, 1)  # (L*G, H, T), rows layer-major
-        states = [s.method_state.layers[i] for i in range(num_layers) for s in seqs]
-        layer = LayerKV(0)  # every layer at once: a decode-time scorer's evict does not look at the layer index
-        layer.state = {name: torch.cat([state[name] for state in states]) if isinstance(value, Tensor) else value
-                       for name, value in states[0].items()}
-        keys, values = keys.flatten(0, 1), values.flatten(0, 1)
-        uniform = bool((held == length).all())  # every head holds every slot: no padding to mask
-        layer.replace([GrowingSegment.holding(keys, values) if uniform else DenseSegment.from_padded(keys, values, valid)])
+        keys, values = (p[:, slots].permute(0, 1, 3, 2, 4).flatten(0, 1) for p in pages)  # (L*G, H, T, D): one read
+        layer = PageBatch(keys, values, held)
+        layer.state = self._state(seqs)
         for name in self.method.token_state:  # rows layer-major, as the states; widths are mostly one already
             stored = [s.method_state.tokens[name] for s in seqs]
             width = max(x.shape[-1] for x in stored)
@@ -160,21 +166,50 @@ class DecodeEviction:
             steps = self.method.interval
             queries = torch.stack([s.method_state.recent(steps) for s in seqs], 1).flatten(0, 1)
             self.method.attended(Observation(layer, num_layers, queries, self.scaling, "decode", rope=self.rope), steps)
-        observed = self.method.observed  # the ring may hold more (see start): the method scores with its own window
+        observed = self.method.decode_observed  # the ring may hold more (see start): the method's own window
         recent = torch.stack([s.method_state.recent(observed) for s in seqs], 1).flatten(0, 1)  # (L*G, Hq, n, D)
         obs = Observation(layer, num_layers, recent, self.scaling, "decode", rope=self.rope)
-        self.method.evict(obs, self.method.decode_limit(obs))
+        limit = self.method.decode_limit(obs)
+        if limit is not None:
+            layer.know_limit(limit, self._host_limit(seqs, limit))
+        self.method.evict(obs, limit)
         for name in self.method.token_state:
             per_seq = layer.state[name].reshape(num_layers, len(seqs), heads, -1)
             for row, seq in enumerate(seqs):
                 seq.method_state.tokens[name] = per_seq[:, row]
-        kept_k, kept_v, kept = layer.dense(keys.dtype)  # left-aligned per head: slot t of a head keeps column t
-        shape = (num_layers, len(seqs), heads, kept.shape[2])
-        grid = slots[None, :, None, : kept.shape[2]].expand(shape).flatten(0, 1)  # (L*G, H, T')
-        layer_of = torch.arange(num_layers, device=device)[:, None, None, None].expand(shape).flatten(0, 1)
-        head_of = torch.arange(heads, device=device)[None, :, None].expand_as(grid)
-        index = layer_of[kept], grid[kept], head_of[kept]  # (layer, slot, head) of every kept token
-        pages[0][index] = kept_k[kept]  # one write per page pool for all layers
-        pages[1][index] = kept_v[kept]
-        for seq, lens in zip(seqs, kept.sum(-1).view(shape[:3]).transpose(0, 1).cpu()):  # (L, H) each
+        if layer.kept is None:  # every row fits its budget: nothing moved
+            return
+        # a shorter sequence's columns past its own blocks read its first block again: they take that block's writes
+        own = [len(row) * block for row in rows]
+        columns = None if min(own) >= length else \
+            torch.where(logical < torch.tensor(own, device=device)[:, None], logical, logical % block)
+        kept_k, kept_v = layer.compacted(None if columns is None else columns.repeat(num_layers, 1))
+        for page, kept in zip(pages, (kept_k, kept_v)):  # one write per page pool for all layers
+            page[:, slots] = kept.view(num_layers, len(seqs), heads, length, dim).transpose(2, 3)
+        if type(self.method).evict is ScoredEviction.evict and type(self.method).choose is ScoredEviction.choose:
+            now = torch.minimum(held, layer.host_limit)  # the top k of each row: k of them, or all it held
+        else:
+            now = layer.kept.sum(-1).cpu()
+        for seq, lens in zip(seqs, now.view(num_layers, len(seqs), heads).transpose(0, 1)):  # (L, H) each
             seq.set_held(lens)
+
+    def _state(self, seqs: list) -> dict:
+        """The method's per-layer states of ``seqs`` as one state, rows layer-major (see ``DecodeState.stacked``)."""
+        states = [s.method_state for s in seqs]
+        merged = {}
+        for name, value in states[0].layers[0].items():
+            if all(name in state.stacked for state in states):
+                merged[name] = torch.stack([state.stacked[name] for state in states], 1).flatten(0, 1)
+            elif isinstance(value, Tensor):
+                merged[name] = torch.cat([state.layers[i][name] for i in range(self.num_layers) for state in states])
+            else:
+                merged[name] = value
+        return merged
+
+    def _host_limit(self, seqs: list, limit: Tensor) -> Tensor:
+        """``limit`` (L*G, H) read on the host: the decode limits are fixed after the prefill, so each sequence's is
+        read once (one sync, the first time it evicts) and kept."""
+        if any(s.method_state.host_limit is None for s in seqs):
+            for seq, lens in zip(seqs, limit.view(self.num_layers, len(seqs), -1).transpose(0, 1).cpu()):
+                seq.method_state.host_limit = lens
+        return torch.stack([s.method_state.host_limit for s in seqs], 1).flatten(0, 1)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..cache.layer import LayerKV
+from ..cache.segments import group_rows, grouped_logits
 from ..shape import KVShape
 
 
@@ -68,19 +69,18 @@ class Observation:
     def attention(self, window: int) -> Tensor:
         """Softmax attention (B, H, w, T) of the last ``window`` queries, averaged over each KV head's query group.
 
-        Computed for the window only, in float32, so scoring never needs eager attention on the model.
+        Computed for the window only, in float32, so scoring never needs eager attention on the model. The G query
+        heads of a KV head are G*w rows against its keys (:func:`grouped_logits`): keys are never repeated per query
+        head, which for a decoding step over a whole cache was most of the work.
         """
         w = min(window, self.q_len)
-        queries = self.queries[:, :, -w:].float()
-        batch, q_heads = queries.shape[:2]
-        keys = self.keys.float().repeat_interleave(self.group, dim=1)
-        logits = queries @ keys.transpose(-1, -2) * self.scaling
+        logits = grouped_logits(self.queries[:, :, -w:], self.keys, self.scaling)  # (B, H, G*w, T)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        logits = logits.masked_fill(~self.visible(w).repeat_interleave(self.group, dim=1), float("-inf"))
+        logits = logits.masked_fill(~group_rows(self.visible(w), self.group), float("-inf"))
         # a query sees nothing once its own token is gone (a sliding-window layer keeps only its window): no votes
         probs = logits.softmax(-1).nan_to_num(0.0)
-        return probs.view(batch, q_heads // self.group, self.group, w, -1).mean(2)
+        return probs.view(*logits.shape[:2], self.group, w, -1).mean(2)
 
     def visible(self, w: int) -> Tensor:
         """(B, H, w, T) which keys each of the last ``w`` queries may attend to (held and not in its future).
@@ -282,7 +282,8 @@ class ScoredEviction(Method):
 
         A layer whose rows all hold the same count (an open tail) reads ``k``'s range on the host once per budget
         tensor (:func:`host_range`), so a decoding step that evicts against it makes no host sync either, and evicts
-        in place (``LayerKV.select``'s ``width``; :meth:`dropped_span` when the dropped tokens are known unscored)."""
+        in place (``LayerKV.select``'s ``width``; :meth:`dropped_span` when the dropped tokens are known unscored).
+        Other layers say whether every row fits (:meth:`LayerKV.fits`): a sync unless they know their counts."""
         layer = obs.layer
         held = layer.held_per_row
         if held is not None:  # every row holds ``held`` tokens: decided on the host
@@ -296,7 +297,7 @@ class ScoredEviction(Method):
         elif budget is not None:
             if layer.seen <= budget:
                 return
-        elif bool((obs.valid.sum(-1) <= k).all()):
+        elif layer.fits(k):
             return
         per_row = type(self).choose is ScoredEviction.choose  # the top ``k`` of each row: exactly ``budget`` each
         width = budget if per_row else None
@@ -359,6 +360,13 @@ class ScoredEviction(Method):
     def observed(self) -> int:
         """How many of the newest queries :meth:`score` looks at (its observation window)."""
         return max(self.window, 1)
+
+    @property
+    def decode_observed(self) -> int:
+        """How many of the newest queries a decoding step's eviction scores with: :attr:`observed`, unless the
+        decoding score needs fewer (H2O's reads its accumulated attention alone). The engine carries this many
+        across steps and reads them back for each eviction (:mod:`kvslim.engine.decode_eviction`)."""
+        return self.observed
 
     @property
     def decodes(self) -> bool:

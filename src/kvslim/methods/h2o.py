@@ -34,6 +34,12 @@ class H2O(ScoredEviction):
         if not 0 <= self.recent < 1:
             raise ValueError(f"{self.name}: recent={self.recent} must be in [0, 1): the budget share for recent tokens")
 
+    @property
+    def decode_observed(self) -> int:
+        """Decoding scores are the accumulated attention: they look at no window of queries (``attended`` gets the
+        steps' own). One, as an observation holds at least one."""
+        return 1
+
     def protected(self, obs: Observation) -> Tensor:
         rank, count = obs.time_rank()
         recent = torch.ceil(obs.layer.state["budget"] * self.recent).long()
