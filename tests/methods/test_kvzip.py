@@ -6,6 +6,8 @@ import torch
 from transformers import DynamicCache
 
 import kvslim
+from kvslim.cache.layer import LayerKV
+from kvslim.methods import Observation
 from kvslim.methods.kvzip import KVzip, RepeatPrompt, reconstruct, repeat_prompt
 from kvslim.models import tiny_model
 
@@ -90,6 +92,54 @@ def test_pair_level_shares_one_budget_over_every_layer_and_head(prompt):
             assert set(range(4)) <= positions
     others = reference[:, :, 4:]
     assert float(others[held[:, :, 4:]].min()) >= float(others[~held[:, :, 4:]].max()) - 1e-6
+
+
+def _plain_chunk_scores(obs: Observation, own: torch.Tensor, real: torch.Tensor, index: int, chunk: int, sinks: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk ``index``'s scores (B,H,T) and its tokens, the plain way: float32 logits of every query head against
+    every held key and the probe's own, masked to the chunk's tokens, the sinks and the probe (causally, real
+    keys), softmax, padding rows zeroed, max over rows and the KV head's query group."""
+    group, valid = obs.group, obs.valid
+    rank = valid.long().cumsum(-1) - 1
+    in_chunk = valid & (rank >= index * chunk) & (rank < (index + 1) * chunk)
+    counted = (in_chunk | valid & (rank < sinks)).repeat_interleave(group, 1)
+    queries = obs.queries.float()
+    keys = torch.cat([obs.keys.float(), own.float()], 2).repeat_interleave(group, 1)
+    logits = queries @ keys.transpose(-1, -2) * obs.scaling
+    q_len, held = queries.shape[2], obs.keys.shape[2]
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril() & real[:, None, :]
+    allowed = torch.cat([counted[:, :, None, :].expand(-1, -1, q_len, -1),
+                         causal[:, None].expand(-1, logits.shape[1], -1, -1)], -1)
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)[..., :held].nan_to_num(0.0)
+    probs = probs * real[:, None, :, None]
+    batch, q_heads = probs.shape[:2]
+    return probs.amax(2).view(batch, q_heads // group, group, held).amax(2), in_chunk
+
+
+def test_probe_scores_match_the_plain_masked_softmax_over_ragged_heads_and_padded_probes():
+    """The scorer gathers the counted keys (sinks, the chunk) before its softmax: over ragged heads (held tokens
+    left-aligned, padding columns after them), left-padded probe rows (one row entirely padding) and several chunks,
+    its scores are those of the plain softmax over every held key, masked."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, group, dim, length, chunk, sinks = 2, 2, 3, 8, 23, 6, 3
+    layer = LayerKV(0)
+    layer.append(torch.randn(batch, heads, length, dim, generator=gen), torch.randn(batch, heads, length, dim, generator=gen))
+    keep = torch.rand(batch, heads, length, generator=gen) > 0.25
+    keep[..., :sinks + 1] = True
+    layer.select(keep)  # ragged heads: each row's held tokens left-aligned, padding columns after them
+    layer.state.update({"kvzip": None, "kvzip.chunks": 0})
+    method, expected = KVzip(keep=0.5, chunk=chunk, sinks=sinks), torch.zeros(batch, heads, layer.dense(torch.float32)[0].shape[2])
+    for index, width in enumerate([9, 11, 7, 10]):  # chunk 3: the last tokens of some rows only
+        real = torch.ones(batch, width, dtype=torch.bool)
+        real[0, :3] = False
+        real[1, : width if index == 2 else 1] = False
+        obs = Observation(layer, 1, torch.randn(batch, heads * group, width, dim, generator=gen), dim**-0.5, "probe")
+        own = torch.randn(batch, heads, width, dim, generator=gen)
+        method.on_probe(obs, own, real)
+        scores, in_chunk = _plain_chunk_scores(obs, own, real, index, chunk, sinks)
+        expected = torch.where(in_chunk, scores, expected)
+        torch.testing.assert_close(layer.state["kvzip"], expected, rtol=1e-5, atol=1e-7)
+    assert (expected[layer.dense(torch.float32)[2]] > 0).float().mean() > 0.7
 
 
 def test_probes_quote_the_previous_chunk_after_the_continue_instruction():

@@ -129,24 +129,14 @@ class KVzip(ScoredEviction):
 
     def on_probe(self, obs: Observation, keys: Tensor, real: Tensor) -> None:
         """Score the chunk this probe reconstructs (probes come in chunk order)."""
-        group, valid = obs.group, obs.valid
+        valid = obs.valid
         index = obs.layer.state["kvzip.chunks"]
         obs.layer.state["kvzip.chunks"] = index + 1
         rank = obs.time_rank()[0]
         in_chunk = valid & (rank >= index * self.chunk) & (rank < (index + 1) * self.chunk)
         counted = in_chunk | (valid & (rank < self.sinks))  # (B,H,T): the keys the score's softmax runs over
-        queries = obs.queries.float()
-        held = obs.keys.float().repeat_interleave(group, 1)
-        own = keys.float().repeat_interleave(group, 1)
-        logits = torch.cat([queries @ held.transpose(-1, -2), queries @ own.transpose(-1, -2)], -1) * obs.scaling
-        q_len = queries.shape[2]
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=real.device).tril() & real[:, None, :]
-        allowed = torch.cat([counted.repeat_interleave(group, 1)[:, :, None, :].expand(-1, -1, q_len, -1),
-                             causal[:, None].expand(-1, logits.shape[1], -1, -1)], -1)
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)[..., : held.shape[2]]
-        probs = probs.nan_to_num(0.0) * real[:, None, :, None]  # padding rows of the probe vote for nothing
-        batch, q_heads, _, length = probs.shape
-        score = probs.amax(2).view(batch, q_heads // group, group, length).amax(2)
+        score = counted_attention(obs.queries, obs.keys, keys, real, counted, obs.scaling,
+                                  min(counted.shape[-1], self.chunk + self.sinks))
         past = obs.layer.state.get("kvzip")
         past = torch.zeros_like(score) if past is None else past
         obs.layer.state["kvzip"] = torch.where(in_chunk, score, past)
@@ -187,6 +177,35 @@ class KVzip(ScoredEviction):
             raise ValueError("kvzip evicts after its reconstruction pass, which did not run: call "
                              "kvslim.methods.kvzip.reconstruct(model, cache, ids) after the prefill "
                              "(kvslim.generate does), or use a method that scores during the prefill")
+
+
+def counted_attention(queries: Tensor, held: Tensor, own: Tensor, real: Tensor, counted: Tensor, scaling: float,
+                      width: int) -> Tensor:
+    """(B,H,T) the largest attention any real probe query of a KV head's group pays each ``counted`` held key, its
+    softmax over the counted held keys and, causally, the probe's own real keys; 0 for the other held keys.
+
+    ``queries`` (B,Hq,P,D) and ``own`` keys (B,H,P,D) of a probe left-padded where ``real`` (B,P) is False; ``held``
+    keys (B,H,T,D); ``counted`` (B,H,T) holds at most ``width`` keys per row. Why this shape of computation: the
+    softmax needs only the counted keys, a small share of what a long context holds, so they are gathered first
+    (in column order) and the logits cover them and the probe alone; each KV head's query group is one matrix
+    (no keys repeated per query head). A padding query sees no held key and only its own key, so it pays the held
+    keys exactly 0 without a pass to zero it. Float32 logits and softmax, as the plain masked softmax over every
+    held key would give, up to rounding.
+    """
+    batch, heads, length, dim = held.shape
+    q_len = queries.shape[2]
+    group = queries.shape[1] // heads
+    columns = (~counted).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # counted first, in column order
+    picked = counted.gather(-1, columns)  # (B,H,W): False where a row counts fewer than ``width``
+    keys = torch.cat([held.gather(2, columns[..., None].expand(-1, -1, -1, dim)), own], 2).float()
+    rows = queries.float().reshape(batch, heads, group * q_len, dim) * scaling
+    logits = (rows @ keys.transpose(-1, -2)).view(batch, heads, group, q_len, -1)
+    eye = torch.eye(q_len, dtype=torch.bool, device=real.device)
+    causal = torch.ones_like(eye).tril() & (real[:, None, :] | eye)  # (B,P,P): a padding query sees itself only
+    allowed = torch.cat([picked[:, :, None, :] & real[:, None, :, None],
+                         causal[:, None].expand(-1, heads, -1, -1)], -1)  # (B,H,P,W+P)
+    probs = logits.masked_fill_(~allowed[:, :, None], float("-inf")).softmax(-1)[..., :width]
+    return held.new_zeros(batch, heads, length, dtype=torch.float32).scatter_(-1, columns, probs.amax((2, 3)))
 
 
 def chunk_size(policy: Any) -> int:
