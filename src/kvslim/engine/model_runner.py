@@ -421,7 +421,7 @@ class ModelRunner:
     def _probe_input(self, ids: list[int], start: int) -> list[Tensor]:
         """A probe's hidden states and RoPE tables: its tokens sit at the positions after the prompt's."""
         positions = torch.arange(start, start + len(ids), device=self.device)
-        return [self.model.model.embed_tokens(torch.tensor(ids, device=self.device)), *self._rope(positions)]
+        return [self.model.model.embed_tokens(self._upload(ids)), *self._rope(positions)]
 
     def _probe_layer(self, i: int, probe: list[Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Run a probe through layer ``i``, attending to the prompt's uncompressed keys/values (H,T,D) and to itself;
