@@ -123,12 +123,13 @@ def test_probe_scores_match_the_plain_masked_softmax_over_ragged_heads_and_padde
     gen = torch.Generator().manual_seed(0)
     batch, heads, group, dim, length, chunk, sinks = 2, 2, 3, 8, 23, 6, 3
     layer = LayerKV(0)
-    layer.append(torch.randn(batch, heads, length, dim, generator=gen), torch.randn(batch, heads, length, dim, generator=gen))
+    layer.append(*(torch.randn(batch, heads, length, dim, generator=gen) for _ in range(2)))
     keep = torch.rand(batch, heads, length, generator=gen) > 0.25
     keep[..., :sinks + 1] = True
     layer.select(keep)  # ragged heads: each row's held tokens left-aligned, padding columns after them
     layer.state.update({"kvzip": None, "kvzip.chunks": 0})
-    method, expected = KVzip(keep=0.5, chunk=chunk, sinks=sinks), torch.zeros(batch, heads, layer.dense(torch.float32)[0].shape[2])
+    method = KVzip(keep=0.5, chunk=chunk, sinks=sinks)
+    expected = torch.zeros(layer.dense(torch.float32)[2].shape)
     for index, width in enumerate([9, 11, 7, 10]):  # chunk 3: the last tokens of some rows only
         real = torch.ones(batch, width, dtype=torch.bool)
         real[0, :3] = False
@@ -139,6 +140,7 @@ def test_probe_scores_match_the_plain_masked_softmax_over_ragged_heads_and_padde
         scores, in_chunk = _plain_chunk_scores(obs, own, real, index, chunk, sinks)
         expected = torch.where(in_chunk, scores, expected)
         torch.testing.assert_close(layer.state["kvzip"], expected, rtol=1e-5, atol=1e-7)
+    # the scores compared are not vacuously 0 (only row 1's chunk 2, read by padding alone, is)
     assert (expected[layer.dense(torch.float32)[2]] > 0).float().mean() > 0.7
 
 
