@@ -58,8 +58,8 @@ def grouped_logits(query: Tensor, keys: Tensor, scaling: float) -> Tensor:
     """
     batch, q_heads, q_len, dim = query.shape
     heads = keys.shape[1]
-    rows = query.float().reshape(batch, heads, q_heads // heads * q_len, dim)
-    return rows @ keys.float().transpose(-1, -2) * scaling
+    rows = query.float().reshape(batch, heads, q_heads // heads * q_len, dim) * scaling  # scaled before: q*D, not q*T
+    return rows @ keys.float().transpose(-1, -2)
 
 
 def group_rows(allowed: Tensor, group: int) -> Tensor:

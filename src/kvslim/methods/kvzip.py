@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..cache.segments import grouped_logits
 from ..hf_compat import cache_arg
 from .base import Observation, ScoredEviction, keep_top
 from .registry import Chain, register
@@ -197,9 +198,8 @@ def counted_attention(queries: Tensor, held: Tensor, own: Tensor, real: Tensor, 
     group = queries.shape[1] // heads
     columns = (~counted).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # counted first, in column order
     picked = counted.gather(-1, columns)  # (B,H,W): False where a row counts fewer than ``width``
-    keys = torch.cat([held.gather(2, columns[..., None].expand(-1, -1, -1, dim)), own], 2).float()
-    rows = queries.float().reshape(batch, heads, group * q_len, dim) * scaling
-    logits = (rows @ keys.transpose(-1, -2)).view(batch, heads, group, q_len, -1)
+    keys = torch.cat([held.gather(2, columns[..., None].expand(-1, -1, -1, dim)), own], 2)
+    logits = grouped_logits(queries, keys, scaling).view(batch, heads, group, q_len, -1)
     eye = torch.eye(q_len, dtype=torch.bool, device=real.device)
     causal = torch.ones_like(eye).tril() & (real[:, None, :] | eye)  # (B,P,P): a padding query sees itself only
     allowed = torch.cat([picked[:, :, None, :] & real[:, None, :, None],
