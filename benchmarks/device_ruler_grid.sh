@@ -39,7 +39,7 @@ END=$(( $(date +%s) + ${RULER_S:-300} ))
     IFS=/ read -r keeps protocols policies <<< "$pass"; left=$(( END - $(date +%s) )); [ $left -gt 30 ] || break
     echo "pass $keeps $protocols $policies ($left s left)" >> /tmp/ruler.log
     timeout -s INT -k 25 $left python3 -m kvslim.cli bench --suite ruler --model qwen2.5-coder-0.5b --device cuda --engine \
-      --kv-memory 4 --workers ${WORKERS:-10} --lengths 4k --samples ${SAMPLES:-10} --keep $keeps --protocols $protocols \
+      --kv-memory 4 --workers ${WORKERS:-2} --lengths 4k --samples ${SAMPLES:-10} --keep $keeps --protocols $protocols \
       --policies "$policies" --out $R --no-progress >> /tmp/ruler.log 2>&1
     echo "ruler rc $?" >> /tmp/ruler.log
   done ) &
@@ -72,7 +72,7 @@ mkdir -p $OUT/kvp && cp $D/comparison.json $D/report.md $OUT/kvp/ 2>/dev/null
 cp /tmp/kvp.log $OUT/
 fi
 wait
-pkill -f "kvslim" 2>/dev/null
+pkill -f "m kvslim.cli bench" 2>/dev/null  # stragglers; it ends ANY such process here: run other jobs after this script, not beside it
 for f in /tmp/gputests.log /tmp/ruler.log /tmp/longgen*.log /tmp/quest.log /tmp/kvp.log; do [ -f $f ] && grep -v "Loading\|Converting" $f | tail -4; done
 cat /tmp/longgen*.log > /tmp/longgen.log 2>/dev/null; cp /tmp/gputests.log /tmp/ruler.log /tmp/longgen.log /tmp/quest.log $OUT/ 2>/dev/null
 tar czf $OUT/runs.tgz -C /tmp ruler4k $( [ -d /tmp/longgen ] && echo longgen ) $( [ -d /tmp/quest32k ] && echo quest32k )
