@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call (after the 9 Qwen pieces were shipped to ~/ship, see benchmarks/ship_model.py): join and convert the model
+# One device call (after the Qwen pieces (10 of 50 MB) were shipped to ~/ship, see benchmarks/ship_model.py): join and convert the model
 # once, then, at the same time, the RULER-4k grid through --workers and the optional jobs below. Writes into $OUT.
 #   RULER_S, WORKERS, SAMPLES: the grid's time limit, worker processes, samples per task
 #   POL, KEEPS, PROTOCOLS: the grid's policies, keeps and protocols, in the order their units run; or
