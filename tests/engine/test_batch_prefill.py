@@ -11,6 +11,16 @@ from kvslim.engine.compression import Compression, PackedPrompts
 from kvslim.engine.model_runner import ModelRunner
 
 LENGTHS = (37, 64, 9, 50)
+#: decode-time evictors: each prompt's decode state is split from the batch's layer states; the 9-token prompt is
+#: shorter than their query windows (its remembered queries are left-padded in the batch), H2O keeps per-token scores
+DECODING = [
+    "tova(keep=0.25)",
+    "h2o(keep=0.25,window=16)",
+    "rkv(keep=0.3,window=16,interval=3)",
+    "snapkv(keep=0.25,window=16,decode_budget=12)",
+    "expected_attention(keep=0.3,history=16,future=32,decode_budget=12,interval=2)",
+    "merge(h2o(keep=0.3,window=16))",
+]
 PROMPTS = [torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
 
 
@@ -89,6 +99,7 @@ def _prefill_all(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> 
     "adakv(keep=0.3,window=4)+fp8",  # scales measured over each prompt's kept tokens
     "pyramidkv(keep=0.3,window=4)+kcache(n=6,full_layers=1,recent=4)",  # keys in device pages, values on the host
     "snapkv(keep=0.3,window=4)+quest(page=4,budget=16)",  # each block's key extrema
+    *DECODING,
 ])
 def test_batched_prefill_stores_what_one_at_a_time_stores(llama, spec: str, monkeypatch) -> None:
     _compare(llama, spec, PROMPTS, monkeypatch)
@@ -143,6 +154,19 @@ def _compare(llama, spec: str, prompts: list[list[int]], monkeypatch) -> None:
     assert tokens(together) == tokens(alone)
 
 
+@pytest.mark.parametrize("spec", DECODING)
+def test_batched_prompts_evict_while_decoding_as_alone(llama, spec: str) -> None:
+    """Each decoding step's evictions keep, for every sequence, the tokens it keeps when its prompt ran alone."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    together, alone = _engine(llama, spec, alone=False), _engine(llama, spec, alone=True)
+    for llm in (together, alone):
+        _prefill_all(llm, PROMPTS, params)
+    for _ in range(8):
+        together.step()
+        alone.step()
+        _assert_same(_stored(together), _stored(alone))
+
+
 def test_forks_of_batched_prompts_decode_as_alone(llama) -> None:
     params = SamplingParams(max_tokens=8, ignore_eos=True, n=2)
     together = _engine(llama, "snapkv(keep=0.3,window=4)", alone=False).generate(PROMPTS[:3], params)
@@ -151,7 +175,7 @@ def test_forks_of_batched_prompts_decode_as_alone(llama) -> None:
     assert all(len(o.completions) == 2 for o in together)
 
 
-@pytest.mark.parametrize("spec", ["adakv(keep=0.3,window=4)", "snapkv(keep=0.3,window=4)", "full"])
+@pytest.mark.parametrize("spec", ["adakv(keep=0.3,window=4)", "snapkv(keep=0.3,window=4)", "full", *DECODING])
 def test_suffixes_run_together_after_their_batched_prompts(llama, monkeypatch, spec: str) -> None:
     """The query-agnostic protocol: contexts compressed together, then every question in one more forward, each over
     its own context's kept slots (ragged heads with adakv) and its own tokens; questions of different lengths are
@@ -206,10 +230,10 @@ def test_a_chunked_step_batches_only_whole_fresh_prompts(llama, monkeypatch) -> 
     assert [o.token_ids for o in chunked] == [o.token_ids for o in alone]
 
 
-@pytest.mark.parametrize("spec", ["kvzip(keep=0.3,chunk=16)", "auto(keep=0.3,window=4)", "h2o(keep=0.4)",
+@pytest.mark.parametrize("spec", ["kvzip(keep=0.3,chunk=16)", "auto(keep=0.3,window=4)",
                                   "snapkv(keep=0.5,window=4)+think(ratio=0.5)"])
 def test_methods_with_state_across_layers_prefill_one_at_a_time(llama, spec: str) -> None:
-    """KVzip's probes, auto's ledger, decode-time states and ThinK's channels carry a prompt from layer to layer."""
+    """KVzip's probes, auto's ledger and ThinK's channels carry a prompt from layer to layer."""
     assert not _engine(llama, spec, alone=False).compression.batchable
 
 
@@ -271,3 +295,30 @@ def test_packed_hook_keeps_what_each_prompt_keeps_alone(spec: str, lengths: list
             for h, held in enumerate(alone_lens.tolist()):
                 torch.testing.assert_close(kept_k[b, h, :held], alone_k[h, :held], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(kept_v[b, h, :held], alone_v[h, :held], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[37, 64, 9, 50], [20, 20, 20]])
+@pytest.mark.parametrize("spec", DECODING)
+def test_packed_decode_states_are_each_prompts_own(spec: str, lengths: list[int]) -> None:
+    """Each prompt's decode-time state split from a batch is the one its prefill alone leaves: the same entries, shapes
+    and values (no padding queries remembered, per-token scores as wide as its own kept rows), widened by its suffix."""
+    compression = Compression(kvslim.policy(spec), num_layers=3, scaling=8 ** -0.5, rope=ROPE)
+    q, k, v = _packed(lengths)
+    prompts = compression.packed(lengths, k.shape[0], torch.tensor)
+    for layer in range(3):
+        compression.compress_packed(layer, q, k, v, prompts)
+    appended = list(range(len(lengths)))
+    together = compression.take_packed_states(appended)
+    start = 0
+    for b, n in enumerate(lengths):
+        span = slice(start, start + n)
+        start += n
+        for layer in range(3):
+            compression(layer, q[:, span], k[:, span], v[:, span])
+        alone = compression.take_states(appended[b])
+        assert len(together[b]) == len(alone)
+        for ours, theirs in zip(together[b], alone):
+            assert ours.keys() == theirs.keys()
+            for name in theirs:
+                assert ours[name].shape == theirs[name].shape, name
+                torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)

@@ -61,9 +61,10 @@ What the engine supports, and why:
   run whole.
 * **batched prefill** (``ModelRunner.prefill_batch``): fresh prompts admitted together share one forward, and each
   layer of all of them is compressed in one call (:meth:`Compression.compress_packed`), laid out as ``kvslim.Cache``
-  lays out a left-padded batch (:class:`PackedPrompts`), so each prompt keeps what it keeps alone. Methods that
-  carry a prompt from layer to layer, or draw random numbers by the batch's shape, prefill one prompt at a time
-  (:attr:`Compression.batchable`).
+  lays out a left-padded batch (:class:`PackedPrompts`), so each prompt keeps what it keeps alone. A decode-time
+  evictor's layer states (budgets, remembered queries, H2O's scores) are then split per prompt, each exactly what the
+  prompt leaves alone (:meth:`Compression.take_packed_states`). Methods that carry a prompt from layer to layer, or
+  draw random numbers by the batch's shape, prefill one prompt at a time (:attr:`Compression.batchable`).
 * **prefix sharing** is for the full cache, in the model dtype or quantized (a quantizer's packed
   blocks depend only on their own and earlier tokens): what an evictor keeps of a block depends on the
   whole prompt, so evicted blocks are never shared between prompts; offloaded stores (KCache, PQCache)
@@ -169,6 +170,10 @@ class Compression:
         #: KVzip's reconstruction instructions in the model's tokens, empty without a tokenizer
         self.repeat = repeat or RepeatPrompt()
         self.states: list[dict] = []  # per layer, the last prefill's method state (see take_states)
+        #: after a batched prefill (:meth:`compress_packed`), its prompts' lengths and, for a method with per-token
+        #: state, each layer's kept lengths (B, H): how :meth:`take_packed_states` splits :attr:`states` per prompt
+        self.packed_lengths: list[int] = []
+        self.packed_kept: list[Tensor] = []
         self.channels: list[Tensor] = []  # per layer, the last prefill's ThinK channels (see take_channels)
         unpruned = lambda p: isinstance(p, Full) or isinstance(p, ThinK) and p.ratio == 0  # noqa: E731
         parts = [p for p in _parts(policy) if not unpruned(p)]
@@ -216,12 +221,12 @@ class Compression:
         self.acts = self.evict is not None or self.thin is not None
         #: whether several prompts may be prefilled in one forward (``ModelRunner.prefill_batch``), their layers
         #: compressed together (:meth:`compress_packed`): nothing here or in the method may carry one prompt's state
-        #: from a layer to the next (auto's ledger, KVzip's probes and held layers, ThinK's channels, decode-time
-        #: compression's states), nor draw random numbers by the shape of what it gets, which a batch pads to its
-        #: longest row (``random``'s scores; PQCache's k-means initialisation, over a prompt's kept keys)
+        #: from a layer to the next (auto's ledger, KVzip's probes and held layers, ThinK's channels), nor draw random
+        #: numbers by the shape of what it gets, which a batch pads to its longest row (``random``'s scores; PQCache's
+        #: k-means initialisation, over a prompt's kept keys). Decode-time compression's states are split per prompt
+        #: after the batch (:meth:`take_packed_states`)
         self.batchable = not (self.whole_request or self.policy.probes or self.across_layers or self.thin is not None
-                              or self.decoding is not None or any(isinstance(p, Random) for p in parts)
-                              or isinstance(self.storage, PQCache))
+                              or any(isinstance(p, Random) for p in parts) or isinstance(self.storage, PQCache))
         #: whether a prompt may be prefilled in chunks with the same result: chunks are stored, then read back by the
         #: next chunks and by the evictor, exactly only in the model dtype (quantized or offloaded pages would give
         #: back other keys than the ones an unchunked prefill attends to and scores)
@@ -274,6 +279,21 @@ class Compression:
         decode-time compression. ``appended`` tokens run uncompressed after the compressed ones (a suffix) widen
         the budget, as ``kvslim.Cache.appended`` does, so the first decoding step does not squeeze them out."""
         states, self.states = self.states, []
+        return self._widened(states, appended)
+
+    def take_packed_states(self, appended: list[int]) -> list[list[dict]]:
+        """:meth:`take_states` of each prompt of the last batched prefill (:meth:`compress_packed`), ``appended[b]``
+        tokens after prompt b's compressed ones: each layer's batched state split per prompt
+        (:meth:`DecodeEviction.split`), each exactly the state that prompt's prefill alone leaves."""
+        states, lengths, kept = self.states, self.packed_lengths, self.packed_kept
+        self.states, self.packed_lengths, self.packed_kept = [], [], []
+        counts = torch.stack(kept).cpu() if kept else [None] * len(states)  # (L, B, H): one host read for all layers
+        split = self.decode_eviction.split  # type: ignore[union-attr]
+        per_layer = [split(state, lengths, layer_kept) for state, layer_kept in zip(states, counts)]
+        return [self._widened([layer[b] for layer in per_layer], extra) for b, extra in enumerate(appended)]
+
+    @staticmethod
+    def _widened(states: list[dict], appended: int) -> list[dict]:
         if appended:
             for state in states:
                 if "budget" in state:
@@ -359,7 +379,12 @@ class Compression:
         layer = prompts.layer(layer_idx, keys, values)
         obs = Observation(layer, self.num_layers, prompts.queries(queries), self.scaling, "prefill", rope=self.rope)
         self.evict.on_prefill(obs)  # type: ignore[union-attr]
-        return self._kept(layer, keys.dtype)
+        kept = self._kept(layer, keys.dtype)
+        if self.decoding is not None:  # split per prompt by take_packed_states
+            self.states, self.packed_lengths = self.states[:layer_idx] + [layer.state], prompts.lengths
+            if self.decoding.token_state:
+                self.packed_kept = self.packed_kept[:layer_idx] + [kept[2]]
+        return kept
 
     def _thin(self, obs: Observation, keys: Tensor, values: Tensor, lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With ThinK, choose the layer's channels from what the evictors kept (as ``ThinK.on_prefill`` does after

@@ -123,6 +123,32 @@ class DecodeEviction:
         ring[:, :, : prompt.shape[2]] = prompt
         return DecodeState(states, ring, prompt.shape[2], prompt.shape[2] % width, limit, tokens=tokens)
 
+    def split(self, state: dict, lengths: list[int], kept: Tensor | None) -> list[dict]:
+        """One layer's state after a batched prefill of prompts of these ``lengths`` (``Compression.compress_packed``,
+        laid out as ``PackedPrompts``) -> each prompt's state, exactly the one its prefill alone leaves, so it decodes
+        as it would alone. ``kept`` (B, H) on the host: what each prompt's heads kept, read only by a method with
+        per-token state (:attr:`~ScoredEviction.token_state`).
+
+        Every tensor's row b is prompt b's (budget, prompt length). Its remembered queries are the batch's window,
+        left-padded with its first query where it is shorter than the window: alone it remembers its own ones only.
+        Its per-token state spans the batch's longest kept row: alone, its own longest head. Entries that are not
+        tensors are host caches of the batch's tensors (a budget's range, keyed by the tensor): each prompt's state
+        reads its own again."""
+        out = []
+        for b, n in enumerate(lengths):
+            own = {}
+            for name, value in state.items():
+                if not isinstance(value, Tensor):
+                    continue
+                row = value[b : b + 1]
+                if name == self.key:
+                    row = row[:, :, max(0, row.shape[2] - n) :]
+                elif name in self.method.token_state:
+                    row = row[..., : int(kept[b].max())]  # type: ignore[index]
+                own[name] = row
+            out.append(own)
+        return out
+
     def step(self, seqs: list, queries: Tensor, runner) -> list:
         """Record the step's queries (B, L, Hq, D) of each sequence (``None`` state: skipped); evict where due.
         Returns the sequences whose pages were compacted (their held slots changed)."""

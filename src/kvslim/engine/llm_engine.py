@@ -72,8 +72,9 @@ class LLMEngine:
     The decode part of a step still replays a CUDA graph; the chunks run eagerly after it.
 
     Fresh prompts prefilled in the same step share one forward (see :meth:`ModelRunner.prefill_batch`; the
-    method must keep no state across a prompt's layers, which rules out KVzip, auto, ThinK and decode-time
-    compression), which divides a prefill's host cost, its bound on a GPU, by the prompts sharing it.
+    method must keep no state across a prompt's layers, which rules out KVzip, auto and ThinK; decode-time
+    compression's states are split per prompt after it), which divides a prefill's host cost, its bound on a GPU,
+    by the prompts sharing it.
     ``max_prefill_tokens`` (default 32768: eight 4k-token prompts) thus also bounds that forward's activations:
     the packed hidden states and MLP intermediates are those of one prompt of that many tokens, which the engine
     runs alone anyway when given one (and padded attention holds at most twice the tokens).
@@ -363,10 +364,13 @@ class LLMEngine:
             return {}
         compress = self.compression if self.compression.acts else None
         logits, held, tails = self.runner.prefill_batch(seqs, compress)  # type: ignore[union-attr]
+        states: list[list[dict] | None] = [None] * len(seqs)
+        if self.compression.decoding is not None:
+            states = self.compression.take_packed_states([len(seq) - seq.compressed_len for seq in seqs])
         for i, seq in enumerate(seqs):
             seq.tail = None if tails is None else tails[i]
             seq.num_prefilled = seq.prefill_len
-            self._prefilled(seq, held[i])
+            self._prefilled(seq, held[i], states[i])
         return dict(zip(seqs, logits))
 
     def _prefill(self, seq: Sequence, tokens: int) -> torch.Tensor | None:
@@ -386,8 +390,10 @@ class LLMEngine:
         self._prefilled(seq, held)
         return logits
 
-    def _prefilled(self, seq: Sequence, held: torch.Tensor) -> None:
-        """A prompt's prefill has ended with ``held`` (L, H) page slots: size its blocks, start what decodes after."""
+    def _prefilled(self, seq: Sequence, held: torch.Tensor, states: list[dict] | None = None) -> None:
+        """A prompt's prefill has ended with ``held`` (L, H) page slots: size its blocks, start what decodes after.
+        ``states``: its decode-time method states per layer when it was prefilled in a batch (else the last
+        prefill's, :meth:`Compression.take_states`)."""
         seq.prefill_queries = None
         if self.tier_link is not None:
             self.tier_link.save(seq)
@@ -397,7 +403,9 @@ class LLMEngine:
             self.runner.kv.set_channels(seq, self.compression.take_channels())  # type: ignore[union-attr]
         appended = len(seq) - seq.compressed_len
         if self.compression.decoding is not None:
-            seq.method_state = self.compression.decode_eviction.start(self.compression.take_states(appended))  # type: ignore[union-attr]
+            if states is None:
+                states = self.compression.take_states(appended)
+            seq.method_state = self.compression.decode_eviction.start(states)  # type: ignore[union-attr]
         window = self.compression.start_window(seq.compressed_len, appended)
         if window is not None:
             seq.sinks, seq.window_budget = window
