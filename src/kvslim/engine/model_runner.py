@@ -397,12 +397,7 @@ class ModelRunner:
         index = self._upload([b * longest + j for b, n in enumerate(counts) for j in range(n)])
         own = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
         group, heads = self.num_heads // self.num_kv_heads, self.num_kv_heads
-
-        def padded(t: Tensor) -> Tensor:  # (heads, N, D) packed -> (B, heads, longest, D)
-            out = t.new_zeros(t.shape[0], rows * longest, t.shape[2])
-            out[:, index] = t
-            return out.view(t.shape[0], rows, longest, -1).transpose(0, 1)
-
+        padded = lambda t: self._pad(t, index, rows, longest)  # noqa: E731
         for i in range(self.num_layers):
             q, k, v = self._layer_qkv(i, x, cos, sin)
             past_k, past_v = (t.view(rows, width, heads, -1).transpose(1, 2) for t in self.kv.read(i, kept))
@@ -412,7 +407,7 @@ class ModelRunner:
             visible = torch.cat([held_here[:, :, None].expand(-1, -1, longest, -1),
                                  own.expand(rows, heads, -1, -1)], -1).repeat_interleave(group, 1)
             out = F.scaled_dot_product_attention(padded(q), keys, values, attn_mask=visible, scale=self.scaling)
-            out = out.transpose(0, 1).reshape(self.num_heads, rows * longest, -1)[:, index]
+            out = self._unpad(out, index)
             self.kv.write(i, new[i], k, v)
             x = self._layer_rest(i, x, out)
         last = self._upload((np.cumsum(counts) - 1).tolist())
@@ -432,12 +427,18 @@ class ModelRunner:
         probe[0] = self._layer_rest(i, x, out)
         return q_p, k_p
 
-    def _masked_attention(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
-        """SDPA of (Hq,T,D) queries over (H,S,D) keys where ``visible`` (H,T,S) allows (repeated to the query
-        heads, as :meth:`_attention` does)."""
-        group = self.num_heads // self.num_kv_heads
-        k, v, mask = (t.repeat_interleave(group, 0)[None] for t in (k, v, visible))
-        return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, scale=self.scaling)[0]
+    @staticmethod
+    def _pad(t: Tensor, index: Tensor, rows: int, width: int) -> Tensor:
+        """Packed (heads, N, D) -> (rows, heads, width, D), token n at ``index[n]`` of the flattened (rows, width)
+        batch, zeros elsewhere."""
+        out = t.new_zeros(t.shape[0], rows * width, t.shape[2])
+        out[:, index] = t
+        return out.view(t.shape[0], rows, width, -1).transpose(0, 1)
+
+    @staticmethod
+    def _unpad(out: Tensor, index: Tensor) -> Tensor:
+        """(rows, heads, width, D) -> the packed (heads, N, D) tokens at ``index`` (:meth:`_pad` undone)."""
+        return out.transpose(0, 1).flatten(1, 2)[:, index]
 
     def _padded_attention(self, q: Tensor, k: Tensor, v: Tensor, index: Tensor, rows: int, width: int) -> Tensor:
         """Causal SDPA of packed sequences, each over its own tokens: (Hq,N,D) queries, (H,N,D) keys and values;
@@ -445,15 +446,10 @@ class ModelRunner:
 
         Exact for the real queries: causal masking hides the padding, which comes after them. One SDPA per layer
         instead of one per sequence: prefill is host-bound, and each call is several ops."""
-        def pad(t: Tensor) -> Tensor:
-            out = t.new_zeros(t.shape[0], rows * width, t.shape[2])
-            out[:, index] = t
-            return out.view(t.shape[0], rows, width, -1).transpose(0, 1)  # (rows, heads, width, D)
-
         group = self.num_heads // self.num_kv_heads
+        pad = lambda t: self._pad(t, index, rows, width)  # noqa: E731
         k, v = pad(k).repeat_interleave(group, 1), pad(v).repeat_interleave(group, 1)
-        out = F.scaled_dot_product_attention(pad(q), k, v, is_causal=True, scale=self.scaling)
-        return out.transpose(0, 1).reshape(len(q), rows * width, -1)[:, index]
+        return self._unpad(F.scaled_dot_product_attention(pad(q), k, v, is_causal=True, scale=self.scaling), index)
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """Causal SDPA of (Hq,T,D) queries over (H,offset+T,D) keys; query t sits at position offset + t.
