@@ -30,3 +30,16 @@ def natively_or_interpreted(path: str, check: Callable[[], None], timeout_s: int
         check()
         return
     run_interpreted(path, timeout_s)
+
+
+#: the page dtypes every Triton kernel check covers
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def each_dtype(check: Callable[[torch.dtype], None]) -> Callable[[], None]:
+    """``check`` over :data:`KERNEL_DTYPES`: what a kernel test file runs natively or interpreted, and as its
+    ``__main__``."""
+    def run() -> None:
+        for dtype in KERNEL_DTYPES:
+            check(dtype)
+    return run

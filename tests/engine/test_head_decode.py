@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kvslim.engine.head_kv import head_decode
 from kvslim.kernels.paged_attention_ref import paged_decode_ref
-from interpreted import natively_or_interpreted
+from interpreted import each_dtype, natively_or_interpreted
 
 LENS = [[49, 3], [16, 64], [1, 33]]  # ragged heads: a block and one slot, a partial block, whole blocks, one slot
 
@@ -65,18 +65,13 @@ def check_triton_kernel(dtype: torch.dtype) -> None:
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-DTYPES = (torch.bfloat16, torch.float32)
+check_all_dtypes = each_dtype(check_triton_kernel)
 
 
 def test_triton_kernel_reads_each_heads_own_blocks() -> None:
     """On a GPU in process; on a CPU in a child process under Triton's interpreter (see tests/interpreted.py)."""
     pytest.importorskip("triton")
     natively_or_interpreted(__file__, check_all_dtypes)
-
-
-def check_all_dtypes() -> None:
-    for dtype in DTYPES:
-        check_triton_kernel(dtype)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvslim.kernels.paged_attention_ref import paged_decode_ref
-from interpreted import natively_or_interpreted
+from interpreted import each_dtype, natively_or_interpreted
 
 
 def _case(seed: int, dtype: torch.dtype, block_size: int = 16, dim: int = 16, q_heads: int = 4):
@@ -108,7 +108,7 @@ def check_triton_kernel(dtype: torch.dtype) -> None:
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-DTYPES = (torch.bfloat16, torch.float32)
+check_all_dtypes = each_dtype(check_triton_kernel)
 
 
 def test_triton_kernel_matches_reference() -> None:
@@ -116,11 +116,6 @@ def test_triton_kernel_matches_reference() -> None:
     which must be switched on before Triton is first imported (this process imported it already)."""
     pytest.importorskip("triton")
     natively_or_interpreted(__file__, check_all_dtypes)
-
-
-def check_all_dtypes() -> None:
-    for dtype in DTYPES:
-        check_triton_kernel(dtype)
 
 
 if __name__ == "__main__":
