@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.paged_attention_ref import paged_decode_ref
-from .kv_store import MAX_RING_SHARE, _backend, ring_rows
+from .kv_store import MAX_RING_SHARE, _backend, padded_writes, ring_rows
 from .sequence import Sequence
 
 
@@ -124,22 +124,15 @@ class HeadKV:
 
     def store_prefill(self, layer: int, seq: Sequence, slots: Tensor, keys: Tensor, values: Tensor, lens: Tensor
                       ) -> tuple[Tensor, None]:
-        """Store (H, T, D) keys/values from virtual ``slots`` (T,), only the first ``lens[h]`` of each head.
-
-        As :func:`~kvslim.engine.kv_store.write_heads` does (and for its reason: no host wait on a mask), positions
-        past a head's length write that head's first row again to its first slot (a head that keeps nothing writes
-        back what its first slot holds), so duplicate writes carry equal values."""
-        length = keys.shape[1]
-        if length:
-            where = self.physical(layer, slots)
-            lens = lens.to(self.device)
-            steps = torch.arange(length, device=self.device)
-            valid = steps < lens[:, None]
-            dest = where.gather(1, torch.where(valid, steps, 0).expand_as(where))
+        """Store (H, T, D) keys/values from virtual ``slots`` (T,), only the first ``lens[h]`` of each head, without a
+        host wait (:func:`~kvslim.engine.kv_store.padded_writes`)."""
+        lens = lens.to(self.device)
+        if keys.shape[1]:
+            where = self.physical(layer, slots)  # (H, T) each head's own slots
             for pages, rows in ((self.k_cache, keys), (self.v_cache, values)):
                 flat = self._flat(pages)
-                first = torch.where((lens > 0)[:, None], rows[:, 0], flat[where[:, :1].clamp(min=0)][:, 0])
-                flat[dest.clamp(min=0)] = torch.where(valid[..., None], rows, first[:, None])
+                columns, written = padded_writes(rows, lens, flat[where[:, 0].clamp(min=0)])
+                flat[where.gather(1, columns).clamp(min=0)] = written
         return lens, None
 
     def write(self, layer: int, slots: Tensor, keys: Tensor, values: Tensor) -> None:

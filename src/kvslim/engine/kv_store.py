@@ -56,27 +56,33 @@ def heads_expand(slots: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     return grid, torch.arange(heads, device=slots.device)[:, None].expand_as(grid)
 
 
-def write_heads(pages: Tensor, slots: Tensor, rows: Tensor, lens: Tensor) -> None:
-    """Write (H, T, D) ``rows`` into one layer's pages (blocks, block_size, H, D) at flat ``slots`` (T,),
-    only the first ``lens[h]`` of each head.
+def padded_writes(rows: Tensor, lens: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+    """How to store (H, T, D) ``rows`` of which only the first ``lens[h]`` of each head count: (H, T) the column of
+    the head's slots each position writes to and (H, T, D) what it writes. ``first`` (H, D): what each head's first
+    slot already holds.
 
     Why not select the valid rows with a boolean mask: that makes the host wait for the device once per layer,
     a prefill's bottleneck on a small model. Instead every position is written: those past a head's length
     write that head's first row again to its first slot (or, for a head that keeps nothing, what the slot
     already holds), so duplicate writes carry equal values and nothing outside the kept slots changes.
     """
+    steps = torch.arange(rows.shape[1], device=rows.device)
+    valid = steps < lens[:, None]  # (H, T)
+    fill = torch.where((lens > 0)[:, None], rows[:, 0], first)  # (H, D)
+    return torch.where(valid, steps, 0), torch.where(valid[..., None], rows, fill[:, None])
+
+
+def write_heads(pages: Tensor, slots: Tensor, rows: Tensor, lens: Tensor) -> None:
+    """Write (H, T, D) ``rows`` into one layer's pages (blocks, block_size, H, D) at flat ``slots`` (T,),
+    only the first ``lens[h]`` of each head (:func:`padded_writes`)."""
     heads, length = rows.shape[:2]
     if not length:
         return
-    lens = lens.to(rows.device)
-    steps = torch.arange(length, device=rows.device)
-    valid = steps < lens[:, None]  # (H, T)
-    dest = slots[torch.where(valid, steps, 0)]
-    head = torch.arange(heads, device=rows.device)[:, None].expand_as(dest)
+    head = torch.arange(heads, device=rows.device)[:, None]
     flat = pages.view(-1, heads, rows.shape[-1])
     # ``slots[:1]``, not ``slots[0]``: a 0-d index tensor is read back to the host (one wait per call)
-    first = torch.where((lens > 0)[:, None], rows[:, 0], flat[slots[:1], head[:, 0]])  # (H, D)
-    flat[dest, head] = torch.where(valid[..., None], rows, first[:, None])
+    columns, written = padded_writes(rows, lens.to(rows.device), flat[slots[:1], head[:, 0]])
+    flat[slots[columns], head.expand_as(columns)] = written
 
 
 def ring_rows(budget: int, max_num_seqs: int, row_bytes: int, share: float, what: str) -> int:
